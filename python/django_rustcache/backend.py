@@ -1,0 +1,251 @@
+"""``RustCache``: Django's cache API over the Rust store in ``django_rustcache._core``.
+
+Each method is a line or two: the Rust handle builds and checks the key, encodes the value and
+runs the operation. A custom ``KEY_FUNCTION`` or an overridden ``validate_key``/``make_key``
+switches the instance to *raw* mode, where Python makes the key as Django does and passes it in.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from django.core.cache.backends.base import (
+    DEFAULT_TIMEOUT,
+    BaseCache,
+    CacheKeyWarning,
+    default_key_func,
+    memcache_key_warnings,
+)
+
+from django_rustcache._core import Handle
+from django_rustcache.options import RustCacheOptions
+
+Tags = Iterable[str] | None
+
+
+def _warn_key(key: str) -> None:
+    """Emit Django's memcached-safety warnings for a made key (called by Rust only when needed)."""
+    for warning in memcache_key_warnings(key):
+        warnings.warn(warning, CacheKeyWarning, stacklevel=3)
+
+
+class _Synced:
+    """An attribute that, when assigned, pushes the instance's settings down to the Rust handle.
+
+    Django's tests (and users) assign ``cache.key_func`` or ``cache._max_entries`` on a live
+    instance; the handle must see the new value at the next operation.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_synced_" + name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj.__dict__[self.slot]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value
+        obj._sync()
+
+
+class _ExpiryView(Mapping[str, float | None]):
+    """Read-only ``made key -> expiry (time.time() scale)`` view, LocMemCache's ``_expire_info``."""
+
+    def __init__(self, location: str) -> None:
+        self._h = Handle(location, DEFAULT_TIMEOUT, _warn_key)
+        self._h.configure("", 1, None, True)
+
+    def __getitem__(self, key: str) -> float | None:
+        if not self._h.has_key(key):
+            raise KeyError(key)
+        return self._h.expiry(key)
+
+    def __iter__(self) -> Iterator[str]:
+        raise TypeError("the store's keys are not iterable through _expire_info")
+
+    def __len__(self) -> int:
+        return len(self._h)
+
+
+class RustCache(BaseCache):
+    """An in-process cache with LocMemCache's semantics and a Rust store shared per LOCATION."""
+
+    pickle_protocol = pickle.HIGHEST_PROTOCOL
+
+    key_func = _Synced()
+    key_prefix = _Synced()
+    version = _Synced()
+    default_timeout = _Synced()
+    _max_entries = _Synced()
+    _cull_frequency = _Synced()
+
+    def __init__(self, name: str, params: dict[str, Any]) -> None:
+        self._options = RustCacheOptions.from_params(name, params)
+        self._h = Handle(self._options.location, DEFAULT_TIMEOUT, _warn_key)
+        super().__init__(params)
+        self._lock = self._h  # `cache._lock.locked()`, as on LocMemCache
+        self._expire_info = _ExpiryView(self._options.location)
+
+    def _sync(self) -> None:
+        """Push prefix, version, timeout, limits and key mode into the Rust handle."""
+        d = self.__dict__
+        if "_h" not in d or any(
+            "_synced_" + n not in d
+            for n in ("key_func", "key_prefix", "version", "default_timeout", "_max_entries",
+                      "_cull_frequency")
+        ):
+            return  # still inside BaseCache.__init__
+        cls = type(self)
+        raw = (
+            self.key_func is not default_key_func
+            or cls.validate_key is not BaseCache.validate_key
+            or cls.make_key is not BaseCache.make_key
+            or cls.make_and_validate_key is not BaseCache.make_and_validate_key
+        )
+        self._raw = raw
+        self._h.configure(self.key_prefix, self.version, self.default_timeout, raw)
+        self._h.set_limits(self._max_entries, self._cull_frequency, self._options.max_bytes)
+
+    def _k(self, key: Any, version: Any) -> Any:
+        """The key as the handle wants it: the caller's key, or in raw mode the made key."""
+        return self.make_and_validate_key(key, version) if self._raw else key
+
+    # Django's cache API -------------------------------------------------------------------
+
+    def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None,
+            tags: Tags = None) -> bool:
+        """Store only if the key is missing (or expired); True if stored."""
+        return self._h.add(self._k(key, version), value, timeout, version, tags)
+
+    def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
+        """The value, or the very ``default`` object on a miss."""
+        return self._h.get(self._k(key, version), default, version)
+
+    def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None,
+            tags: Tags = None) -> None:
+        """Store the value (a value larger than MAX_BYTES stores nothing)."""
+        self._h.set(self._k(key, version), value, timeout, version, tags)
+
+    def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
+        """Give a live key a new timeout; False if missing."""
+        return self._h.touch(self._k(key, version), timeout, version)
+
+    def delete(self, key: Any, version: Any = None) -> bool:
+        """Remove the key; True if a live entry was removed."""
+        return self._h.delete(self._k(key, version), version)
+
+    def has_key(self, key: Any, version: Any = None) -> bool:
+        """Whether a live entry exists (does not refresh its recency)."""
+        return self._h.has_key(self._k(key, version), version)
+
+    def incr(self, key: Any, delta: Any = 1, version: Any = None) -> Any:
+        """Add ``delta`` atomically, keeping the expiry; ValueError if missing."""
+        return self._h.incr(self._k(key, version), delta, version)
+
+    def get_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
+        """``{key: value}`` for the keys present, keyed by the caller's keys."""
+        if self._raw:
+            return super().get_many(keys, version=version)
+        return self._h.get_many(keys, version)
+
+    def set_many(self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT,
+                 version: Any = None, tags: Tags = None) -> list[Any]:
+        """Store every item; returns the keys that could not be stored (larger than MAX_BYTES)."""
+        if self._raw:
+            return [
+                key for key, value in data.items()
+                if not self._h.set(self._k(key, version), value, timeout, None, tags)
+            ]
+        return self._h.set_many(data, timeout, version, tags)
+
+    def delete_many(self, keys: Iterable[Any], version: Any = None) -> None:
+        """Remove every key."""
+        if self._raw:
+            for key in keys:
+                self._h.delete(self._k(key, version))
+            return
+        self._h.delete_many(keys, version)
+
+    def get_or_set(self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT,
+                   version: Any = None, tags: Tags = None) -> Any:
+        """Return the value; on a miss store ``default`` (called if callable) and return it."""
+        val = self.get(key, self._missing_key, version=version)
+        if val is self._missing_key:
+            if callable(default):
+                default = default()
+            self.add(key, default, timeout=timeout, version=version, tags=tags)
+            # A racing caller may have added first: return what the cache holds now.
+            return self.get(key, default, version=version)
+        return val
+
+    def clear(self) -> None:
+        """Empty the whole store (every prefix and version sharing this LOCATION)."""
+        self._h.clear()
+
+    def close(self, **kwargs: Any) -> None:
+        """Nothing to release: the store outlives requests (Django calls this on each one)."""
+
+    # Beyond Django's API -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and sizes: hits, misses, sets, deletes, evictions, expirations, entries, ..."""
+        return self._h.stats()
+
+    # Async twins: no store operation blocks, so they run the store directly. -----------------
+
+    async def aadd(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT,
+                   version: Any = None, tags: Tags = None) -> bool:
+        return self.add(key, value, timeout, version, tags)
+
+    async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
+        return self.get(key, default, version)
+
+    async def aset(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT,
+                   version: Any = None, tags: Tags = None) -> None:
+        self.set(key, value, timeout, version, tags)
+
+    async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
+        return self.touch(key, timeout, version)
+
+    async def adelete(self, key: Any, version: Any = None) -> bool:
+        return self.delete(key, version)
+
+    async def ahas_key(self, key: Any, version: Any = None) -> bool:
+        return self.has_key(key, version)
+
+    async def aincr(self, key: Any, delta: Any = 1, version: Any = None) -> Any:
+        return self.incr(key, delta, version)
+
+    async def adecr(self, key: Any, delta: Any = 1, version: Any = None) -> Any:
+        return self.decr(key, delta, version)
+
+    async def aget_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
+        return self.get_many(keys, version)
+
+    async def aset_many(self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT,
+                        version: Any = None, tags: Tags = None) -> list[Any]:
+        return self.set_many(data, timeout, version, tags)
+
+    async def adelete_many(self, keys: Iterable[Any], version: Any = None) -> None:
+        self.delete_many(keys, version)
+
+    async def aget_or_set(self, key: Any, default: Any | Callable[[], Any],
+                          timeout: Any = DEFAULT_TIMEOUT, version: Any = None,
+                          tags: Tags = None) -> Any:
+        return self.get_or_set(key, default, timeout, version, tags)
+
+    async def aincr_version(self, key: Any, delta: int = 1, version: Any = None) -> int:
+        return self.incr_version(key, delta, version)
+
+    async def adecr_version(self, key: Any, delta: int = 1, version: Any = None) -> int:
+        return self.decr_version(key, delta, version)
+
+    async def aclear(self) -> None:
+        self.clear()
+
+    async def aclose(self, **kwargs: Any) -> None:
+        self.close(**kwargs)

@@ -1,0 +1,77 @@
+"""Settings of a ``RustCache`` alias, checked when the cache is first used.
+
+Django silently ignores a misspelled cache setting; we raise ``ImproperlyConfigured`` naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+#: Every OPTIONS key RustCache understands, with its default.
+OPTION_DEFAULTS: dict[str, Any] = {
+    "MAX_ENTRIES": 300,
+    "CULL_FREQUENCY": 3,
+    "MAX_BYTES": None,
+}
+
+#: Top-level keys of a CACHES entry that Django's BaseCache reads (besides BACKEND and LOCATION,
+#: which Django takes out before building the backend).
+TOP_LEVEL_KEYS = frozenset(
+    {"TIMEOUT", "KEY_PREFIX", "VERSION", "KEY_FUNCTION", "OPTIONS",
+     "timeout", "max_entries", "cull_frequency"}
+)
+
+
+def _int_option(where: str, name: str, value: Any, minimum: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS[{name!r}] must be an integer, not {type(value).__name__} {value!r}."
+        )
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{where}: OPTIONS[{name!r}] must be >= {minimum}, not {value}.")
+    return value
+
+
+@dataclass(frozen=True)
+class RustCacheOptions:
+    """The validated settings that the Rust store needs besides Django's own."""
+
+    location: str
+    max_bytes: int | None
+
+    @classmethod
+    def from_params(cls, location: Any, params: dict[str, Any]) -> RustCacheOptions:
+        """Check a CACHES entry (as Django passes it to the backend) and extract our options."""
+        where = f"RustCache LOCATION {location!r}"
+        if not isinstance(location, str):
+            raise ImproperlyConfigured(
+                f"{where}: LOCATION must be a string, not {type(location).__name__}."
+            )
+        unknown = sorted(set(params) - TOP_LEVEL_KEYS)
+        if unknown:
+            raise ImproperlyConfigured(
+                f"{where}: unknown setting {unknown[0]!r}; "
+                f"expected one of {', '.join(sorted(k for k in TOP_LEVEL_KEYS if k.isupper()))}."
+            )
+        options = params.get("OPTIONS", {})
+        if not isinstance(options, dict):
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS must be a dict, not {type(options).__name__}."
+            )
+        unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+        if unknown:
+            raise ImproperlyConfigured(
+                f"{where}: unknown OPTIONS key {unknown[0]!r}; "
+                f"expected one of {', '.join(OPTION_DEFAULTS)}."
+            )
+        if "MAX_ENTRIES" in options:
+            _int_option(where, "MAX_ENTRIES", options["MAX_ENTRIES"], None)
+        if "CULL_FREQUENCY" in options:
+            _int_option(where, "CULL_FREQUENCY", options["CULL_FREQUENCY"], 0)
+        max_bytes = options.get("MAX_BYTES")
+        if max_bytes is not None:
+            max_bytes = _int_option(where, "MAX_BYTES", max_bytes, 1)
+        return cls(location=location, max_bytes=max_bytes)

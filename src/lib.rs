@@ -1,0 +1,18 @@
+//! django-rustcache's core: a sharded in-process cache store (this crate) and, with the `python`
+//! feature, its PyO3 bindings as the module `django_rustcache._core`.
+
+pub mod clock;
+pub mod keys;
+pub mod shard;
+pub mod stats;
+pub mod store;
+pub mod tags;
+
+#[cfg(feature = "python")]
+mod python;
+
+#[cfg(feature = "python")]
+#[pyo3::pymodule]
+fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+    python::register(m)
+}

@@ -1,0 +1,475 @@
+//! `Handle`: one backend instance's view of a store: its key prefix, default version, default
+//! timeout and limits, and the cache operations, each building the made key in Rust.
+//!
+//! In raw mode (a custom `KEY_FUNCTION` or an overridden `validate_key`) Python makes and validates
+//! the key and passes it in; `version` is then ignored.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyInt, PyList, PyString};
+
+use super::keys::push_part;
+use super::registry;
+use super::value::{decode, encode, PyValue};
+use crate::clock::{self, NEVER};
+use crate::keys::needs_warning;
+use crate::store::{Limits, Put, Replace, Store};
+use crate::tags::TagStamp;
+
+#[pyclass(module = "django_rustcache._core")]
+pub struct Handle {
+    store: Arc<Store<PyValue>>,
+    location: String,
+    prefix: String,
+    version: String,
+    raw: bool,
+    default_timeout: Option<f64>,
+    limits: Limits,
+    sentinel: Py<PyAny>,
+    warn: Py<PyAny>,
+}
+
+/// Wall-clock seconds at the monotonic clock's epoch, fixed once so conversions are repeatable.
+fn wall_epoch() -> f64 {
+    static EPOCH: OnceLock<f64> = OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        wall - clock::now() as f64 / 1e9
+    })
+}
+
+fn not_found(key: &str) -> PyErr {
+    PyValueError::new_err(format!("Key '{key}' not found"))
+}
+
+impl Handle {
+    /// The made key for `key` (see the module docs for raw mode), warning as Django does.
+    fn key(&self, key: &Bound<'_, PyAny>, version: Option<&Bound<'_, PyAny>>) -> PyResult<String> {
+        if self.raw {
+            return match key.cast::<PyString>() {
+                Ok(s) => Ok(s.to_str()?.to_owned()),
+                Err(_) => Err(PyTypeError::new_err(format!(
+                    "the key function must return a str, not {}",
+                    key.get_type().name()?
+                ))),
+            };
+        }
+        let mut out = String::with_capacity(self.prefix.len() + self.version.len() + 34);
+        out.push_str(&self.prefix);
+        out.push(':');
+        match version {
+            Some(v) if !v.is_none() => push_part(&mut out, v)?,
+            _ => out.push_str(&self.version),
+        }
+        out.push(':');
+        push_part(&mut out, key)?;
+        if needs_warning(&out) {
+            self.warn.bind(key.py()).call1((&out,))?;
+        }
+        Ok(out)
+    }
+
+    /// The expiry stamp for a Django timeout argument.
+    fn deadline(&self, timeout: &Bound<'_, PyAny>, now: u64) -> PyResult<u64> {
+        let seconds = if timeout.is(&self.sentinel) {
+            self.default_timeout
+        } else if timeout.is_none() {
+            None
+        } else {
+            match timeout.extract::<f64>() {
+                Ok(s) => Some(s),
+                Err(_) => {
+                    return Err(PyTypeError::new_err(format!(
+                        "timeout must be a number or None, not {}",
+                        timeout.get_type().name()?
+                    )))
+                }
+            }
+        };
+        Ok(clock::deadline(now, seconds))
+    }
+
+    /// Tag stamps for `tags` (an iterable of str), namespaced by the key prefix.
+    fn stamps(&self, tags: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<TagStamp>> {
+        let names = self.tag_names(tags)?;
+        Ok(if names.is_empty() {
+            Vec::new()
+        } else {
+            self.store.tags.stamps(names.iter().map(String::as_str))
+        })
+    }
+
+    fn tag_names(&self, tags: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
+        let Some(tags) = tags.filter(|t| !t.is_none()) else {
+            return Ok(Vec::new());
+        };
+        if tags.is_instance_of::<PyString>() {
+            return Err(PyTypeError::new_err(
+                "tags must be an iterable of str, not a str",
+            ));
+        }
+        let mut names = Vec::new();
+        for tag in tags.try_iter()? {
+            let tag = tag?;
+            let s = tag.cast::<PyString>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "each tag must be a str, not {}",
+                    tag.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
+                ))
+            })?;
+            names.push(format!("{}:{}", self.prefix, s.to_str()?));
+        }
+        Ok(names)
+    }
+
+    fn put(
+        &self,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+        timeout: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+        tags: Option<&Bound<'_, PyAny>>,
+        only_new: bool,
+    ) -> PyResult<Put> {
+        let k = self.key(key, version)?;
+        let stored = encode(value)?;
+        let stamps = self.stamps(tags)?;
+        let now = clock::now();
+        let expires = self.deadline(timeout, now)?;
+        Ok(if only_new {
+            self.store
+                .add(&k, stored, expires, stamps, &self.limits, now)
+        } else {
+            self.store
+                .set(&k, stored, expires, stamps, &self.limits, now)
+        })
+    }
+
+    fn read(&self, py: Python<'_>, k: &str, now: u64) -> PyResult<Option<Py<PyAny>>> {
+        match self.store.get(k, now, |v| v.clone_ref(py)) {
+            Some(v) => Ok(Some(decode(py, v)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+#[pymethods]
+impl Handle {
+    #[new]
+    #[pyo3(signature = (location, sentinel, warn, shards = 16))]
+    fn new(location: String, sentinel: Py<PyAny>, warn: Py<PyAny>, shards: usize) -> Self {
+        Handle {
+            store: registry::store(&location, shards),
+            location,
+            prefix: String::new(),
+            version: "1".to_owned(),
+            raw: false,
+            default_timeout: Some(300.0),
+            limits: Limits::default(),
+            sentinel,
+            warn,
+        }
+    }
+
+    /// Sets the key prefix, default version, default timeout (seconds, None for never) and mode.
+    fn configure(
+        &mut self,
+        prefix: &Bound<'_, PyAny>,
+        version: &Bound<'_, PyAny>,
+        default_timeout: Option<f64>,
+        raw: bool,
+    ) -> PyResult<()> {
+        let mut p = String::new();
+        push_part(&mut p, prefix)?;
+        let mut v = String::new();
+        push_part(&mut v, version)?;
+        self.prefix = p;
+        self.version = v;
+        self.default_timeout = default_timeout;
+        self.raw = raw;
+        Ok(())
+    }
+
+    #[pyo3(signature = (max_entries, cull_frequency, max_bytes = None))]
+    fn set_limits(&mut self, max_entries: i64, cull_frequency: i64, max_bytes: Option<u64>) {
+        self.limits = Limits {
+            max_entries,
+            cull_frequency,
+            max_bytes,
+        };
+    }
+
+    #[getter]
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    #[pyo3(signature = (key, version = None))]
+    fn make_key(
+        &self,
+        key: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<String> {
+        self.key(key, version)
+    }
+
+    #[pyo3(signature = (key, default = None, version = None))]
+    fn get(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        default: Option<Py<PyAny>>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let k = self.key(key, version)?;
+        match self.read(py, &k, clock::now())? {
+            Some(v) => Ok(v),
+            None => Ok(default.unwrap_or_else(|| py.None())),
+        }
+    }
+
+    /// Stores the value; False if it alone is larger than MAX_BYTES (nothing is then stored).
+    #[pyo3(signature = (key, value, timeout, version = None, tags = None))]
+    fn set(
+        &self,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+        timeout: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+        tags: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        Ok(self.put(key, value, timeout, version, tags, false)? == Put::Stored)
+    }
+
+    #[pyo3(signature = (key, value, timeout, version = None, tags = None))]
+    fn add(
+        &self,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+        timeout: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+        tags: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        Ok(self.put(key, value, timeout, version, tags, true)? == Put::Stored)
+    }
+
+    #[pyo3(signature = (key, version = None))]
+    fn delete(&self, key: &Bound<'_, PyAny>, version: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+        let k = self.key(key, version)?;
+        Ok(self.store.delete(&k, clock::now()))
+    }
+
+    #[pyo3(signature = (key, version = None))]
+    fn has_key(
+        &self,
+        key: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let k = self.key(key, version)?;
+        Ok(self.store.contains(&k, clock::now()))
+    }
+
+    #[pyo3(signature = (key, timeout, version = None))]
+    fn touch(
+        &self,
+        key: &Bound<'_, PyAny>,
+        timeout: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let k = self.key(key, version)?;
+        let now = clock::now();
+        let expires = self.deadline(timeout, now)?;
+        Ok(self.store.touch(&k, expires, now))
+    }
+
+    /// Adds `delta` atomically, keeping the expiry. 64-bit integers are added in Rust; anything
+    /// else (overflow, floats, other types) is added by Python outside the lock and stored only if
+    /// the entry did not change meanwhile.
+    #[pyo3(signature = (key, delta, version = None))]
+    fn incr(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        delta: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let k = self.key(key, version)?;
+        let now = clock::now();
+        if let Some(d) = delta
+            .cast_exact::<PyInt>()
+            .ok()
+            .and_then(|d| d.extract::<i64>().ok())
+        {
+            let done = self.store.update(&k, now, |v| match v {
+                PyValue::Int(i) => i.checked_add(d).inspect(|n| *i = *n),
+                _ => None,
+            });
+            match done {
+                Err(()) => return Err(not_found(&k)),
+                Ok(Some(n)) => return Ok(n.into_pyobject(py)?.into_any().unbind()),
+                Ok(None) => {}
+            }
+        }
+        loop {
+            let Some((current, gen)) = self.store.snapshot(&k, now, |v| v.clone_ref(py)) else {
+                return Err(not_found(&k));
+            };
+            let new = decode(py, current)?.bind(py).add(delta)?;
+            let stored = encode(&new)?;
+            match self.store.replace_if(&k, gen, stored, &self.limits, now) {
+                Replace::Done => return Ok(new.unbind()),
+                Replace::Conflict => continue,
+                Replace::Missing => return Err(not_found(&k)),
+                Replace::TooLarge => {
+                    self.store.delete(&k, now);
+                    return Ok(new.unbind());
+                }
+            }
+        }
+    }
+
+    #[pyo3(signature = (keys, version = None))]
+    fn get_many<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+        version: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        let now = clock::now();
+        for key in keys.try_iter()? {
+            let key = key?;
+            let k = self.key(&key, version)?;
+            if let Some(v) = self.read(py, &k, now)? {
+                out.set_item(key, v)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores every item; returns the keys not stored because they alone exceed MAX_BYTES.
+    #[pyo3(signature = (data, timeout, version = None, tags = None))]
+    fn set_many<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+        timeout: &Bound<'py, PyAny>,
+        version: Option<&Bound<'py, PyAny>>,
+        tags: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let failed = PyList::empty(py);
+        let names = self.tag_names(tags)?;
+        for item in data.call_method0("items")?.try_iter()? {
+            let (key, value): (Bound<'py, PyAny>, Bound<'py, PyAny>) = item?.extract()?;
+            let k = self.key(&key, version)?;
+            let stored = encode(&value)?;
+            let stamps = if names.is_empty() {
+                Vec::new()
+            } else {
+                self.store.tags.stamps(names.iter().map(String::as_str))
+            };
+            let now = clock::now();
+            let expires = self.deadline(timeout, now)?;
+            if self
+                .store
+                .set(&k, stored, expires, stamps, &self.limits, now)
+                == Put::TooLarge
+            {
+                failed.append(key)?;
+            }
+        }
+        Ok(failed)
+    }
+
+    #[pyo3(signature = (keys, version = None))]
+    fn delete_many(
+        &self,
+        keys: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let now = clock::now();
+        for key in keys.try_iter()? {
+            let k = self.key(&key?, version)?;
+            self.store.delete(&k, now);
+        }
+        Ok(())
+    }
+
+    fn clear(&self) {
+        self.store.clear();
+    }
+
+    /// Makes every entry carrying one of `tags` a miss; returns how many live entries that removed.
+    fn invalidate_tags(&self, tags: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let names = self.tag_names(Some(tags))?;
+        Ok(self
+            .store
+            .invalidate_tags(names.iter().map(String::as_str), clock::now()))
+    }
+
+    /// Wall-clock time (as `time.time()`) at which the live entry expires; None for never or missing.
+    #[pyo3(signature = (key, version = None))]
+    fn expiry(
+        &self,
+        key: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<f64>> {
+        let k = self.key(key, version)?;
+        Ok(match self.store.expiry(&k, clock::now()) {
+            Some(e) if e != NEVER => Some(wall_epoch() + e as f64 / 1e9),
+            _ => None,
+        })
+    }
+
+    /// Seconds left: None for no expiry, 0 for a missing or expired key (django-redis's rule).
+    #[pyo3(signature = (key, version = None))]
+    fn ttl(
+        &self,
+        key: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<f64>> {
+        let k = self.key(key, version)?;
+        let now = clock::now();
+        Ok(match self.store.expiry(&k, now) {
+            Some(e) => clock::remaining(now, e),
+            None => Some(0.0),
+        })
+    }
+
+    /// Whether any of the store's locks is held right now.
+    fn locked(&self) -> bool {
+        self.store.is_locked()
+    }
+
+    fn __len__(&self) -> usize {
+        self.store.len()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.store.stats.snapshot();
+        let d = PyDict::new(py);
+        d.set_item("hits", s.hits)?;
+        d.set_item("misses", s.misses)?;
+        d.set_item("sets", s.sets)?;
+        d.set_item("deletes", s.deletes)?;
+        d.set_item("evictions", s.evictions)?;
+        d.set_item("expirations", s.expirations)?;
+        d.set_item("invalidations", s.invalidations)?;
+        d.set_item("entries", self.store.len())?;
+        d.set_item("bytes", self.store.bytes())?;
+        d.set_item("tags", self.store.tags.len())?;
+        d.set_item("max_entries", self.limits.max_entries)?;
+        d.set_item("cull_frequency", self.limits.cull_frequency)?;
+        d.set_item("max_bytes", self.limits.max_bytes)?;
+        d.set_item("location", &self.location)?;
+        Ok(d)
+    }
+}

@@ -1,0 +1,15 @@
+//! The PyO3 surface: `django_rustcache._core`. The Django-facing logic lives in Python; this is the
+//! store behind it, plus key building and value encoding done without Python loops.
+
+mod handle;
+mod keys;
+mod registry;
+mod value;
+
+use pyo3::prelude::*;
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<handle::Handle>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

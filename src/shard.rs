@@ -1,0 +1,358 @@
+//! One shard of the store: a hash table of slot numbers into a slab of entries, threaded on an
+//! intrusive least-recently-used list, with an ordered index of expiry stamps.
+//!
+//! Nothing here locks or allocates Python objects: the store wraps each shard in a mutex and drops
+//! what a shard hands back only after unlocking.
+
+use std::collections::BTreeSet;
+
+use hashbrown::HashTable;
+
+use crate::clock::NEVER;
+use crate::tags::TagStamp;
+
+const NIL: u32 = u32::MAX;
+
+pub struct Entry<V> {
+    pub key: Box<str>,
+    pub hash: u64,
+    pub value: V,
+    /// Clock stamp after which the entry is gone (`NEVER` for no expiry).
+    pub expires: u64,
+    /// Global recency stamp: smaller is less recently used.
+    pub tick: u64,
+    /// Unique stamp given when the value was stored; used to detect a concurrent replacement.
+    pub gen: u64,
+    /// Bytes charged to the store for this entry.
+    pub weight: u64,
+    pub tags: Box<[TagStamp]>,
+    prev: u32,
+    next: u32,
+}
+
+impl<V> Entry<V> {
+    pub fn new(
+        key: Box<str>,
+        hash: u64,
+        value: V,
+        expires: u64,
+        weight: u64,
+        tags: Box<[TagStamp]>,
+    ) -> Self {
+        Entry {
+            key,
+            hash,
+            value,
+            expires,
+            tick: 0,
+            gen: 0,
+            weight,
+            tags,
+            prev: NIL,
+            next: NIL,
+        }
+    }
+
+    #[inline]
+    pub fn is_expired(&self, now: u64) -> bool {
+        self.expires != NEVER && self.expires <= now
+    }
+}
+
+enum Slot<V> {
+    Used(Entry<V>),
+    Free(u32),
+}
+
+pub struct Shard<V> {
+    table: HashTable<u32>,
+    slots: Vec<Slot<V>>,
+    free: u32,
+    head: u32,
+    tail: u32,
+    expiries: BTreeSet<(u64, u32)>,
+    next_expiry: u64,
+    len: usize,
+}
+
+impl<V> Default for Shard<V> {
+    fn default() -> Self {
+        Shard {
+            table: HashTable::new(),
+            slots: Vec::new(),
+            free: NIL,
+            head: NIL,
+            tail: NIL,
+            expiries: BTreeSet::new(),
+            next_expiry: NEVER,
+            len: 0,
+        }
+    }
+}
+
+impl<V> Shard<V> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    #[inline]
+    pub fn entry(&self, slot: u32) -> &Entry<V> {
+        match &self.slots[slot as usize] {
+            Slot::Used(e) => e,
+            Slot::Free(_) => unreachable!("slot {slot} is free"),
+        }
+    }
+
+    #[inline]
+    pub fn entry_mut(&mut self, slot: u32) -> &mut Entry<V> {
+        match &mut self.slots[slot as usize] {
+            Slot::Used(e) => e,
+            Slot::Free(_) => unreachable!("slot {slot} is free"),
+        }
+    }
+
+    /// The entry at `slot` if it is in use and still carries generation `gen`.
+    pub fn entry_if(&self, slot: u32, gen: u64) -> Option<&Entry<V>> {
+        match self.slots.get(slot as usize) {
+            Some(Slot::Used(e)) if e.gen == gen => Some(e),
+            _ => None,
+        }
+    }
+
+    #[inline]
+    pub fn find(&self, hash: u64, key: &str) -> Option<u32> {
+        let slots = &self.slots;
+        self.table
+            .find(hash, |&s| match &slots[s as usize] {
+                Slot::Used(e) => &*e.key == key,
+                Slot::Free(_) => false,
+            })
+            .copied()
+    }
+
+    /// Stores a new entry (the key must not be present) at the most recent end; returns its slot.
+    pub fn insert(&mut self, mut entry: Entry<V>, tick: u64) -> u32 {
+        entry.tick = tick;
+        entry.prev = self.tail;
+        entry.next = NIL;
+        let hash = entry.hash;
+        let expires = entry.expires;
+        let slot = if self.free != NIL {
+            let slot = self.free;
+            self.free = match self.slots[slot as usize] {
+                Slot::Free(next) => next,
+                Slot::Used(_) => unreachable!("free list points at a used slot"),
+            };
+            self.slots[slot as usize] = Slot::Used(entry);
+            slot
+        } else {
+            assert!(self.slots.len() < NIL as usize, "shard is full");
+            self.slots.push(Slot::Used(entry));
+            (self.slots.len() - 1) as u32
+        };
+        if self.tail != NIL {
+            let tail = self.tail;
+            self.entry_mut(tail).next = slot;
+        } else {
+            self.head = slot;
+        }
+        self.tail = slot;
+        let slots = &self.slots;
+        self.table
+            .insert_unique(hash, slot, |&s| match &slots[s as usize] {
+                Slot::Used(e) => e.hash,
+                Slot::Free(_) => 0,
+            });
+        self.index_expiry(slot, expires);
+        self.len += 1;
+        slot
+    }
+
+    /// Unlinks and returns the entry at `slot`.
+    pub fn remove(&mut self, slot: u32) -> Entry<V> {
+        let (hash, expires) = {
+            let e = self.entry(slot);
+            (e.hash, e.expires)
+        };
+        self.unlink(slot);
+        self.unindex_expiry(slot, expires);
+        if let Ok(found) = self.table.find_entry(hash, |&s| s == slot) {
+            found.remove();
+        }
+        let old = std::mem::replace(&mut self.slots[slot as usize], Slot::Free(self.free));
+        self.free = slot;
+        self.len -= 1;
+        match old {
+            Slot::Used(e) => e,
+            Slot::Free(_) => unreachable!(),
+        }
+    }
+
+    /// Marks `slot` as the most recently used.
+    #[inline]
+    pub fn touch(&mut self, slot: u32, tick: u64) {
+        if self.tail != slot {
+            self.unlink(slot);
+            let tail = self.tail;
+            {
+                let e = self.entry_mut(slot);
+                e.prev = tail;
+                e.next = NIL;
+            }
+            if tail != NIL {
+                self.entry_mut(tail).next = slot;
+            } else {
+                self.head = slot;
+            }
+            self.tail = slot;
+        }
+        self.entry_mut(slot).tick = tick;
+    }
+
+    pub fn set_expiry(&mut self, slot: u32, expires: u64) {
+        let old = self.entry(slot).expires;
+        if old != expires {
+            self.unindex_expiry(slot, old);
+            self.entry_mut(slot).expires = expires;
+            self.index_expiry(slot, expires);
+        }
+    }
+
+    /// Recency stamp of the least recently used entry.
+    pub fn oldest_tick(&self) -> Option<u64> {
+        (self.head != NIL).then(|| self.entry(self.head).tick)
+    }
+
+    pub fn pop_oldest(&mut self) -> Option<Entry<V>> {
+        (self.head != NIL).then(|| self.remove(self.head))
+    }
+
+    /// Removes one entry whose expiry has passed, if any (earliest first). O(1) when none has.
+    #[inline]
+    pub fn pop_expired(&mut self, now: u64) -> Option<Entry<V>> {
+        if self.next_expiry > now {
+            return None;
+        }
+        let &(_, slot) = self.expiries.first()?;
+        Some(self.remove(slot))
+    }
+
+    /// Takes every entry out, leaving the shard empty.
+    pub fn drain(&mut self) -> Vec<Entry<V>> {
+        let slots = std::mem::take(&mut self.slots);
+        *self = Shard::default();
+        slots
+            .into_iter()
+            .filter_map(|s| match s {
+                Slot::Used(e) => Some(e),
+                Slot::Free(_) => None,
+            })
+            .collect()
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let (prev, next) = {
+            let e = self.entry(slot);
+            (e.prev, e.next)
+        };
+        if prev != NIL {
+            self.entry_mut(prev).next = next;
+        } else {
+            self.head = next;
+        }
+        if next != NIL {
+            self.entry_mut(next).prev = prev;
+        } else {
+            self.tail = prev;
+        }
+    }
+
+    fn index_expiry(&mut self, slot: u32, expires: u64) {
+        if expires != NEVER {
+            self.expiries.insert((expires, slot));
+            self.next_expiry = self.next_expiry.min(expires);
+        }
+    }
+
+    fn unindex_expiry(&mut self, slot: u32, expires: u64) {
+        if expires != NEVER {
+            self.expiries.remove(&(expires, slot));
+            if expires <= self.next_expiry {
+                self.next_expiry = self.expiries.first().map_or(NEVER, |&(e, _)| e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, expires: u64) -> Entry<u32> {
+        let hash = key.len() as u64 * 7919 + key.bytes().map(u64::from).sum::<u64>();
+        Entry::new(key.into(), hash, 1, expires, 1, Box::new([]))
+    }
+
+    #[test]
+    fn insert_find_remove_reuses_slots() {
+        let mut s: Shard<u32> = Shard::default();
+        let a = s.insert(entry("a", NEVER), 1);
+        let b = s.insert(entry("b", NEVER), 2);
+        assert_eq!(s.find(entry("a", 0).hash, "a"), Some(a));
+        assert_eq!(s.find(entry("b", 0).hash, "b"), Some(b));
+        assert_eq!(s.find(entry("c", 0).hash, "c"), None);
+        assert_eq!(&*s.remove(a).key, "a");
+        assert_eq!(s.find(entry("a", 0).hash, "a"), None);
+        let c = s.insert(entry("c", NEVER), 3);
+        assert_eq!(c, a, "freed slot is reused");
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn lru_order_follows_touches() {
+        let mut s: Shard<u32> = Shard::default();
+        let slots: Vec<u32> = (0..4)
+            .map(|i| s.insert(entry(&format!("k{i}"), NEVER), i))
+            .collect();
+        s.touch(slots[0], 10);
+        s.touch(slots[2], 11);
+        let order: Vec<String> = std::iter::from_fn(|| s.pop_oldest())
+            .map(|e| e.key.to_string())
+            .collect();
+        assert_eq!(order, ["k1", "k3", "k0", "k2"]);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn expiry_index_pops_in_order_and_tracks_changes() {
+        let mut s: Shard<u32> = Shard::default();
+        let a = s.insert(entry("a", 50), 1);
+        s.insert(entry("b", 20), 2);
+        s.insert(entry("c", NEVER), 3);
+        assert!(s.pop_expired(10).is_none());
+        assert_eq!(&*s.pop_expired(30).unwrap().key, "b");
+        assert!(s.pop_expired(30).is_none());
+        s.set_expiry(a, NEVER);
+        assert!(s.pop_expired(1000).is_none());
+        s.set_expiry(a, 5);
+        assert_eq!(&*s.pop_expired(6).unwrap().key, "a");
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn drain_empties() {
+        let mut s: Shard<u32> = Shard::default();
+        for i in 0..10 {
+            s.insert(entry(&format!("k{i}"), 100 + i), i);
+        }
+        assert_eq!(s.drain().len(), 10);
+        assert!(s.is_empty());
+        assert!(s.pop_expired(u64::MAX - 1).is_none());
+        s.insert(entry("again", NEVER), 1);
+        assert_eq!(s.len(), 1);
+    }
+}
