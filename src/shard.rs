@@ -241,6 +241,14 @@ impl<V> Shard<V> {
         Some(self.remove(slot))
     }
 
+    /// Every entry, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = &Entry<V>> {
+        self.slots.iter().filter_map(|s| match s {
+            Slot::Used(e) => Some(e),
+            Slot::Free(_) => None,
+        })
+    }
+
     /// Takes every entry out, leaving the shard empty.
     pub fn drain(&mut self) -> Vec<Entry<V>> {
         let slots = std::mem::take(&mut self.slots);

@@ -49,6 +49,8 @@ pub enum Put {
     Exists,
     /// The entry alone is larger than `max_bytes`; nothing was stored.
     TooLarge,
+    /// A tag was invalidated after its stamp was taken (the value may be stale); nothing stored.
+    Stale,
 }
 
 /// The result of `replace_if`.
@@ -349,6 +351,10 @@ impl<V: Weigh> Store<V> {
         now: u64,
         only_new: bool,
     ) -> Put {
+        if !all_current(&tags) {
+            Stats::bump(&self.stats.invalidations, 1);
+            return Put::Stale;
+        }
         let weight = Self::weigh(key, &value, tags.len());
         if limits.max_bytes.is_some_and(|max| weight > max) {
             // Too large to ever fit: store nothing, and do not leave an older value behind.
@@ -447,6 +453,23 @@ impl<V: Weigh> Store<V> {
         };
         drop(shard);
         drop(old_value);
+        out
+    }
+
+    /// Live keys whose text starts with `prefix` (a scan of the store: for pattern operations).
+    pub fn keys_with_prefix(&self, prefix: &str, now: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in self.shards.iter() {
+            let shard = s.lock();
+            out.extend(
+                shard
+                    .iter()
+                    .filter(|e| {
+                        !e.is_expired(now) && all_current(&e.tags) && e.key.starts_with(prefix)
+                    })
+                    .map(|e| e.key.to_string()),
+            );
+        }
         out
     }
 

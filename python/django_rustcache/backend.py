@@ -7,6 +7,8 @@ switches the instance to *raw* mode, where Python makes the key as Django does a
 
 from __future__ import annotations
 
+import fnmatch
+import logging
 import pickle
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,8 +24,11 @@ from django.core.cache.backends.base import (
 
 from django_rustcache._core import Handle
 from django_rustcache.options import RustCacheOptions
+from django_rustcache.signals import tags_invalidated
 
 Tags = Iterable[str] | None
+
+logger = logging.getLogger("django_rustcache")
 
 
 def _warn_key(key: str) -> None:
@@ -95,8 +100,14 @@ class RustCache(BaseCache):
         d = self.__dict__
         if "_h" not in d or any(
             "_synced_" + n not in d
-            for n in ("key_func", "key_prefix", "version", "default_timeout", "_max_entries",
-                      "_cull_frequency")
+            for n in (
+                "key_func",
+                "key_prefix",
+                "version",
+                "default_timeout",
+                "_max_entries",
+                "_cull_frequency",
+            )
         ):
             return  # still inside BaseCache.__init__
         cls = type(self)
@@ -116,8 +127,14 @@ class RustCache(BaseCache):
 
     # Django's cache API -------------------------------------------------------------------
 
-    def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None,
-            tags: Tags = None) -> bool:
+    def add(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Tags = None,
+    ) -> bool:
         """Store only if the key is missing (or expired); True if stored."""
         return self._h.add(self._k(key, version), value, timeout, version, tags)
 
@@ -125,8 +142,14 @@ class RustCache(BaseCache):
         """The value, or the very ``default`` object on a miss."""
         return self._h.get(self._k(key, version), default, version)
 
-    def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None,
-            tags: Tags = None) -> None:
+    def set(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Tags = None,
+    ) -> None:
         """Store the value (a value larger than MAX_BYTES stores nothing)."""
         self._h.set(self._k(key, version), value, timeout, version, tags)
 
@@ -152,12 +175,18 @@ class RustCache(BaseCache):
             return super().get_many(keys, version=version)
         return self._h.get_many(keys, version)
 
-    def set_many(self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT,
-                 version: Any = None, tags: Tags = None) -> list[Any]:
+    def set_many(
+        self,
+        data: Mapping[Any, Any],
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Tags = None,
+    ) -> list[Any]:
         """Store every item; returns the keys that could not be stored (larger than MAX_BYTES)."""
         if self._raw:
             return [
-                key for key, value in data.items()
+                key
+                for key, value in data.items()
                 if not self._h.set(self._k(key, version), value, timeout, None, tags)
             ]
         return self._h.set_many(data, timeout, version, tags)
@@ -170,11 +199,21 @@ class RustCache(BaseCache):
             return
         self._h.delete_many(keys, version)
 
-    def get_or_set(self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT,
-                   version: Any = None, tags: Tags = None) -> Any:
+    def get_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Tags = None,
+    ) -> Any:
         """Return the value; on a miss store ``default`` (called if callable) and return it."""
         val = self.get(key, self._missing_key, version=version)
         if val is self._missing_key:
+            if tags is not None:
+                # Take the tag versions before computing: if one of the tags is invalidated while
+                # `default()` runs, the value may be stale and the add below stores nothing.
+                tags = self._h.snapshot_tags(tags)
             if callable(default):
                 default = default()
             self.add(key, default, timeout=timeout, version=version, tags=tags)
@@ -191,21 +230,72 @@ class RustCache(BaseCache):
 
     # Beyond Django's API -------------------------------------------------------------------
 
+    def invalidate_tags(self, tags: Iterable[str]) -> int:
+        """Make every entry carrying any of ``tags`` a miss at once; returns how many it removed.
+
+        Costs the number of tags plus the entries that carried them, never a scan of the store.
+        Tags are namespaced by KEY_PREFIX, like keys.
+        """
+        tags = (tags,) if isinstance(tags, str) else tuple(tags)
+        count = self._h.invalidate_tags(tags)
+        logger.debug(
+            "invalidated tags %s in %r: %d entries", ", ".join(tags), self._options.location, count
+        )
+        tags_invalidated.send(sender=type(self), cache=self, tags=tags, count=count)
+        return count
+
+    def snapshot_tags(self, tags: Iterable[str]) -> Any:
+        """Current versions of ``tags``; pass it as ``tags=`` to store only if none moved since."""
+        return self._h.snapshot_tags(tags)
+
+    def ttl(self, key: Any, version: Any = None) -> float | None:
+        """Seconds left: None for no expiry, 0 for a missing or expired key (as django-redis)."""
+        return self._h.ttl(self._k(key, version), version)
+
+    def iter_keys(self, pattern: str = "*", version: Any = None) -> Iterator[str]:
+        """Yield the caller's keys (not made keys) matching the glob ``pattern``."""
+        for key in self._h.keys(version):
+            if fnmatch.fnmatchcase(key, pattern):
+                yield key
+
+    def keys(self, pattern: str = "*", version: Any = None) -> list[str]:
+        """The caller's keys matching the glob ``pattern`` (see ``iter_keys``)."""
+        return list(self.iter_keys(pattern, version))
+
+    def delete_pattern(self, pattern: str, version: Any = None) -> int:
+        """Delete every key matching the glob ``pattern`` (as django-redis); returns how many."""
+        matched = self.keys(pattern, version)
+        deleted = sum(self._h.delete(key, version) for key in matched)
+        logger.debug("deleted pattern %r in %r: %d keys", pattern, self._options.location, deleted)
+        return deleted
+
     def stats(self) -> dict[str, Any]:
         """Counters and sizes: hits, misses, sets, deletes, evictions, expirations, entries, ..."""
         return self._h.stats()
 
     # Async twins: no store operation blocks, so they run the store directly. -----------------
 
-    async def aadd(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT,
-                   version: Any = None, tags: Tags = None) -> bool:
+    async def aadd(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Tags = None,
+    ) -> bool:
         return self.add(key, value, timeout, version, tags)
 
     async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
         return self.get(key, default, version)
 
-    async def aset(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT,
-                   version: Any = None, tags: Tags = None) -> None:
+    async def aset(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Tags = None,
+    ) -> None:
         self.set(key, value, timeout, version, tags)
 
     async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
@@ -226,16 +316,26 @@ class RustCache(BaseCache):
     async def aget_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
         return self.get_many(keys, version)
 
-    async def aset_many(self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT,
-                        version: Any = None, tags: Tags = None) -> list[Any]:
+    async def aset_many(
+        self,
+        data: Mapping[Any, Any],
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Tags = None,
+    ) -> list[Any]:
         return self.set_many(data, timeout, version, tags)
 
     async def adelete_many(self, keys: Iterable[Any], version: Any = None) -> None:
         self.delete_many(keys, version)
 
-    async def aget_or_set(self, key: Any, default: Any | Callable[[], Any],
-                          timeout: Any = DEFAULT_TIMEOUT, version: Any = None,
-                          tags: Tags = None) -> Any:
+    async def aget_or_set(
+        self,
+        key: Any,
+        default: Any | Callable[[], Any],
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Tags = None,
+    ) -> Any:
         return self.get_or_set(key, default, timeout, version, tags)
 
     async def aincr_version(self, key: Any, delta: int = 1, version: Any = None) -> int:
@@ -243,6 +343,15 @@ class RustCache(BaseCache):
 
     async def adecr_version(self, key: Any, delta: int = 1, version: Any = None) -> int:
         return self.decr_version(key, delta, version)
+
+    async def ainvalidate_tags(self, tags: Iterable[str]) -> int:
+        return self.invalidate_tags(tags)
+
+    async def adelete_pattern(self, pattern: str, version: Any = None) -> int:
+        return self.delete_pattern(pattern, version)
+
+    async def attl(self, key: Any, version: Any = None) -> float | None:
+        return self.ttl(key, version)
 
     async def aclear(self) -> None:
         self.clear()

@@ -20,8 +20,16 @@ OPTION_DEFAULTS: dict[str, Any] = {
 #: Top-level keys of a CACHES entry that Django's BaseCache reads (besides BACKEND and LOCATION,
 #: which Django takes out before building the backend).
 TOP_LEVEL_KEYS = frozenset(
-    {"TIMEOUT", "KEY_PREFIX", "VERSION", "KEY_FUNCTION", "OPTIONS",
-     "timeout", "max_entries", "cull_frequency"}
+    {
+        "TIMEOUT",
+        "KEY_PREFIX",
+        "VERSION",
+        "KEY_FUNCTION",
+        "OPTIONS",
+        "timeout",
+        "max_entries",
+        "cull_frequency",
+    }
 )
 
 

@@ -32,6 +32,25 @@ pub struct Handle {
     warn: Py<PyAny>,
 }
 
+/// Tag versions taken before computing a value: storing with it stores nothing if any of those
+/// tags was invalidated in between (the value may have been computed from stale data).
+#[pyclass(module = "django_rustcache._core", frozen)]
+pub struct TagSnapshot {
+    stamps: Vec<TagStamp>,
+}
+
+#[pymethods]
+impl TagSnapshot {
+    /// Whether none of the tags has been invalidated since the snapshot.
+    fn is_current(&self) -> bool {
+        crate::tags::all_current(&self.stamps)
+    }
+
+    fn __len__(&self) -> usize {
+        self.stamps.len()
+    }
+}
+
 /// Wall-clock seconds at the monotonic clock's epoch, fixed once so conversions are repeatable.
 fn wall_epoch() -> f64 {
     static EPOCH: OnceLock<f64> = OnceLock::new();
@@ -96,6 +115,9 @@ impl Handle {
 
     /// Tag stamps for `tags` (an iterable of str), namespaced by the key prefix.
     fn stamps(&self, tags: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<TagStamp>> {
+        if let Some(snap) = tags.and_then(|t| t.cast::<TagSnapshot>().ok()) {
+            return Ok(snap.get().stamps.clone());
+        }
         let names = self.tag_names(tags)?;
         Ok(if names.is_empty() {
             Vec::new()
@@ -366,15 +388,18 @@ impl Handle {
         tags: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyList>> {
         let failed = PyList::empty(py);
-        let names = self.tag_names(tags)?;
+        let names = match tags.filter(|t| t.cast::<TagSnapshot>().is_err()) {
+            Some(t) => self.tag_names(Some(t))?,
+            None => Vec::new(),
+        };
         for item in data.call_method0("items")?.try_iter()? {
             let (key, value): (Bound<'py, PyAny>, Bound<'py, PyAny>) = item?.extract()?;
             let k = self.key(&key, version)?;
             let stored = encode(&value)?;
-            let stamps = if names.is_empty() {
-                Vec::new()
-            } else {
-                self.store.tags.stamps(names.iter().map(String::as_str))
+            let stamps = match tags.and_then(|t| t.cast::<TagSnapshot>().ok()) {
+                Some(snap) => snap.get().stamps.clone(),
+                None if names.is_empty() => Vec::new(),
+                None => self.store.tags.stamps(names.iter().map(String::as_str)),
             };
             let now = clock::now();
             let expires = self.deadline(timeout, now)?;
@@ -413,6 +438,37 @@ impl Handle {
         Ok(self
             .store
             .invalidate_tags(names.iter().map(String::as_str), clock::now()))
+    }
+
+    /// The current versions of `tags`, to pass as `tags=` when storing a value computed after.
+    fn snapshot_tags(&self, tags: &Bound<'_, PyAny>) -> PyResult<TagSnapshot> {
+        Ok(TagSnapshot {
+            stamps: self.stamps(Some(tags))?,
+        })
+    }
+
+    /// The caller's keys (made key minus `prefix:version:`) of live entries under this prefix and
+    /// `version`. Scans the store; raw mode cannot reverse a custom key function.
+    #[pyo3(signature = (version = None))]
+    fn keys(&self, version: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
+        if self.raw {
+            return Err(PyTypeError::new_err(
+                "listing keys needs Django's default KEY_FUNCTION (a custom one cannot be reversed)",
+            ));
+        }
+        let mut head = String::with_capacity(self.prefix.len() + self.version.len() + 2);
+        head.push_str(&self.prefix);
+        head.push(':');
+        match version {
+            Some(v) if !v.is_none() => push_part(&mut head, v)?,
+            _ => head.push_str(&self.version),
+        }
+        head.push(':');
+        let mut keys = self.store.keys_with_prefix(&head, clock::now());
+        for k in keys.iter_mut() {
+            k.drain(..head.len());
+        }
+        Ok(keys)
     }
 
     /// Wall-clock time (as `time.time()`) at which the live entry expires; None for never or missing.
