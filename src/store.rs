@@ -72,6 +72,7 @@ pub struct Store<V> {
     shards: Box<[Mutex<Shard<V>>]>,
     hasher: RandomState,
     tick: AtomicU64,
+    sweep: AtomicUsize,
     len: AtomicUsize,
     bytes: AtomicU64,
     pub stats: Stats,
@@ -92,6 +93,7 @@ impl<V: Weigh> Store<V> {
             shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: RandomState::new(),
             tick: AtomicU64::new(1),
+            sweep: AtomicUsize::new(0),
             len: AtomicUsize::new(0),
             bytes: AtomicU64::new(0),
             stats: Stats::default(),
@@ -155,6 +157,16 @@ impl<V: Weigh> Store<V> {
                 }
                 None => break,
             }
+        }
+    }
+
+    /// Reclaims a few expired entries of the next shard in turn, if it is free: with the
+    /// reclaiming each operation does in its own shard, expired entries cannot pile up anywhere.
+    fn sweep_next(&self, now: u64) {
+        let idx = self.sweep.fetch_add(1, Relaxed) & (self.shards.len() - 1);
+        let mut dead = Vec::new();
+        if let Some(mut shard) = self.shards[idx].try_lock() {
+            self.reclaim(&mut shard, now, &mut dead);
         }
     }
 
@@ -399,6 +411,7 @@ impl<V: Weigh> Store<V> {
         self.len.fetch_add(1, Relaxed);
         let stamps = has_tags.then(|| shard.entry(slot).tags.clone());
         drop(shard);
+        self.sweep_next(now);
         if let Some(stamps) = stamps {
             self.register(
                 EntryRef {
