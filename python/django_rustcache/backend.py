@@ -136,11 +136,15 @@ class RustCache(BaseCache):
         tags: Tags = None,
     ) -> bool:
         """Store only if the key is missing (or expired); True if stored."""
-        return self._h.add(self._k(key, version), value, timeout, version, tags)
+        if self._raw:
+            key = self.make_and_validate_key(key, version)
+        return self._h.add(key, value, timeout, version, tags)
 
     def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
         """The value, or the very ``default`` object on a miss."""
-        return self._h.get(self._k(key, version), default, version)
+        if self._raw:
+            key = self.make_and_validate_key(key, version)
+        return self._h.get(key, default, version)
 
     def set(
         self,
@@ -151,23 +155,33 @@ class RustCache(BaseCache):
         tags: Tags = None,
     ) -> None:
         """Store the value (a value larger than MAX_BYTES stores nothing)."""
-        self._h.set(self._k(key, version), value, timeout, version, tags)
+        if self._raw:
+            key = self.make_and_validate_key(key, version)
+        self._h.set(key, value, timeout, version, tags)
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
         """Give a live key a new timeout; False if missing."""
-        return self._h.touch(self._k(key, version), timeout, version)
+        if self._raw:
+            key = self.make_and_validate_key(key, version)
+        return self._h.touch(key, timeout, version)
 
     def delete(self, key: Any, version: Any = None) -> bool:
         """Remove the key; True if a live entry was removed."""
-        return self._h.delete(self._k(key, version), version)
+        if self._raw:
+            key = self.make_and_validate_key(key, version)
+        return self._h.delete(key, version)
 
     def has_key(self, key: Any, version: Any = None) -> bool:
         """Whether a live entry exists (does not refresh its recency)."""
-        return self._h.has_key(self._k(key, version), version)
+        if self._raw:
+            key = self.make_and_validate_key(key, version)
+        return self._h.has_key(key, version)
 
     def incr(self, key: Any, delta: Any = 1, version: Any = None) -> Any:
         """Add ``delta`` atomically, keeping the expiry; ValueError if missing."""
-        return self._h.incr(self._k(key, version), delta, version)
+        if self._raw:
+            key = self.make_and_validate_key(key, version)
+        return self._h.incr(key, delta, version)
 
     def get_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
         """``{key: value}`` for the keys present, keyed by the caller's keys."""
@@ -250,7 +264,9 @@ class RustCache(BaseCache):
 
     def ttl(self, key: Any, version: Any = None) -> float | None:
         """Seconds left: None for no expiry, 0 for a missing or expired key (as django-redis)."""
-        return self._h.ttl(self._k(key, version), version)
+        if self._raw:
+            key = self.make_and_validate_key(key, version)
+        return self._h.ttl(key, version)
 
     def iter_keys(self, pattern: str = "*", version: Any = None) -> Iterator[str]:
         """Yield the caller's keys (not made keys) matching the glob ``pattern``."""
