@@ -92,7 +92,10 @@ class RustCache(BaseCache):
         self._options = RustCacheOptions.from_params(name, params)
         self._h = Handle(self._options.location, DEFAULT_TIMEOUT, _warn_key)
         super().__init__(params)
-        self._lock = self._h  # `cache._lock.locked()`, as on LocMemCache
+        # LocMemCache's introspection points, which Django's own tests use: `_cache` is the store,
+        # `_lock.locked()` tells whether a store lock is held, `_expire_info[made_key]` the expiry.
+        self._cache = self._h
+        self._lock = self._h
         self._expire_info = _ExpiryView(self._options.location)
 
     def _sync(self) -> None:
