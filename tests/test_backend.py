@@ -409,3 +409,13 @@ def test_async_twins():
         None, {"v": 1}, False, [], {"a": 1, "b": 2}, 6, 4, True, True, True, "miss",
         "made", 2, "made", None, False, 0, None, None,
     ]
+
+
+def test_keys_with_lone_surrogates_work_in_both_key_modes():
+    c = make()
+    c.set("a\udcff", 1)
+    assert c.get("a\udcff") == 1
+    assert c.get("a\udcfe") is None
+    raw = make(KEY_FUNCTION=lambda key, prefix, version: key)
+    raw.set("b\udcff", 2)
+    assert raw.get("b\udcff") == 2 and raw.get("b\udcfe") is None

@@ -7,9 +7,9 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyInt, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString};
 
 use super::keys::push_part;
 use super::registry;
@@ -62,6 +62,22 @@ fn wall_epoch() -> f64 {
     })
 }
 
+/// A Python str holding lone surrogates as a Rust string: each byte of its `surrogatepass`
+/// encoding that is not valid UTF-8 becomes U+FFFF (a noncharacter) and two hex digits.
+fn escape_surrogates(s: &Bound<'_, PyAny>) -> PyResult<String> {
+    let raw = s.call_method1("encode", ("utf-8", "surrogatepass"))?;
+    let bytes = raw.cast::<PyBytes>()?.as_bytes();
+    let mut out = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push('\u{ffff}');
+            out.push_str(&format!("{b:02x}"));
+        }
+    }
+    Ok(out)
+}
+
 fn not_found(key: &str) -> PyErr {
     PyValueError::new_err(format!("Key '{key}' not found"))
 }
@@ -71,7 +87,10 @@ impl Handle {
     fn key(&self, key: &Bound<'_, PyAny>, version: Option<&Bound<'_, PyAny>>) -> PyResult<String> {
         if self.raw {
             return match key.cast::<PyString>() {
-                Ok(s) => Ok(s.to_str()?.to_owned()),
+                Ok(s) => match s.to_str() {
+                    Ok(text) => Ok(text.to_owned()),
+                    Err(_) => escape_surrogates(s.as_any()),
+                },
                 Err(_) => Err(PyTypeError::new_err(format!(
                     "the key function must return a str, not {}",
                     key.get_type().name()?
@@ -81,16 +100,46 @@ impl Handle {
         let mut out = String::with_capacity(self.prefix.len() + self.version.len() + 34);
         out.push_str(&self.prefix);
         out.push(':');
-        match version {
-            Some(v) if !v.is_none() => push_part(&mut out, v)?,
-            _ => out.push_str(&self.version),
+        let built = match version {
+            Some(v) if !v.is_none() => push_part(&mut out, v),
+            _ => {
+                out.push_str(&self.version);
+                Ok(())
+            }
         }
-        out.push(':');
-        push_part(&mut out, key)?;
-        if needs_warning(&out) {
-            self.warn.bind(key.py()).call1((&out,))?;
+        .and_then(|()| {
+            out.push(':');
+            push_part(&mut out, key)
+        });
+        match built {
+            Ok(()) => {
+                if needs_warning(&out) {
+                    self.warn.bind(key.py()).call1((&out,))?;
+                }
+                Ok(out)
+            }
+            Err(e) if e.is_instance_of::<PyUnicodeEncodeError>(key.py()) => {
+                self.key_with_surrogates(key, version)
+            }
+            Err(e) => Err(e),
         }
-        Ok(out)
+    }
+
+    /// The made key of a key or version holding lone surrogates (which a Rust `str` cannot hold):
+    /// made and checked by Python as Django does, then escaped by `escape_surrogates`.
+    fn key_with_surrogates(
+        &self,
+        key: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<String> {
+        let py = key.py();
+        let version = match version {
+            Some(v) if !v.is_none() => v.clone(),
+            _ => PyString::new(py, &self.version).into_any(),
+        };
+        let made = PyString::new(py, "%s:%s:%s").rem((&self.prefix, version, key))?;
+        self.warn.bind(py).call1((&made,))?;
+        escape_surrogates(&made)
     }
 
     /// The expiry stamp for a Django timeout argument.
