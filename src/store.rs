@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use ahash::RandomState;
 use parking_lot::{Mutex, MutexGuard};
 
+use crate::flight::Flights;
 use crate::shard::{Entry, Shard};
 use crate::stats::Stats;
 use crate::tags::{all_current, EntryRef, TagStamp, TagTable};
@@ -77,6 +78,7 @@ pub struct Store<V> {
     bytes: AtomicU64,
     pub stats: Stats,
     pub tags: TagTable,
+    pub flights: Flights,
 }
 
 enum Lookup {
@@ -98,6 +100,7 @@ impl<V: Weigh> Store<V> {
             bytes: AtomicU64::new(0),
             stats: Stats::default(),
             tags: TagTable::default(),
+            flights: Flights::default(),
         }
     }
 

@@ -224,9 +224,23 @@ class RustCache(BaseCache):
         version: Any = None,
         tags: Tags = None,
     ) -> Any:
-        """Return the value; on a miss store ``default`` (called if callable) and return it."""
+        """Return the value; on a miss store ``default`` (called if callable) and return it.
+
+        When many threads miss the same key at once, one calls ``default`` and the others wait
+        (without the GIL, at most ``OPTIONS["STAMPEDE_WAIT"]`` seconds) and then read its value;
+        if it raised, each waiter calls ``default`` itself.
+        """
         val = self.get(key, self._missing_key, version=version)
-        if val is self._missing_key:
+        if val is not self._missing_key:
+            return val
+        wait = self._options.stampede_wait
+        flight = self.make_key(key, version) if callable(default) and wait > 0 else None
+        if flight is not None and not self._h.flight_begin(flight, wait):
+            val = self.get(key, self._missing_key, version=version)
+            if val is not self._missing_key:
+                return val
+            flight = None  # the leader failed or is too slow: compute here
+        try:
             if tags is not None:
                 # Take the tag versions before computing: if one of the tags is invalidated while
                 # `default()` runs, the value may be stale and the add below stores nothing.
@@ -236,7 +250,9 @@ class RustCache(BaseCache):
             self.add(key, default, timeout=timeout, version=version, tags=tags)
             # A racing caller may have added first: return what the cache holds now.
             return self.get(key, default, version=version)
-        return val
+        finally:
+            if flight is not None:
+                self._h.flight_end(flight)
 
     def clear(self) -> None:
         """Empty the whole store (every prefix and version sharing this LOCATION)."""

@@ -15,6 +15,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "MAX_ENTRIES": 300,
     "CULL_FREQUENCY": 3,
     "MAX_BYTES": None,
+    "STAMPEDE_WAIT": 10.0,
 }
 
 #: Top-level keys of a CACHES entry that Django's BaseCache reads (besides BACKEND and LOCATION,
@@ -49,6 +50,7 @@ class RustCacheOptions:
 
     location: str
     max_bytes: int | None
+    stampede_wait: float
 
     @classmethod
     def from_params(cls, location: Any, params: dict[str, Any]) -> RustCacheOptions:
@@ -82,4 +84,9 @@ class RustCacheOptions:
         max_bytes = options.get("MAX_BYTES")
         if max_bytes is not None:
             max_bytes = _int_option(where, "MAX_BYTES", max_bytes, 1)
-        return cls(location=location, max_bytes=max_bytes)
+        wait = options.get("STAMPEDE_WAIT", OPTION_DEFAULTS["STAMPEDE_WAIT"])
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS['STAMPEDE_WAIT'] must be a number of seconds >= 0, not {wait!r}."
+            )
+        return cls(location=location, max_bytes=max_bytes, stampede_wait=float(wait))

@@ -5,7 +5,7 @@
 //! the key and passes it in; `version` is then ignored.
 
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError, PyValueError};
 use pyo3::prelude::*;
@@ -15,6 +15,7 @@ use super::keys::push_part;
 use super::registry;
 use super::value::{decode, encode, PyValue};
 use crate::clock::{self, NEVER};
+use crate::flight::Role;
 use crate::keys::needs_warning;
 use crate::store::{Limits, Put, Replace, Store};
 use crate::tags::TagStamp;
@@ -487,6 +488,26 @@ impl Handle {
         Ok(self
             .store
             .invalidate_tags(names.iter().map(String::as_str), clock::now()))
+    }
+
+    /// Single-flight for a fill of the made key `key`: True if the caller is to compute the value
+    /// (and then call `flight_end`); otherwise waits, without the GIL, until the caller computing
+    /// it finishes or `wait` seconds pass, and returns False (read the cache again).
+    fn flight_begin(&self, py: Python<'_>, key: &str, wait: f64) -> PyResult<bool> {
+        match self.store.flights.begin(key) {
+            Role::Leader => Ok(true),
+            Role::Follower(flight) => {
+                let limit = Duration::try_from_secs_f64(wait.max(0.0))
+                    .map_err(|e| PyValueError::new_err(format!("bad wait: {e}")))?;
+                py.detach(|| flight.wait(limit));
+                Ok(false)
+            }
+        }
+    }
+
+    /// Ends this thread's fill of the made key `key`, waking those waiting for it.
+    fn flight_end(&self, key: &str) {
+        self.store.flights.finish(key);
     }
 
     /// The current versions of `tags`, to pass as `tags=` when storing a value computed after.

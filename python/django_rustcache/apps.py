@@ -1,0 +1,15 @@
+"""The ``django_rustcache`` app: applies ``RUSTCACHE_AUTO_INVALIDATE`` once models are loaded."""
+
+from django.apps import AppConfig
+
+
+class RustCacheConfig(AppConfig):
+    """Add ``"django_rustcache"`` to INSTALLED_APPS for the template tags and auto-invalidation."""
+
+    name = "django_rustcache"
+    verbose_name = "RustCache"
+
+    def ready(self) -> None:
+        from django_rustcache.invalidation import configure_auto_invalidation
+
+        configure_auto_invalidation()
