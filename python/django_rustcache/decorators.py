@@ -112,14 +112,13 @@ class CachedFunction:
         value = cache.get(key, _MISSING)
         if value is not _MISSING:
             return value
+        # get_or_set snapshots the tags before computing (the race guard) and, on RustCache,
+        # lets one caller compute while concurrent callers of the same key wait for its value.
+        fill = functools.partial(self.fn, *args, **kwargs)
         tags = self.tags_for(*args, **kwargs)
-        snapshot = cache.snapshot_tags(tags) if tags else None
-        value = self.fn(*args, **kwargs)
-        if snapshot is None:
-            cache.set(key, value, self.timeout)
-        else:
-            cache.set(key, value, self.timeout, tags=snapshot)
-        return value
+        if tags:
+            return cache.get_or_set(key, fill, self.timeout, tags=tags)
+        return cache.get_or_set(key, fill, self.timeout)
 
     def invalidate(self, *args: Any, **kwargs: Any) -> bool:
         """Drop the result cached for these arguments; True if there was one."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,8 @@ ModelRef = type[models.Model] | str
 
 _rules: dict[type, list[_Rule]] = {}
 _auto_rule: _Rule | None = None
+#: Set while ``bulk_update`` runs: Django's implements it with ``update()``, which stays quiet.
+_in_bulk_update: ContextVar[bool] = ContextVar("rustcache_in_bulk_update", default=False)
 
 
 def model_tag(model: type[models.Model] | models.Model) -> str:
@@ -318,13 +321,14 @@ def _on_m2m_changed(
 ) -> None:
     """Invalidate both sides: ``instance`` and the ``model`` rows added, removed or cleared."""
     if action == "pre_clear" and _rules_for(model):
-        cleared = instance.__dict__.setdefault("_rustcache_cleared", {})
-        cleared[sender] = _related_pks(sender, instance, model, reverse, using)
+        pks = _related_pks(sender, instance, model, reverse, using)
+        instance.__dict__["_rustcache_cleared"] = (sender, pks)
     if action not in ("post_add", "post_remove", "post_clear"):
         return
     _invalidate_rows(type(instance), [instance], "m2m_changed", using)
     if action == "post_clear":
-        pk_set = instance.__dict__.get("_rustcache_cleared", {}).pop(sender, set())
+        through, pk_set = instance.__dict__.pop("_rustcache_cleared", (None, set()))
+        pk_set = pk_set if through is sender else set()
     if pk_set and _rules_for(model):
         rows = _rows(model, pk_set, using)
         _invalidate_rows(model, rows, "m2m_changed", using)
@@ -367,6 +371,8 @@ class InvalidatingQuerySet(models.QuerySet):
         _invalidate_rows(self.model, rows, signal, self.db, extra)
 
     def update(self, **kwargs: Any) -> int:
+        if _in_bulk_update.get():
+            return super().update(**kwargs)
         pks = list(self.values_list("pk", flat=True)) if _rules_for(self.model) else []
         count = super().update(**kwargs)
         self._written(_rows(self.model, pks, self.db), "update")
@@ -379,7 +385,11 @@ class InvalidatingQuerySet(models.QuerySet):
 
     def bulk_update(self, objs: Iterable[models.Model], *args: Any, **kwargs: Any) -> int:
         objs = list(objs)
-        count = super().bulk_update(objs, *args, **kwargs)
+        token = _in_bulk_update.set(True)
+        try:
+            count = super().bulk_update(objs, *args, **kwargs)
+        finally:
+            _in_bulk_update.reset(token)
         self._written(objs, "bulk_update")
         return count
 
