@@ -343,7 +343,11 @@ class RustCache(BaseCache):
         return self.has_key(key, version)
 
     async def aincr(self, key: Any, delta: Any = 1, version: Any = None) -> Any:
-        return self.incr(key, delta, version)
+        try:
+            return self.incr(key, delta, version)
+        except ValueError:
+            # Django's BaseCache.aincr names the caller's key, not the made key, when it is missing.
+            raise ValueError(f"Key '{key}' not found") from None
 
     async def adecr(self, key: Any, delta: Any = 1, version: Any = None) -> Any:
         return self.decr(key, delta, version)
