@@ -350,7 +350,7 @@ class RustCache(BaseCache):
             raise ValueError(f"Key '{key}' not found") from None
 
     async def adecr(self, key: Any, delta: Any = 1, version: Any = None) -> Any:
-        return self.decr(key, delta, version)
+        return await self.aincr(key, -delta, version)
 
     async def aget_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
         return self.get_many(keys, version)
