@@ -143,6 +143,35 @@ impl Handle {
         escape_surrogates(&made)
     }
 
+    /// Django's "Key '<made key>' not found" error. A made key holding lone surrogates is stored
+    /// escaped (see `escape_surrogates`): name it as Python made it, as Django does.
+    fn not_found(
+        &self,
+        key: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+        k: &str,
+    ) -> PyErr {
+        if !k.contains('\u{ffff}') {
+            return not_found(k);
+        }
+        let py = key.py();
+        let made = if self.raw {
+            Ok(key.clone())
+        } else {
+            let version = match version {
+                Some(v) if !v.is_none() => v.clone(),
+                _ => PyString::new(py, &self.version).into_any(),
+            };
+            PyString::new(py, "%s:%s:%s")
+                .rem((&self.prefix, version, key))
+                .map(Bound::into_any)
+        };
+        match made.and_then(|m| PyString::new(py, "Key '%s' not found").rem((m,))) {
+            Ok(msg) => PyValueError::new_err(msg.unbind()),
+            Err(e) => e,
+        }
+    }
+
     /// The expiry stamp for a Django timeout argument.
     fn deadline(&self, timeout: &Bound<'_, PyAny>, now: u64) -> PyResult<u64> {
         let seconds = if timeout.is(&self.sentinel) {
@@ -385,21 +414,21 @@ impl Handle {
                 _ => None,
             });
             match done {
-                Err(()) => return Err(not_found(&k)),
+                Err(()) => return Err(self.not_found(key, version, &k)),
                 Ok(Some(n)) => return Ok(n.into_pyobject(py)?.into_any().unbind()),
                 Ok(None) => {}
             }
         }
         loop {
             let Some((current, gen)) = self.store.snapshot(&k, now, |v| v.clone_ref(py)) else {
-                return Err(not_found(&k));
+                return Err(self.not_found(key, version, &k));
             };
             let new = decode(py, current)?.bind(py).add(delta)?;
             let stored = encode(&new)?;
             match self.store.replace_if(&k, gen, stored, &self.limits, now) {
                 Replace::Done => return Ok(new.unbind()),
                 Replace::Conflict => continue,
-                Replace::Missing => return Err(not_found(&k)),
+                Replace::Missing => return Err(self.not_found(key, version, &k)),
                 Replace::TooLarge => {
                     self.store.delete(&k, now);
                     return Ok(new.unbind());
