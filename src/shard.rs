@@ -28,6 +28,9 @@ pub struct Entry<V> {
     pub tags: Box<[TagStamp]>,
     prev: u32,
     next: u32,
+    /// Nanoseconds the last computation of this value took (0: unknown, e.g. stored by `set`);
+    /// early refresh (`crate::early`) weighs the time left before expiry against it.
+    pub delta: u64,
 }
 
 impl<V> Entry<V> {
@@ -50,6 +53,7 @@ impl<V> Entry<V> {
             tags,
             prev: NIL,
             next: NIL,
+            delta: 0,
         }
     }
 

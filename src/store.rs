@@ -261,6 +261,51 @@ impl<V: Weigh> Store<V> {
         out
     }
 
+    /// Like `get`, but `read` sees the whole live entry (its expiry and recorded compute time, for
+    /// early refresh), not only the value.
+    pub fn get_entry<R>(
+        &self,
+        key: &str,
+        now: u64,
+        read: impl FnOnce(&Entry<V>) -> R,
+    ) -> Option<R> {
+        let (hash, idx) = self.locate(key);
+        let mut dead = Vec::new();
+        let mut shard = self.shards[idx].lock();
+        self.reclaim(&mut shard, now, &mut dead);
+        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+            Lookup::Live(slot) => {
+                let tick = self.next_tick();
+                shard.touch(slot, tick);
+                Stats::bump(&self.stats.hits, 1);
+                Some(read(shard.entry(slot)))
+            }
+            Lookup::Absent => {
+                Stats::bump(&self.stats.misses, 1);
+                None
+            }
+        };
+        drop(shard);
+        out
+    }
+
+    /// Records that computing the live value under `key` took `delta` nanoseconds, if the entry
+    /// is still the one just stored (same expiry stamp); false otherwise.
+    pub fn set_delta(&self, key: &str, expires: u64, delta: u64, now: u64) -> bool {
+        let (hash, idx) = self.locate(key);
+        let mut dead = Vec::new();
+        let mut shard = self.shards[idx].lock();
+        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+            Lookup::Live(slot) if shard.entry(slot).expires == expires => {
+                shard.entry_mut(slot).delta = delta;
+                true
+            }
+            _ => false,
+        };
+        drop(shard);
+        out
+    }
+
     /// Removes the entry; true if a live one was there.
     pub fn delete(&self, key: &str, now: u64) -> bool {
         let (hash, idx) = self.locate(key);

@@ -5,6 +5,7 @@ Django silently ignores a misspelled cache setting; we raise ``ImproperlyConfigu
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "CULL_FREQUENCY": 3,
     "MAX_BYTES": None,
     "STAMPEDE_WAIT": 10.0,
+    "EARLY_REFRESH": 0.0,
 }
 
 #: Top-level keys of a CACHES entry that Django's BaseCache reads (besides BACKEND and LOCATION,
@@ -51,6 +53,8 @@ class RustCacheOptions:
     location: str
     max_bytes: int | None
     stampede_wait: float
+    #: XFetch beta for ``get_or_set`` (0: off); see ``check_early_refresh``.
+    early_refresh: float = 0.0
 
     @classmethod
     def from_params(cls, location: Any, params: dict[str, Any]) -> RustCacheOptions:
@@ -89,4 +93,31 @@ class RustCacheOptions:
             raise ImproperlyConfigured(
                 f"{where}: OPTIONS['STAMPEDE_WAIT'] must be a number of seconds >= 0, not {wait!r}."
             )
-        return cls(location=location, max_bytes=max_bytes, stampede_wait=float(wait))
+        try:
+            early = check_early_refresh(options.get("EARLY_REFRESH", 0.0))
+        except (TypeError, ValueError) as exc:
+            raise ImproperlyConfigured(f"{where}: OPTIONS['EARLY_REFRESH']: {exc}") from None
+        return cls(
+            location=location,
+            max_bytes=max_bytes,
+            stampede_wait=float(wait),
+            early_refresh=early,
+        )
+
+
+_INF = float("inf")
+
+
+def check_early_refresh(beta: Any) -> float:
+    """The XFetch ``beta`` as a float: a finite real number >= 0 (0 turns early refresh off).
+
+    TypeError for a non-number (bool included), ValueError for a negative, NaN or infinite one.
+    """
+    if type(beta) is float and 0.0 <= beta < _INF:
+        return beta  # the common case, without the slower ABC check below
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"early refresh beta must be a number >= 0, not {type(beta).__name__}")
+    beta = float(beta)
+    if not 0.0 <= beta < _INF:
+        raise ValueError(f"early refresh beta must be a finite number >= 0, not {beta!r}")
+    return beta
