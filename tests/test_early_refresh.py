@@ -130,9 +130,10 @@ def test_beta_zero_and_entries_without_delta_or_expiry_never_refresh_early() -> 
 
 
 def test_hot_key_near_expiry_is_refreshed_by_few_callers_and_never_missed() -> None:
-    """Eight threads hammer a 1 s key for 3 s. Each computation is recorded as taking 50 ms (the
-    real one sleeps 10 ms; a fixed figure keeps GIL hand-off delays out of the model): at the
-    call rates reachable here, the first refresh comes 0.25-0.5 s before expiry."""
+    """Eight threads hammer a 2 s key for 4 s. Each computation is recorded as taking 100 ms (the
+    real one sleeps 10 ms; a fixed figure keeps GIL hand-off delays out of the model): at call
+    rates from 100/s (a loaded machine) to 5000/s, the first refresh comes 0.23-0.6 s before
+    expiry, a wide margin against a thread stalled by the scheduler."""
     location = f"early-{uuid.uuid4().hex}"
     computations: list[float] = []
     lock = threading.Lock()
@@ -145,19 +146,19 @@ def test_hot_key_near_expiry_is_refreshed_by_few_callers_and_never_missed() -> N
 
     def instance() -> RustCache:
         c = make(location, EARLY_REFRESH=1.0)  # Django gives each thread its own instance
-        fake_timing(c, 0.05)
+        fake_timing(c, 0.1)
         return c
 
     first = instance()
-    assert first.get_or_set("hot", compute, timeout=1.0) == 1
+    assert first.get_or_set("hot", compute, timeout=2.0) == 1
     misses = first.stats()["misses"]
-    stop = time.monotonic() + 3.0
+    stop = time.monotonic() + 4.0
 
     def hammer() -> int:
         c = instance()
         n = 0
         while time.monotonic() < stop:
-            value = c.get_or_set("hot", compute, timeout=1.0)
+            value = c.get_or_set("hot", compute, timeout=2.0)
             assert isinstance(value, int) and value >= 1
             n += 1
         return n
@@ -166,8 +167,8 @@ def test_hot_key_near_expiry_is_refreshed_by_few_callers_and_never_missed() -> N
     assert all(kind == "ok" for kind, _ in results), results
     callers = sum(n for _, n in results)
     refreshes = len(computations) - 1
-    # The 1 s value lived through 3 s of traffic: it was refreshed, about once per lifetime ...
-    assert 2 <= refreshes <= 12, refreshes
+    # The 2 s value lived through 4 s of traffic: it was refreshed, about once per lifetime ...
+    assert 1 <= refreshes <= 12, refreshes
     assert callers >= 20 * len(computations), (callers, len(computations))
     # ... always before it expired: no caller ever missed.
     assert first.stats()["misses"] == misses
