@@ -433,43 +433,33 @@ impl<V: Weigh> Store<V> {
             }
             return Put::Exists;
         }
-        let (hash, idx) = self.locate(key);
         if only_new && self.contains(key, now) {
             return Put::Exists;
         }
-        let s3 = self.policy == Policy::S3Fifo;
-        if s3 {
-            self.reserve_place(idx, limits, now);
-        } else if self.len() as i64 >= limits.max_entries {
+        if self.policy == Policy::S3Fifo {
+            return self.put_s3(key, value, expires, tags, limits, now, only_new, weight);
+        }
+        let (hash, idx) = self.locate(key);
+        if self.len() as i64 >= limits.max_entries {
             self.cull(limits, now);
         }
         self.reserve(weight, limits, now, idx);
-        // Gives back what was reserved above when nothing is stored after all.
-        let unreserve = || {
-            self.bytes.fetch_sub(weight, Relaxed);
-            if s3 {
-                self.len.fetch_sub(1, Relaxed);
-            }
-        };
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
         self.reclaim(&mut shard, now, &mut dead);
-        let mut replaced = None;
         if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now, &mut dead) {
             if only_new {
                 drop(shard);
-                unreserve();
+                self.bytes.fetch_sub(weight, Relaxed);
                 return Put::Exists;
             }
-            let old = self.detach(&mut shard, slot);
-            replaced = Some((old.queue(), old.freq.load(Relaxed)));
-            dead.push(old);
+            dead.push(self.detach(&mut shard, slot));
         }
         Stats::bump(&self.stats.sets, 1);
         if expires <= now {
             // Django stores an already-expired entry; nobody can ever read it, so store nothing.
             drop(shard);
-            unreserve();
+            self.bytes.fetch_sub(weight, Relaxed);
             return Put::Stored;
         }
         let gen = self.next_tick();
@@ -477,18 +467,22 @@ impl<V: Weigh> Store<V> {
         let stamps = tags.into_boxed_slice();
         let mut entry = Entry::new(key.into(), hash, value, expires, weight, stamps);
         entry.gen = gen;
-        let slot = if s3 {
-            // Overwriting a live key counts as a use of it: it keeps its queue, one hit more.
-            let (queue, freq) = match replaced {
-                Some((queue, freq)) => (queue, (freq + 1).min(MAX_FREQ)),
-                None => (shard.admit(hash), 0),
-            };
-            entry.freq = AtomicU8::new(freq);
-            shard.insert_in(entry, gen, queue)
-        } else {
-            self.len.fetch_add(1, Relaxed);
-            shard.insert(entry, gen)
-        };
+        let slot = shard.insert(entry, gen);
+        self.len.fetch_add(1, Relaxed);
+        self.finish_put(shard, idx, slot, gen, has_tags, now);
+        Put::Stored
+    }
+
+    /// After an insert: unlocks, sweeps the next shard, and records the entry under its tags.
+    fn finish_put(
+        &self,
+        shard: RwLockWriteGuard<'_, Shard<V>>,
+        idx: usize,
+        slot: u32,
+        gen: u64,
+        has_tags: bool,
+        now: u64,
+    ) {
         let stamps = has_tags.then(|| shard.entry(slot).tags.clone());
         drop(shard);
         self.sweep_next(now);
@@ -502,6 +496,107 @@ impl<V: Weigh> Store<V> {
                 &stamps,
             );
         }
+    }
+
+    /// Whether a live entry is under `key`, seen under the shard's read lock (changes nothing).
+    fn is_live(&self, idx: usize, hash: u64, key: &str, now: u64) -> bool {
+        let shard = self.shards[idx].read();
+        shard.find(hash, key).is_some_and(|slot| {
+            let e = shard.entry(slot);
+            !e.is_expired(now) && all_current(&e.tags)
+        })
+    }
+
+    /// `put` under S3-FIFO. Overwriting a live key takes no new place (and counts as a use of
+    /// it); a new key first reserves its place, evicting one entry at a time while the store is
+    /// full, so that the count (entries plus places reserved) never passes `max_entries`.
+    #[allow(clippy::too_many_arguments)]
+    fn put_s3(
+        &self,
+        key: &str,
+        value: V,
+        expires: u64,
+        tags: Vec<TagStamp>,
+        limits: &Limits,
+        now: u64,
+        only_new: bool,
+        weight: u64,
+    ) -> Put {
+        let (hash, idx) = self.locate(key);
+        let placed = only_new || !self.is_live(idx, hash, key, now);
+        if placed {
+            self.reserve_place(idx, limits, now);
+        }
+        self.reserve(weight, limits, now, idx);
+        let mut dead = Vec::new();
+        let mut shard = self.shards[idx].write();
+        self.reclaim(&mut shard, now, &mut dead);
+        let mut replaced = None;
+        match self.lookup(&mut shard, hash, key, now, &mut dead) {
+            Lookup::Live(slot) => {
+                if only_new {
+                    drop(shard);
+                    self.bytes.fetch_sub(weight, Relaxed);
+                    self.len.fetch_sub(1, Relaxed);
+                    return Put::Exists;
+                }
+                // The old entry's place passes to the new one.
+                let old = shard.remove(slot);
+                self.bytes.fetch_sub(old.weight, Relaxed);
+                if placed {
+                    self.len.fetch_sub(1, Relaxed);
+                }
+                replaced = Some((old.queue(), old.freq.load(Relaxed)));
+                dead.push(old);
+            }
+            Lookup::Absent if !placed => {
+                // The key went away since it was seen (a concurrent delete): take a place now,
+                // evicting from this shard; if it has nothing to evict, start again.
+                let cap = limits.max_entries.max(1) as usize;
+                loop {
+                    let cur = self.len.load(Relaxed);
+                    if cur < cap {
+                        if self
+                            .len
+                            .compare_exchange_weak(cur, cur + 1, Relaxed, Relaxed)
+                            .is_ok()
+                        {
+                            break;
+                        }
+                        continue;
+                    }
+                    let Some(e) = self.evict_locked(&mut shard, now) else {
+                        drop(shard);
+                        drop(dead);
+                        self.bytes.fetch_sub(weight, Relaxed);
+                        return self
+                            .put_s3(key, value, expires, tags, limits, now, only_new, weight);
+                    };
+                    dead.push(e);
+                }
+            }
+            Lookup::Absent => {}
+        }
+        // From here this insert holds exactly one place.
+        Stats::bump(&self.stats.sets, 1);
+        if expires <= now {
+            drop(shard);
+            self.bytes.fetch_sub(weight, Relaxed);
+            self.len.fetch_sub(1, Relaxed);
+            return Put::Stored;
+        }
+        let gen = self.next_tick();
+        let has_tags = !tags.is_empty();
+        let mut entry = Entry::new(key.into(), hash, value, expires, weight, tags.into());
+        entry.gen = gen;
+        // Overwriting a live key counts as a use of it: it keeps its queue, one hit more.
+        let (queue, freq) = match replaced {
+            Some((queue, freq)) => (queue, (freq + 1).min(MAX_FREQ)),
+            None => (shard.admit(hash), 0),
+        };
+        entry.freq = AtomicU8::new(freq);
+        let slot = shard.insert_in(entry, gen, queue);
+        self.finish_put(shard, idx, slot, gen, has_tags, now);
         Put::Stored
     }
 
@@ -708,22 +803,29 @@ impl<V: Weigh> Store<V> {
         let n = self.shards.len();
         for i in 0..n {
             let mut shard = self.shards[(idx + i) & (n - 1)].write();
-            let e = if let Some(e) = shard.pop_expired(now) {
-                Stats::bump(&self.stats.expirations, 1);
-                e
-            } else if let Some(e) = shard.evict_s3() {
-                Stats::bump(&self.stats.evictions, 1);
-                e
-            } else {
-                continue;
-            };
-            self.len.fetch_sub(1, Relaxed);
-            self.bytes.fetch_sub(e.weight, Relaxed);
-            drop(shard);
-            drop(e);
-            return true;
+            if let Some(e) = self.evict_locked(&mut shard, now) {
+                drop(shard);
+                drop(e);
+                return true;
+            }
         }
         false
+    }
+
+    /// S3-FIFO: takes one entry off `shard` and the books, an expired one if any, else the
+    /// policy's victim. The caller drops it after unlocking.
+    fn evict_locked(&self, shard: &mut Shard<V>, now: u64) -> Option<Entry<V>> {
+        let e = if let Some(e) = shard.pop_expired(now) {
+            Stats::bump(&self.stats.expirations, 1);
+            e
+        } else {
+            let e = shard.evict_s3()?;
+            Stats::bump(&self.stats.evictions, 1);
+            e
+        };
+        self.len.fetch_sub(1, Relaxed);
+        self.bytes.fetch_sub(e.weight, Relaxed);
+        Some(e)
     }
 
     /// Charges `weight` bytes for an entry of shard `idx`, first evicting entries (least recently
@@ -1027,6 +1129,21 @@ mod tests {
         assert!(!store.contains("d", 1));
         assert!(store.len() <= 3);
         assert_eq!(held(&store), store.len());
+    }
+
+    #[test]
+    fn s3_overwriting_a_live_key_in_a_full_store_evicts_nothing() {
+        let store = s3(4);
+        let lim = limits(5, None);
+        for i in 0..5 {
+            set(&store, &format!("k{i}"), 1, &lim, 1);
+        }
+        for w in 0..20 {
+            assert_eq!(set(&store, "k0", w, &lim, 1), Put::Stored);
+        }
+        assert_eq!(store.stats.snapshot().evictions, 0);
+        assert_eq!((store.len(), held(&store)), (5, 5));
+        assert_eq!(store.get("k0", 1, |v| v.0), Some(19));
     }
 
     #[test]
