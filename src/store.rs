@@ -228,26 +228,53 @@ impl<V: Weigh> Store<V> {
     }
 
     /// Calls `read` on the live value under `key` and counts the use for the policy.
+    #[inline]
     pub fn get<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<R> {
+        match self.policy {
+            Policy::Lru => self.get_lru(key, now, read),
+            Policy::S3Fifo => self.get_s3(key, now, read),
+        }
+    }
+
+    /// `get` under "lru": moves the entry to the recent end, under the write lock.
+    fn get_lru<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<R> {
         let (hash, idx) = self.locate(key);
-        if self.policy == Policy::S3Fifo {
-            // The common cases (a live hit, a miss) need only shared access; an entry to remove
-            // or expired entries to reclaim in this shard take the write path below.
+        let mut dead = Vec::new();
+        let mut shard = self.shards[idx].write();
+        self.reclaim(&mut shard, now, &mut dead);
+        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+            Lookup::Live(slot) => {
+                let tick = self.next_tick();
+                shard.touch(slot, tick);
+                Stats::bump(&self.stats.hits, 1);
+                Some(read(&shard.entry(slot).value))
+            }
+            Lookup::Absent => {
+                Stats::bump(&self.stats.misses, 1);
+                None
+            }
+        };
+        drop(shard);
+        out
+    }
+
+    /// `get` under S3-FIFO. A live hit and a miss need only the read lock (a hit bumps the
+    /// entry's counter); an entry to remove, or expired entries to reclaim in this shard, take
+    /// the write lock.
+    fn get_s3<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<R> {
+        let (hash, idx) = self.locate(key);
+        {
             let shard = self.shards[idx].read();
             if shard.next_expiry() > now {
-                match shard.find(hash, key) {
-                    None => {
-                        Stats::bump(&self.stats.misses, 1);
-                        return None;
-                    }
-                    Some(slot) => {
-                        let e = shard.entry(slot);
-                        if !e.is_expired(now) && all_current(&e.tags) {
-                            e.hit();
-                            Stats::bump(&self.stats.hits, 1);
-                            return Some(read(&e.value));
-                        }
-                    }
+                let Some(slot) = shard.find(hash, key) else {
+                    Stats::bump(&self.stats.misses, 1);
+                    return None;
+                };
+                let e = shard.entry(slot);
+                if !e.is_expired(now) && all_current(&e.tags) {
+                    e.hit();
+                    Stats::bump(&self.stats.hits, 1);
+                    return Some(read(&e.value));
                 }
             }
         }
@@ -256,11 +283,7 @@ impl<V: Weigh> Store<V> {
         self.reclaim(&mut shard, now, &mut dead);
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
-                let tick = match self.policy {
-                    Policy::Lru => self.next_tick(),
-                    Policy::S3Fifo => 0,
-                };
-                self.used(&mut shard, slot, tick);
+                shard.entry(slot).hit();
                 Stats::bump(&self.stats.hits, 1);
                 Some(read(&shard.entry(slot).value))
             }
@@ -523,7 +546,11 @@ impl<V: Weigh> Store<V> {
         weight: u64,
     ) -> Put {
         let (hash, idx) = self.locate(key);
-        let placed = only_new || !self.is_live(idx, hash, key, now);
+        // Below capacity a place costs no eviction (given back if the key was live); at capacity,
+        // look first so that an overwrite does not evict another entry.
+        let placed = only_new
+            || self.len() < limits.max_entries.max(1) as usize
+            || !self.is_live(idx, hash, key, now);
         if placed {
             self.reserve_place(idx, limits, now);
         }
