@@ -521,18 +521,11 @@ impl<V: Weigh> Store<V> {
         }
     }
 
-    /// Whether a live entry is under `key`, seen under the shard's read lock (changes nothing).
-    fn is_live(&self, idx: usize, hash: u64, key: &str, now: u64) -> bool {
-        let shard = self.shards[idx].read();
-        shard.find(hash, key).is_some_and(|slot| {
-            let e = shard.entry(slot);
-            !e.is_expired(now) && all_current(&e.tags)
-        })
-    }
-
-    /// `put` under S3-FIFO. Overwriting a live key takes no new place (and counts as a use of
-    /// it); a new key first reserves its place, evicting one entry at a time while the store is
-    /// full, so that the count (entries plus places reserved) never passes `max_entries`.
+    /// `put` under S3-FIFO, in one hold of the key's shard lock when that shard has entries to
+    /// evict. Overwriting a live key passes the old entry's place to the new one (and counts as
+    /// a use of it); a new key takes a place in the count first, then its bytes, evicting one
+    /// entry at a time (expired ones first) while the store is full. Places and bytes are taken
+    /// with compare-and-swap, so concurrent inserts cannot pass the bounds together.
     #[allow(clippy::too_many_arguments)]
     fn put_s3(
         &self,
@@ -546,25 +539,18 @@ impl<V: Weigh> Store<V> {
         weight: u64,
     ) -> Put {
         let (hash, idx) = self.locate(key);
-        // Below capacity a place costs no eviction (given back if the key was live); at capacity,
-        // look first so that an overwrite does not evict another entry.
-        let placed = only_new
-            || self.len() < limits.max_entries.max(1) as usize
-            || !self.is_live(idx, hash, key, now);
-        if placed {
-            self.reserve_place(idx, limits, now);
-        }
-        self.reserve(weight, limits, now, idx);
+        let cap = limits.max_entries.max(1) as usize;
         let mut dead = Vec::new();
-        let mut shard = self.shards[idx].write();
-        self.reclaim(&mut shard, now, &mut dead);
+        let mut placed = false;
+        let mut charged = false;
         let mut replaced = None;
-        match self.lookup(&mut shard, hash, key, now, &mut dead) {
-            Lookup::Live(slot) => {
+        let mut shard = loop {
+            let mut shard = self.shards[idx].write();
+            self.reclaim(&mut shard, now, &mut dead);
+            if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now, &mut dead) {
                 if only_new {
                     drop(shard);
-                    self.bytes.fetch_sub(weight, Relaxed);
-                    self.len.fetch_sub(1, Relaxed);
+                    self.give_back(placed, charged, weight);
                     return Put::Exists;
                 }
                 // The old entry's place passes to the new one.
@@ -573,43 +559,63 @@ impl<V: Weigh> Store<V> {
                 if placed {
                     self.len.fetch_sub(1, Relaxed);
                 }
+                placed = true;
                 replaced = Some((old.queue(), old.freq.load(Relaxed)));
                 dead.push(old);
             }
-            Lookup::Absent if !placed => {
-                // The key went away since it was seen (a concurrent delete): take a place now,
-                // evicting from this shard; if it has nothing to evict, start again.
-                let cap = limits.max_entries.max(1) as usize;
-                loop {
-                    let cur = self.len.load(Relaxed);
-                    if cur < cap {
-                        if self
-                            .len
-                            .compare_exchange_weak(cur, cur + 1, Relaxed, Relaxed)
-                            .is_ok()
-                        {
-                            break;
-                        }
-                        continue;
-                    }
-                    let Some(e) = self.evict_locked(&mut shard, now) else {
-                        drop(shard);
-                        drop(dead);
-                        self.bytes.fetch_sub(weight, Relaxed);
-                        return self
-                            .put_s3(key, value, expires, tags, limits, now, only_new, weight);
-                    };
+            if expires <= now {
+                // Django stores an already-expired entry; nobody can ever read it: store nothing
+                // (and evict nothing for it).
+                break shard;
+            }
+            let mut stuck = false;
+            while !placed && !stuck {
+                if self.take_place(cap) {
+                    placed = true;
+                } else if let Some(e) = self.evict_locked(&mut shard, now) {
                     dead.push(e);
+                } else {
+                    stuck = true;
                 }
             }
-            Lookup::Absent => {}
-        }
-        // From here this insert holds exactly one place.
+            while !charged && !stuck {
+                match limits.max_bytes {
+                    None => {
+                        self.bytes.fetch_add(weight, Relaxed);
+                        charged = true;
+                    }
+                    Some(max) if self.take_bytes(max, weight) => charged = true,
+                    Some(_) => match self.evict_locked(&mut shard, now) {
+                        Some(e) => dead.push(e),
+                        None => stuck = true,
+                    },
+                }
+            }
+            if !stuck {
+                break shard;
+            }
+            // This shard has nothing left to evict: evict from another one, then look again.
+            drop(shard);
+            if !self.evict_one(idx + 1, now) {
+                if placed {
+                    // Nothing anywhere: the bytes are held by inserts in flight, which never
+                    // wait for bytes (the lru rule too).
+                    self.bytes.fetch_add(weight, Relaxed);
+                    charged = true;
+                } else {
+                    // Every place is held by an insert in flight, which finishes without
+                    // waiting for this one.
+                    std::thread::yield_now();
+                }
+            }
+        };
         Stats::bump(&self.stats.sets, 1);
         if expires <= now {
             drop(shard);
-            self.bytes.fetch_sub(weight, Relaxed);
-            self.len.fetch_sub(1, Relaxed);
+            if placed {
+                // The removed old entry's place.
+                self.len.fetch_sub(1, Relaxed);
+            }
             return Put::Stored;
         }
         let gen = self.next_tick();
@@ -625,6 +631,32 @@ impl<V: Weigh> Store<V> {
         let slot = shard.insert_in(entry, gen, queue);
         self.finish_put(shard, idx, slot, gen, has_tags, now);
         Put::Stored
+    }
+
+    /// Takes a place in the entry count if that keeps it within `cap`.
+    fn take_place(&self, cap: usize) -> bool {
+        self.len
+            .fetch_update(Relaxed, Relaxed, |n| (n < cap).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// Charges `weight` bytes if that keeps the store within `max`.
+    fn take_bytes(&self, max: u64, weight: u64) -> bool {
+        self.bytes
+            .fetch_update(Relaxed, Relaxed, |b| {
+                (b + weight <= max).then_some(b + weight)
+            })
+            .is_ok()
+    }
+
+    /// Gives back the place and bytes an insert took, when it stores nothing after all.
+    fn give_back(&self, placed: bool, charged: bool, weight: u64) {
+        if placed {
+            self.len.fetch_sub(1, Relaxed);
+        }
+        if charged {
+            self.bytes.fetch_sub(weight, Relaxed);
+        }
     }
 
     /// Replaces the value of the entry under `key` if it still carries generation `gen`, keeping
@@ -797,31 +829,6 @@ impl<V: Weigh> Store<V> {
             Stats::bump(&self.stats.evictions, count as u64);
         }
         drop(dead);
-    }
-
-    /// S3-FIFO: takes a place for one more entry, first evicting one entry at a time (from shard
-    /// `idx` first) while the store is at `max_entries`. Places taken by inserts still in
-    /// progress count, so concurrent inserts cannot pass the bound together.
-    fn reserve_place(&self, idx: usize, limits: &Limits, now: u64) {
-        let cap = limits.max_entries.max(1) as usize;
-        loop {
-            let cur = self.len.load(Relaxed);
-            if cur < cap {
-                if self
-                    .len
-                    .compare_exchange_weak(cur, cur + 1, Relaxed, Relaxed)
-                    .is_ok()
-                {
-                    return;
-                }
-                continue;
-            }
-            if !self.evict_one(idx, now) {
-                // Every place is held by an insert in progress, which finishes without waiting
-                // for this one (bytes are reserved after places, and never waited for).
-                std::thread::yield_now();
-            }
-        }
     }
 
     /// S3-FIFO: removes one entry from shard `idx` (or, if it is empty, the next non-empty one):
@@ -1223,8 +1230,18 @@ mod tests {
 
     #[test]
     fn s3_threads_hammering_a_small_store_stay_within_bounds() {
-        let store = Arc::new(s3(4));
-        let cap = 32;
+        hammer(4, 32);
+    }
+
+    #[test]
+    fn s3_threads_on_a_store_of_two_entries_over_eight_shards() {
+        // Most shards are empty: inserts must evict from other shards, and often find every
+        // place taken by an insert in flight.
+        hammer(8, 2);
+    }
+
+    fn hammer(shards: usize, cap: i64) {
+        let store = Arc::new(s3(shards));
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let store = store.clone();
