@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -263,3 +264,22 @@ def test_pickled_values_survive_eviction_rounds(s3: Callable[..., RustCache]) ->
         got = cache.get(f"k{i}")
         assert got == payload and got is not payload
     assert pickle.dumps(cache.get("k499")) == pickle.dumps(payload)
+
+
+def test_hit_ratio_simulator_runs_and_its_bars_pass(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/hitratio.py at a tenth of its sizes: the table and PASS lines of the README."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "hitratio.py"
+    spec = importlib.util.spec_from_file_location("hitratio", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "hitratio", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    assert module.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") == 3 and "FAIL" not in out
+    assert "| Zipf 1.0 + full scans |" in out
