@@ -154,8 +154,9 @@ impl<V: Weigh> Store<V> {
     #[inline]
     fn locate(&self, key: &str) -> (u64, usize) {
         let hash = self.hasher.hash_one(key);
-        // The low bits pick the bucket inside the table; use the high bits for the shard.
-        let idx = (hash >> 58) as usize & (self.shards.len() - 1);
+        // hashbrown picks the bucket from the low bits and matches the top 7 bits in its control
+        // bytes: take the shard from the middle so that neither loses entropy within a shard.
+        let idx = (hash >> 32) as usize & (self.shards.len() - 1);
         (hash, idx)
     }
 
