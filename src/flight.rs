@@ -66,6 +66,23 @@ impl Flights {
         }
     }
 
+    /// Starts the flight for `key` only if none is in progress, not even one led by this thread
+    /// (an early refresh whose computation reads its own key must not refresh it again); true if
+    /// the caller now leads it. Never waits.
+    pub fn try_begin(&self, key: &str) -> bool {
+        let mut map = self.map.lock();
+        if map.contains_key(key) {
+            return false;
+        }
+        let flight = Flight {
+            leader: thread::current().id(),
+            state: Mutex::new(State::Running),
+            cv: Condvar::new(),
+        };
+        map.insert(key.into(), Arc::new(flight));
+        true
+    }
+
     /// Ends the flight for `key` led by this thread and wakes its waiters.
     pub fn finish(&self, key: &str) {
         let me = thread::current().id();
@@ -163,6 +180,28 @@ mod tests {
         assert_eq!(waited, Waited::TimedOut);
         flights.finish("k");
         assert!(flights.is_empty());
+    }
+
+    #[test]
+    fn try_begin_takes_only_a_free_flight() {
+        let flights = Arc::new(Flights::default());
+        assert!(flights.try_begin("k"));
+        assert!(!flights.try_begin("k"), "not even its own leader");
+        let f2 = flights.clone();
+        let other = thread::spawn(move || (f2.try_begin("k"), f2.try_begin("j")))
+            .join()
+            .unwrap();
+        assert_eq!(other, (false, true));
+        // A miss-path follower waits on a flight taken by `try_begin`, and is woken by `finish`.
+        let f3 = flights.clone();
+        let waiter = thread::spawn(move || match f3.begin("k") {
+            Role::Follower(f) => f.wait(Duration::from_secs(10)),
+            Role::Leader => panic!("the flight is taken"),
+        });
+        thread::sleep(Duration::from_millis(20));
+        flights.finish("k");
+        assert_eq!(waiter.join().unwrap(), Waited::Finished);
+        assert!(flights.try_begin("k"), "free again after finish");
     }
 
     #[test]

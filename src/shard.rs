@@ -57,6 +57,9 @@ pub struct Entry<V> {
     queue: Queue,
     prev: u32,
     next: u32,
+    /// Nanoseconds the last computation of this value took (0: unknown, e.g. stored by `set`);
+    /// early refresh (`crate::early`) weighs the time left before expiry against it.
+    pub delta: u64,
 }
 
 impl<V> Entry<V> {
@@ -81,6 +84,7 @@ impl<V> Entry<V> {
             queue: Queue::Main,
             prev: NIL,
             next: NIL,
+            delta: 0,
         }
     }
 

@@ -231,6 +231,18 @@ impl<V: Weigh> Store<V> {
     /// Calls `read` on the live value under `key` and counts the use for the policy.
     #[inline]
     pub fn get<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<R> {
+        self.get_entry(key, now, |e| read(&e.value))
+    }
+
+    /// Like `get`, but `read` sees the whole live entry (its expiry and recorded compute time, for
+    /// early refresh), not only the value.
+    #[inline]
+    pub fn get_entry<R>(
+        &self,
+        key: &str,
+        now: u64,
+        read: impl FnOnce(&Entry<V>) -> R,
+    ) -> Option<R> {
         match self.policy {
             Policy::Lru => self.get_lru(key, now, read),
             Policy::S3Fifo => self.get_s3(key, now, read),
@@ -238,7 +250,7 @@ impl<V: Weigh> Store<V> {
     }
 
     /// `get` under "lru": moves the entry to the recent end, under the write lock.
-    fn get_lru<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<R> {
+    fn get_lru<R>(&self, key: &str, now: u64, read: impl FnOnce(&Entry<V>) -> R) -> Option<R> {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
@@ -248,7 +260,7 @@ impl<V: Weigh> Store<V> {
                 let tick = self.next_tick();
                 shard.touch(slot, tick);
                 Stats::bump(&self.stats.hits, 1);
-                Some(read(&shard.entry(slot).value))
+                Some(read(shard.entry(slot)))
             }
             Lookup::Absent => {
                 Stats::bump(&self.stats.misses, 1);
@@ -262,7 +274,7 @@ impl<V: Weigh> Store<V> {
     /// `get` under S3-FIFO. A live hit and a miss need only the read lock (a hit bumps the
     /// entry's counter); an entry to remove, or expired entries to reclaim in this shard, take
     /// the write lock.
-    fn get_s3<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<R> {
+    fn get_s3<R>(&self, key: &str, now: u64, read: impl FnOnce(&Entry<V>) -> R) -> Option<R> {
         let (hash, idx) = self.locate(key);
         {
             let shard = self.shards[idx].read();
@@ -275,7 +287,7 @@ impl<V: Weigh> Store<V> {
                 if !e.is_expired(now) && all_current(&e.tags) {
                     e.hit();
                     Stats::bump(&self.stats.hits, 1);
-                    return Some(read(&e.value));
+                    return Some(read(e));
                 }
             }
         }
@@ -286,7 +298,7 @@ impl<V: Weigh> Store<V> {
             Lookup::Live(slot) => {
                 shard.entry(slot).hit();
                 Stats::bump(&self.stats.hits, 1);
-                Some(read(&shard.entry(slot).value))
+                Some(read(shard.entry(slot)))
             }
             Lookup::Absent => {
                 Stats::bump(&self.stats.misses, 1);
@@ -334,6 +346,23 @@ impl<V: Weigh> Store<V> {
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => Some(shard.entry(slot).expires),
             Lookup::Absent => None,
+        };
+        drop(shard);
+        out
+    }
+
+    /// Records that computing the live value under `key` took `delta` nanoseconds, if the entry
+    /// is still the one just stored (same expiry stamp); false otherwise.
+    pub fn set_delta(&self, key: &str, expires: u64, delta: u64, now: u64) -> bool {
+        let (hash, idx) = self.locate(key);
+        let mut dead = Vec::new();
+        let mut shard = self.shards[idx].write();
+        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+            Lookup::Live(slot) if shard.entry(slot).expires == expires => {
+                shard.entry_mut(slot).delta = delta;
+                true
+            }
+            _ => false,
         };
         drop(shard);
         out

@@ -283,3 +283,18 @@ def test_hit_ratio_simulator_runs_and_its_bars_pass(
     out = capsys.readouterr().out
     assert out.count("PASS") == 3 and "FAIL" not in out
     assert "| Zipf 1.0 + full scans |" in out
+
+
+def test_early_refresh_works_under_s3fifo(s3: Callable[..., RustCache]) -> None:
+    """get_or_set(early_refresh=...) reads whole entries through the S3-FIFO read path."""
+    from tests.test_early_refresh import ALMOST_ONE, fake_timing
+
+    cache = s3(MAX_ENTRIES=10, EARLY_REFRESH=1.0)
+    fake_timing(cache, 10.0)
+    cache._early_random = lambda: 0.0  # never early
+    assert cache.get_or_set("k", lambda: "old", timeout=60) == "old"
+    assert cache.get_or_set("k", lambda: "new", timeout=60) == "old"
+    cache._early_random = lambda: ALMOST_ONE  # well inside the refresh window
+    assert cache.get_or_set("k", lambda: "new", timeout=600) == "new"
+    assert cache.get("k") == "new"
+    assert len(cache._cache) == 1 and cache.stats()["evictions"] == 0

@@ -910,6 +910,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--values", help="comma-separated subset of the value names to run")
     p.add_argument("--e2e", action="store_true", help="also run the end-to-end gunicorn+wrk test")
     p.add_argument("--e2e-seconds", type=int, default=10, help="wrk duration per backend")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="also run benchmarks/memory.py: resident memory vs LocMemCache, MAX_BYTES churn",
+    )
+    p.add_argument("--memory-entries", type=int, default=1_000_000, help="entries per process")
+    p.add_argument("--churn-ops", type=int, default=1_000_000, help="operations of the churn")
     p.add_argument("--command", help="the command line to record (run.sh passes it)")
     return p.parse_args(argv)
 
@@ -1011,8 +1018,27 @@ def run_all(
 
         e2e = run_e2e(redis_url, args.e2e_seconds, log)
     targets = check_targets(results, peers)
+    memory = ""
+    if args.memory:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from memory import memory_section  # benchmarks/memory.py
+
+        memory, memory_targets = memory_section(args.memory_entries, args.churn_ops, log)
+        targets += memory_targets
     return render(
-        results, peers, scale, e2e, targets, notes, command, timing, sizes, redis_msg, bare, call
+        results,
+        peers,
+        scale,
+        e2e,
+        memory,
+        targets,
+        notes,
+        command,
+        timing,
+        sizes,
+        redis_msg,
+        bare,
+        call,
     )
 
 
@@ -1038,6 +1064,7 @@ def render(
     peers: list[str],
     scale: str,
     e2e: str,
+    memory: str,
     targets: list[str],
     notes: list[str],
     command: str,
@@ -1109,6 +1136,8 @@ def render(
         ]
     if e2e:
         out += ["## End to end", "", e2e, ""]
+    if memory:
+        out += [memory]
     out += ["## Targets (issue 4)", "", "```", *targets, "```", ""]
     if notes:
         out += ["## Notes and errors", "", *[f"- {n}" for n in notes], ""]

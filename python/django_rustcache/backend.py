@@ -10,6 +10,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import pickle
+import random
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -24,7 +26,7 @@ from django.core.cache.backends.base import (
 from django.core.exceptions import ImproperlyConfigured
 
 from django_rustcache._core import Handle
-from django_rustcache.options import RustCacheOptions
+from django_rustcache.options import RustCacheOptions, check_early_refresh
 from django_rustcache.signals import tags_invalidated
 
 Tags = Iterable[str] | None
@@ -236,14 +238,37 @@ class RustCache(BaseCache):
         timeout: Any = DEFAULT_TIMEOUT,
         version: Any = None,
         tags: Tags = None,
+        *,
+        early_refresh: float | None = None,
     ) -> Any:
         """Return the value; on a miss store ``default`` (called if callable) and return it.
 
         When many threads miss the same key at once, one calls ``default`` and the others wait
         (without the GIL, at most ``OPTIONS["STAMPEDE_WAIT"]`` seconds) and then read its value;
         if it raised, each waiter calls ``default`` itself.
+
+        With ``early_refresh`` (XFetch's beta; default ``OPTIONS["EARLY_REFRESH"]``, 0 = off) and
+        a callable ``default``, a hit may be recomputed shortly before it expires by one caller
+        (see ``_refresh_early``); everyone else keeps getting the cached value meanwhile.
         """
-        val = self.get(key, self._missing_key, version=version)
+        if early_refresh is None:
+            beta = self._options.early_refresh
+        else:
+            beta = check_early_refresh(early_refresh)
+        if not beta or not callable(default):
+            # The ordinary hit path. Reading through the handle (what `get` does) rather than
+            # `self.get` saves about what looking up `beta` costs.
+            if self._raw:
+                val = self.get(key, self._missing_key, version=version)
+            else:
+                val = self._h.get(key, self._missing_key, version)
+        else:
+            # One uniform draw in (0, 1]; `_early_random` is injectable for seeded tests.
+            val, refresh = self._h.get_early(
+                self._k(key, version), self._missing_key, version, beta, 1.0 - self._early_random()
+            )
+            if refresh:
+                return self._refresh_early(key, val, default, timeout, version, tags)
         if val is not self._missing_key:
             return val
         wait = self._options.stampede_wait
@@ -254,18 +279,60 @@ class RustCache(BaseCache):
                 return val
             flight = None  # the leader failed or is too slow: compute here
         try:
-            if tags is not None:
-                # Take the tag versions before computing: if one of the tags is invalidated while
-                # `default()` runs, the value may be stale and the add below stores nothing.
-                tags = self._h.snapshot_tags(tags)
-            if callable(default):
-                default = default()
-            self.add(key, default, timeout=timeout, version=version, tags=tags)
-            # A racing caller may have added first: return what the cache holds now.
-            return self.get(key, default, version=version)
+            return self._fill(key, default, timeout, version, tags, replace=False)
         finally:
             if flight is not None:
                 self._h.flight_end(flight)
+
+    #: Uniform random source in [0, 1) for early refresh; replace it on an instance to seed it.
+    _early_random: Callable[[], float] = staticmethod(random.random)
+    #: Clock (seconds) timing ``default()`` for early refresh; replaceable for tests.
+    _early_clock: Callable[[], float] = staticmethod(time.perf_counter)
+
+    def _refresh_early(
+        self,
+        key: Any,
+        cached: Any,
+        default: Callable[[], Any],
+        timeout: Any,
+        version: Any,
+        tags: Tags,
+    ) -> Any:
+        """Recompute a live value before it expires, unless another caller already is.
+
+        The refresher takes the key's single-flight without waiting; if someone holds it, the
+        cached value is returned at once. The new value replaces the old one as ``set`` does (new
+        timeout). If ``default()`` raises, the exception reaches this caller and the old value
+        stays in place.
+        """
+        flight = self.make_key(key, version)
+        if not self._h.flight_try(flight):
+            return cached
+        try:
+            return self._fill(key, default, timeout, version, tags, replace=True)
+        finally:
+            self._h.flight_end(flight)
+
+    def _fill(
+        self, key: Any, default: Any, timeout: Any, version: Any, tags: Tags, replace: bool
+    ) -> Any:
+        """Compute ``default`` (timing it, for early refresh) and store it: ``add``, or ``set``."""
+        if tags is not None:
+            # Take the tag versions before computing: if one of the tags is invalidated while
+            # `default()` runs, the value may be stale and storing it stores nothing.
+            tags = self._h.snapshot_tags(tags)
+        if not callable(default):
+            self.add(key, default, timeout=timeout, version=version, tags=tags)
+        else:
+            clock = self._early_clock
+            start = clock()
+            default = default()
+            delta = clock() - start
+            self._h.put_computed(
+                self._k(key, version), default, timeout, version, tags, delta, replace
+            )
+        # A racing caller may have added first: return what the cache holds now.
+        return self.get(key, default, version=version)
 
     def clear(self) -> None:
         """Empty the whole store (every prefix and version sharing this LOCATION)."""
@@ -387,8 +454,10 @@ class RustCache(BaseCache):
         timeout: Any = DEFAULT_TIMEOUT,
         version: Any = None,
         tags: Tags = None,
+        *,
+        early_refresh: float | None = None,
     ) -> Any:
-        return self.get_or_set(key, default, timeout, version, tags)
+        return self.get_or_set(key, default, timeout, version, tags, early_refresh=early_refresh)
 
     async def aincr_version(self, key: Any, delta: int = 1, version: Any = None) -> int:
         return self.incr_version(key, delta, version)

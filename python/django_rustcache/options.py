@@ -5,6 +5,7 @@ Django silently ignores a misspelled cache setting; we raise ``ImproperlyConfigu
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "MAX_BYTES": None,
     "STAMPEDE_WAIT": 10.0,
     "EVICTION_POLICY": "lru",
+    "EARLY_REFRESH": 0.0,
 }
 
 #: Values of OPTIONS["EVICTION_POLICY"]: Django's LRU cull, or scan-resistant S3-FIFO.
@@ -56,6 +58,8 @@ class RustCacheOptions:
     max_bytes: int | None
     stampede_wait: float
     eviction_policy: str = "lru"
+    #: XFetch beta for ``get_or_set`` (0: off); see ``check_early_refresh``.
+    early_refresh: float = 0.0
 
     @classmethod
     def from_params(cls, location: Any, params: dict[str, Any]) -> RustCacheOptions:
@@ -102,9 +106,32 @@ class RustCacheOptions:
             raise ImproperlyConfigured(
                 f"{where}: OPTIONS['STAMPEDE_WAIT'] must be a number of seconds >= 0, not {wait!r}."
             )
+        try:
+            early = check_early_refresh(options.get("EARLY_REFRESH", 0.0))
+        except (TypeError, ValueError) as exc:
+            raise ImproperlyConfigured(f"{where}: OPTIONS['EARLY_REFRESH']: {exc}") from None
         return cls(
             location=location,
             max_bytes=max_bytes,
             stampede_wait=float(wait),
             eviction_policy=policy,
+            early_refresh=early,
         )
+
+
+_INF = float("inf")
+
+
+def check_early_refresh(beta: Any) -> float:
+    """The XFetch ``beta`` as a float: a finite real number >= 0 (0 turns early refresh off).
+
+    TypeError for a non-number (bool included), ValueError for a negative, NaN or infinite one.
+    """
+    if type(beta) is float and 0.0 <= beta < _INF:
+        return beta  # the common case, without the slower ABC check below
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"early refresh beta must be a number >= 0, not {type(beta).__name__}")
+    beta = float(beta)
+    if not 0.0 <= beta < _INF:
+        raise ValueError(f"early refresh beta must be a finite number >= 0, not {beta!r}")
+    return beta

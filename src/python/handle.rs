@@ -144,6 +144,35 @@ impl Handle {
         escape_surrogates(&made)
     }
 
+    /// Django's "Key '<made key>' not found" error. A made key holding lone surrogates is stored
+    /// escaped (see `escape_surrogates`): name it as Python made it, as Django does.
+    fn not_found(
+        &self,
+        key: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+        k: &str,
+    ) -> PyErr {
+        if !k.contains('\u{ffff}') {
+            return not_found(k);
+        }
+        let py = key.py();
+        let made = if self.raw {
+            Ok(key.clone())
+        } else {
+            let version = match version {
+                Some(v) if !v.is_none() => v.clone(),
+                _ => PyString::new(py, &self.version).into_any(),
+            };
+            PyString::new(py, "%s:%s:%s")
+                .rem((&self.prefix, version, key))
+                .map(Bound::into_any)
+        };
+        match made.and_then(|m| PyString::new(py, "Key '%s' not found").rem((m,))) {
+            Ok(msg) => PyValueError::new_err(msg.unbind()),
+            Err(e) => e,
+        }
+    }
+
     /// The expiry stamp for a Django timeout argument.
     fn deadline(&self, timeout: &Bound<'_, PyAny>, now: u64) -> PyResult<u64> {
         let seconds = if timeout.is(&self.sentinel) {
@@ -411,21 +440,21 @@ impl Handle {
                 _ => None,
             });
             match done {
-                Err(()) => return Err(not_found(&k)),
+                Err(()) => return Err(self.not_found(key, version, &k)),
                 Ok(Some(n)) => return Ok(n.into_pyobject(py)?.into_any().unbind()),
                 Ok(None) => {}
             }
         }
         loop {
             let Some((current, gen)) = self.store.snapshot(&k, now, |v| v.clone_ref(py)) else {
-                return Err(not_found(&k));
+                return Err(self.not_found(key, version, &k));
             };
             let new = decode(py, current)?.bind(py).add(delta)?;
             let stored = encode(&new)?;
             match self.store.replace_if(&k, gen, stored, &self.limits, now) {
                 Replace::Done => return Ok(new.unbind()),
                 Replace::Conflict => continue,
-                Replace::Missing => return Err(not_found(&k)),
+                Replace::Missing => return Err(self.not_found(key, version, &k)),
                 Replace::TooLarge => {
                     self.store.delete(&k, now);
                     return Ok(new.unbind());
@@ -534,6 +563,89 @@ impl Handle {
     /// Ends this thread's fill of the made key `key`, waking those waiting for it.
     fn flight_end(&self, key: &str) {
         self.store.flights.finish(key);
+    }
+
+    /// Takes the single-flight of the made key `key` without waiting: True if this caller now
+    /// leads it (and must call `flight_end`), False if a flight for it is already in progress
+    /// (also one led by this thread: a refresh does not refresh its own key again).
+    fn flight_try(&self, key: &str) -> bool {
+        self.store.flights.try_begin(key)
+    }
+
+    /// A read for `get_or_set` with early refresh: `(value, refresh)`, or `(default, False)` on a
+    /// miss. `refresh` tells this caller to recompute the live value now, decided by
+    /// `crate::early::should_refresh` (XFetch) from `beta`, the uniform draw `u` in (0, 1], the
+    /// entry's expiry and its recorded compute time.
+    #[pyo3(signature = (key, default, version, beta, u))]
+    fn get_early(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        default: Py<PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+        beta: f64,
+        u: f64,
+    ) -> PyResult<(Py<PyAny>, bool)> {
+        if !(beta.is_finite() && beta >= 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "early_refresh must be a finite number >= 0, not {beta}"
+            )));
+        }
+        if !(u > 0.0 && u <= 1.0) {
+            return Err(PyValueError::new_err(format!(
+                "the early-refresh random draw must be in (0, 1], not {u}"
+            )));
+        }
+        let k = self.key(key, version)?;
+        let now = clock::now();
+        let found = self.store.get_entry(&k, now, |e| {
+            (
+                e.value.clone_ref(py),
+                crate::early::should_refresh(now, e.expires, e.delta, beta, u),
+            )
+        });
+        match found {
+            Some((v, refresh)) => Ok((decode(py, v)?, refresh)),
+            None => Ok((default, false)),
+        }
+    }
+
+    /// `add` (or with `replace`, `set`) of a value whose computation took `delta` seconds, which
+    /// is recorded with the entry for early refresh. True if stored.
+    #[pyo3(signature = (key, value, timeout, version, tags, delta, replace))]
+    #[allow(clippy::too_many_arguments)]
+    fn put_computed(
+        &self,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+        timeout: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+        tags: Option<&Bound<'_, PyAny>>,
+        delta: f64,
+        replace: bool,
+    ) -> PyResult<bool> {
+        let k = self.key(key, version)?;
+        let stored = encode(value)?;
+        let stamps = self.stamps(tags)?;
+        let now = clock::now();
+        let expires = self.deadline(timeout, now)?;
+        let put = if replace {
+            self.store
+                .set(&k, stored, expires, stamps, &self.limits, now)
+        } else {
+            self.store
+                .add(&k, stored, expires, stamps, &self.limits, now)
+        };
+        // A non-finite or negative duration (a broken clock) records nothing: no early refresh.
+        let nanos = if delta.is_finite() && delta > 0.0 {
+            (delta * 1e9) as u64
+        } else {
+            0
+        };
+        if put == Put::Stored && expires != NEVER && nanos > 0 {
+            self.store.set_delta(&k, expires, nanos, clock::now());
+        }
+        Ok(put == Put::Stored)
     }
 
     /// The current versions of `tags`, to pass as `tags=` when storing a value computed after.
