@@ -5,6 +5,8 @@ pub mod clock;
 pub mod early;
 pub mod flight;
 pub mod keys;
+pub mod policy;
+pub mod s3fifo;
 pub mod shard;
 pub mod stats;
 pub mod store;

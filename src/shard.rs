@@ -1,17 +1,42 @@
-//! One shard of the store: a hash table of slot numbers into a slab of entries, threaded on an
-//! intrusive least-recently-used list, with an ordered index of expiry stamps.
+//! One shard of the store: a hash table of slot numbers into a slab of entries, threaded on
+//! intrusive queues (the "lru" policy uses one, kept in recency order; S3-FIFO uses two, see
+//! `s3fifo.rs`), with an ordered index of expiry stamps.
 //!
 //! Nothing here locks or allocates Python objects: the store wraps each shard in a mutex and drops
 //! what a shard hands back only after unlocking.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU8;
 
 use hashbrown::HashTable;
 
 use crate::clock::NEVER;
+use crate::s3fifo::Ghost;
 use crate::tags::TagStamp;
 
 const NIL: u32 = u32::MAX;
+
+/// The intrusive queue an entry is threaded on. The "lru" policy keeps everything on `Main`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Queue {
+    Main = 0,
+    Small = 1,
+}
+
+/// Both ends and the length of one intrusive queue.
+#[derive(Clone, Copy)]
+struct Ends {
+    head: u32,
+    tail: u32,
+    len: usize,
+}
+
+const EMPTY: Ends = Ends {
+    head: NIL,
+    tail: NIL,
+    len: 0,
+};
 
 pub struct Entry<V> {
     pub key: Box<str>,
@@ -26,6 +51,10 @@ pub struct Entry<V> {
     /// Bytes charged to the store for this entry.
     pub weight: u64,
     pub tags: Box<[TagStamp]>,
+    /// Hits since the policy last looked at the entry (S3-FIFO; saturates at 3). Bumped under a
+    /// shared lock, hence atomic.
+    pub freq: AtomicU8,
+    queue: Queue,
     prev: u32,
     next: u32,
     /// Nanoseconds the last computation of this value took (0: unknown, e.g. stored by `set`);
@@ -51,6 +80,8 @@ impl<V> Entry<V> {
             gen: 0,
             weight,
             tags,
+            freq: AtomicU8::new(0),
+            queue: Queue::Main,
             prev: NIL,
             next: NIL,
             delta: 0,
@@ -60,6 +91,11 @@ impl<V> Entry<V> {
     #[inline]
     pub fn is_expired(&self, now: u64) -> bool {
         self.expires != NEVER && self.expires <= now
+    }
+
+    /// The queue the entry is threaded on.
+    pub fn queue(&self) -> Queue {
+        self.queue
     }
 }
 
@@ -72,8 +108,9 @@ pub struct Shard<V> {
     table: HashTable<u32>,
     slots: Vec<Slot<V>>,
     free: u32,
-    head: u32,
-    tail: u32,
+    queues: [Ends; 2],
+    /// Hashes of keys recently evicted from the small queue (S3-FIFO only).
+    pub(crate) ghost: Ghost,
     expiries: BTreeSet<(u64, u32)>,
     next_expiry: u64,
     len: usize,
@@ -85,8 +122,8 @@ impl<V> Default for Shard<V> {
             table: HashTable::new(),
             slots: Vec::new(),
             free: NIL,
-            head: NIL,
-            tail: NIL,
+            queues: [EMPTY; 2],
+            ghost: Ghost::default(),
             expiries: BTreeSet::new(),
             next_expiry: NEVER,
             len: 0,
@@ -139,9 +176,15 @@ impl<V> Shard<V> {
     }
 
     /// Stores a new entry (the key must not be present) at the most recent end; returns its slot.
-    pub fn insert(&mut self, mut entry: Entry<V>, tick: u64) -> u32 {
+    pub fn insert(&mut self, entry: Entry<V>, tick: u64) -> u32 {
+        self.insert_in(entry, tick, Queue::Main)
+    }
+
+    /// Stores a new entry (the key must not be present) at the back of `queue`; returns its slot.
+    pub fn insert_in(&mut self, mut entry: Entry<V>, tick: u64, queue: Queue) -> u32 {
         entry.tick = tick;
-        entry.prev = self.tail;
+        entry.queue = queue;
+        entry.prev = NIL;
         entry.next = NIL;
         let hash = entry.hash;
         let expires = entry.expires;
@@ -158,13 +201,7 @@ impl<V> Shard<V> {
             self.slots.push(Slot::Used(entry));
             (self.slots.len() - 1) as u32
         };
-        if self.tail != NIL {
-            let tail = self.tail;
-            self.entry_mut(tail).next = slot;
-        } else {
-            self.head = slot;
-        }
-        self.tail = slot;
+        self.link_back(slot, queue);
         let slots = &self.slots;
         self.table
             .insert_unique(hash, slot, |&s| match &slots[s as usize] {
@@ -196,25 +233,39 @@ impl<V> Shard<V> {
         }
     }
 
-    /// Marks `slot` as the most recently used.
+    /// Marks `slot` as the most recently used (the back of its queue).
     #[inline]
     pub fn touch(&mut self, slot: u32, tick: u64) {
-        if self.tail != slot {
-            self.unlink(slot);
-            let tail = self.tail;
-            {
-                let e = self.entry_mut(slot);
-                e.prev = tail;
-                e.next = NIL;
-            }
-            if tail != NIL {
-                self.entry_mut(tail).next = slot;
-            } else {
-                self.head = slot;
-            }
-            self.tail = slot;
+        let queue = self.entry(slot).queue;
+        if self.queues[queue as usize].tail != slot {
+            self.move_to_back(slot, queue);
         }
         self.entry_mut(slot).tick = tick;
+    }
+
+    /// Moves `slot` to the back of `queue` (possibly another queue than its own).
+    pub fn move_to_back(&mut self, slot: u32, queue: Queue) {
+        self.unlink(slot);
+        self.link_back(slot, queue);
+    }
+
+    /// The slot at the front (the oldest end) of `queue`.
+    #[inline]
+    pub fn front(&self, queue: Queue) -> Option<u32> {
+        let head = self.queues[queue as usize].head;
+        (head != NIL).then_some(head)
+    }
+
+    /// How many entries are threaded on `queue`.
+    #[inline]
+    pub fn queue_len(&self, queue: Queue) -> usize {
+        self.queues[queue as usize].len
+    }
+
+    /// The earliest expiry stamp in the shard (`NEVER` if none): nothing has expired before it.
+    #[inline]
+    pub fn next_expiry(&self) -> u64 {
+        self.next_expiry
     }
 
     pub fn set_expiry(&mut self, slot: u32, expires: u64) {
@@ -226,13 +277,13 @@ impl<V> Shard<V> {
         }
     }
 
-    /// Recency stamp of the least recently used entry.
+    /// Recency stamp of the least recently used entry ("lru" policy: everything is on `Main`).
     pub fn oldest_tick(&self) -> Option<u64> {
-        (self.head != NIL).then(|| self.entry(self.head).tick)
+        self.front(Queue::Main).map(|s| self.entry(s).tick)
     }
 
     pub fn pop_oldest(&mut self) -> Option<Entry<V>> {
-        (self.head != NIL).then(|| self.remove(self.head))
+        self.front(Queue::Main).map(|s| self.remove(s))
     }
 
     /// Removes one entry whose expiry has passed, if any (earliest first). O(1) when none has.
@@ -267,20 +318,39 @@ impl<V> Shard<V> {
     }
 
     fn unlink(&mut self, slot: u32) {
-        let (prev, next) = {
+        let (prev, next, q) = {
             let e = self.entry(slot);
-            (e.prev, e.next)
+            (e.prev, e.next, e.queue as usize)
         };
         if prev != NIL {
             self.entry_mut(prev).next = next;
         } else {
-            self.head = next;
+            self.queues[q].head = next;
         }
         if next != NIL {
             self.entry_mut(next).prev = prev;
         } else {
-            self.tail = prev;
+            self.queues[q].tail = prev;
         }
+        self.queues[q].len -= 1;
+    }
+
+    fn link_back(&mut self, slot: u32, queue: Queue) {
+        let q = queue as usize;
+        let tail = self.queues[q].tail;
+        {
+            let e = self.entry_mut(slot);
+            e.queue = queue;
+            e.prev = tail;
+            e.next = NIL;
+        }
+        if tail != NIL {
+            self.entry_mut(tail).next = slot;
+        } else {
+            self.queues[q].head = slot;
+        }
+        self.queues[q].tail = slot;
+        self.queues[q].len += 1;
     }
 
     fn index_expiry(&mut self, slot: u32, expires: u64) {

@@ -1,16 +1,22 @@
-//! The store: shards under `parking_lot` mutexes, one global recency order, expiry, eviction by
-//! entry count (Django's cull rule) and by bytes, tag invalidation, and counters.
+//! The store: shards under `parking_lot` read-write locks, expiry, eviction by entry count and by
+//! bytes under the store's policy (see `policy.rs`), tag invalidation, and counters.
+//!
+//! Under "lru" there is one global recency order and Django's cull rule. Under S3-FIFO each shard
+//! runs its own queues (`s3fifo.rs`): a hit takes only a read lock, and an insert into a full
+//! store reserves its place first, evicting one entry at a time from its own shard.
 //!
 //! Every method collects the entries it removes and drops them only after the shard locks are
 //! released, so that a value whose destructor runs code (a Python object's `__del__`) never runs
 //! under a lock. The store never calls back into its caller while a lock is held.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 
 use ahash::RandomState;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{RwLock, RwLockWriteGuard};
 
 use crate::flight::Flights;
+use crate::policy::Policy;
+use crate::s3fifo::MAX_FREQ;
 use crate::shard::{Entry, Shard};
 use crate::stats::Stats;
 use crate::tags::{all_current, EntryRef, TagStamp, TagTable};
@@ -24,9 +30,11 @@ pub trait Weigh {
 /// share one store, as with Django's LocMemCache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Cull when the store holds this many entries or more before an insert.
+    /// "lru": cull when the store holds this many entries or more before an insert. S3-FIFO: the
+    /// capacity (at least 1), never passed.
     pub max_entries: i64,
-    /// Cull `len / cull_frequency` least recently used entries; 0 clears the store.
+    /// "lru": cull `len / cull_frequency` least recently used entries; 0 clears the store.
+    /// Ignored by S3-FIFO, which evicts one entry at a time.
     pub cull_frequency: i64,
     /// Never hold more than this many bytes (keys, values and per-entry overhead).
     pub max_bytes: Option<u64>,
@@ -70,7 +78,8 @@ pub fn entry_overhead<V>(tags: usize) -> u64 {
 }
 
 pub struct Store<V> {
-    shards: Box<[Mutex<Shard<V>>]>,
+    shards: Box<[RwLock<Shard<V>>]>,
+    policy: Policy,
     hasher: RandomState,
     tick: AtomicU64,
     sweep: AtomicUsize,
@@ -89,10 +98,16 @@ enum Lookup {
 const RECLAIM_PER_OP: usize = 2;
 
 impl<V: Weigh> Store<V> {
+    /// A store under the "lru" policy.
     pub fn new(shards: usize) -> Self {
+        Self::with_policy(shards, Policy::Lru)
+    }
+
+    pub fn with_policy(shards: usize, policy: Policy) -> Self {
         let n = shards.max(1).next_power_of_two();
         Store {
-            shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..n).map(|_| RwLock::new(Shard::default())).collect(),
+            policy,
             hasher: RandomState::new(),
             tick: AtomicU64::new(1),
             sweep: AtomicUsize::new(0),
@@ -104,8 +119,13 @@ impl<V: Weigh> Store<V> {
         }
     }
 
+    /// Entries held (under S3-FIFO, plus places reserved by inserts in progress).
     pub fn len(&self) -> usize {
         self.len.load(Relaxed)
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
     }
 
     pub fn is_empty(&self) -> bool {
@@ -134,8 +154,9 @@ impl<V: Weigh> Store<V> {
     #[inline]
     fn locate(&self, key: &str) -> (u64, usize) {
         let hash = self.hasher.hash_one(key);
-        // The low bits pick the bucket inside the table; use the high bits for the shard.
-        let idx = (hash >> 58) as usize & (self.shards.len() - 1);
+        // hashbrown picks the bucket from the low bits and matches the top 7 bits in its control
+        // bytes: take the shard from the middle so that neither loses entropy within a shard.
+        let idx = (hash >> 32) as usize & (self.shards.len() - 1);
         (hash, idx)
     }
 
@@ -168,7 +189,7 @@ impl<V: Weigh> Store<V> {
     fn sweep_next(&self, now: u64) {
         let idx = self.sweep.fetch_add(1, Relaxed) & (self.shards.len() - 1);
         let mut dead = Vec::new();
-        if let Some(mut shard) = self.shards[idx].try_lock() {
+        if let Some(mut shard) = self.shards[idx].try_write() {
             self.reclaim(&mut shard, now, &mut dead);
         }
     }
@@ -197,81 +218,42 @@ impl<V: Weigh> Store<V> {
         Lookup::Absent
     }
 
-    /// Calls `read` on the live value under `key` and marks it recently used.
+    /// Counts a use of `slot` for the policy: "lru" moves it to the recent end (needs the write
+    /// lock); S3-FIFO bumps its counter.
+    #[inline]
+    fn used(&self, shard: &mut Shard<V>, slot: u32, tick: u64) {
+        match self.policy {
+            Policy::Lru => shard.touch(slot, tick),
+            Policy::S3Fifo => shard.entry(slot).hit(),
+        }
+    }
+
+    /// Calls `read` on the live value under `key` and counts the use for the policy.
+    #[inline]
     pub fn get<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<R> {
-        let (hash, idx) = self.locate(key);
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].lock();
-        self.reclaim(&mut shard, now, &mut dead);
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
-            Lookup::Live(slot) => {
-                let tick = self.next_tick();
-                shard.touch(slot, tick);
-                Stats::bump(&self.stats.hits, 1);
-                Some(read(&shard.entry(slot).value))
-            }
-            Lookup::Absent => {
-                Stats::bump(&self.stats.misses, 1);
-                None
-            }
-        };
-        drop(shard);
-        out
-    }
-
-    /// Like `get` but also returns the entry's generation, for a later `replace_if`.
-    pub fn snapshot<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<(R, u64)> {
-        let (hash, idx) = self.locate(key);
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].lock();
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
-            Lookup::Live(slot) => {
-                let e = shard.entry(slot);
-                Some((read(&e.value), e.gen))
-            }
-            Lookup::Absent => None,
-        };
-        drop(shard);
-        out
-    }
-
-    /// Whether a live entry exists; does not change recency (as LocMemCache's `has_key`).
-    pub fn contains(&self, key: &str, now: u64) -> bool {
-        let (hash, idx) = self.locate(key);
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].lock();
-        let out = matches!(
-            self.lookup(&mut shard, hash, key, now, &mut dead),
-            Lookup::Live(_)
-        );
-        drop(shard);
-        out
-    }
-
-    /// Seconds-stamp of the live entry's expiry (`Some(NEVER)` for none), `None` if missing.
-    pub fn expiry(&self, key: &str, now: u64) -> Option<u64> {
-        let (hash, idx) = self.locate(key);
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].lock();
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
-            Lookup::Live(slot) => Some(shard.entry(slot).expires),
-            Lookup::Absent => None,
-        };
-        drop(shard);
-        out
+        self.get_entry(key, now, |e| read(&e.value))
     }
 
     /// Like `get`, but `read` sees the whole live entry (its expiry and recorded compute time, for
     /// early refresh), not only the value.
+    #[inline]
     pub fn get_entry<R>(
         &self,
         key: &str,
         now: u64,
         read: impl FnOnce(&Entry<V>) -> R,
     ) -> Option<R> {
+        match self.policy {
+            Policy::Lru => self.get_lru(key, now, read),
+            Policy::S3Fifo => self.get_s3(key, now, read),
+        }
+    }
+
+    /// `get` under "lru": moves the entry to the recent end, under the write lock.
+    fn get_lru<R>(&self, key: &str, now: u64, read: impl FnOnce(&Entry<V>) -> R) -> Option<R> {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
-        let mut shard = self.shards[idx].lock();
+        let mut shard = self.shards[idx].write();
         self.reclaim(&mut shard, now, &mut dead);
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
@@ -289,12 +271,92 @@ impl<V: Weigh> Store<V> {
         out
     }
 
+    /// `get` under S3-FIFO. A live hit and a miss need only the read lock (a hit bumps the
+    /// entry's counter); an entry to remove, or expired entries to reclaim in this shard, take
+    /// the write lock.
+    fn get_s3<R>(&self, key: &str, now: u64, read: impl FnOnce(&Entry<V>) -> R) -> Option<R> {
+        let (hash, idx) = self.locate(key);
+        {
+            let shard = self.shards[idx].read();
+            if shard.next_expiry() > now {
+                let Some(slot) = shard.find(hash, key) else {
+                    Stats::bump(&self.stats.misses, 1);
+                    return None;
+                };
+                let e = shard.entry(slot);
+                if !e.is_expired(now) && all_current(&e.tags) {
+                    e.hit();
+                    Stats::bump(&self.stats.hits, 1);
+                    return Some(read(e));
+                }
+            }
+        }
+        let mut dead = Vec::new();
+        let mut shard = self.shards[idx].write();
+        self.reclaim(&mut shard, now, &mut dead);
+        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+            Lookup::Live(slot) => {
+                shard.entry(slot).hit();
+                Stats::bump(&self.stats.hits, 1);
+                Some(read(shard.entry(slot)))
+            }
+            Lookup::Absent => {
+                Stats::bump(&self.stats.misses, 1);
+                None
+            }
+        };
+        drop(shard);
+        out
+    }
+
+    /// Like `get` but also returns the entry's generation, for a later `replace_if`.
+    pub fn snapshot<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<(R, u64)> {
+        let (hash, idx) = self.locate(key);
+        let mut dead = Vec::new();
+        let mut shard = self.shards[idx].write();
+        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+            Lookup::Live(slot) => {
+                let e = shard.entry(slot);
+                Some((read(&e.value), e.gen))
+            }
+            Lookup::Absent => None,
+        };
+        drop(shard);
+        out
+    }
+
+    /// Whether a live entry exists; does not change recency (as LocMemCache's `has_key`).
+    pub fn contains(&self, key: &str, now: u64) -> bool {
+        let (hash, idx) = self.locate(key);
+        let mut dead = Vec::new();
+        let mut shard = self.shards[idx].write();
+        let out = matches!(
+            self.lookup(&mut shard, hash, key, now, &mut dead),
+            Lookup::Live(_)
+        );
+        drop(shard);
+        out
+    }
+
+    /// Seconds-stamp of the live entry's expiry (`Some(NEVER)` for none), `None` if missing.
+    pub fn expiry(&self, key: &str, now: u64) -> Option<u64> {
+        let (hash, idx) = self.locate(key);
+        let mut dead = Vec::new();
+        let mut shard = self.shards[idx].write();
+        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+            Lookup::Live(slot) => Some(shard.entry(slot).expires),
+            Lookup::Absent => None,
+        };
+        drop(shard);
+        out
+    }
+
     /// Records that computing the live value under `key` took `delta` nanoseconds, if the entry
     /// is still the one just stored (same expiry stamp); false otherwise.
     pub fn set_delta(&self, key: &str, expires: u64, delta: u64, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
-        let mut shard = self.shards[idx].lock();
+        let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) if shard.entry(slot).expires == expires => {
                 shard.entry_mut(slot).delta = delta;
@@ -310,7 +372,7 @@ impl<V: Weigh> Store<V> {
     pub fn delete(&self, key: &str, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
-        let mut shard = self.shards[idx].lock();
+        let mut shard = self.shards[idx].write();
         self.reclaim(&mut shard, now, &mut dead);
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
@@ -328,7 +390,7 @@ impl<V: Weigh> Store<V> {
     pub fn touch(&self, key: &str, expires: u64, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
-        let mut shard = self.shards[idx].lock();
+        let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
                 if expires <= now {
@@ -357,13 +419,13 @@ impl<V: Weigh> Store<V> {
     ) -> Result<Option<R>, ()> {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
-        let mut shard = self.shards[idx].lock();
+        let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
                 let r = update(&mut shard.entry_mut(slot).value);
                 if r.is_some() {
                     let tick = self.next_tick();
-                    shard.touch(slot, tick);
+                    self.used(&mut shard, slot, tick);
                     shard.entry_mut(slot).gen = tick;
                 }
                 Ok(r)
@@ -424,16 +486,19 @@ impl<V: Weigh> Store<V> {
             }
             return Put::Exists;
         }
-        let (hash, idx) = self.locate(key);
         if only_new && self.contains(key, now) {
             return Put::Exists;
         }
+        if self.policy == Policy::S3Fifo {
+            return self.put_s3(key, value, expires, tags, limits, now, only_new, weight);
+        }
+        let (hash, idx) = self.locate(key);
         if self.len() as i64 >= limits.max_entries {
             self.cull(limits, now);
         }
-        self.reserve(weight, limits, now);
+        self.reserve(weight, limits, now, idx);
         let mut dead = Vec::new();
-        let mut shard = self.shards[idx].lock();
+        let mut shard = self.shards[idx].write();
         self.reclaim(&mut shard, now, &mut dead);
         if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now, &mut dead) {
             if only_new {
@@ -457,6 +522,20 @@ impl<V: Weigh> Store<V> {
         entry.gen = gen;
         let slot = shard.insert(entry, gen);
         self.len.fetch_add(1, Relaxed);
+        self.finish_put(shard, idx, slot, gen, has_tags, now);
+        Put::Stored
+    }
+
+    /// After an insert: unlocks, sweeps the next shard, and records the entry under its tags.
+    fn finish_put(
+        &self,
+        shard: RwLockWriteGuard<'_, Shard<V>>,
+        idx: usize,
+        slot: u32,
+        gen: u64,
+        has_tags: bool,
+        now: u64,
+    ) {
         let stamps = has_tags.then(|| shard.entry(slot).tags.clone());
         drop(shard);
         self.sweep_next(now);
@@ -470,7 +549,144 @@ impl<V: Weigh> Store<V> {
                 &stamps,
             );
         }
+    }
+
+    /// `put` under S3-FIFO, in one hold of the key's shard lock when that shard has entries to
+    /// evict. Overwriting a live key passes the old entry's place to the new one (and counts as
+    /// a use of it); a new key takes a place in the count first, then its bytes, evicting one
+    /// entry at a time (expired ones first) while the store is full. Places and bytes are taken
+    /// with compare-and-swap, so concurrent inserts cannot pass the bounds together.
+    #[allow(clippy::too_many_arguments)]
+    fn put_s3(
+        &self,
+        key: &str,
+        value: V,
+        expires: u64,
+        tags: Vec<TagStamp>,
+        limits: &Limits,
+        now: u64,
+        only_new: bool,
+        weight: u64,
+    ) -> Put {
+        let (hash, idx) = self.locate(key);
+        let cap = limits.max_entries.max(1) as usize;
+        let mut dead = Vec::new();
+        let mut placed = false;
+        let mut charged = false;
+        let mut replaced = None;
+        let mut shard = loop {
+            let mut shard = self.shards[idx].write();
+            self.reclaim(&mut shard, now, &mut dead);
+            if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now, &mut dead) {
+                if only_new {
+                    drop(shard);
+                    self.give_back(placed, charged, weight);
+                    return Put::Exists;
+                }
+                // The old entry's place passes to the new one.
+                let old = shard.remove(slot);
+                self.bytes.fetch_sub(old.weight, Relaxed);
+                if placed {
+                    self.len.fetch_sub(1, Relaxed);
+                }
+                placed = true;
+                replaced = Some((old.queue(), old.freq.load(Relaxed)));
+                dead.push(old);
+            }
+            if expires <= now {
+                // Django stores an already-expired entry; nobody can ever read it: store nothing
+                // (and evict nothing for it).
+                break shard;
+            }
+            let mut stuck = false;
+            while !placed && !stuck {
+                if self.take_place(cap) {
+                    placed = true;
+                } else if let Some(e) = self.evict_locked(&mut shard, now) {
+                    dead.push(e);
+                } else {
+                    stuck = true;
+                }
+            }
+            while !charged && !stuck {
+                match limits.max_bytes {
+                    None => {
+                        self.bytes.fetch_add(weight, Relaxed);
+                        charged = true;
+                    }
+                    Some(max) if self.take_bytes(max, weight) => charged = true,
+                    Some(_) => match self.evict_locked(&mut shard, now) {
+                        Some(e) => dead.push(e),
+                        None => stuck = true,
+                    },
+                }
+            }
+            if !stuck {
+                break shard;
+            }
+            // This shard has nothing left to evict: evict from another one, then look again.
+            drop(shard);
+            if !self.evict_one(idx + 1, now) {
+                if placed {
+                    // Nothing anywhere: the bytes are held by inserts in flight, which never
+                    // wait for bytes (the lru rule too).
+                    self.bytes.fetch_add(weight, Relaxed);
+                    charged = true;
+                } else {
+                    // Every place is held by an insert in flight, which finishes without
+                    // waiting for this one.
+                    std::thread::yield_now();
+                }
+            }
+        };
+        Stats::bump(&self.stats.sets, 1);
+        if expires <= now {
+            drop(shard);
+            if placed {
+                // The removed old entry's place.
+                self.len.fetch_sub(1, Relaxed);
+            }
+            return Put::Stored;
+        }
+        let gen = self.next_tick();
+        let has_tags = !tags.is_empty();
+        let mut entry = Entry::new(key.into(), hash, value, expires, weight, tags.into());
+        entry.gen = gen;
+        // Overwriting a live key counts as a use of it: it keeps its queue, one hit more.
+        let (queue, freq) = match replaced {
+            Some((queue, freq)) => (queue, (freq + 1).min(MAX_FREQ)),
+            None => (shard.admit(hash), 0),
+        };
+        entry.freq = AtomicU8::new(freq);
+        let slot = shard.insert_in(entry, gen, queue);
+        self.finish_put(shard, idx, slot, gen, has_tags, now);
         Put::Stored
+    }
+
+    /// Takes a place in the entry count if that keeps it within `cap`.
+    fn take_place(&self, cap: usize) -> bool {
+        self.len
+            .fetch_update(Relaxed, Relaxed, |n| (n < cap).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// Charges `weight` bytes if that keeps the store within `max`.
+    fn take_bytes(&self, max: u64, weight: u64) -> bool {
+        self.bytes
+            .fetch_update(Relaxed, Relaxed, |b| {
+                (b + weight <= max).then_some(b + weight)
+            })
+            .is_ok()
+    }
+
+    /// Gives back the place and bytes an insert took, when it stores nothing after all.
+    fn give_back(&self, placed: bool, charged: bool, weight: u64) {
+        if placed {
+            self.len.fetch_sub(1, Relaxed);
+        }
+        if charged {
+            self.bytes.fetch_sub(weight, Relaxed);
+        }
     }
 
     /// Replaces the value of the entry under `key` if it still carries generation `gen`, keeping
@@ -478,7 +694,7 @@ impl<V: Weigh> Store<V> {
     pub fn replace_if(&self, key: &str, gen: u64, value: V, limits: &Limits, now: u64) -> Replace {
         let (hash, idx) = self.locate(key);
         let ntags = {
-            let shard = self.shards[idx].lock();
+            let shard = self.shards[idx].write();
             match shard.find(hash, key) {
                 Some(slot) => shard.entry(slot).tags.len(),
                 None => return Replace::Missing,
@@ -488,10 +704,10 @@ impl<V: Weigh> Store<V> {
         if limits.max_bytes.is_some_and(|max| weight > max) {
             return Replace::TooLarge;
         }
-        self.reserve(weight, limits, now);
+        self.reserve(weight, limits, now, idx);
         let mut dead = Vec::new();
         let mut old_value = None;
-        let mut shard = self.shards[idx].lock();
+        let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) if shard.entry(slot).gen == gen => {
                 let tick = self.next_tick();
@@ -499,7 +715,7 @@ impl<V: Weigh> Store<V> {
                 let old_weight = std::mem::replace(&mut e.weight, weight);
                 old_value = Some(std::mem::replace(&mut e.value, value));
                 e.gen = tick;
-                shard.touch(slot, tick);
+                self.used(&mut shard, slot, tick);
                 self.bytes.fetch_sub(old_weight, Relaxed);
                 Replace::Done
             }
@@ -521,7 +737,7 @@ impl<V: Weigh> Store<V> {
     pub fn keys_with_prefix(&self, prefix: &str, now: u64) -> Vec<String> {
         let mut out = Vec::new();
         for s in self.shards.iter() {
-            let shard = s.lock();
+            let shard = s.read();
             out.extend(
                 shard
                     .iter()
@@ -563,7 +779,7 @@ impl<V: Weigh> Store<V> {
         let mut removed = 0;
         let mut dead = Vec::new();
         for group in refs.chunk_by(|a, b| a.shard == b.shard) {
-            let mut shard = self.shards[group[0].shard as usize].lock();
+            let mut shard = self.shards[group[0].shard as usize].write();
             for r in group {
                 if shard.entry_if(r.slot, r.gen).is_some() {
                     let e = self.detach(&mut shard, r.slot);
@@ -586,7 +802,7 @@ impl<V: Weigh> Store<V> {
             members.refs.push(at);
             if members.refs.len() >= members.compact_at {
                 members.refs.retain(|r| {
-                    let shard = self.shards[r.shard as usize].lock();
+                    let shard = self.shards[r.shard as usize].read();
                     shard.entry_if(r.slot, r.gen).is_some()
                 });
                 members.compact_at = (members.refs.len() * 2).max(64);
@@ -594,12 +810,12 @@ impl<V: Weigh> Store<V> {
         }
     }
 
-    fn lock_all(&self) -> Vec<MutexGuard<'_, Shard<V>>> {
-        self.shards.iter().map(|s| s.lock()).collect()
+    fn lock_all(&self) -> Vec<RwLockWriteGuard<'_, Shard<V>>> {
+        self.shards.iter().map(|s| s.write()).collect()
     }
 
     /// Index of the shard holding the globally least recently used entry.
-    fn oldest(guards: &[MutexGuard<'_, Shard<V>>]) -> Option<usize> {
+    fn oldest(guards: &[RwLockWriteGuard<'_, Shard<V>>]) -> Option<usize> {
         guards
             .iter()
             .enumerate()
@@ -645,9 +861,41 @@ impl<V: Weigh> Store<V> {
         drop(dead);
     }
 
-    /// Charges `weight` bytes, first evicting least recently used entries while `max_bytes`
+    /// S3-FIFO: removes one entry from shard `idx` (or, if it is empty, the next non-empty one):
+    /// an expired entry if there is one, else the policy's victim. False if every shard is empty.
+    fn evict_one(&self, idx: usize, now: u64) -> bool {
+        let n = self.shards.len();
+        for i in 0..n {
+            let mut shard = self.shards[(idx + i) & (n - 1)].write();
+            if let Some(e) = self.evict_locked(&mut shard, now) {
+                drop(shard);
+                drop(e);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// S3-FIFO: takes one entry off `shard` and the books, an expired one if any, else the
+    /// policy's victim. The caller drops it after unlocking.
+    fn evict_locked(&self, shard: &mut Shard<V>, now: u64) -> Option<Entry<V>> {
+        let e = if let Some(e) = shard.pop_expired(now) {
+            Stats::bump(&self.stats.expirations, 1);
+            e
+        } else {
+            let e = shard.evict_s3()?;
+            Stats::bump(&self.stats.evictions, 1);
+            e
+        };
+        self.len.fetch_sub(1, Relaxed);
+        self.bytes.fetch_sub(e.weight, Relaxed);
+        Some(e)
+    }
+
+    /// Charges `weight` bytes for an entry of shard `idx`, first evicting entries (least recently
+    /// used ones across the store under "lru"; S3-FIFO victims from `idx` on) while `max_bytes`
     /// would be passed.
-    fn reserve(&self, weight: u64, limits: &Limits, now: u64) {
+    fn reserve(&self, weight: u64, limits: &Limits, now: u64, idx: usize) {
         let Some(max) = limits.max_bytes else {
             self.bytes.fetch_add(weight, Relaxed);
             return;
@@ -664,7 +912,11 @@ impl<V: Weigh> Store<V> {
                 }
                 continue;
             }
-            if !self.evict_bytes(cur + weight - max, now) {
+            let evicted = match self.policy {
+                Policy::Lru => self.evict_bytes(cur + weight - max, now),
+                Policy::S3Fifo => self.evict_one(idx, now),
+            };
+            if !evicted {
                 // Nothing left to evict: the bytes are charged by reservations still in flight.
                 self.bytes.fetch_add(weight, Relaxed);
                 return;
@@ -710,7 +962,7 @@ impl<V: Weigh> Store<V> {
         let mut n = 0;
         for s in self.shards.iter() {
             let mut dead = Vec::new();
-            let mut shard = s.lock();
+            let mut shard = s.write();
             for _ in 0..per_shard {
                 match shard.pop_expired(now) {
                     Some(e) => {
@@ -726,5 +978,368 @@ impl<V: Weigh> Store<V> {
         }
         Stats::bump(&self.stats.expirations, n as u64);
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::{Arc, OnceLock};
+    use std::thread;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::NEVER;
+    use crate::shard::Queue;
+
+    /// A value weighing `.0` bytes.
+    struct Val(usize);
+
+    impl Weigh for Val {
+        fn weight(&self) -> usize {
+            self.0
+        }
+    }
+
+    fn limits(max_entries: i64, max_bytes: Option<u64>) -> Limits {
+        Limits {
+            max_entries,
+            cull_frequency: 3,
+            max_bytes,
+        }
+    }
+
+    fn s3(shards: usize) -> Store<Val> {
+        Store::with_policy(shards, Policy::S3Fifo)
+    }
+
+    /// Entries really held, counted shard by shard (`len` also counts places being filled).
+    fn held<V: Weigh>(store: &Store<V>) -> usize {
+        store.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    fn set(store: &Store<Val>, key: &str, weight: usize, lim: &Limits, now: u64) -> Put {
+        store.set(key, Val(weight), NEVER, Vec::new(), lim, now)
+    }
+
+    #[test]
+    fn s3_max_entries_is_a_capacity_never_passed() {
+        let store = s3(16);
+        let lim = limits(100, None);
+        for i in 0..5_000 {
+            assert_eq!(set(&store, &format!("k{i}"), 1, &lim, 1), Put::Stored);
+            assert!(
+                store.len() <= 100,
+                "{} entries after insert {i}",
+                store.len()
+            );
+        }
+        assert_eq!(store.len(), 100, "evicts just enough, one at a time");
+        assert_eq!(held(&store), 100);
+        assert_eq!(store.stats.snapshot().evictions, 4_900);
+        // CULL_FREQUENCY plays no part: 0 (clear all under "lru") still evicts one.
+        let zero = Limits {
+            cull_frequency: 0,
+            ..lim
+        };
+        set(&store, "one-more", 1, &zero, 1);
+        assert_eq!(store.len(), 100);
+        // A lowered capacity (another alias, or a live change) is reached at the next insert.
+        set(&store, "smaller", 1, &limits(10, None), 1);
+        assert_eq!(store.len(), 10);
+        // A capacity below one is taken as one.
+        set(&store, "tiny", 1, &limits(-1, None), 1);
+        assert_eq!(held(&store), 1);
+        assert!(store.contains("tiny", 1));
+    }
+
+    #[test]
+    fn s3_bytes_bound_and_a_too_large_value_costs_nothing() {
+        let store = s3(4);
+        let per_entry = Store::<Val>::weigh("k000", &Val(0), 0);
+        let max = 20 * (per_entry + 100);
+        let lim = limits(1_000_000, Some(max));
+        for i in 0..500 {
+            set(
+                &store,
+                &format!("k{:03}", i % 200),
+                50 + (i * 37) % 100,
+                &lim,
+                1,
+            );
+            assert!(store.bytes() <= max, "{} > {max} bytes", store.bytes());
+        }
+        let before = held(&store);
+        let bytes = store.bytes();
+        assert_eq!(set(&store, "huge", max as usize, &lim, 1), Put::TooLarge);
+        assert_eq!(held(&store), before, "nothing else was lost for it");
+        assert_eq!(store.bytes(), bytes);
+        assert!(!store.contains("huge", 1));
+        // Accounting is exact: the bytes charged are those of the entries held.
+        let sum: u64 = store
+            .shards
+            .iter()
+            .map(|s| s.read().iter().map(|e| e.weight).sum::<u64>())
+            .sum();
+        assert_eq!(sum, store.bytes());
+    }
+
+    #[test]
+    fn s3_hot_set_survives_a_scan_across_shards() {
+        let store = s3(16);
+        let lim = limits(1_000, None);
+        let hot: Vec<String> = (0..200).map(|i| format!("hot{i}")).collect();
+        let access = |k: &str| {
+            if store.get(k, 1, |_| ()).is_none() {
+                set(&store, k, 1, &lim, 1);
+            }
+        };
+        for _ in 0..3 {
+            hot.iter().for_each(|k| access(k));
+        }
+        // A crawler requests 50 times as many one-time keys as the store holds.
+        for i in 0..50_000 {
+            access(&format!("scan{i}"));
+        }
+        let kept = hot.iter().filter(|k| store.contains(k, 1)).count();
+        assert_eq!(kept, hot.len(), "the scan evicted hot keys");
+        assert_eq!(store.len(), 1_000);
+
+        // The same traffic through Django's LRU cull keeps none of them.
+        let lru: Store<Val> = Store::new(16);
+        for _ in 0..3 {
+            for k in &hot {
+                if lru.get(k, 1, |_| ()).is_none() {
+                    set(&lru, k, 1, &lim, 1);
+                }
+            }
+        }
+        for i in 0..50_000 {
+            set(&lru, &format!("scan{i}"), 1, &lim, 1);
+        }
+        assert!(!hot.iter().any(|k| lru.contains(k, 1)));
+    }
+
+    #[test]
+    fn s3_expired_entries_are_evicted_first() {
+        let store = s3(1);
+        let lim = limits(10, None);
+        for i in 0..5 {
+            store.set(&format!("old{i}"), Val(1), 100, Vec::new(), &lim, 1);
+            set(&store, &format!("live{i}"), 1, &lim, 1);
+            // Hit-free live entries are the policy's first choice, were it not for expiry.
+        }
+        for i in 0..5 {
+            set(&store, &format!("new{i}"), 1, &lim, 200);
+        }
+        let s = store.stats.snapshot();
+        assert_eq!((s.evictions, s.expirations), (0, 5));
+        assert!((0..5).all(|i| store.contains(&format!("live{i}"), 200)));
+        set(&store, "one-more", 1, &lim, 200);
+        assert_eq!(store.stats.snapshot().evictions, 1);
+        assert_eq!(store.len(), 10);
+    }
+
+    #[test]
+    fn s3_delete_replace_and_tags_keep_the_queues_sound() {
+        let store = s3(2);
+        let lim = limits(50, None);
+        let tagged = |k: &str, tag: &str| {
+            let stamps = store.tags.stamps([tag]);
+            store.set(k, Val(1), NEVER, stamps, &lim, 1)
+        };
+        for i in 0..40 {
+            tagged(&format!("k{i}"), if i % 2 == 0 { "even" } else { "odd" });
+        }
+        assert_eq!(store.invalidate_tags(["even"], 1), 20);
+        assert_eq!(store.len(), 20);
+        assert!(store.get("k0", 1, |_| ()).is_none());
+        assert!(store.delete("k1", 1));
+        assert!(!store.delete("k1", 1));
+        // Overwriting a live key keeps one entry and counts as a use.
+        set(&store, "k3", 7, &lim, 1);
+        assert_eq!(store.get("k3", 1, |v| v.0), Some(7));
+        assert_eq!(store.len(), 19);
+        for i in 0..500 {
+            set(&store, &format!("n{i}"), 1, &lim, 1);
+            assert!(store.len() <= 50);
+        }
+        assert_eq!(held(&store), store.len());
+        for s in store.shards.iter() {
+            let s = s.read();
+            let q = |q| s.iter().filter(|e| e.queue() == q).count();
+            assert_eq!(q(Queue::Small), s.queue_len(Queue::Small));
+            assert_eq!(q(Queue::Main), s.queue_len(Queue::Main));
+        }
+        store.clear();
+        assert_eq!((store.len(), held(&store), store.bytes()), (0, 0, 0));
+    }
+
+    #[test]
+    fn s3_add_and_expired_sets_give_back_their_place() {
+        let store = s3(4);
+        let lim = limits(3, None);
+        for k in ["a", "b", "c"] {
+            assert_eq!(
+                store.add(k, Val(1), NEVER, Vec::new(), &lim, 1),
+                Put::Stored
+            );
+        }
+        assert_eq!(
+            store.add("a", Val(1), NEVER, Vec::new(), &lim, 1),
+            Put::Exists
+        );
+        assert_eq!(store.set("d", Val(1), 0, Vec::new(), &lim, 1), Put::Stored);
+        assert!(!store.contains("d", 1));
+        assert!(store.len() <= 3);
+        assert_eq!(held(&store), store.len());
+    }
+
+    #[test]
+    fn s3_overwriting_a_live_key_in_a_full_store_evicts_nothing() {
+        let store = s3(4);
+        let lim = limits(5, None);
+        for i in 0..5 {
+            set(&store, &format!("k{i}"), 1, &lim, 1);
+        }
+        for w in 0..20 {
+            assert_eq!(set(&store, "k0", w, &lim, 1), Put::Stored);
+        }
+        assert_eq!(store.stats.snapshot().evictions, 0);
+        assert_eq!((store.len(), held(&store)), (5, 5));
+        assert_eq!(store.get("k0", 1, |v| v.0), Some(19));
+    }
+
+    #[test]
+    fn lru_keeps_djangos_cull() {
+        let store: Store<Val> = Store::new(16);
+        let lim = limits(10, None);
+        for i in 0..10 {
+            set(&store, &format!("k{i}"), 1, &lim, 1);
+        }
+        store.get("k0", 1, |_| ());
+        set(&store, "k10", 1, &lim, 1);
+        // 10 // 3 = 3 least recently used entries go at once, then the new one comes in.
+        assert_eq!(store.len(), 8);
+        assert_eq!(store.stats.snapshot().evictions, 3);
+        assert!(store.contains("k0", 1));
+        assert!(!["k1", "k2", "k3"].iter().any(|k| store.contains(k, 1)));
+    }
+
+    /// Whether `get` of a present key completes while another thread holds its shard's read lock.
+    fn get_completes_beside_a_reader(store: Arc<Store<Val>>) -> bool {
+        let lim = limits(100, None);
+        set(&store, "k", 1, &lim, 1);
+        let idx = store.locate("k").1;
+        let guard = store.shards[idx].read();
+        let (tx, rx) = mpsc::channel();
+        let s = store.clone();
+        let t = thread::spawn(move || tx.send(s.get("k", 1, |v| v.0)).unwrap());
+        let done = rx.recv_timeout(Duration::from_millis(300)).is_ok();
+        drop(guard);
+        t.join().unwrap();
+        done
+    }
+
+    #[test]
+    fn s3_hit_needs_only_a_read_lock_lru_hit_the_write_lock() {
+        assert!(get_completes_beside_a_reader(Arc::new(s3(4))));
+        assert!(!get_completes_beside_a_reader(Arc::new(Store::new(4))));
+    }
+
+    #[test]
+    fn s3_expired_hit_takes_the_write_path_and_removes_it() {
+        let store = s3(1);
+        let lim = limits(100, None);
+        store.set("short", Val(1), 50, Vec::new(), &lim, 1);
+        assert_eq!(store.get("short", 10, |v| v.0), Some(1));
+        assert_eq!(store.get("short", 60, |v| v.0), None);
+        assert_eq!(store.len(), 0);
+        assert_eq!(store.stats.snapshot().expirations, 1);
+    }
+
+    #[test]
+    fn s3_threads_hammering_a_small_store_stay_within_bounds() {
+        hammer(4, 32);
+    }
+
+    #[test]
+    fn s3_threads_on_a_store_of_two_entries_over_eight_shards() {
+        // Most shards are empty: inserts must evict from other shards, and often find every
+        // place taken by an insert in flight.
+        hammer(8, 2);
+    }
+
+    fn hammer(shards: usize, cap: i64) {
+        let store = Arc::new(s3(shards));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let store = store.clone();
+                thread::spawn(move || {
+                    let lim = limits(cap, Some(cap as u64 * 400));
+                    for i in 0..20_000u64 {
+                        let k = format!("k{}", (i * 7 + t * 13) % 300);
+                        match i % 5 {
+                            0 => {
+                                store.delete(&k, 1);
+                            }
+                            1 | 2 => {
+                                store.get(&k, 1, |v| v.0);
+                            }
+                            _ => {
+                                set(&store, &k, (i % 50) as usize, &lim, 1);
+                            }
+                        }
+                        assert!(store.len() <= cap as usize, "{} entries", store.len());
+                        assert!(store.bytes() <= cap as u64 * 400);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(held(&*store), store.len());
+    }
+
+    /// A value that checks, when dropped, that no shard lock of `PROBED` is held.
+    struct Probe;
+
+    static PROBED: OnceLock<Store<Probe>> = OnceLock::new();
+
+    impl Weigh for Probe {
+        fn weight(&self) -> usize {
+            10
+        }
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            if let Some(store) = PROBED.get() {
+                assert!(!store.is_locked(), "a value was dropped under a shard lock");
+            }
+        }
+    }
+
+    #[test]
+    fn s3_drops_evicted_replaced_and_deleted_values_after_unlocking() {
+        let store = PROBED.get_or_init(|| Store::with_policy(2, Policy::S3Fifo));
+        let lim = Limits {
+            max_entries: 20,
+            cull_frequency: 3,
+            max_bytes: Some(15 * Store::<Probe>::weigh("k00", &Probe, 1)),
+        };
+        for i in 0..200 {
+            let stamps = store.tags.stamps(["t"]);
+            let expires = if i % 3 == 0 { 5 } else { NEVER };
+            store.set(&format!("k{:02}", i % 60), Probe, expires, stamps, &lim, i);
+            store.get(&format!("k{:02}", (i * 7) % 60), i, |_| ());
+            if i % 10 == 0 {
+                store.delete(&format!("k{:02}", (i * 3) % 60), i);
+            }
+        }
+        assert!(store.stats.snapshot().evictions > 0);
+        store.invalidate_tags(["t"], 300);
+        store.clear();
     }
 }

@@ -15,10 +15,17 @@ class Handle:
     """One backend instance's view of the store named ``location`` (one per name per process)."""
 
     def __init__(
-        self, location: str, sentinel: object, warn: Callable[[str], object], shards: int = 16
+        self,
+        location: str,
+        sentinel: object,
+        warn: Callable[[str], object],
+        shards: int = 16,
+        policy: str | None = None,
     ) -> None: ...
     @property
     def location(self) -> str: ...
+    @property
+    def eviction_policy(self) -> str: ...
     def configure(
         self, prefix: object, version: object, default_timeout: float | None, raw: bool
     ) -> None: ...

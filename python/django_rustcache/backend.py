@@ -23,6 +23,7 @@ from django.core.cache.backends.base import (
     default_key_func,
     memcache_key_warnings,
 )
+from django.core.exceptions import ImproperlyConfigured
 
 from django_rustcache._core import Handle
 from django_rustcache.options import RustCacheOptions, check_early_refresh
@@ -92,7 +93,19 @@ class RustCache(BaseCache):
 
     def __init__(self, name: str, params: dict[str, Any]) -> None:
         self._options = RustCacheOptions.from_params(name, params)
-        self._h = Handle(self._options.location, DEFAULT_TIMEOUT, _warn_key)
+        try:
+            self._h = Handle(
+                self._options.location,
+                DEFAULT_TIMEOUT,
+                _warn_key,
+                policy=self._options.eviction_policy,
+            )
+        except ValueError as e:
+            # Another alias created this LOCATION's store with another EVICTION_POLICY.
+            raise ImproperlyConfigured(
+                f"RustCache LOCATION {self._options.location!r}: OPTIONS['EVICTION_POLICY'] is "
+                f"{self._options.eviction_policy!r}, but {e}."
+            ) from None
         super().__init__(params)
         # LocMemCache's introspection points, which Django's own tests use: `_cache` is the store,
         # `_lock.locked()` tells whether a store lock is held, `_expire_info[made_key]` the expiry.

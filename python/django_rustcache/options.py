@@ -17,8 +17,12 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "CULL_FREQUENCY": 3,
     "MAX_BYTES": None,
     "STAMPEDE_WAIT": 10.0,
+    "EVICTION_POLICY": "lru",
     "EARLY_REFRESH": 0.0,
 }
+
+#: Values of OPTIONS["EVICTION_POLICY"]: Django's LRU cull, or scan-resistant S3-FIFO.
+EVICTION_POLICIES = ("lru", "s3fifo")
 
 #: Top-level keys of a CACHES entry that Django's BaseCache reads (besides BACKEND and LOCATION,
 #: which Django takes out before building the backend).
@@ -53,6 +57,7 @@ class RustCacheOptions:
     location: str
     max_bytes: int | None
     stampede_wait: float
+    eviction_policy: str = "lru"
     #: XFetch beta for ``get_or_set`` (0: off); see ``check_early_refresh``.
     early_refresh: float = 0.0
 
@@ -81,8 +86,16 @@ class RustCacheOptions:
                 f"{where}: unknown OPTIONS key {unknown[0]!r}; "
                 f"expected one of {', '.join(OPTION_DEFAULTS)}."
             )
+        policy = options.get("EVICTION_POLICY", OPTION_DEFAULTS["EVICTION_POLICY"])
+        if not isinstance(policy, str) or policy not in EVICTION_POLICIES:
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS['EVICTION_POLICY'] must be one of "
+                f"{', '.join(map(repr, EVICTION_POLICIES))}, not {policy!r}."
+            )
         if "MAX_ENTRIES" in options:
-            _int_option(where, "MAX_ENTRIES", options["MAX_ENTRIES"], None)
+            # S3-FIFO takes MAX_ENTRIES as the capacity: it must hold at least one entry.
+            minimum = 1 if policy == "s3fifo" else None
+            _int_option(where, "MAX_ENTRIES", options["MAX_ENTRIES"], minimum)
         if "CULL_FREQUENCY" in options:
             _int_option(where, "CULL_FREQUENCY", options["CULL_FREQUENCY"], 0)
         max_bytes = options.get("MAX_BYTES")
@@ -101,6 +114,7 @@ class RustCacheOptions:
             location=location,
             max_bytes=max_bytes,
             stampede_wait=float(wait),
+            eviction_policy=policy,
             early_refresh=early,
         )
 

@@ -17,6 +17,7 @@ use super::value::{decode, encode, PyValue};
 use crate::clock::{self, NEVER};
 use crate::flight::Role;
 use crate::keys::needs_warning;
+use crate::policy::Policy;
 use crate::store::{Limits, Put, Replace, Store};
 use crate::tags::TagStamp;
 
@@ -264,11 +265,30 @@ impl Handle {
 
 #[pymethods]
 impl Handle {
+    /// The handle on the store named `location`, created on first use with `shards` shards and
+    /// `policy` ("lru" when None). ValueError for an unknown policy, or one other than that of
+    /// the existing store of that name (one store per LOCATION has one policy).
     #[new]
-    #[pyo3(signature = (location, sentinel, warn, shards = 16))]
-    fn new(location: String, sentinel: Py<PyAny>, warn: Py<PyAny>, shards: usize) -> Self {
-        Handle {
-            store: registry::store(&location, shards),
+    #[pyo3(signature = (location, sentinel, warn, shards = 16, policy = None))]
+    fn new(
+        location: String,
+        sentinel: Py<PyAny>,
+        warn: Py<PyAny>,
+        shards: usize,
+        policy: Option<&str>,
+    ) -> PyResult<Self> {
+        let policy = policy
+            .map(str::parse::<Policy>)
+            .transpose()
+            .map_err(PyValueError::new_err)?;
+        let store = registry::store(&location, shards, policy).map_err(|existing| {
+            PyValueError::new_err(format!(
+                "the store of this LOCATION was created with EVICTION_POLICY '{existing}'; \
+                 every alias naming it must use that policy"
+            ))
+        })?;
+        Ok(Handle {
+            store,
             location,
             prefix: String::new(),
             version: "1".to_owned(),
@@ -277,7 +297,7 @@ impl Handle {
             limits: Limits::default(),
             sentinel,
             warn,
-        }
+        })
     }
 
     /// Sets the key prefix, default version, default timeout (seconds, None for never) and mode.
@@ -311,6 +331,12 @@ impl Handle {
     #[getter]
     fn location(&self) -> &str {
         &self.location
+    }
+
+    /// The store's eviction policy: "lru" or "s3fifo".
+    #[getter]
+    fn eviction_policy(&self) -> &'static str {
+        self.store.policy().name()
     }
 
     #[pyo3(signature = (key, version = None))]

@@ -8,6 +8,7 @@ use hashbrown::HashMap;
 use parking_lot::Mutex;
 
 use super::value::PyValue;
+use crate::policy::Policy;
 use crate::store::Store;
 
 type Registry = Mutex<HashMap<String, Arc<Store<PyValue>>, RandomState>>;
@@ -17,11 +18,20 @@ fn registry() -> &'static Registry {
     STORES.get_or_init(Default::default)
 }
 
-/// The store named `location`, created with `shards` shards on first use.
-pub fn store(location: &str, shards: usize) -> Arc<Store<PyValue>> {
-    registry()
+/// The store named `location`, created with `shards` shards and `policy` (default "lru") on first
+/// use. Asking for a policy other than the existing store's gives `Err` with the store's policy.
+pub fn store(
+    location: &str,
+    shards: usize,
+    policy: Option<Policy>,
+) -> Result<Arc<Store<PyValue>>, Policy> {
+    let store = registry()
         .lock()
         .entry(location.to_owned())
-        .or_insert_with(|| Arc::new(Store::new(shards)))
-        .clone()
+        .or_insert_with(|| Arc::new(Store::with_policy(shards, policy.unwrap_or_default())))
+        .clone();
+    match policy {
+        Some(p) if p != store.policy() => Err(store.policy()),
+        _ => Ok(store),
+    }
 }

@@ -1,0 +1,63 @@
+//! Which entries an insert pushes out once the store is full: the store's eviction policy,
+//! chosen per `LOCATION` when the store is created (`OPTIONS["EVICTION_POLICY"]`).
+
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// Django's LocMemCache rule: at `MAX_ENTRIES` an insert culls `len / CULL_FREQUENCY` least
+    /// recently used entries at once. Every hit moves the entry in a recency list (a write lock).
+    #[default]
+    Lru,
+    /// S3-FIFO (Yang et al., SOSP 2023): a small FIFO for newcomers, a main FIFO for entries hit
+    /// again, a ghost FIFO of recently evicted newcomers. `MAX_ENTRIES` is the capacity and
+    /// entries are evicted one at a time; a hit only bumps an atomic counter under a read lock.
+    S3Fifo,
+}
+
+impl Policy {
+    /// The name used in `OPTIONS["EVICTION_POLICY"]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Lru => "lru",
+            Policy::S3Fifo => "s3fifo",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lru" => Ok(Policy::Lru),
+            "s3fifo" => Ok(Policy::S3Fifo),
+            _ => Err(format!(
+                "unknown eviction policy {s:?}; expected \"lru\" or \"s3fifo\""
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_bad_names_are_refused() {
+        for p in [Policy::Lru, Policy::S3Fifo] {
+            assert_eq!(p.name().parse::<Policy>(), Ok(p));
+        }
+        assert_eq!(Policy::default(), Policy::Lru);
+        let err = "LRU".parse::<Policy>().unwrap_err();
+        assert!(err.contains("\"LRU\"") && err.contains("s3fifo"), "{err}");
+        assert!("".parse::<Policy>().is_err());
+    }
+}
