@@ -3,6 +3,7 @@
 
 mod handle;
 mod keys;
+mod plain;
 mod registry;
 mod value;
 
