@@ -3,6 +3,7 @@
 
 mod handle;
 mod keys;
+mod made_key;
 mod plain;
 mod registry;
 mod value;

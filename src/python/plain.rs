@@ -158,27 +158,36 @@ pub fn build<'py>(py: Python<'py>, node: &Node) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
-/// Addresses of the lists and dicts met so far (a linear scan while few, then a hash set).
+/// Addresses of the lists and dicts met so far: a few inline, then a hash set (made only then:
+/// seeding its hasher costs more than walking a small value).
 #[derive(Default)]
 struct Seen {
-    few: Vec<usize>,
-    many: HashSet<usize, RandomState>,
+    few: [usize; 8],
+    len: usize,
+    many: Option<HashSet<usize, RandomState>>,
 }
 
 impl Seen {
     /// False if `p` was already met.
     fn insert(&mut self, p: usize) -> bool {
-        if self.many.is_empty() {
-            if self.few.contains(&p) {
+        if self.len < self.few.len() {
+            if self.few[..self.len].contains(&p) {
                 return false;
             }
-            if self.few.len() < 16 {
-                self.few.push(p);
-                return true;
-            }
-            self.many.extend(self.few.drain(..));
+            self.few[self.len] = p;
+            self.len += 1;
+            return true;
         }
-        self.many.insert(p)
+        let many = match &mut self.many {
+            Some(many) => many,
+            None => {
+                if self.few.contains(&p) {
+                    return false;
+                }
+                self.many.insert(self.few.iter().copied().collect())
+            }
+        };
+        many.insert(p)
     }
 }
 
@@ -200,39 +209,21 @@ impl Walk {
     /// The stored form of `v` at `depth`, or None if `v` is not plain.
     fn value(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
         let p = v.as_ptr();
-        // SAFETY: as in `classify`; the size functions read exact builtin objects.
-        unsafe {
-            let t = ffi::Py_TYPE(p);
-            if t == addr_of_mut!(ffi::PyUnicode_Type) {
-                self.weight += str_weight(p);
-            } else if t == addr_of_mut!(ffi::PyLong_Type) {
-                let mut overflow = 0;
-                let i = ffi::PyLong_AsLongLongAndOverflow(p, &mut overflow);
-                if overflow != 0 {
-                    self.weight += big_int_weight(v);
-                } else if i == -1 && !ffi::PyErr_Occurred().is_null() {
-                    ffi::PyErr_Clear();
-                    return None;
-                } else {
-                    self.weight += 32;
-                }
-            } else if t == addr_of_mut!(ffi::PyBytes_Type) {
-                self.weight += 40 + ffi::PyBytes_Size(p) as usize;
-            } else if t == addr_of_mut!(ffi::PyFloat_Type) {
-                self.weight += 24;
-            } else if p == ffi::Py_None() || t == addr_of_mut!(ffi::PyBool_Type) {
-                // Singletons: nothing held beyond the reference.
-            } else if t == addr_of_mut!(ffi::PyTuple_Type) {
-                return self.tuple(v, depth);
-            } else if t == addr_of_mut!(ffi::PyList_Type) {
-                return self.list(v, depth);
-            } else if t == addr_of_mut!(ffi::PyDict_Type) {
-                return self.dict(v, depth);
-            } else {
-                return None;
-            }
+        // SAFETY: `p` is alive while `v` is, and the GIL is held.
+        if let Some(w) = unsafe { scalar_weight(p) } {
+            self.weight += w?;
+            return Some(Node::Atom(v.clone().unbind()));
         }
-        Some(Node::Atom(v.clone().unbind()))
+        let t = unsafe { ffi::Py_TYPE(p) };
+        if t == addr_of_mut!(ffi::PyTuple_Type) {
+            self.tuple(v, depth)
+        } else if t == addr_of_mut!(ffi::PyList_Type) {
+            self.list(v, depth)
+        } else if t == addr_of_mut!(ffi::PyDict_Type) {
+            self.dict(v, depth)
+        } else {
+            None
+        }
     }
 
     fn tuple(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
@@ -278,7 +269,7 @@ impl Walk {
         let mut items = Vec::with_capacity(len);
         for i in 0..len {
             // SAFETY: the borrowed item becomes an owned reference at once; an index the list
-            // no longer has (it cannot shrink here: no Python code runs) would give NULL.
+            // no longer has gives NULL, and the value then goes to pickle.
             let item = unsafe {
                 let raw = ffi::PyList_GetItem(p, i as _);
                 if raw.is_null() {
@@ -303,8 +294,10 @@ impl Walk {
         if depth >= MAX_DEPTH || !self.reserve(2 * len) || !self.seen.insert(p as usize) {
             return None;
         }
+        if let Some(flat) = self.flat_dict(py, p, len) {
+            return flat;
+        }
         let mut items: Vec<(Py<PyAny>, Node)> = Vec::with_capacity(len);
-        let mut atoms = true;
         let mut pos: ffi::Py_ssize_t = 0;
         loop {
             let mut k: *mut ffi::PyObject = std::ptr::null_mut();
@@ -320,39 +313,107 @@ impl Walk {
                     Bound::from_borrowed_ptr(py, val),
                 )
             };
-            match self.value(&k, depth + 1)? {
-                Node::Atom(key) => {
-                    let node = self.value(&val, depth + 1)?;
-                    atoms &= matches!(node, Node::Atom(_));
-                    items.push((key, node));
-                }
-                _ => return None,
-            }
+            let Node::Atom(key) = self.value(&k, depth + 1)? else {
+                return None; // only atoms can be keys (a tuple holding a list is unhashable)
+            };
+            items.push((key, self.value(&val, depth + 1)?));
         }
         if items.len() != len || unsafe { ffi::PyDict_Size(p) } as usize != len {
             return None;
         }
-        if atoms {
-            let d = PyDict::new(py);
-            for (k, node) in &items {
-                let Node::Atom(val) = node else {
-                    unreachable!()
-                };
-                d.set_item(k.bind(py), val.bind(py)).ok()?;
-            }
-            // SAFETY: the dict is ours and holds only atoms: it can never be part of a cycle.
-            // CPython 3.10-3.13 leave it untracked already; untrack it on versions that do not.
-            unsafe {
-                if ffi::PyObject_GC_IsTracked(d.as_ptr()) == 1 {
-                    ffi::PyObject_GC_UnTrack(d.as_ptr().cast());
-                }
-            }
-            self.weight += dict_weight(len);
-            return Some(Node::Dict(d.unbind()));
-        }
         self.weight += 16 + len * size_of::<(Py<PyAny>, Node)>();
         Some(Node::Map(items.into_boxed_slice()))
     }
+
+    /// The commonest value, a dict whose keys and values are all scalars: checked in one pass and
+    /// copied into a dict of our own in a second, with no list of items in between. `None` if
+    /// some key or value is not a scalar (the caller then walks the dict in full); `Some(None)`
+    /// if it holds a scalar that cannot be stored.
+    fn flat_dict(
+        &mut self,
+        py: Python<'_>,
+        p: *mut ffi::PyObject,
+        len: usize,
+    ) -> Option<Option<Node>> {
+        let mut weight = 0;
+        let mut pos: ffi::Py_ssize_t = 0;
+        let mut k: *mut ffi::PyObject = std::ptr::null_mut();
+        let mut v: *mut ffi::PyObject = std::ptr::null_mut();
+        // SAFETY: PyDict_Next hands out borrowed references to live items of `p`. Between the
+        // passes nothing runs but allocation; were the dict changed meanwhile (a finalizer run by
+        // a GC pass), the size check sends the value to pickle.
+        unsafe {
+            while ffi::PyDict_Next(p, &mut pos, &mut k, &mut v) != 0 {
+                let (Some(kw), Some(vw)) = (scalar_weight(k), scalar_weight(v)) else {
+                    return None;
+                };
+                let (Some(kw), Some(vw)) = (kw, vw) else {
+                    return Some(None);
+                };
+                weight += kw + vw;
+            }
+            let Ok(d) = Bound::from_owned_ptr_or_err(py, ffi::PyDict_New()) else {
+                return Some(None);
+            };
+            pos = 0;
+            while ffi::PyDict_Next(p, &mut pos, &mut k, &mut v) != 0 {
+                // Scalars hash without running Python code.
+                if ffi::PyDict_SetItem(d.as_ptr(), k, v) != 0 {
+                    ffi::PyErr_Clear();
+                    return Some(None);
+                }
+            }
+            if ffi::PyDict_Size(d.as_ptr()) as usize != len || ffi::PyDict_Size(p) as usize != len {
+                return Some(None);
+            }
+            self.weight += weight + dict_weight(len);
+            Some(Some(Node::Dict(untracked(d.cast_into_unchecked()))))
+        }
+    }
+}
+
+/// A dict of atoms made ours, untracked by the GC. It can never be part of a cycle; CPython
+/// 3.10-3.13 leave such a dict untracked already, and this untracks it on versions that do not.
+fn untracked(d: Bound<'_, PyDict>) -> Py<PyDict> {
+    // SAFETY: `d` was built by the store and holds only atoms; nobody else can ever reach it.
+    unsafe {
+        if ffi::PyObject_GC_IsTracked(d.as_ptr()) == 1 {
+            ffi::PyObject_GC_UnTrack(d.as_ptr().cast());
+        }
+    }
+    d.unbind()
+}
+
+/// The weight of a scalar (`str`, `bytes`, `int`, `float`, `bool`, `None`) inside a plain value:
+/// `None` if `p` is not a scalar, `Some(None)` if it is one that cannot be stored (an int that
+/// fails to convert), else its object size.
+///
+/// # Safety
+/// `p` must be a live object and the GIL held.
+unsafe fn scalar_weight(p: *mut ffi::PyObject) -> Option<Option<usize>> {
+    let t = ffi::Py_TYPE(p);
+    Some(Some(if t == addr_of_mut!(ffi::PyUnicode_Type) {
+        str_weight(p)
+    } else if t == addr_of_mut!(ffi::PyLong_Type) {
+        let mut overflow = 0;
+        let i = ffi::PyLong_AsLongLongAndOverflow(p, &mut overflow);
+        if overflow != 0 {
+            big_int_weight(&Bound::from_borrowed_ptr(Python::assume_attached(), p))
+        } else if i == -1 && !ffi::PyErr_Occurred().is_null() {
+            ffi::PyErr_Clear();
+            return Some(None);
+        } else {
+            32
+        }
+    } else if t == addr_of_mut!(ffi::PyBytes_Type) {
+        40 + ffi::PyBytes_Size(p) as usize
+    } else if t == addr_of_mut!(ffi::PyFloat_Type) {
+        24
+    } else if p == ffi::Py_None() || t == addr_of_mut!(ffi::PyBool_Type) {
+        0 // singletons: nothing held beyond the reference
+    } else {
+        return None;
+    }))
 }
 
 /// CPython's size of a str inside a plain value: ASCII is one byte a character after a 49-byte
@@ -432,5 +493,11 @@ mod tests {
         assert!(!s.insert(99 * 8));
         let mut few = Seen::default();
         assert!(few.insert(1) && few.insert(2) && !few.insert(1));
+        // The 9th address moves them all to the set: repeats of the first 8 are still seen.
+        let mut nine = Seen::default();
+        for p in 1..=9 {
+            assert!(nine.insert(p));
+        }
+        assert!((1..=9).all(|p| !nine.insert(p)));
     }
 }
