@@ -325,8 +325,8 @@ impl Walk {
         Some(Node::Map(items.into_boxed_slice()))
     }
 
-    /// The commonest value, a dict whose keys and values are all scalars: checked in one pass and
-    /// copied into a dict of our own in a second, with no list of items in between. `None` if
+    /// The commonest value, a dict whose keys and values are all scalars: checked in one pass,
+    /// then copied with `PyDict_Copy` (a copy of its table, not an insert per item). `None` if
     /// some key or value is not a scalar (the caller then walks the dict in full); `Some(None)`
     /// if it holds a scalar that cannot be stored.
     fn flat_dict(
@@ -339,9 +339,8 @@ impl Walk {
         let mut pos: ffi::Py_ssize_t = 0;
         let mut k: *mut ffi::PyObject = std::ptr::null_mut();
         let mut v: *mut ffi::PyObject = std::ptr::null_mut();
-        // SAFETY: PyDict_Next hands out borrowed references to live items of `p`. Between the
-        // passes nothing runs but allocation; were the dict changed meanwhile (a finalizer run by
-        // a GC pass), the size check sends the value to pickle.
+        // SAFETY: PyDict_Next hands out borrowed references to live items of `p`; nothing but
+        // the scalar checks (which run no Python code) happens before the copy.
         unsafe {
             while ffi::PyDict_Next(p, &mut pos, &mut k, &mut v) != 0 {
                 let (Some(kw), Some(vw)) = (scalar_weight(k), scalar_weight(v)) else {
@@ -352,20 +351,14 @@ impl Walk {
                 };
                 weight += kw + vw;
             }
-            let Ok(d) = Bound::from_owned_ptr_or_err(py, ffi::PyDict_New()) else {
+            let Ok(d) = Bound::from_owned_ptr_or_err(py, ffi::PyDict_Copy(p)) else {
                 return Some(None);
             };
-            pos = 0;
-            while ffi::PyDict_Next(p, &mut pos, &mut k, &mut v) != 0 {
-                // Scalars hash without running Python code.
-                if ffi::PyDict_SetItem(d.as_ptr(), k, v) != 0 {
-                    ffi::PyErr_Clear();
-                    return Some(None);
-                }
-            }
-            if ffi::PyDict_Size(d.as_ptr()) as usize != len || ffi::PyDict_Size(p) as usize != len {
+            if ffi::PyDict_Size(d.as_ptr()) as usize != len {
                 return Some(None);
             }
+            // The copy's table is the source's when that is dense (at least 2/3 used), else a
+            // compact one; charged as a compact one built by insertion (see `dict_weight`).
             self.weight += weight + dict_weight(len);
             Some(Some(Node::Dict(untracked(d.cast_into_unchecked()))))
         }
