@@ -11,6 +11,7 @@ use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString};
 
+use super::fast::TimeoutArg;
 use super::keys::push_part;
 use super::made_key::MadeKey;
 use super::registry;
@@ -325,6 +326,26 @@ impl Handle {
         tags: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
         Ok(self.put(key, value, timeout, version, tags, false)? == Put::Stored)
+    }
+
+    /// `set` with Django's signature and result (None), so that `RustCache.set` can be this
+    /// method itself (see `fast.rs`).
+    #[pyo3(signature = (key, value, timeout = TimeoutArg::Default, version = None, tags = None))]
+    fn set_value(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+        timeout: TimeoutArg<'_>,
+        version: Option<&Bound<'_, PyAny>>,
+        tags: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let timeout = match timeout {
+            TimeoutArg::Given(t) => t,
+            TimeoutArg::Default => self.sentinel.bind(py).clone(),
+        };
+        self.put(key, value, &timeout, version, tags, false)?;
+        Ok(())
     }
 
     #[pyo3(signature = (key, value, timeout, version = None, tags = None))]
