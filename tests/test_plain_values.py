@@ -13,6 +13,7 @@ import pickle
 import sys
 import threading
 import uuid
+import weakref
 from typing import Any
 
 import pytest
@@ -433,6 +434,27 @@ def test_stored_plain_values_add_no_gc_tracked_objects():
         assert c.get(f"k{i}") == held[i]
     del held
     assert tracked_objects() - before < count // 50
+
+
+class Marker:
+    """A weakly referenceable object to tell whether a cycle holding it was collected."""
+
+
+def test_returned_dicts_are_tracked_once_they_can_hold_a_cycle():
+    """A copy handed out untracked must still be collected if the caller makes a cycle with it."""
+    c = make()
+    c.set("flat", {"a": 1, "b": "x"})
+    c.set("nested", {"rows": [{"a": 1}], "m": {"b": 2}})
+    for key, inner in (("flat", lambda v: v), ("nested", lambda v: v["m"])):
+        got = c.get(key)
+        marker = Marker()
+        inner(got)["self"] = got
+        inner(got)["marker"] = marker
+        assert gc.is_tracked(inner(got))
+        ref = weakref.ref(marker)
+        del got, marker
+        gc.collect()
+        assert ref() is None, key
 
 
 def deep_sizeof(v: Any) -> int:

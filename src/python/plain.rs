@@ -19,6 +19,7 @@ use ahash::RandomState;
 use hashbrown::HashSet;
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
 /// Containers nested deeper than this are pickled (pickle's own limit is the recursion limit).
@@ -112,8 +113,32 @@ pub fn classify(v: &Bound<'_, PyAny>) -> Plain {
 }
 
 /// A fresh copy of a stored dict of atoms (same keys, order and values).
+///
+/// `PyDict_Copy` keeps the source's GC state, so the copy of our untracked dict is untracked.
+/// CPython up to 3.13 tracks a dict as soon as a container is put in it; from 3.14 on
+/// (gh-127010) it tracks every dict from the start and never again, so there the copy is handed
+/// out tracked, or a cycle made through it later would never be collected.
 pub fn copy_dict<'py>(d: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyAny>> {
-    Ok(d.copy()?.into_any())
+    let copy = d.copy()?;
+    if !lazy_dict_tracking(d.py()) {
+        // SAFETY: a dict is a GC type; it is tracked here only if it is not already.
+        unsafe {
+            if ffi::PyObject_GC_IsTracked(copy.as_ptr()) == 0 {
+                ffi::PyObject_GC_Track(copy.as_ptr().cast());
+            }
+        }
+    }
+    Ok(copy.into_any())
+}
+
+/// Whether this CPython leaves a new dict untracked until a container is put in it (true up to
+/// 3.13): asked once, of an empty dict.
+fn lazy_dict_tracking(py: Python<'_>) -> bool {
+    static LAZY: PyOnceLock<bool> = PyOnceLock::new();
+    *LAZY.get_or_init(py, || {
+        // SAFETY: a new empty dict, only asked whether it is tracked.
+        unsafe { ffi::PyObject_GC_IsTracked(PyDict::new(py).as_ptr()) == 0 }
+    })
 }
 
 /// A fresh Python value from a stored tree: new containers, shared atoms.
