@@ -4,9 +4,9 @@
 //!
 //! The stored form adds no work for Python's garbage collector: it holds no GC-tracked object.
 //! Atoms are not GC objects; a tuple of atoms (which CPython's GC would untrack at its first
-//! collection anyway) is untracked at once and returned as is; a dict of atoms is built fresh by
-//! the store, untracked, and handed out through `PyDict_Copy`; anything else (lists, dicts holding
-//! containers, tuples holding containers) is a Rust tree of `Node`s rebuilt on each `get`.
+//! collection anyway) is untracked at once and returned as is; a dict of scalars is copied by the
+//! store (`PyDict_Copy`), untracked, and handed out through `PyDict_Copy`; anything else (lists,
+//! other dicts, tuples holding containers) is a Rust tree of `Node`s rebuilt on each `get`.
 //!
 //! Pickle semantics the walk refuses to approximate send the value to the pickle path instead:
 //! a list or dict met twice (a shared sub-object or a cycle: pickle keeps the identity), any
@@ -31,7 +31,7 @@ pub const MAX_NODES: usize = 100_000;
 pub enum Node {
     /// An immutable object (atom, or tuple of atoms, untracked), shared by every copy.
     Atom(Py<PyAny>),
-    /// A dict of atoms built by the store, untracked: copied with `PyDict_Copy`.
+    /// The store's own copy of a dict of scalars, untracked: copied with `PyDict_Copy`.
     Dict(Py<PyDict>),
     /// A dict holding containers: its atom keys, in order, with their values.
     Map(Box<[(Py<PyAny>, Node)]>),
@@ -46,7 +46,7 @@ pub enum Plain {
     Int(i64),
     /// An immutable object to keep and return as is, with its weight.
     Atom(usize),
-    /// A dict of atoms (see `Node::Dict`), with the weight of the whole value.
+    /// A dict of scalars (see `Node::Dict`), with the weight of the whole value.
     Dict(Py<PyDict>, usize),
     /// Any other plain value, with the weight of the whole value.
     Tree(Node, usize),
@@ -112,7 +112,7 @@ pub fn classify(v: &Bound<'_, PyAny>) -> Plain {
     }
 }
 
-/// A fresh copy of a stored dict of atoms (same keys, order and values).
+/// A fresh copy of a stored dict of scalars (same keys, order and values).
 ///
 /// `PyDict_Copy` keeps the source's GC state, so the copy of our untracked dict is untracked.
 /// CPython up to 3.13 tracks a dict as soon as a container is put in it; from 3.14 on
@@ -390,10 +390,11 @@ impl Walk {
     }
 }
 
-/// A dict of atoms made ours, untracked by the GC. It can never be part of a cycle; CPython
-/// 3.10-3.13 leave such a dict untracked already, and this untracks it on versions that do not.
+/// A dict of scalars made ours, untracked by the GC. It can never be part of a cycle and nobody
+/// else can reach it to change that; CPython 3.10-3.13 leave such a dict untracked already (when
+/// its source was), and this untracks it on versions that do not.
 fn untracked(d: Bound<'_, PyDict>) -> Py<PyDict> {
-    // SAFETY: `d` was built by the store and holds only atoms; nobody else can ever reach it.
+    // SAFETY: `d` is the store's own copy and holds only scalars; nobody else can reach it.
     unsafe {
         if ffi::PyObject_GC_IsTracked(d.as_ptr()) == 1 {
             ffi::PyObject_GC_UnTrack(d.as_ptr().cast());

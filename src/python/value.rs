@@ -21,7 +21,7 @@ pub enum PyValue {
     /// An immutable object returned as is (never GC-tracked: see `plain::atom`).
     Shared(Py<PyAny>, usize),
     Int(i64),
-    /// A dict of atoms built by the store and untracked by the GC; `get` returns `PyDict_Copy`.
+    /// The store's own copy of a dict of scalars, untracked by the GC; `get` returns `PyDict_Copy`.
     Dict(Py<PyDict>, usize),
     /// Any other plain value, rebuilt on each `get`.
     Tree(Arc<Node>, usize),
