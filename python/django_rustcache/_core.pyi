@@ -11,6 +11,14 @@ class TagSnapshot:
     def is_current(self) -> bool: ...
     def __len__(self) -> int: ...
 
+class FastMethod:
+    """Descriptor: the instance's bound Rust method stored under ``slot`` if any, else ``func``."""
+
+    def __init__(self, func: Callable[..., Any], slot: str) -> None: ...
+    def __get__(self, obj: object, owner: type | None = None) -> Callable[..., Any]: ...
+    @property
+    def __wrapped__(self) -> Callable[..., Any]: ...
+
 class Handle:
     """One backend instance's view of the store named ``location`` (one per name per process)."""
 
@@ -42,6 +50,14 @@ class Handle:
         version: Any = None,
         tags: Iterable[str] | TagSnapshot | None = None,
     ) -> bool: ...
+    def set_value(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = ...,
+        version: Any = None,
+        tags: Iterable[str] | TagSnapshot | None = None,
+    ) -> None: ...
     def add(
         self,
         key: Any,

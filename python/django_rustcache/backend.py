@@ -25,7 +25,7 @@ from django.core.cache.backends.base import (
 )
 from django.core.exceptions import ImproperlyConfigured
 
-from django_rustcache._core import Handle
+from django_rustcache._core import FastMethod, Handle
 from django_rustcache.options import RustCacheOptions, check_early_refresh
 from django_rustcache.signals import tags_invalidated
 
@@ -138,6 +138,14 @@ class RustCache(BaseCache):
         self._raw = raw
         self._h.configure(self.key_prefix, self.version, self.default_timeout, raw)
         self._h.set_limits(self._max_entries, self._cull_frequency, self._options.max_bytes)
+        # With Django's key function, `get` and `set` are the handle's methods themselves (no
+        # Python frame per call; see `FastMethod`); in raw mode, the Python methods below.
+        if raw:
+            d.pop("_fast_get", None)
+            d.pop("_fast_set", None)
+        else:
+            d["_fast_get"] = self._h.get
+            d["_fast_set"] = self._h.set_value
 
     def _k(self, key: Any, version: Any) -> Any:
         """The key as the handle wants it: the caller's key, or in raw mode the made key."""
@@ -164,6 +172,8 @@ class RustCache(BaseCache):
             key = self.make_and_validate_key(key, version)
         return self._h.get(key, default, version)
 
+    get = FastMethod(get, "_fast_get")  # type: ignore[assignment]
+
     def set(
         self,
         key: Any,
@@ -176,6 +186,8 @@ class RustCache(BaseCache):
         if self._raw:
             key = self.make_and_validate_key(key, version)
         self._h.set(key, value, timeout, version, tags)
+
+    set = FastMethod(set, "_fast_set")  # type: ignore[assignment]
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
         """Give a live key a new timeout; False if missing."""

@@ -11,7 +11,9 @@ use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString};
 
+use super::fast::TimeoutArg;
 use super::keys::push_part;
+use super::made_key::MadeKey;
 use super::registry;
 use super::value::{decode, encode, PyValue};
 use crate::clock::{self, NEVER};
@@ -86,12 +88,16 @@ fn not_found(key: &str) -> PyErr {
 
 impl Handle {
     /// The made key for `key` (see the module docs for raw mode), warning as Django does.
-    fn key(&self, key: &Bound<'_, PyAny>, version: Option<&Bound<'_, PyAny>>) -> PyResult<String> {
+    fn key(&self, key: &Bound<'_, PyAny>, version: Option<&Bound<'_, PyAny>>) -> PyResult<MadeKey> {
         if self.raw {
             return match key.cast::<PyString>() {
                 Ok(s) => match s.to_str() {
-                    Ok(text) => Ok(text.to_owned()),
-                    Err(_) => escape_surrogates(s.as_any()),
+                    Ok(text) => {
+                        let mut out = MadeKey::buffer();
+                        out.push_str(text);
+                        Ok(MadeKey::new(out))
+                    }
+                    Err(_) => escape_surrogates(s.as_any()).map(MadeKey::new),
                 },
                 Err(_) => Err(PyTypeError::new_err(format!(
                     "the key function must return a str, not {}",
@@ -99,7 +105,7 @@ impl Handle {
                 ))),
             };
         }
-        let mut out = String::with_capacity(self.prefix.len() + self.version.len() + 34);
+        let mut out = MadeKey::buffer();
         out.push_str(&self.prefix);
         out.push(':');
         let built = match version {
@@ -115,13 +121,14 @@ impl Handle {
         });
         match built {
             Ok(()) => {
+                let out = MadeKey::new(out);
                 if needs_warning(&out) {
-                    self.warn.bind(key.py()).call1((&out,))?;
+                    self.warn.bind(key.py()).call1((&*out,))?;
                 }
                 Ok(out)
             }
             Err(e) if e.is_instance_of::<PyUnicodeEncodeError>(key.py()) => {
-                self.key_with_surrogates(key, version)
+                self.key_with_surrogates(key, version).map(MadeKey::new)
             }
             Err(e) => Err(e),
         }
@@ -345,7 +352,7 @@ impl Handle {
         key: &Bound<'_, PyAny>,
         version: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
-        self.key(key, version)
+        self.key(key, version).map(|k| k.to_string())
     }
 
     #[pyo3(signature = (key, default = None, version = None))]
@@ -374,6 +381,26 @@ impl Handle {
         tags: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
         Ok(self.put(key, value, timeout, version, tags, false)? == Put::Stored)
+    }
+
+    /// `set` with Django's signature and result (None), so that `RustCache.set` can be this
+    /// method itself (see `fast.rs`).
+    #[pyo3(signature = (key, value, timeout = TimeoutArg::Default, version = None, tags = None))]
+    fn set_value(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+        timeout: TimeoutArg<'_>,
+        version: Option<&Bound<'_, PyAny>>,
+        tags: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let timeout = match timeout {
+            TimeoutArg::Given(t) => t,
+            TimeoutArg::Default => self.sentinel.bind(py).clone(),
+        };
+        self.put(key, value, &timeout, version, tags, false)?;
+        Ok(())
     }
 
     #[pyo3(signature = (key, value, timeout, version = None, tags = None))]

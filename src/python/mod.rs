@@ -1,8 +1,11 @@
 //! The PyO3 surface: `django_rustcache._core`. The Django-facing logic lives in Python; this is the
 //! store behind it, plus key building and value encoding done without Python loops.
 
+mod fast;
 mod handle;
 mod keys;
+mod made_key;
+mod plain;
 mod registry;
 mod value;
 
@@ -11,6 +14,7 @@ use pyo3::prelude::*;
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::Handle>()?;
     m.add_class::<handle::TagSnapshot>()?;
+    m.add_class::<fast::FastMethod>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,26 +1,39 @@
 //! How Python values are held in the store.
 //!
-//! Exact `str`, `bytes`, `float`, `bool`, `None` and big `int` cannot be mutated, so the store keeps
-//! the object itself and hands it back as is. Exact `int` that fits in 64 bits is kept as a Rust
-//! integer so that `incr` runs without Python. Everything else is pickled (highest protocol), so
-//! that every `get` returns an isolated copy, as Django's LocMemCache does.
+//! Exact `str`, `bytes`, `float`, `bool`, `None`, big `int` and tuples of those cannot be mutated,
+//! so the store keeps the object itself and hands it back as is. Exact `int` that fits in 64 bits
+//! is kept as a Rust integer so that `incr` runs without Python. Plain containers (exact `dict`,
+//! `list` and `tuple` of such atoms, nested) are held in a structural form (see `plain.rs`) that
+//! `get` copies without pickle. Everything else is pickled (highest protocol), so that every `get`
+//! returns an isolated copy, as Django's LocMemCache does.
+
+use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyString};
+use pyo3::types::{PyBytes, PyDict};
 
+use super::plain::{self, Node, Plain};
 use crate::store::Weigh;
 
 pub enum PyValue {
     Pickled(Py<PyBytes>, usize),
+    /// An immutable object returned as is (never GC-tracked: see `plain::atom`).
     Shared(Py<PyAny>, usize),
     Int(i64),
+    /// The store's own copy of a dict of scalars, untracked by the GC; `get` returns `PyDict_Copy`.
+    Dict(Py<PyDict>, usize),
+    /// Any other plain value, rebuilt on each `get`.
+    Tree(Arc<Node>, usize),
 }
 
 impl Weigh for PyValue {
     fn weight(&self) -> usize {
         match self {
-            PyValue::Pickled(_, n) | PyValue::Shared(_, n) => *n,
+            PyValue::Pickled(_, n)
+            | PyValue::Shared(_, n)
+            | PyValue::Dict(_, n)
+            | PyValue::Tree(_, n) => *n,
             PyValue::Int(_) => 0,
         }
     }
@@ -33,6 +46,8 @@ impl PyValue {
             PyValue::Pickled(b, n) => PyValue::Pickled(b.clone_ref(py), *n),
             PyValue::Shared(o, n) => PyValue::Shared(o.clone_ref(py), *n),
             PyValue::Int(i) => PyValue::Int(*i),
+            PyValue::Dict(d, n) => PyValue::Dict(d.clone_ref(py), *n),
+            PyValue::Tree(t, n) => PyValue::Tree(Arc::clone(t), *n),
         }
     }
 }
@@ -55,43 +70,35 @@ fn pickle(py: Python<'_>) -> PyResult<&Pickle> {
     })
 }
 
-/// Size charged for a Python object header (refcount, type, length).
+/// Size charged for a pickle's `bytes` object header (refcount, type, length, hash).
 const OBJ_HEADER: usize = 32;
 
 /// Turns a Python value into its stored form. Runs Python (pickling): call it outside every lock.
 pub fn encode(v: &Bound<'_, PyAny>) -> PyResult<PyValue> {
-    let py = v.py();
-    if let Ok(s) = v.cast_exact::<PyString>() {
-        // Code points times the widest width CPython may use for them would overstate most
-        // strings; UTF-8 length is what a shared engine would store, and is cached by CPython.
-        let n = s.to_str().map(str::len).unwrap_or(0);
-        return Ok(PyValue::Shared(v.clone().unbind(), n + OBJ_HEADER));
-    }
-    if let Ok(i) = v.cast_exact::<PyInt>() {
-        if let Ok(n) = i.extract::<i64>() {
-            return Ok(PyValue::Int(n));
+    match plain::classify(v) {
+        Plain::Int(n) => Ok(PyValue::Int(n)),
+        Plain::Atom(weight) => Ok(PyValue::Shared(v.clone().unbind(), weight)),
+        Plain::Dict(d, weight) => Ok(PyValue::Dict(d, weight)),
+        Plain::Tree(node, weight) => Ok(PyValue::Tree(Arc::new(node), weight)),
+        Plain::No => {
+            let py = v.py();
+            let p = pickle(py)?;
+            let pickled = p.dumps.bind(py).call1((v, p.protocol))?;
+            let bytes = pickled.cast_into::<PyBytes>().map_err(PyErr::from)?;
+            let n = bytes.as_bytes().len();
+            Ok(PyValue::Pickled(bytes.unbind(), n + OBJ_HEADER))
         }
-        return Ok(PyValue::Shared(v.clone().unbind(), OBJ_HEADER + 16));
     }
-    if let Ok(b) = v.cast_exact::<PyBytes>() {
-        let n = b.as_bytes().len();
-        return Ok(PyValue::Shared(v.clone().unbind(), n + OBJ_HEADER));
-    }
-    if v.is_none() || v.is_exact_instance_of::<PyFloat>() || v.is_exact_instance_of::<PyBool>() {
-        return Ok(PyValue::Shared(v.clone().unbind(), OBJ_HEADER));
-    }
-    let p = pickle(py)?;
-    let pickled = p.dumps.bind(py).call1((v, p.protocol))?;
-    let bytes = pickled.cast_into::<PyBytes>().map_err(PyErr::from)?;
-    let n = bytes.as_bytes().len();
-    Ok(PyValue::Pickled(bytes.unbind(), n + OBJ_HEADER))
 }
 
-/// Turns a stored form back into a Python value (unpickling: call it outside every lock).
+/// Turns a stored form back into a Python value: a fresh copy of every mutable container
+/// (unpickling or rebuilding: call it outside every lock).
 pub fn decode(py: Python<'_>, v: PyValue) -> PyResult<Py<PyAny>> {
     match v {
         PyValue::Shared(o, _) => Ok(o),
         PyValue::Int(i) => Ok(i.into_pyobject(py)?.into_any().unbind()),
+        PyValue::Dict(d, _) => Ok(plain::copy_dict(d.bind(py))?.unbind()),
+        PyValue::Tree(t, _) => Ok(plain::build(py, &t)?.unbind()),
         PyValue::Pickled(b, _) => Ok(pickle(py)?.loads.bind(py).call1((b,))?.unbind()),
     }
 }

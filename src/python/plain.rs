@@ -1,0 +1,522 @@
+//! Plain values: exact `dict`, `list` and `tuple` of `str`, `bytes`, `int`, `float`, `bool` and
+//! `None`, nested. The store holds them in a form that `get` copies structurally, which gives the
+//! same value, types and order as a pickle round trip at a fraction of its cost.
+//!
+//! The stored form adds no work for Python's garbage collector: it holds no GC-tracked object.
+//! Atoms are not GC objects; a tuple of atoms (which CPython's GC would untrack at its first
+//! collection anyway) is untracked at once and returned as is; a dict of scalars is copied by the
+//! store (`PyDict_Copy`), untracked, and handed out through `PyDict_Copy`; anything else (lists,
+//! other dicts, tuples holding containers) is a Rust tree of `Node`s rebuilt on each `get`.
+//!
+//! Pickle semantics the walk refuses to approximate send the value to the pickle path instead:
+//! a list or dict met twice (a shared sub-object or a cycle: pickle keeps the identity), any
+//! subclass or other type, more than `MAX_DEPTH` levels or `MAX_NODES` objects.
+
+use std::mem::size_of;
+use std::ptr::addr_of_mut;
+
+use ahash::RandomState;
+use hashbrown::HashSet;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyDict;
+
+/// Containers nested deeper than this are pickled (pickle's own limit is the recursion limit).
+pub const MAX_DEPTH: usize = 32;
+/// Values holding more objects (keys and values, counted before walking) than this are pickled.
+pub const MAX_NODES: usize = 100_000;
+
+/// One object inside a plain value, as the store holds it.
+pub enum Node {
+    /// An immutable object (atom, or tuple of atoms, untracked), shared by every copy.
+    Atom(Py<PyAny>),
+    /// The store's own copy of a dict of scalars, untracked: copied with `PyDict_Copy`.
+    Dict(Py<PyDict>),
+    /// A dict holding containers: its atom keys, in order, with their values.
+    Map(Box<[(Py<PyAny>, Node)]>),
+    List(Box<[Node]>),
+    /// A tuple holding containers (rebuilt, since its containers must be fresh).
+    Tuple(Box<[Node]>),
+}
+
+/// What `classify` made of a value.
+pub enum Plain {
+    /// An exact `int` that fits in 64 bits.
+    Int(i64),
+    /// An immutable object to keep and return as is, with its weight.
+    Atom(usize),
+    /// A dict of scalars (see `Node::Dict`), with the weight of the whole value.
+    Dict(Py<PyDict>, usize),
+    /// Any other plain value, with the weight of the whole value.
+    Tree(Node, usize),
+    /// Not a plain value: pickle it.
+    No,
+}
+
+/// Bytes charged for a top-level scalar's object header (kept as before structural values).
+const OBJ_HEADER: usize = 32;
+
+/// Sorts a value into the stored forms above (no Python code runs).
+pub fn classify(v: &Bound<'_, PyAny>) -> Plain {
+    let p = v.as_ptr();
+    // SAFETY: `p` is a live object (borrowed through `v`); reading its type and comparing it with
+    // the builtin type objects' addresses reads no mutable state.
+    let t = unsafe { ffi::Py_TYPE(p) };
+    unsafe {
+        if t == addr_of_mut!(ffi::PyUnicode_Type) {
+            let mut n: ffi::Py_ssize_t = 0;
+            if ffi::PyUnicode_AsUTF8AndSize(p, &mut n).is_null() {
+                ffi::PyErr_Clear(); // lone surrogates: no UTF-8 form
+                n = ffi::PyUnicode_GetLength(p) * 4;
+            }
+            return Plain::Atom(n as usize + OBJ_HEADER);
+        }
+        if t == addr_of_mut!(ffi::PyLong_Type) {
+            let mut overflow = 0;
+            let i = ffi::PyLong_AsLongLongAndOverflow(p, &mut overflow);
+            let failed = i == -1 && !ffi::PyErr_Occurred().is_null();
+            if overflow == 0 && !failed {
+                return Plain::Int(i);
+            }
+            ffi::PyErr_Clear();
+            return Plain::Atom(big_int_weight(v));
+        }
+        if t == addr_of_mut!(ffi::PyBytes_Type) {
+            return Plain::Atom(ffi::PyBytes_Size(p) as usize + OBJ_HEADER);
+        }
+        if p == ffi::Py_None()
+            || t == addr_of_mut!(ffi::PyFloat_Type)
+            || t == addr_of_mut!(ffi::PyBool_Type)
+        {
+            return Plain::Atom(OBJ_HEADER);
+        }
+        if t != addr_of_mut!(ffi::PyTuple_Type)
+            && t != addr_of_mut!(ffi::PyList_Type)
+            && t != addr_of_mut!(ffi::PyDict_Type)
+        {
+            return Plain::No;
+        }
+    }
+    let mut walk = Walk {
+        seen: Seen::default(),
+        nodes: 1,
+        weight: 0,
+    };
+    match walk.value(v, 0) {
+        None => Plain::No,
+        Some(Node::Atom(_)) => Plain::Atom(walk.weight),
+        Some(Node::Dict(d)) => Plain::Dict(d, walk.weight),
+        // The root node lives in an `Arc` (two counters and the node).
+        Some(node) => Plain::Tree(node, walk.weight + 16 + size_of::<Node>()),
+    }
+}
+
+/// A fresh copy of a stored dict of scalars (same keys, order and values).
+///
+/// `PyDict_Copy` keeps the source's GC state, so the copy of our untracked dict is untracked.
+/// CPython up to 3.13 tracks a dict as soon as a container is put in it; from 3.14 on
+/// (gh-127010) it tracks every dict from the start and never again, so there the copy is handed
+/// out tracked, or a cycle made through it later would never be collected.
+pub fn copy_dict<'py>(d: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyAny>> {
+    let copy = d.copy()?;
+    if !lazy_dict_tracking(d.py()) {
+        // SAFETY: a dict is a GC type; it is tracked here only if it is not already.
+        unsafe {
+            if ffi::PyObject_GC_IsTracked(copy.as_ptr()) == 0 {
+                ffi::PyObject_GC_Track(copy.as_ptr().cast());
+            }
+        }
+    }
+    Ok(copy.into_any())
+}
+
+/// Whether this CPython leaves a new dict untracked until a container is put in it (true up to
+/// 3.13): asked once, of an empty dict.
+fn lazy_dict_tracking(py: Python<'_>) -> bool {
+    static LAZY: PyOnceLock<bool> = PyOnceLock::new();
+    *LAZY.get_or_init(py, || {
+        // SAFETY: a new empty dict, only asked whether it is tracked.
+        unsafe { ffi::PyObject_GC_IsTracked(PyDict::new(py).as_ptr()) == 0 }
+    })
+}
+
+/// A fresh Python value from a stored tree: new containers, shared atoms.
+pub fn build<'py>(py: Python<'py>, node: &Node) -> PyResult<Bound<'py, PyAny>> {
+    match node {
+        Node::Atom(o) => Ok(o.bind(py).clone()),
+        Node::Dict(d) => copy_dict(d.bind(py)),
+        Node::Map(items) => {
+            let d = PyDict::new(py);
+            for (k, n) in items.iter() {
+                d.set_item(k.bind(py), build(py, n)?)?;
+            }
+            Ok(d.into_any())
+        }
+        Node::List(items) => {
+            // SAFETY: PyList_New returns a new reference (or NULL with an exception set), owned
+            // by `list`; PyList_SetItem steals the item reference into a slot of that new list.
+            unsafe {
+                let list = Bound::from_owned_ptr_or_err(py, ffi::PyList_New(items.len() as _))?;
+                for (i, n) in items.iter().enumerate() {
+                    let item = build(py, n)?;
+                    if ffi::PyList_SetItem(list.as_ptr(), i as _, item.into_ptr()) != 0 {
+                        return Err(PyErr::fetch(py));
+                    }
+                }
+                Ok(list)
+            }
+        }
+        Node::Tuple(items) => {
+            // SAFETY: as for lists; the tuple is not visible to anyone before it is filled.
+            unsafe {
+                let tuple = Bound::from_owned_ptr_or_err(py, ffi::PyTuple_New(items.len() as _))?;
+                for (i, n) in items.iter().enumerate() {
+                    let item = build(py, n)?;
+                    if ffi::PyTuple_SetItem(tuple.as_ptr(), i as _, item.into_ptr()) != 0 {
+                        return Err(PyErr::fetch(py));
+                    }
+                }
+                Ok(tuple)
+            }
+        }
+    }
+}
+
+/// Addresses of the lists and dicts met so far: a few inline, then a hash set (made only then:
+/// seeding its hasher costs more than walking a small value).
+#[derive(Default)]
+struct Seen {
+    few: [usize; 8],
+    len: usize,
+    many: Option<HashSet<usize, RandomState>>,
+}
+
+impl Seen {
+    /// False if `p` was already met.
+    fn insert(&mut self, p: usize) -> bool {
+        if self.len < self.few.len() {
+            if self.few[..self.len].contains(&p) {
+                return false;
+            }
+            self.few[self.len] = p;
+            self.len += 1;
+            return true;
+        }
+        let many = match &mut self.many {
+            Some(many) => many,
+            None => {
+                if self.few.contains(&p) {
+                    return false;
+                }
+                self.many.insert(self.few.iter().copied().collect())
+            }
+        };
+        many.insert(p)
+    }
+}
+
+struct Walk {
+    seen: Seen,
+    /// Objects counted so far (containers count their items before walking them).
+    nodes: usize,
+    /// Bytes held so far: atoms' object sizes, Python dicts held, Rust nodes.
+    weight: usize,
+}
+
+impl Walk {
+    /// Reserves `len` more objects; false past `MAX_NODES`.
+    fn reserve(&mut self, len: usize) -> bool {
+        self.nodes += len;
+        self.nodes <= MAX_NODES
+    }
+
+    /// The stored form of `v` at `depth`, or None if `v` is not plain.
+    fn value(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+        let p = v.as_ptr();
+        // SAFETY: `p` is alive while `v` is, and the GIL is held.
+        if let Some(w) = unsafe { scalar_weight(p) } {
+            self.weight += w?;
+            return Some(Node::Atom(v.clone().unbind()));
+        }
+        let t = unsafe { ffi::Py_TYPE(p) };
+        if t == addr_of_mut!(ffi::PyTuple_Type) {
+            self.tuple(v, depth)
+        } else if t == addr_of_mut!(ffi::PyList_Type) {
+            self.list(v, depth)
+        } else if t == addr_of_mut!(ffi::PyDict_Type) {
+            self.dict(v, depth)
+        } else {
+            None
+        }
+    }
+
+    fn tuple(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+        let py = v.py();
+        let p = v.as_ptr();
+        // SAFETY: `p` is an exact tuple; its items are fixed, so borrowed items stay alive while
+        // the tuple does, and each is turned into an owned reference before anything else runs.
+        let len = unsafe { ffi::PyTuple_Size(p) } as usize;
+        if depth >= MAX_DEPTH || !self.reserve(len) {
+            return None;
+        }
+        let mut items = Vec::with_capacity(len);
+        let mut atoms = true;
+        for i in 0..len {
+            let item = unsafe { Bound::from_borrowed_ptr(py, ffi::PyTuple_GetItem(p, i as _)) };
+            let node = self.value(&item, depth + 1)?;
+            atoms &= matches!(node, Node::Atom(_));
+            items.push(node);
+        }
+        self.weight += 40 + 8 * len;
+        if atoms {
+            // Immutable all the way down: keep the tuple itself, untracked as CPython's GC would
+            // leave it after its first collection (it cannot be part of a cycle).
+            // SAFETY: untracking a tracked tuple of atoms is what the GC itself does.
+            unsafe {
+                if ffi::PyObject_GC_IsTracked(p) == 1 {
+                    ffi::PyObject_GC_UnTrack(p.cast());
+                }
+            }
+            return Some(Node::Atom(v.clone().unbind()));
+        }
+        self.weight += 16 + len * size_of::<Node>();
+        Some(Node::Tuple(items.into_boxed_slice()))
+    }
+
+    fn list(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+        let py = v.py();
+        let p = v.as_ptr();
+        let len = unsafe { ffi::PyList_Size(p) } as usize;
+        if depth >= MAX_DEPTH || !self.reserve(len) || !self.seen.insert(p as usize) {
+            return None;
+        }
+        let mut items = Vec::with_capacity(len);
+        for i in 0..len {
+            // SAFETY: the borrowed item becomes an owned reference at once; an index the list
+            // no longer has gives NULL, and the value then goes to pickle.
+            let item = unsafe {
+                let raw = ffi::PyList_GetItem(p, i as _);
+                if raw.is_null() {
+                    ffi::PyErr_Clear();
+                    return None;
+                }
+                Bound::from_borrowed_ptr(py, raw)
+            };
+            items.push(self.value(&item, depth + 1)?);
+        }
+        if unsafe { ffi::PyList_Size(p) } as usize != len {
+            return None;
+        }
+        self.weight += 16 + len * size_of::<Node>();
+        Some(Node::List(items.into_boxed_slice()))
+    }
+
+    fn dict(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+        let py = v.py();
+        let p = v.as_ptr();
+        let len = unsafe { ffi::PyDict_Size(p) } as usize;
+        if depth >= MAX_DEPTH || !self.reserve(2 * len) || !self.seen.insert(p as usize) {
+            return None;
+        }
+        if let Some(flat) = self.flat_dict(py, p, len) {
+            return flat;
+        }
+        let mut items: Vec<(Py<PyAny>, Node)> = Vec::with_capacity(len);
+        let mut pos: ffi::Py_ssize_t = 0;
+        loop {
+            let mut k: *mut ffi::PyObject = std::ptr::null_mut();
+            let mut val: *mut ffi::PyObject = std::ptr::null_mut();
+            // SAFETY: PyDict_Next hands out borrowed references, made owned at once; it checks
+            // `pos` against the table, so it stays in bounds even if the dict changed.
+            let (k, val) = unsafe {
+                if ffi::PyDict_Next(p, &mut pos, &mut k, &mut val) == 0 {
+                    break;
+                }
+                (
+                    Bound::from_borrowed_ptr(py, k),
+                    Bound::from_borrowed_ptr(py, val),
+                )
+            };
+            let Node::Atom(key) = self.value(&k, depth + 1)? else {
+                return None; // only atoms can be keys (a tuple holding a list is unhashable)
+            };
+            items.push((key, self.value(&val, depth + 1)?));
+        }
+        if items.len() != len || unsafe { ffi::PyDict_Size(p) } as usize != len {
+            return None;
+        }
+        self.weight += 16 + len * size_of::<(Py<PyAny>, Node)>();
+        Some(Node::Map(items.into_boxed_slice()))
+    }
+
+    /// The commonest value, a dict whose keys and values are all scalars: checked in one pass,
+    /// then copied with `PyDict_Copy` (a copy of its table, not an insert per item). `None` if
+    /// some key or value is not a scalar (the caller then walks the dict in full); `Some(None)`
+    /// if it holds a scalar that cannot be stored.
+    fn flat_dict(
+        &mut self,
+        py: Python<'_>,
+        p: *mut ffi::PyObject,
+        len: usize,
+    ) -> Option<Option<Node>> {
+        let mut weight = 0;
+        let mut pos: ffi::Py_ssize_t = 0;
+        let mut k: *mut ffi::PyObject = std::ptr::null_mut();
+        let mut v: *mut ffi::PyObject = std::ptr::null_mut();
+        // SAFETY: PyDict_Next hands out borrowed references to live items of `p`; nothing but
+        // the scalar checks (which run no Python code) happens before the copy.
+        unsafe {
+            while ffi::PyDict_Next(p, &mut pos, &mut k, &mut v) != 0 {
+                let (Some(kw), Some(vw)) = (scalar_weight(k), scalar_weight(v)) else {
+                    return None;
+                };
+                let (Some(kw), Some(vw)) = (kw, vw) else {
+                    return Some(None);
+                };
+                weight += kw + vw;
+            }
+            let Ok(d) = Bound::from_owned_ptr_or_err(py, ffi::PyDict_Copy(p)) else {
+                return Some(None);
+            };
+            if ffi::PyDict_Size(d.as_ptr()) as usize != len {
+                return Some(None);
+            }
+            // The copy's table is the source's when that is dense (at least 2/3 used), else a
+            // compact one; charged as a compact one built by insertion (see `dict_weight`).
+            self.weight += weight + dict_weight(len);
+            Some(Some(Node::Dict(untracked(d.cast_into_unchecked()))))
+        }
+    }
+}
+
+/// A dict of scalars made ours, untracked by the GC. It can never be part of a cycle and nobody
+/// else can reach it to change that; CPython 3.10-3.13 leave such a dict untracked already (when
+/// its source was), and this untracks it on versions that do not.
+fn untracked(d: Bound<'_, PyDict>) -> Py<PyDict> {
+    // SAFETY: `d` is the store's own copy and holds only scalars; nobody else can reach it.
+    unsafe {
+        if ffi::PyObject_GC_IsTracked(d.as_ptr()) == 1 {
+            ffi::PyObject_GC_UnTrack(d.as_ptr().cast());
+        }
+    }
+    d.unbind()
+}
+
+/// The weight of a scalar (`str`, `bytes`, `int`, `float`, `bool`, `None`) inside a plain value:
+/// `None` if `p` is not a scalar, `Some(None)` if it is one that cannot be stored (an int that
+/// fails to convert), else its object size.
+///
+/// # Safety
+/// `p` must be a live object and the GIL held.
+unsafe fn scalar_weight(p: *mut ffi::PyObject) -> Option<Option<usize>> {
+    let t = ffi::Py_TYPE(p);
+    Some(Some(if t == addr_of_mut!(ffi::PyUnicode_Type) {
+        str_weight(p)
+    } else if t == addr_of_mut!(ffi::PyLong_Type) {
+        let mut overflow = 0;
+        let i = ffi::PyLong_AsLongLongAndOverflow(p, &mut overflow);
+        if overflow != 0 {
+            big_int_weight(&Bound::from_borrowed_ptr(Python::assume_attached(), p))
+        } else if i == -1 && !ffi::PyErr_Occurred().is_null() {
+            ffi::PyErr_Clear();
+            return Some(None);
+        } else {
+            32
+        }
+    } else if t == addr_of_mut!(ffi::PyBytes_Type) {
+        40 + ffi::PyBytes_Size(p) as usize
+    } else if t == addr_of_mut!(ffi::PyFloat_Type) {
+        24
+    } else if p == ffi::Py_None() || t == addr_of_mut!(ffi::PyBool_Type) {
+        0 // singletons: nothing held beyond the reference
+    } else {
+        return None;
+    }))
+}
+
+/// CPython's size of a str inside a plain value: ASCII is one byte a character after a 49-byte
+/// header; other strings are charged their UTF-8 length twice (the wider in-memory form is at
+/// most that long, plus the UTF-8 copy CPython caches once asked for it).
+///
+/// # Safety
+/// `p` must be an exact `str`.
+unsafe fn str_weight(p: *mut ffi::PyObject) -> usize {
+    let chars = ffi::PyUnicode_GetLength(p) as usize;
+    let mut n: ffi::Py_ssize_t = 0;
+    if ffi::PyUnicode_AsUTF8AndSize(p, &mut n).is_null() {
+        ffi::PyErr_Clear(); // lone surrogates
+        return 80 + 4 * chars;
+    }
+    let n = n as usize;
+    if n == chars {
+        49 + n
+    } else {
+        80 + 2 * n
+    }
+}
+
+/// CPython's size of an int beyond 64 bits: 30 bits a 4-byte digit after a 24-byte header.
+fn big_int_weight(v: &Bound<'_, PyAny>) -> usize {
+    let bits: usize = v
+        .call_method0("bit_length")
+        .and_then(|b| b.extract())
+        .unwrap_or(64);
+    24 + 4 * bits.div_ceil(30)
+}
+
+/// CPython's size of a dict of `n` items built by inserting them one by one: 64 bytes with its
+/// GC header, then a keys table that starts at 8 slots (5 usable) and grows to the next power of
+/// two of 3 times its items whenever full; each slot has an index (1 byte up to 128 slots, then
+/// 2, then 4) and each usable slot a 24-byte entry (hash, key, value).
+pub fn dict_weight(n: usize) -> usize {
+    if n == 0 {
+        return 64;
+    }
+    let (mut size, mut usable) = (8usize, 5usize);
+    while usable < n {
+        size = (usable * 3).next_power_of_two();
+        usable = size * 2 / 3;
+    }
+    let index = match size {
+        0..=128 => 1,
+        129..=32768 => 2,
+        _ => 4,
+    };
+    64 + 32 + size * index + usable * 24
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dict_weight_follows_cpython_growth() {
+        assert_eq!(dict_weight(0), 64);
+        // 8 slots, 5 usable: what a dict of 1 to 5 items built by insertion holds.
+        assert_eq!(dict_weight(1), 64 + 32 + 8 + 5 * 24);
+        assert_eq!(dict_weight(5), dict_weight(1));
+        // The 6th item grows it to 16 slots (10 usable), the 11th to 32 (21 usable).
+        assert_eq!(dict_weight(6), 64 + 32 + 16 + 10 * 24);
+        assert_eq!(dict_weight(11), 64 + 32 + 32 + 21 * 24);
+        assert!(dict_weight(1000) > 1000 * 24);
+    }
+
+    #[test]
+    fn seen_spots_repeats_before_and_after_growing() {
+        let mut s = Seen::default();
+        for p in 0..100 {
+            assert!(s.insert(p * 8));
+        }
+        assert!(!s.insert(8));
+        assert!(!s.insert(99 * 8));
+        let mut few = Seen::default();
+        assert!(few.insert(1) && few.insert(2) && !few.insert(1));
+        // The 9th address moves them all to the set: repeats of the first 8 are still seen.
+        let mut nine = Seen::default();
+        for p in 1..=9 {
+            assert!(nine.insert(p));
+        }
+        assert!((1..=9).all(|p| !nine.insert(p)));
+    }
+}
