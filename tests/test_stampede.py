@@ -109,3 +109,17 @@ def test_stampede_wait_zero_disables_single_flight_and_bad_values_are_refused():
         make(STAMPEDE_WAIT=-1)
     with pytest.raises(ImproperlyConfigured, match="STAMPEDE_WAIT"):
         make(STAMPEDE_WAIT="5")
+
+
+@pytest.mark.parametrize("early", [0.0, 1.0])
+def test_keys_with_lone_surrogates_take_the_flight_too(early: float):
+    """A key Python can make but UTF-8 cannot encode still gets single-flight and early refresh."""
+    c = make(EARLY_REFRESH=early)
+    key = "lone\udcffsurrogate"
+    results = run_threads(8, lambda: c.get_or_set(key, lambda: time.sleep(0.05) or 7))
+    assert results == [("ok", 7)] * 8
+    assert c.get_or_set(key, lambda: 8) == 7
+    c.delete(key)
+    with pytest.raises(ZeroDivisionError):
+        c.get_or_set(key, lambda: 1 / 0)
+    assert not c.has_key(key)

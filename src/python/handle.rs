@@ -82,6 +82,14 @@ fn escape_surrogates(s: &Bound<'_, PyAny>) -> PyResult<String> {
     Ok(out)
 }
 
+/// A made key as the flight table's text: lone surrogates escaped as the store escapes them.
+fn flight_name<'a>(key: &'a Bound<'_, PyString>) -> PyResult<std::borrow::Cow<'a, str>> {
+    match key.to_str() {
+        Ok(text) => Ok(std::borrow::Cow::Borrowed(text)),
+        Err(_) => escape_surrogates(key.as_any()).map(std::borrow::Cow::Owned),
+    }
+}
+
 fn not_found(key: &str) -> PyErr {
     PyValueError::new_err(format!("Key '{key}' not found"))
 }
@@ -575,8 +583,8 @@ impl Handle {
     /// Single-flight for a fill of the made key `key`: True if the caller is to compute the value
     /// (and then call `flight_end`); otherwise waits, without the GIL, until the caller computing
     /// it finishes or `wait` seconds pass, and returns False (read the cache again).
-    fn flight_begin(&self, py: Python<'_>, key: &str, wait: f64) -> PyResult<bool> {
-        match self.store.flights.begin(key) {
+    fn flight_begin(&self, py: Python<'_>, key: &Bound<'_, PyString>, wait: f64) -> PyResult<bool> {
+        match self.store.flights.begin(&flight_name(key)?) {
             Role::Leader => Ok(true),
             Role::Follower(flight) => {
                 let limit = Duration::try_from_secs_f64(wait.max(0.0))
@@ -588,15 +596,16 @@ impl Handle {
     }
 
     /// Ends this thread's fill of the made key `key`, waking those waiting for it.
-    fn flight_end(&self, key: &str) {
-        self.store.flights.finish(key);
+    fn flight_end(&self, key: &Bound<'_, PyString>) -> PyResult<()> {
+        self.store.flights.finish(&flight_name(key)?);
+        Ok(())
     }
 
     /// Takes the single-flight of the made key `key` without waiting: True if this caller now
     /// leads it (and must call `flight_end`), False if a flight for it is already in progress
     /// (also one led by this thread: a refresh does not refresh its own key again).
-    fn flight_try(&self, key: &str) -> bool {
-        self.store.flights.try_begin(key)
+    fn flight_try(&self, key: &Bound<'_, PyString>) -> PyResult<bool> {
+        Ok(self.store.flights.try_begin(&flight_name(key)?))
     }
 
     /// A read for `get_or_set` with early refresh: `(value, refresh)`, or `(default, False)` on a
