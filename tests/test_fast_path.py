@@ -112,3 +112,26 @@ def test_overridden_make_key_is_honoured():
 def test_fast_method_rejects_a_non_callable():
     with pytest.raises(TypeError, match="function"):
         FastMethod(42, "_slot")
+
+
+@pytest.mark.parametrize("early_refresh", [0.0, 1e9])
+def test_get_or_set_goes_through_a_subclass_get_and_add(early_refresh: float):
+    """get_or_set reads and stores through the handle only when get/add/set are RustCache's."""
+    calls = []
+
+    class Logged(RustCache):
+        def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
+            calls.append("get")
+            return super().get(key, default, version)
+
+        def add(self, key: Any, value: Any, *args: Any, **kwargs: Any) -> bool:
+            calls.append("add")
+            return super().add(key, value, *args, **kwargs)
+
+    c = make(Logged)
+    assert c.get_or_set("k", lambda: 5, early_refresh=early_refresh) == 5
+    assert "add" in calls and "get" in calls
+    calls.clear()
+    assert c.get_or_set("k", lambda: 6) == 5
+    assert calls == ["get"]
+    assert make().get_or_set("k", lambda: 7) == 7  # RustCache itself: the direct path

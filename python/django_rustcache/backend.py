@@ -136,6 +136,11 @@ class RustCache(BaseCache):
             or cls.make_and_validate_key is not BaseCache.make_and_validate_key
         )
         self._raw = raw
+        # get_or_set may read and store through the handle itself only when `get`, `add` and `set`
+        # are RustCache's own: a subclass overriding one of them sees get_or_set go through it.
+        own = {n: getattr(cls, n) is getattr(RustCache, n) for n in ("get", "add", "set")}
+        self._direct = not raw and own["get"]
+        self._own_writes = own["add"] and own["set"]
         self._h.configure(self.key_prefix, self.version, self.default_timeout, raw)
         self._h.set_limits(self._max_entries, self._cull_frequency, self._options.max_bytes)
         # With Django's key function, `get` and `set` are the handle's methods themselves (no
@@ -270,10 +275,10 @@ class RustCache(BaseCache):
         if not beta or not callable(default):
             # The ordinary hit path. Reading through the handle (what `get` does) rather than
             # `self.get` saves about what looking up `beta` costs.
-            if self._raw:
-                val = self.get(key, self._missing_key, version=version)
-            else:
+            if self._direct:
                 val = self._h.get(key, self._missing_key, version)
+            else:
+                val = self.get(key, self._missing_key, version=version)
         else:
             # One uniform draw in (0, 1]; `_early_random` is injectable for seeded tests.
             val, refresh = self._h.get_early(
@@ -340,9 +345,14 @@ class RustCache(BaseCache):
             start = clock()
             default = default()
             delta = clock() - start
-            self._h.put_computed(
-                self._k(key, version), default, timeout, version, tags, delta, replace
-            )
+            if self._own_writes:
+                self._h.put_computed(
+                    self._k(key, version), default, timeout, version, tags, delta, replace
+                )
+            else:
+                extra = {} if tags is None else {"tags": tags}
+                store = self.set if replace else self.add
+                store(key, default, timeout=timeout, version=version, **extra)
         # A racing caller may have added first: return what the cache holds now.
         return self.get(key, default, version=version)
 
