@@ -828,6 +828,70 @@ def scale_section(sizes: list[int], timing: Timing, log: Callable[[str], None]) 
     return "\n".join(lines)
 
 
+def eviction_scale_section(sizes: list[int], log: Callable[[str], None]) -> str:
+    """Per-op cost of the request paths that evict or reclaim, at growing entry counts.
+
+    For each size N, RustCache stores built directly (not through CACHES):
+    * ``s3fifo`` full: ``EVICTION_POLICY="s3fifo"``, ``MAX_ENTRIES=N``, filled to N; ``set`` of new
+      keys, each of which evicts one entry.
+    * ``lru`` full: Django's rule, ``MAX_ENTRIES=N``, filled to N; ``N // 3 + 1000`` inserts of new
+      keys, so the mean includes one cull of a third of the store (amortized), and the slowest
+      single insert shows the cull itself.
+    * expired: N entries stored with a 1 s timeout, read after they expired; ``set`` of new keys
+      (each reclaims expired entries from the expiry index) and ``get`` of expired keys.
+    """
+    from django_rustcache import RustCache
+
+    value = {"id": 42, "name": "apple", "price": 1.2}
+    rows: list[str] = []
+
+    def fill(cache: Any, n: int, timeout: Any = None) -> None:
+        for start in range(0, n, 10_000):
+            cache.set_many({f"e:{i}": value for i in range(start, min(start + 10_000, n))}, timeout)
+
+    def timed(fn: Callable[[int], Any], count: int) -> tuple[float, float]:
+        worst = 0
+        start_all = time.perf_counter_ns()
+        for i in range(count):
+            t = time.perf_counter_ns()
+            fn(i)
+            worst = max(worst, time.perf_counter_ns() - t)
+        return (time.perf_counter_ns() - start_all) / count, worst
+
+    for size in sizes:
+        t0 = time.monotonic()
+        cells: dict[str, tuple[float, float]] = {}
+        c = RustCache(
+            f"evict-s3-{size}",
+            {"OPTIONS": {"MAX_ENTRIES": size, "EVICTION_POLICY": "s3fifo"}},
+        )
+        fill(c, size)
+        cells["s3fifo set (full)"] = timed(lambda i, c=c: c.set(f"new:{i}", value), 20_000)
+        c.clear()
+        c = RustCache(f"evict-lru-{size}", {"OPTIONS": {"MAX_ENTRIES": size}})
+        fill(c, size)
+        cells["lru set (full)"] = timed(lambda i, c=c: c.set(f"new:{i}", value), size // 3 + 1000)
+        c.clear()
+        c = RustCache(f"evict-exp-{size}", {"OPTIONS": {"MAX_ENTRIES": 10 * size}})
+        fill(c, size, 1)
+        time.sleep(1.1)
+        cells["set (store expired)"] = timed(lambda i, c=c: c.set(f"new:{i}", value), 20_000)
+        cells["get expired"] = timed(lambda i, c=c, n=size: c.get(f"e:{(i * 7919) % n}"), 20_000)
+        c.clear()
+        gc.collect()
+        rows.append(
+            f"| {size:,} | "
+            + " | ".join(f"{fmt_ns(mean)} / {fmt_ns(worst)}" for mean, worst in cells.values())
+            + " |"
+        )
+        log(
+            f"[bench]   eviction at {size:>9,} entries ({time.monotonic() - t0:.1f} s): "
+            + ", ".join(f"{k} {fmt_ns(v[0])}/{fmt_ns(v[1])}" for k, v in cells.items())
+        )
+    head = "| entries | s3fifo set, full | lru set, full | set, store expired | get, expired |"
+    return "\n".join([head, "|---|---|---|---|---|", *rows])
+
+
 # Targets -------------------------------------------------------------------------------------
 
 
@@ -1036,6 +1100,15 @@ def run_all(
     if not args.no_scale:
         log("[bench] scale: RustCache, LocMemCache and the floor; small dict, random keys")
         scale = scale_section(sizes, timing, log)
+        log("[bench] eviction and expiry at scale: RustCache")
+        scale += (
+            "\n\nEviction and expiry on the request path, RustCache, small dict: mean ns / slowest "
+            "single operation. `s3fifo`/`lru` full: inserts of new keys into a store filled to "
+            "`MAX_ENTRIES` (for `lru`, `N/3 + 1000` inserts, so the mean includes one Django cull "
+            "of a third of the store, and the slowest insert is that cull). Expired: N entries "
+            "stored with a 1 s timeout, then inserts of new keys and reads of expired keys.\n\n"
+            + eviction_scale_section(sizes, log)
+        )
     e2e = ""
     if args.e2e:
         from e2e import run_e2e  # benchmarks/peers/e2e.py, next to this file
