@@ -256,18 +256,32 @@ impl Handle {
         tags: Option<&Bound<'_, PyAny>>,
         only_new: bool,
     ) -> PyResult<Put> {
+        Ok(self.put_at(key, value, timeout, version, tags, only_new)?.0)
+    }
+
+    /// `put`, also returning the made key and the expiry stamp it stored with.
+    fn put_at(
+        &self,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+        timeout: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+        tags: Option<&Bound<'_, PyAny>>,
+        only_new: bool,
+    ) -> PyResult<(Put, MadeKey, u64)> {
         let k = self.key(key, version)?;
         let stored = encode(value)?;
         let stamps = self.stamps(tags)?;
         let now = clock::now();
         let expires = self.deadline(timeout, now)?;
-        Ok(if only_new {
+        let put = if only_new {
             self.store
                 .add(&k, stored, expires, stamps, &self.limits, now)
         } else {
             self.store
                 .set(&k, stored, expires, stamps, &self.limits, now)
-        })
+        };
+        Ok((put, k, expires))
     }
 
     fn read(&self, py: Python<'_>, k: &str, now: u64) -> PyResult<Option<Py<PyAny>>> {
@@ -660,18 +674,7 @@ impl Handle {
         delta: f64,
         replace: bool,
     ) -> PyResult<bool> {
-        let k = self.key(key, version)?;
-        let stored = encode(value)?;
-        let stamps = self.stamps(tags)?;
-        let now = clock::now();
-        let expires = self.deadline(timeout, now)?;
-        let put = if replace {
-            self.store
-                .set(&k, stored, expires, stamps, &self.limits, now)
-        } else {
-            self.store
-                .add(&k, stored, expires, stamps, &self.limits, now)
-        };
+        let (put, k, expires) = self.put_at(key, value, timeout, version, tags, !replace)?;
         // A non-finite or negative duration (a broken clock) records nothing: no early refresh.
         let nanos = if delta.is_finite() && delta > 0.0 {
             (delta * 1e9) as u64
