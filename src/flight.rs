@@ -3,13 +3,14 @@
 //!
 //! Pure Rust; the Python layer releases the GIL before `wait` so the leader can run.
 
-use std::sync::Arc;
-use std::thread::{self, ThreadId};
 use std::time::Duration;
 
 use ahash::RandomState;
 use hashbrown::HashMap;
-use parking_lot::{Condvar, Mutex};
+
+// parking_lot and std in normal builds; shuttle's scheduler-controlled versions under the
+// `shuttle` feature (see `sync.rs`).
+use crate::sync::{current, Arc, Condvar, Mutex, ThreadId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -49,7 +50,7 @@ impl Flights {
     /// Joins or starts the flight for `key`. A thread that already leads `key` (its computation
     /// asks for the same key again) is made a leader again rather than waiting on itself.
     pub fn begin(&self, key: &str) -> Role {
-        let me = thread::current().id();
+        let me = current().id();
         let mut map = self.map.lock();
         match map.get(key) {
             Some(f) if f.leader != me => Role::Follower(f.clone()),
@@ -75,7 +76,7 @@ impl Flights {
             return false;
         }
         let flight = Flight {
-            leader: thread::current().id(),
+            leader: current().id(),
             state: Mutex::new(State::Running),
             cv: Condvar::new(),
         };
@@ -85,7 +86,7 @@ impl Flights {
 
     /// Ends the flight for `key` led by this thread and wakes its waiters.
     pub fn finish(&self, key: &str) {
-        let me = thread::current().id();
+        let me = current().id();
         let mut map = self.map.lock();
         if map.get(key).is_some_and(|f| f.leader == me) {
             if let Some(f) = map.remove(key) {
@@ -125,11 +126,14 @@ impl Flight {
     }
 }
 
-#[cfg(test)]
+// Real threads and clocks; under the `shuttle` feature the primitives only work inside a shuttle
+// run, so these give way to `shuttle_tests` below.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Barrier;
+    use std::thread;
 
     #[test]
     fn one_leader_many_followers() {

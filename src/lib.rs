@@ -10,6 +10,7 @@ pub mod s3fifo;
 pub mod shard;
 pub mod stats;
 pub mod store;
+mod sync;
 pub mod tags;
 
 #[cfg(feature = "python")]

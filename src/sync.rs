@@ -1,0 +1,126 @@
+//! The synchronisation primitives `flight.rs` uses, from one place so its concurrency tests can
+//! run under a randomized scheduler.
+//!
+//! Normal builds re-export `parking_lot` and `std` as they are (no wrapper, no cost). With the
+//! `shuttle` cargo feature (tests only, never in the wheel) they come from the `shuttle` crate,
+//! wrapped to keep `parking_lot`'s API, so the same `flight.rs` code runs under `shuttle::check_*`.
+
+pub use std::sync::Arc;
+
+#[cfg(not(feature = "shuttle"))]
+pub use parking_lot::{Condvar, Mutex};
+#[cfg(not(feature = "shuttle"))]
+pub use std::thread::{current, ThreadId};
+
+#[cfg(feature = "shuttle")]
+pub use self::shuttle_impl::{Condvar, Mutex};
+#[cfg(feature = "shuttle")]
+pub use shuttle::thread::{current, ThreadId};
+
+// Shuttle's primitives panic outside a `shuttle::check_*` run: an extension built with them would
+// fail on its first flight. Refuse the combination at compile time.
+#[cfg(all(feature = "shuttle", feature = "python"))]
+compile_error!(
+    "the `shuttle` feature is for `cargo test --no-default-features --features shuttle` only"
+);
+
+#[cfg(feature = "shuttle")]
+mod shuttle_impl {
+    use std::ops::{Deref, DerefMut};
+    use std::sync::PoisonError;
+    use std::time::Duration;
+
+    use shuttle::rand::{thread_rng, Rng};
+
+    /// `parking_lot::Mutex`'s API over `shuttle::sync::Mutex` (no poisoning: a panicking test
+    /// fails the whole shuttle run anyway).
+    #[derive(Default)]
+    pub struct Mutex<T>(shuttle::sync::Mutex<T>);
+
+    /// The guard keeps shuttle's guard in an `Option` so `Condvar` can hand it to shuttle's
+    /// by-value `wait` and put it back, as `parking_lot`'s `&mut guard` API requires.
+    pub struct MutexGuard<'a, T> {
+        mutex: &'a shuttle::sync::Mutex<T>,
+        inner: Option<shuttle::sync::MutexGuard<'a, T>>,
+    }
+
+    impl<T> Mutex<T> {
+        pub const fn new(value: T) -> Self {
+            Self(shuttle::sync::Mutex::new(value))
+        }
+
+        pub fn lock(&self) -> MutexGuard<'_, T> {
+            MutexGuard {
+                mutex: &self.0,
+                inner: Some(self.0.lock().unwrap_or_else(PoisonError::into_inner)),
+            }
+        }
+    }
+
+    impl<T> Deref for MutexGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            self.inner.as_ref().expect("guard is held outside a wait")
+        }
+    }
+
+    impl<T> DerefMut for MutexGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            self.inner.as_mut().expect("guard is held outside a wait")
+        }
+    }
+
+    /// Like `parking_lot::WaitTimeoutResult`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct WaitTimeoutResult(bool);
+
+    impl WaitTimeoutResult {
+        pub fn timed_out(self) -> bool {
+            self.0
+        }
+    }
+
+    /// `parking_lot::Condvar`'s API over `shuttle::sync::Condvar`.
+    ///
+    /// Shuttle's own timed waits never time out, so a finite bound is modelled here: before each
+    /// wait the (shuttle-seeded, replayable) random source may decide the bound has passed; the
+    /// waiter then releases the lock, lets other threads run, re-takes it and reports a timeout
+    /// without re-checking the condition, exactly as `parking_lot` does. A bound of
+    /// `Duration::MAX` never passes. Timing out at any point is a superset of what real clocks do.
+    #[derive(Default)]
+    pub struct Condvar(shuttle::sync::Condvar);
+
+    impl Condvar {
+        pub const fn new() -> Self {
+            Self(shuttle::sync::Condvar::new())
+        }
+
+        pub fn notify_all(&self) -> usize {
+            self.0.notify_all();
+            0
+        }
+
+        pub fn wait_while_for<T, F>(
+            &self,
+            guard: &mut MutexGuard<'_, T>,
+            mut condition: F,
+            timeout: Duration,
+        ) -> WaitTimeoutResult
+        where
+            F: FnMut(&mut T) -> bool,
+        {
+            while condition(guard) {
+                let inner = guard.inner.take().expect("guard is held outside a wait");
+                if timeout != Duration::MAX && thread_rng().gen_ratio(1, 4) {
+                    drop(inner);
+                    shuttle::thread::yield_now();
+                    let relocked = guard.mutex.lock().unwrap_or_else(PoisonError::into_inner);
+                    guard.inner = Some(relocked);
+                    return WaitTimeoutResult(true);
+                }
+                guard.inner = Some(self.0.wait(inner).unwrap_or_else(PoisonError::into_inner));
+            }
+            WaitTimeoutResult(false)
+        }
+    }
+}
