@@ -219,3 +219,257 @@ mod tests {
         assert!(flights.is_empty());
     }
 }
+
+/// The single-flight protocol under shuttle's randomized scheduler: every test body runs thousands
+/// of times, each under a different (seeded, replayable) interleaving of its threads, with
+/// `crate::sync` handing `Flights` shuttle's scheduler-controlled primitives. A follower that
+/// would wait forever makes shuttle report a deadlock; every other property is asserted.
+/// Run: `cargo test --no-default-features --features shuttle flight::`.
+#[cfg(all(test, feature = "shuttle"))]
+mod shuttle_tests {
+    use super::*;
+    use crate::sync::spawn;
+    use shuttle::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use shuttle::thread::yield_now;
+
+    const ITERATIONS: usize = 5000;
+    /// A bound shuttle never lets pass: a follower's wait must end by the leader's `finish`.
+    const FOREVER: Duration = Duration::MAX;
+    /// A bound the `crate::sync` model may let pass at any scheduling point.
+    const BOUNDED: Duration = Duration::from_millis(10);
+
+    /// Shared state of one run: the flights, the "cache" (whether a value was stored) and how
+    /// many callers are leading the key right now.
+    #[derive(Default)]
+    struct World {
+        flights: Flights,
+        stored: AtomicBool,
+        leading: AtomicUsize,
+        computed: AtomicUsize,
+    }
+
+    impl World {
+        /// A leader's critical section: asserts it is the only one, and yields inside it so
+        /// shuttle can schedule anyone else there.
+        fn lead(&self, store: bool) {
+            assert_eq!(
+                self.leading.fetch_add(1, Ordering::SeqCst),
+                0,
+                "two leaders"
+            );
+            self.computed.fetch_add(1, Ordering::SeqCst);
+            yield_now();
+            if store {
+                self.stored.store(true, Ordering::SeqCst);
+            }
+            assert_eq!(self.leading.fetch_sub(1, Ordering::SeqCst), 1);
+        }
+
+        /// `RustCache.get_or_set`'s use of flights: miss, `begin`; lead (re-entering the key
+        /// once, as a `default()` that reads its own key does) and `finish`, or wait and read
+        /// again, computing without the flight if the value is still missing. A leader whose
+        /// computation fails (`fail`) stores nothing. Returns how the wait ended, if it waited.
+        fn get_or_set(&self, limit: Duration, fail: bool) -> Option<Waited> {
+            if self.stored.load(Ordering::SeqCst) {
+                return None;
+            }
+            match self.flights.begin("k") {
+                Role::Leader => {
+                    assert!(
+                        matches!(self.flights.begin("k"), Role::Leader),
+                        "a leader re-entering its key must not follow itself"
+                    );
+                    self.lead(!fail);
+                    self.flights.finish("k");
+                    None
+                }
+                Role::Follower(flight) => {
+                    let waited = flight.wait(limit);
+                    if waited == Waited::Finished {
+                        assert_eq!(*flight.state.lock(), State::Done, "woken before finish");
+                    }
+                    if !self.stored.load(Ordering::SeqCst) {
+                        self.computed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Some(waited)
+                }
+            }
+        }
+    }
+
+    /// Runs `body(world, i)` on `n` shuttle threads and returns the world once all joined.
+    fn run<R: Send + 'static>(
+        n: usize,
+        body: impl Fn(&World, usize) -> R + Send + Sync + 'static,
+    ) -> (Arc<World>, Vec<R>) {
+        let world = Arc::new(World::default());
+        let body = Arc::new(body);
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let (world, body) = (world.clone(), body.clone());
+                spawn(move || body(&world, i))
+            })
+            .collect();
+        let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        (world, results)
+    }
+
+    #[test]
+    fn one_leader_at_a_time_and_every_wait_ends() {
+        shuttle::check_random(
+            || {
+                let (world, waits) = run(4, |w, _| w.get_or_set(FOREVER, false));
+                assert!(world.flights.is_empty(), "a flight outlived its leader");
+                assert!(world.stored.load(Ordering::SeqCst));
+                // With unbounded waits nobody gives up on the leader.
+                assert!(waits.iter().flatten().all(|w| *w == Waited::Finished));
+                assert_eq!(world.leading.load(Ordering::SeqCst), 0);
+            },
+            ITERATIONS,
+        );
+    }
+
+    #[test]
+    fn followers_of_a_failed_leader_wake_and_a_new_leader_can_start() {
+        shuttle::check_random(
+            || {
+                // Threads 0 and 1 fail their computation; 2 and 3 store it.
+                let (world, _) = run(4, |w, i| {
+                    w.get_or_set(FOREVER, i < 2);
+                    // A second round: whoever still misses begins again.
+                    w.get_or_set(FOREVER, false);
+                });
+                assert!(world.flights.is_empty());
+                assert!(world.stored.load(Ordering::SeqCst));
+            },
+            ITERATIONS,
+        );
+    }
+
+    #[test]
+    fn pct_one_leader_at_a_time() {
+        // PCT finds bugs that need a few specific preemptions with guaranteed probability.
+        shuttle::check_pct(
+            || {
+                let (world, _) = run(3, |w, i| w.get_or_set(FOREVER, i == 0));
+                assert!(world.flights.is_empty());
+            },
+            ITERATIONS,
+            3,
+        );
+    }
+
+    #[test]
+    fn finish_by_a_non_leader_is_ignored() {
+        shuttle::check_random(
+            || {
+                let world = Arc::new(World::default());
+                let finished = Arc::new(AtomicBool::new(false));
+                assert!(matches!(world.flights.begin("k"), Role::Leader));
+                // An intruder that never led "k" finishes it, concurrently with a follower.
+                let intruder = {
+                    let world = world.clone();
+                    spawn(move || world.flights.finish("k"))
+                };
+                let follower = {
+                    let (world, finished) = (world.clone(), finished.clone());
+                    spawn(move || match world.flights.begin("k") {
+                        Role::Follower(f) => {
+                            assert_eq!(f.wait(FOREVER), Waited::Finished);
+                            assert!(finished.load(Ordering::SeqCst), "woken by a non-leader");
+                        }
+                        Role::Leader => {
+                            assert!(finished.load(Ordering::SeqCst), "led while another leads");
+                            world.flights.finish("k");
+                        }
+                    })
+                };
+                intruder.join().unwrap();
+                assert_eq!(world.flights.len(), 1, "a non-leader ended the flight");
+                yield_now();
+                finished.store(true, Ordering::SeqCst);
+                world.flights.finish("k");
+                follower.join().unwrap();
+                assert!(world.flights.is_empty());
+            },
+            ITERATIONS,
+        );
+    }
+
+    #[test]
+    fn a_stale_finish_does_not_end_the_next_leaders_flight() {
+        shuttle::check_random(
+            || {
+                // Each thread leads, then finishes twice (as a re-entered leader's inner and outer
+                // fills do): the second finish may land after another thread took the key, and
+                // must leave that flight alone, or a third thread would lead alongside it.
+                let (world, _) = run(3, |w, _| match w.flights.begin("k") {
+                    Role::Leader => {
+                        w.lead(false);
+                        w.flights.finish("k");
+                        yield_now();
+                        w.flights.finish("k");
+                    }
+                    Role::Follower(f) => {
+                        f.wait(FOREVER);
+                        if let Role::Leader = w.flights.begin("k") {
+                            w.lead(false);
+                            w.flights.finish("k");
+                        }
+                    }
+                });
+                assert!(world.flights.is_empty());
+            },
+            ITERATIONS,
+        );
+    }
+
+    #[test]
+    fn try_begin_never_makes_a_second_leader() {
+        shuttle::check_random(
+            || {
+                // Early refreshes (`try_begin`) race misses (`begin`) on one key.
+                let (world, _) = run(4, |w, i| {
+                    if i % 2 == 0 {
+                        if w.flights.try_begin("k") {
+                            assert!(!w.flights.try_begin("k"), "not even its own leader");
+                            w.lead(true);
+                            w.flights.finish("k");
+                        }
+                    } else {
+                        w.get_or_set(FOREVER, false);
+                    }
+                });
+                assert!(world.flights.is_empty());
+            },
+            ITERATIONS,
+        );
+    }
+
+    #[test]
+    fn bounded_waits_time_out_or_finish_and_nothing_leaks() {
+        // Tallies across iterations, read outside shuttle: std atomics.
+        use std::sync::atomic::AtomicUsize as StdAtomicUsize;
+        static TIMED_OUT: StdAtomicUsize = StdAtomicUsize::new(0);
+        static FINISHED: StdAtomicUsize = StdAtomicUsize::new(0);
+        shuttle::check_random(
+            || {
+                let (world, waits) = run(4, |w, i| w.get_or_set(BOUNDED, i == 0));
+                for waited in waits.into_iter().flatten() {
+                    let counter = match waited {
+                        Waited::TimedOut => &TIMED_OUT,
+                        Waited::Finished => &FINISHED,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                assert!(world.flights.is_empty());
+                // Whoever timed out or found the leader failed computed the value itself.
+                assert!(world.computed.load(Ordering::SeqCst) >= 1);
+            },
+            ITERATIONS,
+        );
+        // The model did exercise both endings of a bounded wait.
+        assert!(TIMED_OUT.load(Ordering::Relaxed) > 0);
+        assert!(FINISHED.load(Ordering::Relaxed) > 0);
+    }
+}

@@ -14,6 +14,8 @@ pub use std::thread::{current, ThreadId};
 
 #[cfg(feature = "shuttle")]
 pub use self::shuttle_impl::{Condvar, Mutex};
+#[cfg(all(test, feature = "shuttle"))]
+pub use shuttle::thread::spawn;
 #[cfg(feature = "shuttle")]
 pub use shuttle::thread::{current, ThreadId};
 
