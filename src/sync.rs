@@ -84,11 +84,14 @@ mod shuttle_impl {
 
     /// `parking_lot::Condvar`'s API over `shuttle::sync::Condvar`.
     ///
-    /// Shuttle's own timed waits never time out, so a finite bound is modelled here: before each
-    /// wait the (shuttle-seeded, replayable) random source may decide the bound has passed; the
-    /// waiter then releases the lock, lets other threads run, re-takes it and reports a timeout
-    /// without re-checking the condition, exactly as `parking_lot` does. A bound of
-    /// `Duration::MAX` never passes. Timing out at any point is a superset of what real clocks do.
+    /// Shuttle's own timed waits never time out (and a thread blocked in shuttle cannot be woken
+    /// by time), so a finite bound is modelled here: the waiter polls, releasing the lock, letting
+    /// other threads run and re-taking it, and after each turn the (shuttle-seeded, replayable)
+    /// random source may decide the bound has passed; it then reports a timeout without
+    /// re-checking the condition, exactly as `parking_lot` does. Passing at any point is a
+    /// superset of what real clocks do, and a bounded wait ends even if nobody notifies. A bound
+    /// of `Duration::MAX` never passes: the waiter blocks until notified, so a lost notification
+    /// is a deadlock shuttle reports.
     #[derive(Default)]
     pub struct Condvar(shuttle::sync::Condvar);
 
@@ -113,16 +116,90 @@ mod shuttle_impl {
         {
             while condition(guard) {
                 let inner = guard.inner.take().expect("guard is held outside a wait");
-                if timeout != Duration::MAX && thread_rng().gen_ratio(1, 4) {
-                    drop(inner);
-                    shuttle::thread::yield_now();
-                    let relocked = guard.mutex.lock().unwrap_or_else(PoisonError::into_inner);
-                    guard.inner = Some(relocked);
+                if timeout == Duration::MAX {
+                    guard.inner = Some(self.0.wait(inner).unwrap_or_else(PoisonError::into_inner));
+                    continue;
+                }
+                drop(inner);
+                shuttle::thread::yield_now();
+                guard.inner = Some(guard.mutex.lock().unwrap_or_else(PoisonError::into_inner));
+                if thread_rng().gen_ratio(1, 4) {
                     return WaitTimeoutResult(true);
                 }
-                guard.inner = Some(self.0.wait(inner).unwrap_or_else(PoisonError::into_inner));
             }
             WaitTimeoutResult(false)
         }
+    }
+}
+
+/// The shuttle model itself: a wrong model would make `flight.rs`'s shuttle tests prove nothing.
+#[cfg(all(test, feature = "shuttle"))]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const ITERATIONS: usize = 2000;
+
+    /// A flag, its condvar, and a thread that sets it and notifies when `notify` is true.
+    fn waiter(notify: bool, limit: Duration) -> (bool, bool) {
+        let pair = Arc::new((Mutex::new(false), Condvar::new()));
+        let setter = notify.then(|| {
+            let pair = pair.clone();
+            spawn(move || {
+                *pair.0.lock() = true;
+                pair.1.notify_all();
+            })
+        });
+        let mut set = pair.0.lock();
+        let timed_out = pair.1.wait_while_for(&mut set, |s| !*s, limit).timed_out();
+        let seen = *set;
+        drop(set);
+        if let Some(setter) = setter {
+            setter.join().unwrap();
+        }
+        (timed_out, seen)
+    }
+
+    #[test]
+    fn an_unbounded_wait_ends_only_by_a_notification() {
+        shuttle::check_random(
+            || assert_eq!(waiter(true, Duration::MAX), (false, true)),
+            ITERATIONS,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "deadlock")]
+    fn an_unbounded_wait_nobody_notifies_is_a_reported_deadlock() {
+        shuttle::check_random(
+            || {
+                waiter(false, Duration::MAX);
+            },
+            1,
+        );
+    }
+
+    #[test]
+    fn a_bounded_wait_nobody_notifies_times_out() {
+        shuttle::check_random(
+            || assert_eq!(waiter(false, Duration::from_millis(1)), (true, false)),
+            ITERATIONS,
+        );
+    }
+
+    #[test]
+    fn a_bounded_wait_ends_either_way_and_never_early() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static OUTCOMES: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        shuttle::check_random(
+            || {
+                let (timed_out, seen) = waiter(true, Duration::from_millis(1));
+                // Not timed out means the condition was seen false; a timeout may race the set.
+                assert!(timed_out || seen, "returned before the condition held");
+                OUTCOMES[usize::from(timed_out)].fetch_add(1, Ordering::Relaxed);
+            },
+            ITERATIONS,
+        );
+        assert!(OUTCOMES.iter().all(|n| n.load(Ordering::Relaxed) > 0));
     }
 }
