@@ -104,6 +104,11 @@ enum Slot<V> {
     Free(u32),
 }
 
+/// Bytes one entry takes in a shard's slab (its `Vec` of slots).
+pub const fn slot_size<V>() -> usize {
+    std::mem::size_of::<Slot<V>>()
+}
+
 pub struct Shard<V> {
     table: HashTable<u32>,
     slots: Vec<Slot<V>>,

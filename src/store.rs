@@ -14,10 +14,14 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use ahash::RandomState;
 use parking_lot::{RwLock, RwLockWriteGuard};
 
+use std::mem::size_of;
+
+use crate::clock::NEVER;
 use crate::flight::Flights;
+use crate::mem::{malloc_chunk, EXPIRY_SHARE, TABLE_CELL};
 use crate::policy::Policy;
 use crate::s3fifo::MAX_FREQ;
-use crate::shard::{Entry, Shard};
+use crate::shard::{slot_size, Entry, Shard};
 use crate::stats::Stats;
 use crate::tags::{all_current, EntryRef, TagStamp, TagTable};
 
@@ -72,9 +76,13 @@ pub enum Replace {
     TooLarge,
 }
 
-/// Bytes charged per entry besides key and value: the slot, its hash-table cell, and tag stamps.
-pub fn entry_overhead<V>(tags: usize) -> u64 {
-    (std::mem::size_of::<Entry<V>>() + 16 + tags * 24) as u64
+/// Bytes charged per entry besides its value: the slab slot, the hash-table cell, the key's heap
+/// block, the expiry index's share if it has a deadline, and per tag its stamp (in the entry's
+/// boxed slice) and its place in the tag's member list. See `mem.rs` for the figures.
+pub fn entry_overhead<V>(key_len: usize, tags: usize, expires: u64) -> u64 {
+    let expiry = if expires == NEVER { 0 } else { EXPIRY_SHARE };
+    let stamps = malloc_chunk(tags * size_of::<TagStamp>()) + tags * size_of::<EntryRef>();
+    (slot_size::<V>() + TABLE_CELL + malloc_chunk(key_len) + expiry + stamps) as u64
 }
 
 pub struct Store<V> {
@@ -141,9 +149,9 @@ impl<V: Weigh> Store<V> {
         self.shards.iter().any(|s| s.is_locked())
     }
 
-    /// Bytes an entry with this key, value and number of tags is charged.
-    pub fn weigh(key: &str, value: &V, tags: usize) -> u64 {
-        (key.len() + value.weight()) as u64 + entry_overhead::<V>(tags)
+    /// Bytes an entry with this key, value, number of tags and expiry stamp is charged.
+    pub fn weigh(key: &str, value: &V, tags: usize, expires: u64) -> u64 {
+        value.weight() as u64 + entry_overhead::<V>(key.len(), tags, expires)
     }
 
     #[inline]
@@ -387,7 +395,11 @@ impl<V: Weigh> Store<V> {
     }
 
     /// Gives a live entry a new expiry (a past one removes it); false if missing.
-    pub fn touch(&self, key: &str, expires: u64, now: u64) -> bool {
+    ///
+    /// Gaining or losing a deadline changes the entry's charge by its share of the expiry index.
+    /// A gain is charged only if it fits under `limits.max_bytes` (touch evicts nothing); if it
+    /// does not, the entry keeps its old charge, short by that share.
+    pub fn touch(&self, key: &str, expires: u64, limits: &Limits, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
@@ -396,6 +408,23 @@ impl<V: Weigh> Store<V> {
                 if expires <= now {
                     dead.push(self.detach(&mut shard, slot));
                 } else {
+                    let e = shard.entry(slot);
+                    let weight = Self::weigh(&e.key, &e.value, e.tags.len(), expires);
+                    let old = e.weight;
+                    let charged = match (weight > old, limits.max_bytes) {
+                        (false, _) => {
+                            self.bytes.fetch_sub(old - weight, Relaxed);
+                            true
+                        }
+                        (true, None) => {
+                            self.bytes.fetch_add(weight - old, Relaxed);
+                            true
+                        }
+                        (true, Some(max)) => self.take_bytes(max, weight - old),
+                    };
+                    if charged {
+                        shard.entry_mut(slot).weight = weight;
+                    }
                     shard.set_expiry(slot, expires);
                 }
                 true
@@ -477,7 +506,7 @@ impl<V: Weigh> Store<V> {
             Stats::bump(&self.stats.invalidations, 1);
             return Put::Stale;
         }
-        let weight = Self::weigh(key, &value, tags.len());
+        let weight = Self::weigh(key, &value, tags.len(), expires);
         if limits.max_bytes.is_some_and(|max| weight > max) {
             // Too large to ever fit: store nothing, and do not leave an older value behind.
             if !only_new || !self.contains(key, now) {
@@ -693,14 +722,17 @@ impl<V: Weigh> Store<V> {
     /// its expiry and tags.
     pub fn replace_if(&self, key: &str, gen: u64, value: V, limits: &Limits, now: u64) -> Replace {
         let (hash, idx) = self.locate(key);
-        let ntags = {
+        let (ntags, expires) = {
             let shard = self.shards[idx].write();
             match shard.find(hash, key) {
-                Some(slot) => shard.entry(slot).tags.len(),
+                Some(slot) => {
+                    let e = shard.entry(slot);
+                    (e.tags.len(), e.expires)
+                }
                 None => return Replace::Missing,
             }
         };
-        let weight = Self::weigh(key, &value, ntags);
+        let weight = Self::weigh(key, &value, ntags, expires);
         if limits.max_bytes.is_some_and(|max| weight > max) {
             return Replace::TooLarge;
         }
@@ -1056,7 +1088,7 @@ mod tests {
     #[test]
     fn s3_bytes_bound_and_a_too_large_value_costs_nothing() {
         let store = s3(4);
-        let per_entry = Store::<Val>::weigh("k000", &Val(0), 0);
+        let per_entry = Store::<Val>::weigh("k000", &Val(0), 0, NEVER);
         let max = 20 * (per_entry + 100);
         let lim = limits(1_000_000, Some(max));
         for i in 0..500 {
@@ -1211,6 +1243,32 @@ mod tests {
     }
 
     #[test]
+    fn charges_follow_key_block_deadline_and_tags() {
+        let w = |key: &str, tags, expires| Store::<Val>::weigh(key, &Val(100), tags, expires);
+        // Keys of up to 24 bytes fit malloc's smallest chunk; the 25th byte takes the next.
+        assert_eq!(w("k", 0, NEVER), w(&"k".repeat(24), 0, NEVER));
+        assert_eq!(w(&"k".repeat(25), 0, NEVER), w("k", 0, NEVER) + 16);
+        assert_eq!(w("k", 0, 5), w("k", 0, NEVER) + EXPIRY_SHARE as u64);
+        assert!(w("k", 1, NEVER) > w("k", 0, NEVER) + size_of::<TagStamp>() as u64);
+
+        // touch moves the charge with the deadline; the books stay those of the entries held.
+        let store: Store<Val> = Store::new(2);
+        let lim = limits(100, None);
+        set(&store, "k", 100, &lim, 1);
+        assert_eq!(store.bytes(), w("k", 0, NEVER));
+        assert!(store.touch("k", 50, &lim, 1));
+        assert_eq!(store.bytes(), w("k", 0, 50));
+        // Under a bound the deadline's share does not fit in, touch keeps the old charge.
+        let tight = limits(100, Some(store.bytes() - 1));
+        assert!(store.touch("k", NEVER, &tight, 1));
+        assert!(store.touch("k", 60, &tight, 1));
+        assert_eq!(store.bytes(), w("k", 0, NEVER));
+        assert_eq!(store.expiry("k", 1), Some(60));
+        store.delete("k", 1);
+        assert_eq!(store.bytes(), 0);
+    }
+
+    #[test]
     fn lru_keeps_djangos_cull() {
         let store: Store<Val> = Store::new(16);
         let lim = limits(10, None);
@@ -1327,7 +1385,7 @@ mod tests {
         let lim = Limits {
             max_entries: 20,
             cull_frequency: 3,
-            max_bytes: Some(15 * Store::<Probe>::weigh("k00", &Probe, 1)),
+            max_bytes: Some(15 * Store::<Probe>::weigh("k00", &Probe, 1, 5)),
         };
         for i in 0..200 {
             let stamps = store.tags.stamps(["t"]);

@@ -449,7 +449,7 @@ impl Handle {
         let k = self.key(key, version)?;
         let now = clock::now();
         let expires = self.deadline(timeout, now)?;
-        Ok(self.store.touch(&k, expires, now))
+        Ok(self.store.touch(&k, expires, &self.limits, now))
     }
 
     /// Adds `delta` atomically, keeping the expiry. 64-bit integers are added in Rust; anything

@@ -14,6 +14,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict};
 
 use super::plain::{self, Node, Plain};
+use super::sizes;
 use crate::store::Weigh;
 
 pub enum PyValue {
@@ -70,9 +71,6 @@ fn pickle(py: Python<'_>) -> PyResult<&Pickle> {
     })
 }
 
-/// Size charged for a pickle's `bytes` object header (refcount, type, length, hash).
-const OBJ_HEADER: usize = 32;
-
 /// Turns a Python value into its stored form. Runs Python (pickling): call it outside every lock.
 pub fn encode(v: &Bound<'_, PyAny>) -> PyResult<PyValue> {
     match plain::classify(v) {
@@ -86,7 +84,7 @@ pub fn encode(v: &Bound<'_, PyAny>) -> PyResult<PyValue> {
             let pickled = p.dumps.bind(py).call1((v, p.protocol))?;
             let bytes = pickled.cast_into::<PyBytes>().map_err(PyErr::from)?;
             let n = bytes.as_bytes().len();
-            Ok(PyValue::Pickled(bytes.unbind(), n + OBJ_HEADER))
+            Ok(PyValue::Pickled(bytes.unbind(), sizes::bytes_size(n)))
         }
     }
 }
