@@ -148,7 +148,7 @@ mod tests {
     }
 
     fn entry(key: &str, expires: u64) -> Entry<u32> {
-        Entry::new(key.into(), hash(key), 1, expires, 1, Box::new([]))
+        Entry::new(key.into(), hash(key), 1, expires, 1, Vec::new())
     }
 
     /// A cache of `cap` entries on one shard, as the store drives it under S3-FIFO.

@@ -12,9 +12,13 @@ use hashbrown::HashTable;
 
 use crate::clock::NEVER;
 use crate::s3fifo::Ghost;
-use crate::tags::TagStamp;
+use crate::tags::Stamps;
 
 const NIL: u32 = u32::MAX;
+
+/// The heaviest entry a shard holds (its charge is kept in 32 bits): 4 GiB. The store refuses
+/// heavier ones as too large, whatever `MAX_BYTES` says.
+pub const MAX_WEIGHT: u64 = u32::MAX as u64;
 
 /// The intrusive queue an entry is threaded on. The "lru" policy keeps everything on `Main`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,9 +52,9 @@ pub struct Entry<V> {
     pub tick: u64,
     /// Unique stamp given when the value was stored; used to detect a concurrent replacement.
     pub gen: u64,
-    /// Bytes charged to the store for this entry.
-    pub weight: u64,
-    pub tags: Box<[TagStamp]>,
+    /// Bytes charged to the store for this entry (see `weight`).
+    weight: u32,
+    pub tags: Stamps,
     /// Hits since the policy last looked at the entry (S3-FIFO; saturates at 3). Bumped under a
     /// shared lock, hence atomic.
     pub freq: AtomicU8,
@@ -69,8 +73,9 @@ impl<V> Entry<V> {
         value: V,
         expires: u64,
         weight: u64,
-        tags: Box<[TagStamp]>,
+        tags: impl Into<Stamps>,
     ) -> Self {
+        debug_assert!(weight <= MAX_WEIGHT, "the store refuses heavier entries");
         Entry {
             key,
             hash,
@@ -78,14 +83,26 @@ impl<V> Entry<V> {
             expires,
             tick: 0,
             gen: 0,
-            weight,
-            tags,
+            weight: weight.min(MAX_WEIGHT) as u32,
+            tags: tags.into(),
             freq: AtomicU8::new(0),
             queue: Queue::Main,
             prev: NIL,
             next: NIL,
             delta: 0,
         }
+    }
+
+    /// Bytes charged to the store for this entry.
+    #[inline]
+    pub fn weight(&self) -> u64 {
+        u64::from(self.weight)
+    }
+
+    /// Charges the entry `weight` bytes (at most `MAX_WEIGHT`).
+    pub fn set_weight(&mut self, weight: u64) {
+        debug_assert!(weight <= MAX_WEIGHT);
+        self.weight = weight.min(MAX_WEIGHT) as u32;
     }
 
     #[inline]
@@ -381,7 +398,7 @@ mod tests {
 
     fn entry(key: &str, expires: u64) -> Entry<u32> {
         let hash = key.len() as u64 * 7919 + key.bytes().map(u64::from).sum::<u64>();
-        Entry::new(key.into(), hash, 1, expires, 1, Box::new([]))
+        Entry::new(key.into(), hash, 1, expires, 1, Vec::new())
     }
 
     #[test]

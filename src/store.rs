@@ -21,9 +21,9 @@ use crate::flight::Flights;
 use crate::mem::{malloc_chunk, EXPIRY_SHARE, TABLE_CELL};
 use crate::policy::Policy;
 use crate::s3fifo::MAX_FREQ;
-use crate::shard::{slot_size, Entry, Shard};
+use crate::shard::{slot_size, Entry, Shard, MAX_WEIGHT};
 use crate::stats::Stats;
-use crate::tags::{all_current, EntryRef, TagStamp, TagTable};
+use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
 
 /// What a stored value costs in bytes (beyond the per-entry overhead the store adds itself).
 pub trait Weigh {
@@ -60,7 +60,7 @@ pub enum Put {
     Stored,
     /// `add` found a live entry under the key and left it alone.
     Exists,
-    /// The entry alone is larger than `max_bytes`; nothing was stored.
+    /// The entry alone is larger than `max_bytes` (or than `MAX_WEIGHT`); nothing was stored.
     TooLarge,
     /// A tag was invalidated after its stamp was taken (the value may be stale); nothing stored.
     Stale,
@@ -81,7 +81,7 @@ pub enum Replace {
 /// boxed slice) and its place in the tag's member list. See `mem.rs` for the figures.
 pub fn entry_overhead<V>(key_len: usize, tags: usize, expires: u64) -> u64 {
     let expiry = if expires == NEVER { 0 } else { EXPIRY_SHARE };
-    let stamps = malloc_chunk(tags * size_of::<TagStamp>()) + tags * size_of::<EntryRef>();
+    let stamps = Stamps::heap_size(tags) + tags * size_of::<EntryRef>();
     (slot_size::<V>() + TABLE_CELL + malloc_chunk(key_len) + expiry + stamps) as u64
 }
 
@@ -150,8 +150,11 @@ impl<V: Weigh> Store<V> {
     }
 
     /// Bytes an entry with this key, value, number of tags and expiry stamp is charged.
+    /// At most `MAX_WEIGHT + 1` (an entry that cannot be stored, see `MAX_WEIGHT`).
     pub fn weigh(key: &str, value: &V, tags: usize, expires: u64) -> u64 {
-        value.weight() as u64 + entry_overhead::<V>(key.len(), tags, expires)
+        let w =
+            (value.weight() as u64).saturating_add(entry_overhead::<V>(key.len(), tags, expires));
+        w.min(MAX_WEIGHT + 1)
     }
 
     #[inline]
@@ -172,7 +175,7 @@ impl<V: Weigh> Store<V> {
     fn detach(&self, shard: &mut Shard<V>, slot: u32) -> Entry<V> {
         let e = shard.remove(slot);
         self.len.fetch_sub(1, Relaxed);
-        self.bytes.fetch_sub(e.weight, Relaxed);
+        self.bytes.fetch_sub(e.weight(), Relaxed);
         e
     }
 
@@ -183,7 +186,7 @@ impl<V: Weigh> Store<V> {
             match shard.pop_expired(now) {
                 Some(e) => {
                     self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(e.weight, Relaxed);
+                    self.bytes.fetch_sub(e.weight(), Relaxed);
                     Stats::bump(&self.stats.expirations, 1);
                     dead.push(e);
                 }
@@ -410,7 +413,7 @@ impl<V: Weigh> Store<V> {
                 } else {
                     let e = shard.entry(slot);
                     let weight = Self::weigh(&e.key, &e.value, e.tags.len(), expires);
-                    let old = e.weight;
+                    let old = e.weight();
                     let charged = match (weight > old, limits.max_bytes) {
                         (false, _) => {
                             self.bytes.fetch_sub(old - weight, Relaxed);
@@ -423,7 +426,7 @@ impl<V: Weigh> Store<V> {
                         (true, Some(max)) => self.take_bytes(max, weight - old),
                     };
                     if charged {
-                        shard.entry_mut(slot).weight = weight;
+                        shard.entry_mut(slot).set_weight(weight);
                     }
                     shard.set_expiry(slot, expires);
                 }
@@ -507,7 +510,7 @@ impl<V: Weigh> Store<V> {
             return Put::Stale;
         }
         let weight = Self::weigh(key, &value, tags.len(), expires);
-        if limits.max_bytes.is_some_and(|max| weight > max) {
+        if weight > MAX_WEIGHT || limits.max_bytes.is_some_and(|max| weight > max) {
             // Too large to ever fit: store nothing, and do not leave an older value behind.
             if !only_new || !self.contains(key, now) {
                 self.delete(key, now);
@@ -546,8 +549,7 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_tick();
         let has_tags = !tags.is_empty();
-        let stamps = tags.into_boxed_slice();
-        let mut entry = Entry::new(key.into(), hash, value, expires, weight, stamps);
+        let mut entry = Entry::new(key.into(), hash, value, expires, weight, tags);
         entry.gen = gen;
         let slot = shard.insert(entry, gen);
         self.len.fetch_add(1, Relaxed);
@@ -614,7 +616,7 @@ impl<V: Weigh> Store<V> {
                 }
                 // The old entry's place passes to the new one.
                 let old = shard.remove(slot);
-                self.bytes.fetch_sub(old.weight, Relaxed);
+                self.bytes.fetch_sub(old.weight(), Relaxed);
                 if placed {
                     self.len.fetch_sub(1, Relaxed);
                 }
@@ -679,7 +681,7 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_tick();
         let has_tags = !tags.is_empty();
-        let mut entry = Entry::new(key.into(), hash, value, expires, weight, tags.into());
+        let mut entry = Entry::new(key.into(), hash, value, expires, weight, tags);
         entry.gen = gen;
         // Overwriting a live key counts as a use of it: it keeps its queue, one hit more.
         let (queue, freq) = match replaced {
@@ -733,7 +735,7 @@ impl<V: Weigh> Store<V> {
             }
         };
         let weight = Self::weigh(key, &value, ntags, expires);
-        if limits.max_bytes.is_some_and(|max| weight > max) {
+        if weight > MAX_WEIGHT || limits.max_bytes.is_some_and(|max| weight > max) {
             return Replace::TooLarge;
         }
         self.reserve(weight, limits, now, idx);
@@ -744,7 +746,8 @@ impl<V: Weigh> Store<V> {
             Lookup::Live(slot) if shard.entry(slot).gen == gen => {
                 let tick = self.next_tick();
                 let e = shard.entry_mut(slot);
-                let old_weight = std::mem::replace(&mut e.weight, weight);
+                let old_weight = e.weight();
+                e.set_weight(weight);
                 old_value = Some(std::mem::replace(&mut e.value, value));
                 e.gen = tick;
                 self.used(&mut shard, slot, tick);
@@ -865,7 +868,7 @@ impl<V: Weigh> Store<V> {
             for g in guards.iter_mut() {
                 while let Some(e) = g.pop_expired(now) {
                     self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(e.weight, Relaxed);
+                    self.bytes.fetch_sub(e.weight(), Relaxed);
                     Stats::bump(&self.stats.expirations, 1);
                     dead.push(e);
                 }
@@ -885,7 +888,7 @@ impl<V: Weigh> Store<V> {
                 };
                 let e = guards[i].pop_oldest().expect("shard has an oldest entry");
                 self.len.fetch_sub(1, Relaxed);
-                self.bytes.fetch_sub(e.weight, Relaxed);
+                self.bytes.fetch_sub(e.weight(), Relaxed);
                 dead.push(e);
             }
             Stats::bump(&self.stats.evictions, count as u64);
@@ -920,7 +923,7 @@ impl<V: Weigh> Store<V> {
             e
         };
         self.len.fetch_sub(1, Relaxed);
-        self.bytes.fetch_sub(e.weight, Relaxed);
+        self.bytes.fetch_sub(e.weight(), Relaxed);
         Some(e)
     }
 
@@ -966,9 +969,9 @@ impl<V: Weigh> Store<V> {
                 while freed < need {
                     let Some(e) = g.pop_expired(now) else { break };
                     Stats::bump(&self.stats.expirations, 1);
-                    freed += e.weight;
+                    freed += e.weight();
                     self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(e.weight, Relaxed);
+                    self.bytes.fetch_sub(e.weight(), Relaxed);
                     dead.push(e);
                 }
             }
@@ -978,9 +981,9 @@ impl<V: Weigh> Store<V> {
                 };
                 let e = guards[i].pop_oldest().expect("shard has an oldest entry");
                 Stats::bump(&self.stats.evictions, 1);
-                freed += e.weight;
+                freed += e.weight();
                 self.len.fetch_sub(1, Relaxed);
-                self.bytes.fetch_sub(e.weight, Relaxed);
+                self.bytes.fetch_sub(e.weight(), Relaxed);
                 dead.push(e);
             }
         }
@@ -999,7 +1002,7 @@ impl<V: Weigh> Store<V> {
                 match shard.pop_expired(now) {
                     Some(e) => {
                         self.len.fetch_sub(1, Relaxed);
-                        self.bytes.fetch_sub(e.weight, Relaxed);
+                        self.bytes.fetch_sub(e.weight(), Relaxed);
                         dead.push(e);
                     }
                     None => break,
@@ -1111,7 +1114,7 @@ mod tests {
         let sum: u64 = store
             .shards
             .iter()
-            .map(|s| s.read().iter().map(|e| e.weight).sum::<u64>())
+            .map(|s| s.read().iter().map(|e| e.weight()).sum::<u64>())
             .sum();
         assert_eq!(sum, store.bytes());
     }
@@ -1266,6 +1269,17 @@ mod tests {
         assert_eq!(store.expiry("k", 1), Some(60));
         store.delete("k", 1);
         assert_eq!(store.bytes(), 0);
+    }
+
+    #[test]
+    fn an_entry_of_4_gib_or_more_is_too_large_even_without_a_bound() {
+        let store: Store<Val> = Store::new(2);
+        let lim = limits(100, None);
+        assert_eq!(set(&store, "big", usize::MAX, &lim, 1), Put::TooLarge);
+        assert_eq!(set(&store, "big", u32::MAX as usize, &lim, 1), Put::TooLarge);
+        assert_eq!((store.len(), store.bytes()), (0, 0));
+        assert_eq!(set(&store, "ok", 1 << 31, &lim, 1), Put::Stored);
+        assert_eq!(store.bytes(), Store::weigh("ok", &Val(1 << 31), 0, NEVER));
     }
 
     #[test]

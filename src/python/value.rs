@@ -17,25 +17,37 @@ use super::plain::{self, Node, Plain};
 use super::sizes;
 use crate::store::Weigh;
 
+/// The stored forms, 16 bytes each: a weight is kept in 32 bits (`weight32`); a value weighing
+/// 4 GiB or more saturates it and the store refuses it as too large (see `shard::MAX_WEIGHT`).
 pub enum PyValue {
-    Pickled(Py<PyBytes>, usize),
+    Pickled(Py<PyBytes>, u32),
     /// An immutable object returned as is (never GC-tracked: see `plain::atom`).
-    Shared(Py<PyAny>, usize),
+    Shared(Py<PyAny>, u32),
     Int(i64),
     /// The store's own copy of a dict of scalars, untracked by the GC; `get` returns `PyDict_Copy`.
-    Dict(Py<PyDict>, usize),
+    Dict(Py<PyDict>, u32),
     /// Any other plain value, rebuilt on each `get`.
-    Tree(Arc<Node>, usize),
+    Tree(Arc<Node>, u32),
+}
+
+/// A value's weight in 32 bits, `u32::MAX` standing for "4 GiB or more".
+fn weight32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 impl Weigh for PyValue {
     fn weight(&self) -> usize {
-        match self {
+        let w = match self {
             PyValue::Pickled(_, n)
             | PyValue::Shared(_, n)
             | PyValue::Dict(_, n)
             | PyValue::Tree(_, n) => *n,
             PyValue::Int(_) => 0,
+        };
+        if w == u32::MAX {
+            usize::MAX
+        } else {
+            w as usize
         }
     }
 }
@@ -75,16 +87,19 @@ fn pickle(py: Python<'_>) -> PyResult<&Pickle> {
 pub fn encode(v: &Bound<'_, PyAny>) -> PyResult<PyValue> {
     match plain::classify(v) {
         Plain::Int(n) => Ok(PyValue::Int(n)),
-        Plain::Atom(weight) => Ok(PyValue::Shared(v.clone().unbind(), weight)),
-        Plain::Dict(d, weight) => Ok(PyValue::Dict(d, weight)),
-        Plain::Tree(node, weight) => Ok(PyValue::Tree(Arc::new(node), weight)),
+        Plain::Atom(weight) => Ok(PyValue::Shared(v.clone().unbind(), weight32(weight))),
+        Plain::Dict(d, weight) => Ok(PyValue::Dict(d, weight32(weight))),
+        Plain::Tree(node, weight) => Ok(PyValue::Tree(Arc::new(node), weight32(weight))),
         Plain::No => {
             let py = v.py();
             let p = pickle(py)?;
             let pickled = p.dumps.bind(py).call1((v, p.protocol))?;
             let bytes = pickled.cast_into::<PyBytes>().map_err(PyErr::from)?;
             let n = bytes.as_bytes().len();
-            Ok(PyValue::Pickled(bytes.unbind(), sizes::bytes_size(n)))
+            Ok(PyValue::Pickled(
+                bytes.unbind(),
+                weight32(sizes::bytes_size(n)),
+            ))
         }
     }
 }
@@ -98,5 +113,19 @@ pub fn decode(py: Python<'_>, v: PyValue) -> PyResult<Py<PyAny>> {
         PyValue::Dict(d, _) => Ok(plain::copy_dict(d.bind(py))?.unbind()),
         PyValue::Tree(t, _) => Ok(plain::build(py, &t)?.unbind()),
         PyValue::Pickled(b, _) => Ok(pickle(py)?.loads.bind(py).call1((b,))?.unbind()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_forms_are_two_words() {
+        assert_eq!(std::mem::size_of::<PyValue>(), 16);
+        assert_eq!(crate::shard::slot_size::<PyValue>(), 96);
+        assert_eq!(weight32(12), 12);
+        assert_eq!(weight32(u32::MAX as usize - 1), u32::MAX - 1);
+        assert_eq!(weight32(1 << 40), u32::MAX);
     }
 }
