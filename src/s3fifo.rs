@@ -148,7 +148,7 @@ mod tests {
     }
 
     fn entry(key: &str, expires: u64) -> Entry<u32> {
-        Entry::new(key.into(), hash(key), 1, expires, 1, Vec::new())
+        Entry::new(key, hash(key), 1, expires, 1, Vec::new())
     }
 
     /// A cache of `cap` entries on one shard, as the store drives it under S3-FIFO.
@@ -175,7 +175,7 @@ mod tests {
             }
             while self.shard.len() >= self.cap {
                 let e = self.shard.evict_s3().expect("a full shard has a victim");
-                self.evicted.push(e.key.to_string());
+                self.evicted.push(e.key().to_string());
             }
             let q = self.shard.admit(hash(key));
             self.shard.insert_in(entry(key, NEVER), 0, q);
@@ -297,7 +297,7 @@ mod tests {
             .shard
             .iter()
             .filter(|e| e.queue() == Queue::Main)
-            .map(|e| e.key.to_string())
+            .map(|e| e.key().to_string())
             .collect();
         assert!(mains.len() >= 3, "{mains:?}");
         let keep = &mains[0];
@@ -333,7 +333,7 @@ mod tests {
                 .shard
                 .iter()
                 .step_by(3)
-                .map(|e| e.key.to_string())
+                .map(|e| e.key().to_string())
                 .collect();
             for k in victims {
                 let slot = c.shard.find(hash(&k), &k).unwrap();
@@ -356,12 +356,12 @@ mod tests {
         s.insert_in(entry("m", 20), 0, Queue::Main);
         s.insert_in(entry("live", NEVER), 0, Queue::Small);
         s.entry(small).hit();
-        assert_eq!(&*s.pop_expired(15).unwrap().key, "s");
-        assert_eq!(&*s.pop_expired(25).unwrap().key, "m");
+        assert_eq!(s.pop_expired(15).unwrap().key(), "s");
+        assert_eq!(s.pop_expired(25).unwrap().key(), "m");
         assert!(s.pop_expired(1000).is_none());
         assert_eq!(s.queue_len(Queue::Small), 1);
         assert_eq!(s.queue_len(Queue::Main), 0);
-        assert_eq!(&*s.evict_s3().unwrap().key, "live");
+        assert_eq!(s.evict_s3().unwrap().key(), "live");
     }
 
     #[test]

@@ -42,8 +42,36 @@ const EMPTY: Ends = Ends {
     len: 0,
 };
 
+/// An entry's key and, for a small immutable value, the value's bytes (its payload), in one heap
+/// block: one allocation instead of two, and no Python object header for the value.
+pub struct KeyBlock {
+    data: Box<[u8]>,
+    key_len: u32,
+}
+
+impl KeyBlock {
+    /// `key` followed by `payload`. Keys are at most 4 GiB (the store refuses heavier entries).
+    pub fn new(key: &str, payload: &[u8]) -> Self {
+        let mut data = Vec::with_capacity(key.len() + payload.len());
+        data.extend_from_slice(key.as_bytes());
+        data.extend_from_slice(payload);
+        KeyBlock {
+            data: data.into_boxed_slice(),
+            key_len: u32::try_from(key.len()).expect("keys are shorter than 4 GiB"),
+        }
+    }
+}
+
+impl From<&str> for KeyBlock {
+    fn from(key: &str) -> Self {
+        KeyBlock::new(key, &[])
+    }
+}
+
 pub struct Entry<V> {
-    pub key: Box<str>,
+    /// The key's bytes, then the payload (see `KeyBlock`).
+    data: Box<[u8]>,
+    key_len: u32,
     pub hash: u64,
     pub value: V,
     /// Clock stamp after which the entry is gone (`NEVER` for no expiry).
@@ -61,14 +89,15 @@ pub struct Entry<V> {
     queue: Queue,
     prev: u32,
     next: u32,
-    /// Nanoseconds the last computation of this value took (0: unknown, e.g. stored by `set`);
-    /// early refresh (`crate::early`) weighs the time left before expiry against it.
-    pub delta: u64,
+    /// Microseconds (rounded up) the last computation of this value took (0: unknown, e.g.
+    /// stored by `set`); early refresh (`crate::early`) weighs the time left before expiry
+    /// against it. See `delta`.
+    delta_us: u32,
 }
 
 impl<V> Entry<V> {
     pub fn new(
-        key: Box<str>,
+        key: impl Into<KeyBlock>,
         hash: u64,
         value: V,
         expires: u64,
@@ -76,8 +105,10 @@ impl<V> Entry<V> {
         tags: impl Into<Stamps>,
     ) -> Self {
         debug_assert!(weight <= MAX_WEIGHT, "the store refuses heavier entries");
+        let KeyBlock { data, key_len } = key.into();
         Entry {
-            key,
+            data,
+            key_len,
             hash,
             value,
             expires,
@@ -89,8 +120,45 @@ impl<V> Entry<V> {
             queue: Queue::Main,
             prev: NIL,
             next: NIL,
-            delta: 0,
+            delta_us: 0,
         }
+    }
+
+    #[inline]
+    pub fn key(&self) -> &str {
+        // SAFETY: the block starts with the bytes of a `str` (`KeyBlock::new`), `key_len` long.
+        unsafe { std::str::from_utf8_unchecked(&self.data[..self.key_len as usize]) }
+    }
+
+    /// Bytes of the key's block: the key and the payload.
+    #[inline]
+    pub fn block_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The value's bytes kept in the key's block (empty if the value holds them itself).
+    #[inline]
+    pub fn payload(&self) -> &[u8] {
+        &self.data[self.key_len as usize..]
+    }
+
+    /// Gives the entry a new key block (same key, another payload); returns the old one.
+    pub fn replace_block(&mut self, block: KeyBlock) -> Box<[u8]> {
+        debug_assert_eq!(&block.data[..block.key_len as usize], self.key().as_bytes());
+        self.key_len = block.key_len;
+        std::mem::replace(&mut self.data, block.data)
+    }
+
+    /// Nanoseconds the last computation of the value took (0: unknown), to the microsecond.
+    #[inline]
+    pub fn delta(&self) -> u64 {
+        u64::from(self.delta_us) * 1000
+    }
+
+    /// Records that computing the value took `nanos` nanoseconds (kept in whole microseconds,
+    /// rounded up so that a recorded time is never taken for none; at most 71 minutes).
+    pub fn set_delta(&mut self, nanos: u64) {
+        self.delta_us = u32::try_from(nanos.div_ceil(1000)).unwrap_or(u32::MAX);
     }
 
     /// Bytes charged to the store for this entry.
@@ -191,7 +259,7 @@ impl<V> Shard<V> {
         let slots = &self.slots;
         self.table
             .find(hash, |&s| match &slots[s as usize] {
-                Slot::Used(e) => &*e.key == key,
+                Slot::Used(e) => e.key() == key,
                 Slot::Free(_) => false,
             })
             .copied()
@@ -398,7 +466,7 @@ mod tests {
 
     fn entry(key: &str, expires: u64) -> Entry<u32> {
         let hash = key.len() as u64 * 7919 + key.bytes().map(u64::from).sum::<u64>();
-        Entry::new(key.into(), hash, 1, expires, 1, Vec::new())
+        Entry::new(key, hash, 1, expires, 1, Vec::new())
     }
 
     #[test]
@@ -409,7 +477,7 @@ mod tests {
         assert_eq!(s.find(entry("a", 0).hash, "a"), Some(a));
         assert_eq!(s.find(entry("b", 0).hash, "b"), Some(b));
         assert_eq!(s.find(entry("c", 0).hash, "c"), None);
-        assert_eq!(&*s.remove(a).key, "a");
+        assert_eq!(s.remove(a).key(), "a");
         assert_eq!(s.find(entry("a", 0).hash, "a"), None);
         let c = s.insert(entry("c", NEVER), 3);
         assert_eq!(c, a, "freed slot is reused");
@@ -425,7 +493,7 @@ mod tests {
         s.touch(slots[0], 10);
         s.touch(slots[2], 11);
         let order: Vec<String> = std::iter::from_fn(|| s.pop_oldest())
-            .map(|e| e.key.to_string())
+            .map(|e| e.key().to_string())
             .collect();
         assert_eq!(order, ["k1", "k3", "k0", "k2"]);
         assert!(s.is_empty());
@@ -438,12 +506,12 @@ mod tests {
         s.insert(entry("b", 20), 2);
         s.insert(entry("c", NEVER), 3);
         assert!(s.pop_expired(10).is_none());
-        assert_eq!(&*s.pop_expired(30).unwrap().key, "b");
+        assert_eq!(s.pop_expired(30).unwrap().key(), "b");
         assert!(s.pop_expired(30).is_none());
         s.set_expiry(a, NEVER);
         assert!(s.pop_expired(1000).is_none());
         s.set_expiry(a, 5);
-        assert_eq!(&*s.pop_expired(6).unwrap().key, "a");
+        assert_eq!(s.pop_expired(6).unwrap().key(), "a");
         assert_eq!(s.len(), 1);
     }
 

@@ -21,13 +21,26 @@ use crate::flight::Flights;
 use crate::mem::{malloc_chunk, EXPIRY_SHARE, TABLE_CELL};
 use crate::policy::Policy;
 use crate::s3fifo::MAX_FREQ;
-use crate::shard::{slot_size, Entry, Shard, MAX_WEIGHT};
+use crate::shard::{slot_size, Entry, KeyBlock, Shard, MAX_WEIGHT};
 use crate::stats::Stats;
 use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
 
-/// What a stored value costs in bytes (beyond the per-entry overhead the store adds itself).
-pub trait Weigh {
+/// What a stored value costs in bytes (beyond the per-entry overhead the store adds itself), and
+/// which of its bytes the store may keep in the entry's own key block instead.
+pub trait Weigh: Sized {
+    /// Bytes the value holds, not counting its payload.
     fn weight(&self) -> usize;
+
+    /// Bytes the store should keep next to the key, in one heap block with it (empty: none);
+    /// the store then keeps `without_payload()` as the value.
+    fn payload(&self) -> &[u8] {
+        &[]
+    }
+
+    /// The value once the store holds its payload (called outside every lock).
+    fn without_payload(self) -> Self {
+        self
+    }
 }
 
 /// Limits read from the calling backend at each operation: aliases with different limits may
@@ -76,13 +89,13 @@ pub enum Replace {
     TooLarge,
 }
 
-/// Bytes charged per entry besides its value: the slab slot, the hash-table cell, the key's heap
-/// block, the expiry index's share if it has a deadline, and per tag its stamp (in the entry's
-/// boxed slice) and its place in the tag's member list. See `mem.rs` for the figures.
-pub fn entry_overhead<V>(key_len: usize, tags: usize, expires: u64) -> u64 {
+/// Bytes charged per entry besides its value: the slab slot, the hash-table cell, the heap block
+/// of the key and payload (`block_len` bytes together), the expiry index's share if it has a
+/// deadline, and per tag its stamp and its place in the tag's member list. See `mem.rs`.
+pub fn entry_overhead<V>(block_len: usize, tags: usize, expires: u64) -> u64 {
     let expiry = if expires == NEVER { 0 } else { EXPIRY_SHARE };
     let stamps = Stamps::heap_size(tags) + tags * size_of::<EntryRef>();
-    (slot_size::<V>() + TABLE_CELL + malloc_chunk(key_len) + expiry + stamps) as u64
+    (slot_size::<V>() + TABLE_CELL + malloc_chunk(block_len) + expiry + stamps) as u64
 }
 
 pub struct Store<V> {
@@ -152,8 +165,16 @@ impl<V: Weigh> Store<V> {
     /// Bytes an entry with this key, value, number of tags and expiry stamp is charged.
     /// At most `MAX_WEIGHT + 1` (an entry that cannot be stored, see `MAX_WEIGHT`).
     pub fn weigh(key: &str, value: &V, tags: usize, expires: u64) -> u64 {
-        let w =
-            (value.weight() as u64).saturating_add(entry_overhead::<V>(key.len(), tags, expires));
+        Self::weigh_parts(
+            value.weight(),
+            key.len() + value.payload().len(),
+            tags,
+            expires,
+        )
+    }
+
+    fn weigh_parts(value: usize, block_len: usize, tags: usize, expires: u64) -> u64 {
+        let w = (value as u64).saturating_add(entry_overhead::<V>(block_len, tags, expires));
         w.min(MAX_WEIGHT + 1)
     }
 
@@ -320,15 +341,20 @@ impl<V: Weigh> Store<V> {
         out
     }
 
-    /// Like `get` but also returns the entry's generation, for a later `replace_if`.
-    pub fn snapshot<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<(R, u64)> {
+    /// Like `get_entry` but also returns the entry's generation, for a later `replace_if`.
+    pub fn snapshot<R>(
+        &self,
+        key: &str,
+        now: u64,
+        read: impl FnOnce(&Entry<V>) -> R,
+    ) -> Option<(R, u64)> {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
                 let e = shard.entry(slot);
-                Some((read(&e.value), e.gen))
+                Some((read(e), e.gen))
             }
             Lookup::Absent => None,
         };
@@ -370,7 +396,7 @@ impl<V: Weigh> Store<V> {
         let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) if shard.entry(slot).expires == expires => {
-                shard.entry_mut(slot).delta = delta;
+                shard.entry_mut(slot).set_delta(delta);
                 true
             }
             _ => false,
@@ -412,7 +438,8 @@ impl<V: Weigh> Store<V> {
                     dead.push(self.detach(&mut shard, slot));
                 } else {
                     let e = shard.entry(slot);
-                    let weight = Self::weigh(&e.key, &e.value, e.tags.len(), expires);
+                    let weight =
+                        Self::weigh_parts(e.value.weight(), e.block_len(), e.tags.len(), expires);
                     let old = e.weight();
                     let charged = match (weight > old, limits.max_bytes) {
                         (false, _) => {
@@ -521,8 +548,14 @@ impl<V: Weigh> Store<V> {
         if only_new && self.contains(key, now) {
             return Put::Exists;
         }
+        // The payload moves into the key's block here, outside every lock (the value may let go
+        // of an object whose release must not happen under one).
+        let block = KeyBlock::new(key, value.payload());
+        let value = value.without_payload();
         if self.policy == Policy::S3Fifo {
-            return self.put_s3(key, value, expires, tags, limits, now, only_new, weight);
+            return self.put_s3(
+                key, block, value, expires, tags, limits, now, only_new, weight,
+            );
         }
         let (hash, idx) = self.locate(key);
         if self.len() as i64 >= limits.max_entries {
@@ -549,7 +582,7 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_tick();
         let has_tags = !tags.is_empty();
-        let mut entry = Entry::new(key.into(), hash, value, expires, weight, tags);
+        let mut entry = Entry::new(block, hash, value, expires, weight, tags);
         entry.gen = gen;
         let slot = shard.insert(entry, gen);
         self.len.fetch_add(1, Relaxed);
@@ -591,6 +624,7 @@ impl<V: Weigh> Store<V> {
     fn put_s3(
         &self,
         key: &str,
+        block: KeyBlock,
         value: V,
         expires: u64,
         tags: Vec<TagStamp>,
@@ -681,7 +715,7 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_tick();
         let has_tags = !tags.is_empty();
-        let mut entry = Entry::new(key.into(), hash, value, expires, weight, tags);
+        let mut entry = Entry::new(block, hash, value, expires, weight, tags);
         entry.gen = gen;
         // Overwriting a live key counts as a use of it: it keeps its queue, one hit more.
         let (queue, freq) = match replaced {
@@ -738,9 +772,12 @@ impl<V: Weigh> Store<V> {
         if weight > MAX_WEIGHT || limits.max_bytes.is_some_and(|max| weight > max) {
             return Replace::TooLarge;
         }
+        let block = KeyBlock::new(key, value.payload());
+        let value = value.without_payload();
         self.reserve(weight, limits, now, idx);
         let mut dead = Vec::new();
         let mut old_value = None;
+        let mut old_block = None;
         let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) if shard.entry(slot).gen == gen => {
@@ -749,6 +786,7 @@ impl<V: Weigh> Store<V> {
                 let old_weight = e.weight();
                 e.set_weight(weight);
                 old_value = Some(std::mem::replace(&mut e.value, value));
+                old_block = Some(e.replace_block(block));
                 e.gen = tick;
                 self.used(&mut shard, slot, tick);
                 self.bytes.fetch_sub(old_weight, Relaxed);
@@ -764,7 +802,7 @@ impl<V: Weigh> Store<V> {
             }
         };
         drop(shard);
-        drop(old_value);
+        drop((old_value, old_block));
         out
     }
 
@@ -777,9 +815,9 @@ impl<V: Weigh> Store<V> {
                 shard
                     .iter()
                     .filter(|e| {
-                        !e.is_expired(now) && all_current(&e.tags) && e.key.starts_with(prefix)
+                        !e.is_expired(now) && all_current(&e.tags) && e.key().starts_with(prefix)
                     })
-                    .map(|e| e.key.to_string()),
+                    .map(|e| e.key().to_string()),
             );
         }
         out
@@ -1276,7 +1314,10 @@ mod tests {
         let store: Store<Val> = Store::new(2);
         let lim = limits(100, None);
         assert_eq!(set(&store, "big", usize::MAX, &lim, 1), Put::TooLarge);
-        assert_eq!(set(&store, "big", u32::MAX as usize, &lim, 1), Put::TooLarge);
+        assert_eq!(
+            set(&store, "big", u32::MAX as usize, &lim, 1),
+            Put::TooLarge
+        );
         assert_eq!((store.len(), store.bytes()), (0, 0));
         assert_eq!(set(&store, "ok", 1 << 31, &lim, 1), Put::Stored);
         assert_eq!(store.bytes(), Store::weigh("ok", &Val(1 << 31), 0, NEVER));

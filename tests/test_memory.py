@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -79,9 +80,8 @@ def charge(cache: RustCache, value: Any) -> int:
 
 
 def block(size: int) -> int:
-    """pymalloc's block for an object of `size` bytes (16-byte steps up to 512)."""
-    assert size <= 512
-    return -(-size // 16) * 16
+    """The block for an object of `size` bytes: pymalloc's 16-byte steps up to 512, then malloc."""
+    return -(-size // 16) * 16 if size <= 512 else chunk(size)
 
 
 def object_charge(value: Any) -> int:
@@ -95,23 +95,46 @@ def object_charge(value: Any) -> int:
     return block(base) + (block(utf8) if utf8 else 0)
 
 
+def chunk(n: int) -> int:
+    """glibc malloc's chunk for a request of `n` bytes."""
+    return max(32, (n + 8 + 15) // 16 * 16) if n else 0
+
+
 @pytest.mark.parametrize(
     "small, large",
     [
-        (b"", b"x" * 200),
-        ("ab", "x" * 200),
-        (chr(0xE9) * 2, chr(0xE9) * 100),
-        (chr(0x100) * 2, chr(0x100) * 100),
-        (chr(0x10000) * 2, chr(0x10000) * 50),
-        (1.5, b"x" * 300),
+        (b"", b"x" * 600),
+        ("ab", "x" * 600),
+        (chr(0xE9) * 2, chr(0xE9) * 600),
+        (chr(0x100) * 2, chr(0x100) * 300),
+        (chr(0x10000) * 2, chr(0x10000) * 200),
+        (1.5, b"x" * 700),
         (2**100, 2**200),
     ],
 )
-def test_values_are_charged_their_object_size(small: Any, large: Any) -> None:
+def test_values_held_as_objects_are_charged_their_object_size(small: Any, large: Any) -> None:
     """The difference between two charges is that of the objects' real (rounded) sizes."""
     cache = make()
     expected = object_charge(large) - object_charge(small)
     assert charge(cache, large) - charge(cache, small) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"x" * 32, b"x" * 100, b"x" * 512, "y" * 100, "\u00e9" * 60, "\u20ac" * 170, {1, 2, 3}],
+)
+def test_small_values_are_charged_their_bytes_in_the_key_block(value: Any) -> None:
+    """Inline values cost their bytes (UTF-8, or the pickle) in one malloc chunk with the key."""
+    cache = make()
+    key = len(cache.make_key("k"))
+    if isinstance(value, bytes):
+        payload = len(value)
+    elif isinstance(value, str):
+        payload = len(value.encode())
+    else:
+        payload = len(pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
+    ref = charge(cache, b"r" * 40)  # inline too: 40 payload bytes
+    assert charge(cache, value) - ref == chunk(key + payload) - chunk(key + 40)
 
 
 def test_a_deadline_costs_its_share_of_the_expiry_index() -> None:
@@ -150,3 +173,74 @@ def test_max_bytes_counts_the_real_sizes() -> None:
     per_entry = cache.stats()["bytes"] / cache.stats()["entries"]
     assert per_entry >= block(33 + 100) + 32  # the bytes object and the key, at least
     assert cache.stats()["entries"] <= 100_000 // per_entry
+
+
+INLINE_EDGES = [
+    b"b" * 31,
+    b"b" * 32,
+    b"b" * 512,
+    b"b" * 513,
+    "s" * 31,
+    "s" * 32,
+    "s" * 512,
+    "s" * 513,
+    "\u00e9" * 16,  # 32 UTF-8 bytes
+    "\u20ac" * 170,  # 510 UTF-8 bytes, 2 bytes a character in memory
+    "\U0001f600" * 128,  # 512 UTF-8 bytes
+    "x\ud800y" * 20,  # a lone surrogate: no UTF-8 form
+    b"",
+    "",
+]
+
+
+@pytest.mark.parametrize("value", INLINE_EDGES, ids=lambda v: f"{type(v).__name__}{len(v)}")
+def test_values_round_trip_on_both_sides_of_the_inline_bounds(value: Any) -> None:
+    cache = make()
+    cache.set("k", value)
+    for _ in range(2):
+        got = cache.get("k")
+        assert type(got) is type(value) and got == value
+    assert cache.get_many(["k"]) == {"k": value}
+    assert cache.get_or_set("k", "other") == value
+
+
+def test_small_pickles_round_trip_and_incr_replaces_them() -> None:
+    """A small pickle is kept inline: get unpickles a fresh copy; incr (Python's addition, then
+    a replacement of the entry) keeps the books right."""
+    from decimal import Decimal
+
+    cache = make()
+    cache.set("set", {1, 2})
+    a, b = cache.get("set"), cache.get("set")
+    assert a == b == {1, 2} and a is not b
+    cache.set("d", Decimal("1.5"))
+    assert cache.incr("d") == Decimal("2.5")
+    assert cache.incr("d", 10) == Decimal("12.5")
+    assert cache.get("d") == Decimal("12.5")
+    held = cache.stats()["bytes"]
+    cache.set("d", Decimal("12.5"))
+    assert cache.stats()["bytes"] == held, "a replaced entry is charged as a fresh one"
+
+
+def test_inline_values_under_threads() -> None:
+    """Concurrent sets and gets of inline values of varying size never mix up payloads."""
+    import threading
+
+    cache = make(MAX_ENTRIES=500)
+    errors: list[str] = []
+
+    def work(t: int) -> None:
+        for i in range(3_000):
+            k = f"k{(i * 7 + t) % 200}"
+            v = (k + "|") * (1 + i % 40)
+            cache.set(k, v)
+            got = cache.get(k)
+            if got is not None and not got.startswith(k + "|"):
+                errors.append(f"{k}: {got[:30]!r}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:3]

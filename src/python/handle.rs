@@ -271,8 +271,11 @@ impl Handle {
     }
 
     fn read(&self, py: Python<'_>, k: &str, now: u64) -> PyResult<Option<Py<PyAny>>> {
-        match self.store.get(k, now, |v| v.clone_ref(py)) {
-            Some(v) => Ok(Some(decode(py, v)?)),
+        match self
+            .store
+            .get_entry(k, now, |e| e.value.clone_ref(py, e.payload()))
+        {
+            Some(v) => Ok(Some(decode(py, v?)?)),
             None => Ok(None),
         }
     }
@@ -481,10 +484,13 @@ impl Handle {
             }
         }
         loop {
-            let Some((current, gen)) = self.store.snapshot(&k, now, |v| v.clone_ref(py)) else {
+            let Some((current, gen)) = self
+                .store
+                .snapshot(&k, now, |e| e.value.clone_ref(py, e.payload()))
+            else {
                 return Err(self.not_found(key, version, &k));
             };
-            let new = decode(py, current)?.bind(py).add(delta)?;
+            let new = decode(py, current?)?.bind(py).add(delta)?;
             let stored = encode(&new)?;
             match self.store.replace_if(&k, gen, stored, &self.limits, now) {
                 Replace::Done => return Ok(new.unbind()),
@@ -636,12 +642,12 @@ impl Handle {
         let now = clock::now();
         let found = self.store.get_entry(&k, now, |e| {
             (
-                e.value.clone_ref(py),
-                crate::early::should_refresh(now, e.expires, e.delta, beta, u),
+                e.value.clone_ref(py, e.payload()),
+                crate::early::should_refresh(now, e.expires, e.delta(), beta, u),
             )
         });
         match found {
-            Some((v, refresh)) => Ok((decode(py, v)?, refresh)),
+            Some((v, refresh)) => Ok((decode(py, v?)?, refresh)),
             None => Ok((default, false)),
         }
     }
