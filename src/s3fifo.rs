@@ -118,9 +118,10 @@ impl<V> Shard<V> {
                     e.freq.store(0, Relaxed);
                     self.move_to_back(slot, Queue::Main);
                 } else {
-                    let e = self.remove(slot);
+                    let hash = self.hash(e.key());
+                    let e = self.remove_hashed(slot, hash);
                     let cap = self.len();
-                    self.ghost.push(e.hash, cap);
+                    self.ghost.push(hash, cap);
                     return Some(e);
                 }
             } else {
@@ -148,7 +149,7 @@ mod tests {
     }
 
     fn entry(key: &str, expires: u64) -> Entry<u32> {
-        Entry::new(key, hash(key), 1, expires, 1, Vec::new())
+        Entry::new(key, 1, expires, 1, Vec::new())
     }
 
     /// A cache of `cap` entries on one shard, as the store drives it under S3-FIFO.
@@ -161,7 +162,7 @@ mod tests {
     impl Cache {
         fn new(cap: usize) -> Self {
             Cache {
-                shard: Shard::default(),
+                shard: Shard::with_hasher(RandomState::with_seeds(1, 2, 3, 4)),
                 cap,
                 evicted: Vec::new(),
             }
@@ -178,7 +179,7 @@ mod tests {
                 self.evicted.push(e.key().to_string());
             }
             let q = self.shard.admit(hash(key));
-            self.shard.insert_in(entry(key, NEVER), 0, q);
+            self.shard.insert_in(entry(key, NEVER), hash(key), 0, q);
             false
         }
 
@@ -352,9 +353,9 @@ mod tests {
     #[test]
     fn expired_entries_leave_through_the_expiry_index_from_either_queue() {
         let mut s: Shard<u32> = Shard::default();
-        let small = s.insert_in(entry("s", 10), 0, Queue::Small);
-        s.insert_in(entry("m", 20), 0, Queue::Main);
-        s.insert_in(entry("live", NEVER), 0, Queue::Small);
+        let small = s.insert_in(entry("s", 10), s.hash("s"), 0, Queue::Small);
+        s.insert_in(entry("m", 20), s.hash("m"), 0, Queue::Main);
+        s.insert_in(entry("live", NEVER), s.hash("live"), 0, Queue::Small);
         s.entry(small).hit();
         assert_eq!(s.pop_expired(15).unwrap().key(), "s");
         assert_eq!(s.pop_expired(25).unwrap().key(), "m");

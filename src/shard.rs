@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU8;
 
+use ahash::RandomState;
 use hashbrown::HashTable;
 
 use crate::clock::NEVER;
@@ -72,7 +73,6 @@ pub struct Entry<V> {
     /// The key's bytes, then the payload (see `KeyBlock`).
     data: Box<[u8]>,
     key_len: u32,
-    pub hash: u64,
     pub value: V,
     /// Clock stamp after which the entry is gone (`NEVER` for no expiry).
     pub expires: u64,
@@ -98,7 +98,6 @@ pub struct Entry<V> {
 impl<V> Entry<V> {
     pub fn new(
         key: impl Into<KeyBlock>,
-        hash: u64,
         value: V,
         expires: u64,
         weight: u64,
@@ -109,7 +108,6 @@ impl<V> Entry<V> {
         Entry {
             data,
             key_len,
-            hash,
             value,
             expires,
             tick: 0,
@@ -195,6 +193,9 @@ pub const fn slot_size<V>() -> usize {
 }
 
 pub struct Shard<V> {
+    /// The store's hasher: entries do not keep their hash; it is computed again from the key
+    /// when the table grows or an entry leaves.
+    hasher: RandomState,
     table: HashTable<u32>,
     slots: Vec<Slot<V>>,
     free: u32,
@@ -208,7 +209,15 @@ pub struct Shard<V> {
 
 impl<V> Default for Shard<V> {
     fn default() -> Self {
+        Shard::with_hasher(RandomState::new())
+    }
+}
+
+impl<V> Shard<V> {
+    /// An empty shard hashing keys with `hasher` (the store's, so that its hashes fit).
+    pub fn with_hasher(hasher: RandomState) -> Self {
         Shard {
+            hasher,
             table: HashTable::new(),
             slots: Vec::new(),
             free: NIL,
@@ -219,9 +228,12 @@ impl<V> Default for Shard<V> {
             len: 0,
         }
     }
-}
 
-impl<V> Shard<V> {
+    /// The hash of `key` under this shard's hasher.
+    #[inline]
+    pub fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
     pub fn len(&self) -> usize {
         self.len
     }
@@ -265,18 +277,20 @@ impl<V> Shard<V> {
             .copied()
     }
 
-    /// Stores a new entry (the key must not be present) at the most recent end; returns its slot.
-    pub fn insert(&mut self, entry: Entry<V>, tick: u64) -> u32 {
-        self.insert_in(entry, tick, Queue::Main)
+    /// Stores a new entry whose key hashes to `hash` (the key must not be present) at the most
+    /// recent end; returns its slot.
+    pub fn insert(&mut self, entry: Entry<V>, hash: u64, tick: u64) -> u32 {
+        self.insert_in(entry, hash, tick, Queue::Main)
     }
 
-    /// Stores a new entry (the key must not be present) at the back of `queue`; returns its slot.
-    pub fn insert_in(&mut self, mut entry: Entry<V>, tick: u64, queue: Queue) -> u32 {
+    /// Stores a new entry whose key hashes to `hash` (the key must not be present) at the back of
+    /// `queue`; returns its slot.
+    pub fn insert_in(&mut self, mut entry: Entry<V>, hash: u64, tick: u64, queue: Queue) -> u32 {
+        debug_assert_eq!(hash, self.hash(entry.key()));
         entry.tick = tick;
         entry.queue = queue;
         entry.prev = NIL;
         entry.next = NIL;
-        let hash = entry.hash;
         let expires = entry.expires;
         let slot = if self.free != NIL {
             let slot = self.free;
@@ -292,10 +306,10 @@ impl<V> Shard<V> {
             (self.slots.len() - 1) as u32
         };
         self.link_back(slot, queue);
-        let slots = &self.slots;
+        let (slots, hasher) = (&self.slots, &self.hasher);
         self.table
             .insert_unique(hash, slot, |&s| match &slots[s as usize] {
-                Slot::Used(e) => e.hash,
+                Slot::Used(e) => hasher.hash_one(e.key()),
                 Slot::Free(_) => 0,
             });
         self.index_expiry(slot, expires);
@@ -305,10 +319,13 @@ impl<V> Shard<V> {
 
     /// Unlinks and returns the entry at `slot`.
     pub fn remove(&mut self, slot: u32) -> Entry<V> {
-        let (hash, expires) = {
-            let e = self.entry(slot);
-            (e.hash, e.expires)
-        };
+        let hash = self.hash(self.entry(slot).key());
+        self.remove_hashed(slot, hash)
+    }
+
+    /// `remove` for a caller that has the key's hash already.
+    pub fn remove_hashed(&mut self, slot: u32, hash: u64) -> Entry<V> {
+        let expires = self.entry(slot).expires;
         self.unlink(slot);
         self.unindex_expiry(slot, expires);
         if let Ok(found) = self.table.find_entry(hash, |&s| s == slot) {
@@ -397,7 +414,7 @@ impl<V> Shard<V> {
     /// Takes every entry out, leaving the shard empty.
     pub fn drain(&mut self) -> Vec<Entry<V>> {
         let slots = std::mem::take(&mut self.slots);
-        *self = Shard::default();
+        *self = Shard::with_hasher(self.hasher.clone());
         slots
             .into_iter()
             .filter_map(|s| match s {
@@ -465,30 +482,53 @@ mod tests {
     use super::*;
 
     fn entry(key: &str, expires: u64) -> Entry<u32> {
-        let hash = key.len() as u64 * 7919 + key.bytes().map(u64::from).sum::<u64>();
-        Entry::new(key, hash, 1, expires, 1, Vec::new())
+        Entry::new(key, 1, expires, 1, Vec::new())
+    }
+
+    /// Inserts `key` at the recent end of `s`.
+    fn put(s: &mut Shard<u32>, key: &str, expires: u64, tick: u64) -> u32 {
+        let hash = s.hash(key);
+        s.insert(entry(key, expires), hash, tick)
     }
 
     #[test]
     fn insert_find_remove_reuses_slots() {
         let mut s: Shard<u32> = Shard::default();
-        let a = s.insert(entry("a", NEVER), 1);
-        let b = s.insert(entry("b", NEVER), 2);
-        assert_eq!(s.find(entry("a", 0).hash, "a"), Some(a));
-        assert_eq!(s.find(entry("b", 0).hash, "b"), Some(b));
-        assert_eq!(s.find(entry("c", 0).hash, "c"), None);
+        let a = put(&mut s, "a", NEVER, 1);
+        let b = put(&mut s, "b", NEVER, 2);
+        assert_eq!(s.find(s.hash("a"), "a"), Some(a));
+        assert_eq!(s.find(s.hash("b"), "b"), Some(b));
+        assert_eq!(s.find(s.hash("c"), "c"), None);
         assert_eq!(s.remove(a).key(), "a");
-        assert_eq!(s.find(entry("a", 0).hash, "a"), None);
-        let c = s.insert(entry("c", NEVER), 3);
+        assert_eq!(s.find(s.hash("a"), "a"), None);
+        let c = put(&mut s, "c", NEVER, 3);
         assert_eq!(c, a, "freed slot is reused");
         assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn keys_are_found_after_the_table_grows_and_shrinks_without_stored_hashes() {
+        let mut s: Shard<u32> = Shard::default();
+        let slots: Vec<u32> = (0..5_000)
+            .map(|i| put(&mut s, &format!("key-{i}"), NEVER, i))
+            .collect();
+        for i in (0..5_000).step_by(2) {
+            let k = format!("key-{i}");
+            assert_eq!(s.remove(slots[i]).key(), k);
+        }
+        for i in 0..5_000 {
+            let k = format!("key-{i}");
+            let found = s.find(s.hash(&k), &k);
+            assert_eq!(found.is_some(), i % 2 == 1, "{k}");
+        }
+        assert_eq!(s.len(), 2_500);
     }
 
     #[test]
     fn lru_order_follows_touches() {
         let mut s: Shard<u32> = Shard::default();
         let slots: Vec<u32> = (0..4)
-            .map(|i| s.insert(entry(&format!("k{i}"), NEVER), i))
+            .map(|i| put(&mut s, &format!("k{i}"), NEVER, i))
             .collect();
         s.touch(slots[0], 10);
         s.touch(slots[2], 11);
@@ -502,9 +542,9 @@ mod tests {
     #[test]
     fn expiry_index_pops_in_order_and_tracks_changes() {
         let mut s: Shard<u32> = Shard::default();
-        let a = s.insert(entry("a", 50), 1);
-        s.insert(entry("b", 20), 2);
-        s.insert(entry("c", NEVER), 3);
+        let a = put(&mut s, "a", 50, 1);
+        put(&mut s, "b", 20, 2);
+        put(&mut s, "c", NEVER, 3);
         assert!(s.pop_expired(10).is_none());
         assert_eq!(s.pop_expired(30).unwrap().key(), "b");
         assert!(s.pop_expired(30).is_none());
@@ -519,12 +559,12 @@ mod tests {
     fn drain_empties() {
         let mut s: Shard<u32> = Shard::default();
         for i in 0..10 {
-            s.insert(entry(&format!("k{i}"), 100 + i), i);
+            put(&mut s, &format!("k{i}"), 100 + i, i);
         }
         assert_eq!(s.drain().len(), 10);
         assert!(s.is_empty());
         assert!(s.pop_expired(u64::MAX - 1).is_none());
-        s.insert(entry("again", NEVER), 1);
+        put(&mut s, "again", NEVER, 1);
         assert_eq!(s.len(), 1);
     }
 }

@@ -126,10 +126,13 @@ impl<V: Weigh> Store<V> {
 
     pub fn with_policy(shards: usize, policy: Policy) -> Self {
         let n = shards.max(1).next_power_of_two();
+        let hasher = RandomState::new();
         Store {
-            shards: (0..n).map(|_| RwLock::new(Shard::default())).collect(),
+            shards: (0..n)
+                .map(|_| RwLock::new(Shard::with_hasher(hasher.clone())))
+                .collect(),
             policy,
-            hasher: RandomState::new(),
+            hasher,
             tick: AtomicU64::new(1),
             sweep: AtomicUsize::new(0),
             len: AtomicUsize::new(0),
@@ -582,9 +585,9 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_tick();
         let has_tags = !tags.is_empty();
-        let mut entry = Entry::new(block, hash, value, expires, weight, tags);
+        let mut entry = Entry::new(block, value, expires, weight, tags);
         entry.gen = gen;
-        let slot = shard.insert(entry, gen);
+        let slot = shard.insert(entry, hash, gen);
         self.len.fetch_add(1, Relaxed);
         self.finish_put(shard, idx, slot, gen, has_tags, now);
         Put::Stored
@@ -715,7 +718,7 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_tick();
         let has_tags = !tags.is_empty();
-        let mut entry = Entry::new(block, hash, value, expires, weight, tags);
+        let mut entry = Entry::new(block, value, expires, weight, tags);
         entry.gen = gen;
         // Overwriting a live key counts as a use of it: it keeps its queue, one hit more.
         let (queue, freq) = match replaced {
@@ -723,7 +726,7 @@ impl<V: Weigh> Store<V> {
             None => (shard.admit(hash), 0),
         };
         entry.freq = AtomicU8::new(freq);
-        let slot = shard.insert_in(entry, gen, queue);
+        let slot = shard.insert_in(entry, hash, gen, queue);
         self.finish_put(shard, idx, slot, gen, has_tags, now);
         Put::Stored
     }

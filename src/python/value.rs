@@ -242,7 +242,7 @@ mod tests {
     #[test]
     fn stored_forms_are_two_words() {
         assert_eq!(std::mem::size_of::<PyValue>(), 16);
-        assert_eq!(crate::shard::slot_size::<PyValue>(), 96);
+        assert_eq!(crate::shard::slot_size::<PyValue>(), 88);
         assert_eq!(weight32(12), 12);
         assert_eq!(weight32(u32::MAX as usize - 1), u32::MAX - 1);
         assert_eq!(weight32(1 << 40), u32::MAX);
