@@ -23,11 +23,10 @@ pub const fn malloc_chunk(n: usize) -> usize {
 /// per entry at its average load (it fills to 7/8, then doubles: 1.14 to 2.29 buckets an entry).
 pub const TABLE_CELL: usize = 8;
 
-/// An entry's share of the expiry index (`BTreeSet<(u64, u32)>`): 16 bytes an element, in leaves
-/// of 11 elements (a 208-byte chunk). Deadlines mostly arrive in increasing order, at the right
-/// end, where a full leaf splits 6 to 5: leaves settle at 6 elements plus a separator in their
-/// parent, so 208 / 7 bytes an element, plus internal nodes (296 bytes for about 49 elements).
-pub const EXPIRY_SHARE: usize = 208 / 7 + 296 / 49;
+/// An entry's share of the expiry index: one `(u64, u32)` element (16 bytes) in a shard's binary
+/// heap. Stale elements (of entries gone or given another deadline, at most as many as live
+/// ones and usually few) are not charged.
+pub const EXPIRY_SHARE: usize = 16;
 
 #[cfg(test)]
 mod tests {
@@ -42,10 +41,5 @@ mod tests {
         assert_eq!(malloc_chunk(40), 48);
         assert_eq!(malloc_chunk(41), 64);
         assert_eq!(malloc_chunk(1000), 1008);
-    }
-
-    #[test]
-    fn expiry_share_is_a_leaf_slot_and_a_bit() {
-        assert_eq!(EXPIRY_SHARE, 35);
     }
 }

@@ -5,7 +5,8 @@
 //! Nothing here locks or allocates Python objects: the store wraps each shard in a mutex and drops
 //! what a shard hands back only after unlocking.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::atomic::AtomicU8;
 
 use ahash::RandomState;
@@ -202,8 +203,13 @@ pub struct Shard<V> {
     queues: [Ends; 2],
     /// Hashes of keys recently evicted from the small queue (S3-FIFO only).
     pub(crate) ghost: Ghost,
-    expiries: BTreeSet<(u64, u32)>,
-    next_expiry: u64,
+    /// Deadlines of the entries that have one, earliest on top: 16 bytes an entry. Lazy: an
+    /// element whose entry left or got another deadline stays (stale) until it reaches the top,
+    /// where it is dropped, or until stale elements outnumber live ones and the heap is rebuilt.
+    expiries: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Stale elements in `expiries`, and elements of live entries.
+    stale: usize,
+    timed: usize,
     len: usize,
 }
 
@@ -223,8 +229,9 @@ impl<V> Shard<V> {
             free: NIL,
             queues: [EMPTY; 2],
             ghost: Ghost::default(),
-            expiries: BTreeSet::new(),
-            next_expiry: NEVER,
+            expiries: BinaryHeap::new(),
+            stale: 0,
+            timed: 0,
             len: 0,
         }
     }
@@ -325,9 +332,18 @@ impl<V> Shard<V> {
 
     /// `remove` for a caller that has the key's hash already.
     pub fn remove_hashed(&mut self, slot: u32, hash: u64) -> Entry<V> {
+        self.take(slot, hash, false)
+    }
+
+    /// Removes the entry at `slot`; `popped`: its expiry element is already off the heap.
+    fn take(&mut self, slot: u32, hash: u64, popped: bool) -> Entry<V> {
         let expires = self.entry(slot).expires;
         self.unlink(slot);
-        self.unindex_expiry(slot, expires);
+        if popped {
+            self.timed = self.timed.saturating_sub(1);
+        } else {
+            self.unindex_expiry(expires);
+        }
         if let Ok(found) = self.table.find_entry(hash, |&s| s == slot) {
             found.remove();
         }
@@ -372,13 +388,13 @@ impl<V> Shard<V> {
     /// The earliest expiry stamp in the shard (`NEVER` if none): nothing has expired before it.
     #[inline]
     pub fn next_expiry(&self) -> u64 {
-        self.next_expiry
+        self.expiries.peek().map_or(NEVER, |&Reverse((e, _))| e)
     }
 
     pub fn set_expiry(&mut self, slot: u32, expires: u64) {
         let old = self.entry(slot).expires;
         if old != expires {
-            self.unindex_expiry(slot, old);
+            self.unindex_expiry(old);
             self.entry_mut(slot).expires = expires;
             self.index_expiry(slot, expires);
         }
@@ -396,11 +412,26 @@ impl<V> Shard<V> {
     /// Removes one entry whose expiry has passed, if any (earliest first). O(1) when none has.
     #[inline]
     pub fn pop_expired(&mut self, now: u64) -> Option<Entry<V>> {
-        if self.next_expiry > now {
-            return None;
+        loop {
+            let &Reverse((expires, slot)) = self.expiries.peek()?;
+            if expires > now {
+                return None;
+            }
+            self.expiries.pop();
+            if self.indexed(slot, expires) {
+                let hash = self.hash(self.entry(slot).key());
+                return Some(self.take(slot, hash, true));
+            }
+            self.stale = self.stale.saturating_sub(1);
         }
-        let &(_, slot) = self.expiries.first()?;
-        Some(self.remove(slot))
+    }
+
+    /// Whether `(expires, slot)` in the heap is the element of the entry now at `slot`. (A
+    /// stale element that matches a later entry at the same slot with the very same deadline
+    /// stands for that entry correctly.)
+    #[inline]
+    fn indexed(&self, slot: u32, expires: u64) -> bool {
+        matches!(self.slots.get(slot as usize), Some(Slot::Used(e)) if e.expires == expires)
     }
 
     /// Every entry, in slot order.
@@ -462,18 +493,31 @@ impl<V> Shard<V> {
 
     fn index_expiry(&mut self, slot: u32, expires: u64) {
         if expires != NEVER {
-            self.expiries.insert((expires, slot));
-            self.next_expiry = self.next_expiry.min(expires);
+            self.expiries.push(Reverse((expires, slot)));
+            self.timed += 1;
         }
     }
 
-    fn unindex_expiry(&mut self, slot: u32, expires: u64) {
+    /// Marks the element of an entry leaving `slot` (or changing its deadline) as stale; rebuilds
+    /// the heap once stale elements outnumber live ones (amortized O(1) a removal).
+    fn unindex_expiry(&mut self, expires: u64) {
         if expires != NEVER {
-            self.expiries.remove(&(expires, slot));
-            if expires <= self.next_expiry {
-                self.next_expiry = self.expiries.first().map_or(NEVER, |&(e, _)| e);
+            self.stale += 1;
+            self.timed = self.timed.saturating_sub(1);
+            if self.stale > 64 && self.stale > self.timed {
+                self.compact_expiries();
             }
         }
+    }
+
+    fn compact_expiries(&mut self) {
+        let mut v = std::mem::take(&mut self.expiries).into_vec();
+        v.retain(|&Reverse((expires, slot))| self.indexed(slot, expires));
+        if v.capacity() > 2 * v.len() {
+            v.shrink_to_fit();
+        }
+        self.expiries = BinaryHeap::from(v);
+        self.stale = self.expiries.len() - self.timed.min(self.expiries.len());
     }
 }
 
@@ -553,6 +597,42 @@ mod tests {
         s.set_expiry(a, 5);
         assert_eq!(s.pop_expired(6).unwrap().key(), "a");
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn lazy_expiry_heap_stays_bounded_and_exact_under_churn() {
+        let mut s: Shard<u32> = Shard::default();
+        let slots: Vec<u32> = (0..100)
+            .map(|i| put(&mut s, &format!("k{i}"), 1_000 + i, i))
+            .collect();
+        // Every deadline changes many times: each change leaves a stale element behind.
+        for round in 0..50u64 {
+            for (i, &slot) in slots.iter().enumerate() {
+                s.set_expiry(slot, 2_000 + round * 100 + (99 - i as u64));
+            }
+            assert!(
+                s.expiries.len() <= 2 * 100 + 65,
+                "{} elements",
+                s.expiries.len()
+            );
+        }
+        // Replace half of the entries (remove, then insert at the freed slots).
+        for i in (0..100).step_by(2) {
+            s.remove(slots[i]);
+            put(&mut s, &format!("n{i}"), 10_000 + i as u64, 0);
+        }
+        assert_eq!(s.next_expiry(), 2_000 + 49 * 100);
+        // Expired entries come out earliest first, each once, and nothing else does.
+        let now = 7_000;
+        let mut out = Vec::new();
+        while let Some(e) = s.pop_expired(now) {
+            out.push(e.expires);
+        }
+        assert_eq!(out.len(), 50);
+        assert!(out.windows(2).all(|w| w[0] <= w[1]));
+        assert!(out.iter().all(|&e| e <= now));
+        assert_eq!(s.len(), 50);
+        assert!(s.pop_expired(u64::MAX - 1).is_some());
     }
 
     #[test]
