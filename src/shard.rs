@@ -1,6 +1,7 @@
 //! One shard of the store: a hash table of slot numbers into a slab of entries, threaded on
 //! intrusive queues (the "lru" policy uses one, kept in recency order; S3-FIFO uses two, see
-//! `s3fifo.rs`), with an ordered index of expiry stamps.
+//! `s3fifo.rs`), with a heap of expiry stamps (earliest first). An entry keeps its key and, for a
+//! small immutable value, the value's bytes in one heap block (`KeyBlock`); it keeps no hash.
 //!
 //! Nothing here locks or allocates Python objects: the store wraps each shard in a mutex and drops
 //! what a shard hands back only after unlocking.
