@@ -93,7 +93,7 @@ mod tests {
         let store: Store<V> = Store::new(4);
         let limits = Limits::default();
         let now = 5 * S;
-        let read = |store: &Store<V>| store.get_entry("k", now, |e| (e.expires, e.delta));
+        let read = |store: &Store<V>| store.get_entry("k", now, |e| (e.expires, e.delta()));
         assert_eq!(read(&store), None);
         store.set("k", V, now + S, Vec::new(), &limits, now);
         assert_eq!(
@@ -101,14 +101,17 @@ mod tests {
             Some((now + S, 0)),
             "a plain set records no delta"
         );
+        assert!(store.set_delta("k", now + S, 7_000, now));
+        assert_eq!(read(&store), Some((now + S, 7_000)));
+        // Kept to the microsecond, rounded up: a recorded time never reads as none.
         assert!(store.set_delta("k", now + S, 7, now));
-        assert_eq!(read(&store), Some((now + S, 7)));
+        assert_eq!(read(&store), Some((now + S, 1_000)));
         // A newer value (another expiry stamp) is not given the older computation's delta.
         store.set("k", V, now + 2 * S, Vec::new(), &limits, now);
         assert!(!store.set_delta("k", now + S, 9, now));
         assert_eq!(read(&store), Some((now + 2 * S, 0)));
         assert!(!store.set_delta("missing", now + S, 9, now));
         // An expired entry is a miss for `get_entry` too.
-        assert_eq!(store.get_entry("k", now + 3 * S, |e| e.delta), None);
+        assert_eq!(store.get_entry("k", now + 3 * S, |e| e.delta()), None);
     }
 }

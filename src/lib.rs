@@ -5,6 +5,7 @@ pub mod clock;
 pub mod early;
 pub mod flight;
 pub mod keys;
+pub mod mem;
 pub mod policy;
 pub mod s3fifo;
 pub mod shard;

@@ -118,9 +118,10 @@ impl<V> Shard<V> {
                     e.freq.store(0, Relaxed);
                     self.move_to_back(slot, Queue::Main);
                 } else {
-                    let e = self.remove(slot);
+                    let hash = self.hash(e.key());
+                    let e = self.remove_hashed(slot, hash);
                     let cap = self.len();
-                    self.ghost.push(e.hash, cap);
+                    self.ghost.push(hash, cap);
                     return Some(e);
                 }
             } else {
@@ -148,7 +149,7 @@ mod tests {
     }
 
     fn entry(key: &str, expires: u64) -> Entry<u32> {
-        Entry::new(key.into(), hash(key), 1, expires, 1, Box::new([]))
+        Entry::new(key, 1, expires, 1, Vec::new())
     }
 
     /// A cache of `cap` entries on one shard, as the store drives it under S3-FIFO.
@@ -161,7 +162,7 @@ mod tests {
     impl Cache {
         fn new(cap: usize) -> Self {
             Cache {
-                shard: Shard::default(),
+                shard: Shard::with_hasher(RandomState::with_seeds(1, 2, 3, 4)),
                 cap,
                 evicted: Vec::new(),
             }
@@ -175,10 +176,10 @@ mod tests {
             }
             while self.shard.len() >= self.cap {
                 let e = self.shard.evict_s3().expect("a full shard has a victim");
-                self.evicted.push(e.key.to_string());
+                self.evicted.push(e.key().to_string());
             }
             let q = self.shard.admit(hash(key));
-            self.shard.insert_in(entry(key, NEVER), 0, q);
+            self.shard.insert_in(entry(key, NEVER), hash(key), 0, q);
             false
         }
 
@@ -297,7 +298,7 @@ mod tests {
             .shard
             .iter()
             .filter(|e| e.queue() == Queue::Main)
-            .map(|e| e.key.to_string())
+            .map(|e| e.key().to_string())
             .collect();
         assert!(mains.len() >= 3, "{mains:?}");
         let keep = &mains[0];
@@ -333,7 +334,7 @@ mod tests {
                 .shard
                 .iter()
                 .step_by(3)
-                .map(|e| e.key.to_string())
+                .map(|e| e.key().to_string())
                 .collect();
             for k in victims {
                 let slot = c.shard.find(hash(&k), &k).unwrap();
@@ -352,16 +353,16 @@ mod tests {
     #[test]
     fn expired_entries_leave_through_the_expiry_index_from_either_queue() {
         let mut s: Shard<u32> = Shard::default();
-        let small = s.insert_in(entry("s", 10), 0, Queue::Small);
-        s.insert_in(entry("m", 20), 0, Queue::Main);
-        s.insert_in(entry("live", NEVER), 0, Queue::Small);
+        let small = s.insert_in(entry("s", 10), s.hash("s"), 0, Queue::Small);
+        s.insert_in(entry("m", 20), s.hash("m"), 0, Queue::Main);
+        s.insert_in(entry("live", NEVER), s.hash("live"), 0, Queue::Small);
         s.entry(small).hit();
-        assert_eq!(&*s.pop_expired(15).unwrap().key, "s");
-        assert_eq!(&*s.pop_expired(25).unwrap().key, "m");
+        assert_eq!(s.pop_expired(15).unwrap().key(), "s");
+        assert_eq!(s.pop_expired(25).unwrap().key(), "m");
         assert!(s.pop_expired(1000).is_none());
         assert_eq!(s.queue_len(Queue::Small), 1);
         assert_eq!(s.queue_len(Queue::Main), 0);
-        assert_eq!(&*s.evict_s3().unwrap().key, "live");
+        assert_eq!(s.evict_s3().unwrap().key(), "live");
     }
 
     #[test]

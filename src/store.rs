@@ -14,16 +14,33 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use ahash::RandomState;
 use parking_lot::{RwLock, RwLockWriteGuard};
 
+use std::mem::size_of;
+
+use crate::clock::NEVER;
 use crate::flight::Flights;
+use crate::mem::{malloc_chunk, EXPIRY_SHARE, TABLE_CELL};
 use crate::policy::Policy;
 use crate::s3fifo::MAX_FREQ;
-use crate::shard::{Entry, Shard};
+use crate::shard::{slot_size, Entry, KeyBlock, Shard, MAX_WEIGHT};
 use crate::stats::Stats;
-use crate::tags::{all_current, EntryRef, TagStamp, TagTable};
+use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
 
-/// What a stored value costs in bytes (beyond the per-entry overhead the store adds itself).
-pub trait Weigh {
+/// What a stored value costs in bytes (beyond the per-entry overhead the store adds itself), and
+/// which of its bytes the store may keep in the entry's own key block instead.
+pub trait Weigh: Sized {
+    /// Bytes the value holds, not counting its payload.
     fn weight(&self) -> usize;
+
+    /// Bytes the store should keep next to the key, in one heap block with it (empty: none);
+    /// the store then keeps `without_payload()` as the value.
+    fn payload(&self) -> &[u8] {
+        &[]
+    }
+
+    /// The value once the store holds its payload (called outside every lock).
+    fn without_payload(self) -> Self {
+        self
+    }
 }
 
 /// Limits read from the calling backend at each operation: aliases with different limits may
@@ -56,7 +73,7 @@ pub enum Put {
     Stored,
     /// `add` found a live entry under the key and left it alone.
     Exists,
-    /// The entry alone is larger than `max_bytes`; nothing was stored.
+    /// The entry alone is larger than `max_bytes` (or than `MAX_WEIGHT`); nothing was stored.
     TooLarge,
     /// A tag was invalidated after its stamp was taken (the value may be stale); nothing stored.
     Stale,
@@ -72,9 +89,13 @@ pub enum Replace {
     TooLarge,
 }
 
-/// Bytes charged per entry besides key and value: the slot, its hash-table cell, and tag stamps.
-pub fn entry_overhead<V>(tags: usize) -> u64 {
-    (std::mem::size_of::<Entry<V>>() + 16 + tags * 24) as u64
+/// Bytes charged per entry besides its value: the slab slot, the hash-table cell, the heap block
+/// of the key and payload (`block_len` bytes together), the expiry index's share if it has a
+/// deadline, and per tag its stamp and its place in the tag's member list. See `mem.rs`.
+pub fn entry_overhead<V>(block_len: usize, tags: usize, expires: u64) -> u64 {
+    let expiry = if expires == NEVER { 0 } else { EXPIRY_SHARE };
+    let stamps = Stamps::heap_size(tags) + tags * size_of::<EntryRef>();
+    (slot_size::<V>() + TABLE_CELL + malloc_chunk(block_len) + expiry + stamps) as u64
 }
 
 pub struct Store<V> {
@@ -105,10 +126,13 @@ impl<V: Weigh> Store<V> {
 
     pub fn with_policy(shards: usize, policy: Policy) -> Self {
         let n = shards.max(1).next_power_of_two();
+        let hasher = RandomState::new();
         Store {
-            shards: (0..n).map(|_| RwLock::new(Shard::default())).collect(),
+            shards: (0..n)
+                .map(|_| RwLock::new(Shard::with_hasher(hasher.clone())))
+                .collect(),
             policy,
-            hasher: RandomState::new(),
+            hasher,
             tick: AtomicU64::new(1),
             sweep: AtomicUsize::new(0),
             len: AtomicUsize::new(0),
@@ -141,9 +165,20 @@ impl<V: Weigh> Store<V> {
         self.shards.iter().any(|s| s.is_locked())
     }
 
-    /// Bytes an entry with this key, value and number of tags is charged.
-    pub fn weigh(key: &str, value: &V, tags: usize) -> u64 {
-        (key.len() + value.weight()) as u64 + entry_overhead::<V>(tags)
+    /// Bytes an entry with this key, value, number of tags and expiry stamp is charged.
+    /// At most `MAX_WEIGHT + 1` (an entry that cannot be stored, see `MAX_WEIGHT`).
+    pub fn weigh(key: &str, value: &V, tags: usize, expires: u64) -> u64 {
+        Self::weigh_parts(
+            value.weight(),
+            key.len() + value.payload().len(),
+            tags,
+            expires,
+        )
+    }
+
+    fn weigh_parts(value: usize, block_len: usize, tags: usize, expires: u64) -> u64 {
+        let w = (value as u64).saturating_add(entry_overhead::<V>(block_len, tags, expires));
+        w.min(MAX_WEIGHT + 1)
     }
 
     #[inline]
@@ -164,7 +199,7 @@ impl<V: Weigh> Store<V> {
     fn detach(&self, shard: &mut Shard<V>, slot: u32) -> Entry<V> {
         let e = shard.remove(slot);
         self.len.fetch_sub(1, Relaxed);
-        self.bytes.fetch_sub(e.weight, Relaxed);
+        self.bytes.fetch_sub(e.weight(), Relaxed);
         e
     }
 
@@ -175,7 +210,7 @@ impl<V: Weigh> Store<V> {
             match shard.pop_expired(now) {
                 Some(e) => {
                     self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(e.weight, Relaxed);
+                    self.bytes.fetch_sub(e.weight(), Relaxed);
                     Stats::bump(&self.stats.expirations, 1);
                     dead.push(e);
                 }
@@ -309,15 +344,20 @@ impl<V: Weigh> Store<V> {
         out
     }
 
-    /// Like `get` but also returns the entry's generation, for a later `replace_if`.
-    pub fn snapshot<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<(R, u64)> {
+    /// Like `get_entry` but also returns the entry's generation, for a later `replace_if`.
+    pub fn snapshot<R>(
+        &self,
+        key: &str,
+        now: u64,
+        read: impl FnOnce(&Entry<V>) -> R,
+    ) -> Option<(R, u64)> {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
                 let e = shard.entry(slot);
-                Some((read(&e.value), e.gen))
+                Some((read(e), e.gen))
             }
             Lookup::Absent => None,
         };
@@ -359,7 +399,7 @@ impl<V: Weigh> Store<V> {
         let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) if shard.entry(slot).expires == expires => {
-                shard.entry_mut(slot).delta = delta;
+                shard.entry_mut(slot).set_delta(delta);
                 true
             }
             _ => false,
@@ -387,7 +427,11 @@ impl<V: Weigh> Store<V> {
     }
 
     /// Gives a live entry a new expiry (a past one removes it); false if missing.
-    pub fn touch(&self, key: &str, expires: u64, now: u64) -> bool {
+    ///
+    /// Gaining or losing a deadline changes the entry's charge by its share of the expiry index.
+    /// A gain is charged only if it fits under `limits.max_bytes` (touch evicts nothing); if it
+    /// does not, the entry keeps its old charge, short by that share.
+    pub fn touch(&self, key: &str, expires: u64, limits: &Limits, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
@@ -396,6 +440,24 @@ impl<V: Weigh> Store<V> {
                 if expires <= now {
                     dead.push(self.detach(&mut shard, slot));
                 } else {
+                    let e = shard.entry(slot);
+                    let weight =
+                        Self::weigh_parts(e.value.weight(), e.block_len(), e.tags.len(), expires);
+                    let old = e.weight();
+                    let charged = match (weight > old, limits.max_bytes) {
+                        (false, _) => {
+                            self.bytes.fetch_sub(old - weight, Relaxed);
+                            true
+                        }
+                        (true, None) => {
+                            self.bytes.fetch_add(weight - old, Relaxed);
+                            true
+                        }
+                        (true, Some(max)) => self.take_bytes(max, weight - old),
+                    };
+                    if charged {
+                        shard.entry_mut(slot).set_weight(weight);
+                    }
                     shard.set_expiry(slot, expires);
                 }
                 true
@@ -477,8 +539,8 @@ impl<V: Weigh> Store<V> {
             Stats::bump(&self.stats.invalidations, 1);
             return Put::Stale;
         }
-        let weight = Self::weigh(key, &value, tags.len());
-        if limits.max_bytes.is_some_and(|max| weight > max) {
+        let weight = Self::weigh(key, &value, tags.len(), expires);
+        if weight > MAX_WEIGHT || limits.max_bytes.is_some_and(|max| weight > max) {
             // Too large to ever fit: store nothing, and do not leave an older value behind.
             if !only_new || !self.contains(key, now) {
                 self.delete(key, now);
@@ -489,8 +551,14 @@ impl<V: Weigh> Store<V> {
         if only_new && self.contains(key, now) {
             return Put::Exists;
         }
+        // The payload moves into the key's block here, outside every lock (the value may let go
+        // of an object whose release must not happen under one).
+        let block = KeyBlock::new(key, value.payload());
+        let value = value.without_payload();
         if self.policy == Policy::S3Fifo {
-            return self.put_s3(key, value, expires, tags, limits, now, only_new, weight);
+            return self.put_s3(
+                key, block, value, expires, tags, limits, now, only_new, weight,
+            );
         }
         let (hash, idx) = self.locate(key);
         if self.len() as i64 >= limits.max_entries {
@@ -517,10 +585,9 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_tick();
         let has_tags = !tags.is_empty();
-        let stamps = tags.into_boxed_slice();
-        let mut entry = Entry::new(key.into(), hash, value, expires, weight, stamps);
+        let mut entry = Entry::new(block, value, expires, weight, tags);
         entry.gen = gen;
-        let slot = shard.insert(entry, gen);
+        let slot = shard.insert(entry, hash, gen);
         self.len.fetch_add(1, Relaxed);
         self.finish_put(shard, idx, slot, gen, has_tags, now);
         Put::Stored
@@ -560,6 +627,7 @@ impl<V: Weigh> Store<V> {
     fn put_s3(
         &self,
         key: &str,
+        block: KeyBlock,
         value: V,
         expires: u64,
         tags: Vec<TagStamp>,
@@ -585,7 +653,7 @@ impl<V: Weigh> Store<V> {
                 }
                 // The old entry's place passes to the new one.
                 let old = shard.remove(slot);
-                self.bytes.fetch_sub(old.weight, Relaxed);
+                self.bytes.fetch_sub(old.weight(), Relaxed);
                 if placed {
                     self.len.fetch_sub(1, Relaxed);
                 }
@@ -650,7 +718,7 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_tick();
         let has_tags = !tags.is_empty();
-        let mut entry = Entry::new(key.into(), hash, value, expires, weight, tags.into());
+        let mut entry = Entry::new(block, value, expires, weight, tags);
         entry.gen = gen;
         // Overwriting a live key counts as a use of it: it keeps its queue, one hit more.
         let (queue, freq) = match replaced {
@@ -658,7 +726,7 @@ impl<V: Weigh> Store<V> {
             None => (shard.admit(hash), 0),
         };
         entry.freq = AtomicU8::new(freq);
-        let slot = shard.insert_in(entry, gen, queue);
+        let slot = shard.insert_in(entry, hash, gen, queue);
         self.finish_put(shard, idx, slot, gen, has_tags, now);
         Put::Stored
     }
@@ -693,27 +761,35 @@ impl<V: Weigh> Store<V> {
     /// its expiry and tags.
     pub fn replace_if(&self, key: &str, gen: u64, value: V, limits: &Limits, now: u64) -> Replace {
         let (hash, idx) = self.locate(key);
-        let ntags = {
+        let (ntags, expires) = {
             let shard = self.shards[idx].write();
             match shard.find(hash, key) {
-                Some(slot) => shard.entry(slot).tags.len(),
+                Some(slot) => {
+                    let e = shard.entry(slot);
+                    (e.tags.len(), e.expires)
+                }
                 None => return Replace::Missing,
             }
         };
-        let weight = Self::weigh(key, &value, ntags);
-        if limits.max_bytes.is_some_and(|max| weight > max) {
+        let weight = Self::weigh(key, &value, ntags, expires);
+        if weight > MAX_WEIGHT || limits.max_bytes.is_some_and(|max| weight > max) {
             return Replace::TooLarge;
         }
+        let block = KeyBlock::new(key, value.payload());
+        let value = value.without_payload();
         self.reserve(weight, limits, now, idx);
         let mut dead = Vec::new();
         let mut old_value = None;
+        let mut old_block = None;
         let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) if shard.entry(slot).gen == gen => {
                 let tick = self.next_tick();
                 let e = shard.entry_mut(slot);
-                let old_weight = std::mem::replace(&mut e.weight, weight);
+                let old_weight = e.weight();
+                e.set_weight(weight);
                 old_value = Some(std::mem::replace(&mut e.value, value));
+                old_block = Some(e.replace_block(block));
                 e.gen = tick;
                 self.used(&mut shard, slot, tick);
                 self.bytes.fetch_sub(old_weight, Relaxed);
@@ -729,7 +805,7 @@ impl<V: Weigh> Store<V> {
             }
         };
         drop(shard);
-        drop(old_value);
+        drop((old_value, old_block));
         out
     }
 
@@ -742,9 +818,9 @@ impl<V: Weigh> Store<V> {
                 shard
                     .iter()
                     .filter(|e| {
-                        !e.is_expired(now) && all_current(&e.tags) && e.key.starts_with(prefix)
+                        !e.is_expired(now) && all_current(&e.tags) && e.key().starts_with(prefix)
                     })
-                    .map(|e| e.key.to_string()),
+                    .map(|e| e.key().to_string()),
             );
         }
         out
@@ -833,7 +909,7 @@ impl<V: Weigh> Store<V> {
             for g in guards.iter_mut() {
                 while let Some(e) = g.pop_expired(now) {
                     self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(e.weight, Relaxed);
+                    self.bytes.fetch_sub(e.weight(), Relaxed);
                     Stats::bump(&self.stats.expirations, 1);
                     dead.push(e);
                 }
@@ -853,7 +929,7 @@ impl<V: Weigh> Store<V> {
                 };
                 let e = guards[i].pop_oldest().expect("shard has an oldest entry");
                 self.len.fetch_sub(1, Relaxed);
-                self.bytes.fetch_sub(e.weight, Relaxed);
+                self.bytes.fetch_sub(e.weight(), Relaxed);
                 dead.push(e);
             }
             Stats::bump(&self.stats.evictions, count as u64);
@@ -888,7 +964,7 @@ impl<V: Weigh> Store<V> {
             e
         };
         self.len.fetch_sub(1, Relaxed);
-        self.bytes.fetch_sub(e.weight, Relaxed);
+        self.bytes.fetch_sub(e.weight(), Relaxed);
         Some(e)
     }
 
@@ -934,9 +1010,9 @@ impl<V: Weigh> Store<V> {
                 while freed < need {
                     let Some(e) = g.pop_expired(now) else { break };
                     Stats::bump(&self.stats.expirations, 1);
-                    freed += e.weight;
+                    freed += e.weight();
                     self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(e.weight, Relaxed);
+                    self.bytes.fetch_sub(e.weight(), Relaxed);
                     dead.push(e);
                 }
             }
@@ -946,9 +1022,9 @@ impl<V: Weigh> Store<V> {
                 };
                 let e = guards[i].pop_oldest().expect("shard has an oldest entry");
                 Stats::bump(&self.stats.evictions, 1);
-                freed += e.weight;
+                freed += e.weight();
                 self.len.fetch_sub(1, Relaxed);
-                self.bytes.fetch_sub(e.weight, Relaxed);
+                self.bytes.fetch_sub(e.weight(), Relaxed);
                 dead.push(e);
             }
         }
@@ -967,7 +1043,7 @@ impl<V: Weigh> Store<V> {
                 match shard.pop_expired(now) {
                     Some(e) => {
                         self.len.fetch_sub(1, Relaxed);
-                        self.bytes.fetch_sub(e.weight, Relaxed);
+                        self.bytes.fetch_sub(e.weight(), Relaxed);
                         dead.push(e);
                     }
                     None => break,
@@ -1056,7 +1132,7 @@ mod tests {
     #[test]
     fn s3_bytes_bound_and_a_too_large_value_costs_nothing() {
         let store = s3(4);
-        let per_entry = Store::<Val>::weigh("k000", &Val(0), 0);
+        let per_entry = Store::<Val>::weigh("k000", &Val(0), 0, NEVER);
         let max = 20 * (per_entry + 100);
         let lim = limits(1_000_000, Some(max));
         for i in 0..500 {
@@ -1079,7 +1155,7 @@ mod tests {
         let sum: u64 = store
             .shards
             .iter()
-            .map(|s| s.read().iter().map(|e| e.weight).sum::<u64>())
+            .map(|s| s.read().iter().map(|e| e.weight()).sum::<u64>())
             .sum();
         assert_eq!(sum, store.bytes());
     }
@@ -1211,6 +1287,46 @@ mod tests {
     }
 
     #[test]
+    fn charges_follow_key_block_deadline_and_tags() {
+        let w = |key: &str, tags, expires| Store::<Val>::weigh(key, &Val(100), tags, expires);
+        // Keys of up to 24 bytes fit malloc's smallest chunk; the 25th byte takes the next.
+        assert_eq!(w("k", 0, NEVER), w(&"k".repeat(24), 0, NEVER));
+        assert_eq!(w(&"k".repeat(25), 0, NEVER), w("k", 0, NEVER) + 16);
+        assert_eq!(w("k", 0, 5), w("k", 0, NEVER) + EXPIRY_SHARE as u64);
+        assert!(w("k", 1, NEVER) > w("k", 0, NEVER) + size_of::<TagStamp>() as u64);
+
+        // touch moves the charge with the deadline; the books stay those of the entries held.
+        let store: Store<Val> = Store::new(2);
+        let lim = limits(100, None);
+        set(&store, "k", 100, &lim, 1);
+        assert_eq!(store.bytes(), w("k", 0, NEVER));
+        assert!(store.touch("k", 50, &lim, 1));
+        assert_eq!(store.bytes(), w("k", 0, 50));
+        // Under a bound the deadline's share does not fit in, touch keeps the old charge.
+        let tight = limits(100, Some(store.bytes() - 1));
+        assert!(store.touch("k", NEVER, &tight, 1));
+        assert!(store.touch("k", 60, &tight, 1));
+        assert_eq!(store.bytes(), w("k", 0, NEVER));
+        assert_eq!(store.expiry("k", 1), Some(60));
+        store.delete("k", 1);
+        assert_eq!(store.bytes(), 0);
+    }
+
+    #[test]
+    fn an_entry_of_4_gib_or_more_is_too_large_even_without_a_bound() {
+        let store: Store<Val> = Store::new(2);
+        let lim = limits(100, None);
+        assert_eq!(set(&store, "big", usize::MAX, &lim, 1), Put::TooLarge);
+        assert_eq!(
+            set(&store, "big", u32::MAX as usize, &lim, 1),
+            Put::TooLarge
+        );
+        assert_eq!((store.len(), store.bytes()), (0, 0));
+        assert_eq!(set(&store, "ok", 1 << 31, &lim, 1), Put::Stored);
+        assert_eq!(store.bytes(), Store::weigh("ok", &Val(1 << 31), 0, NEVER));
+    }
+
+    #[test]
     fn lru_keeps_djangos_cull() {
         let store: Store<Val> = Store::new(16);
         let lim = limits(10, None);
@@ -1327,7 +1443,7 @@ mod tests {
         let lim = Limits {
             max_entries: 20,
             cull_frequency: 3,
-            max_bytes: Some(15 * Store::<Probe>::weigh("k00", &Probe, 1)),
+            max_bytes: Some(15 * Store::<Probe>::weigh("k00", &Probe, 1, 5)),
         };
         for i in 0..200 {
             let stamps = store.tags.stamps(["t"]);

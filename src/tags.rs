@@ -12,6 +12,8 @@ use ahash::RandomState;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 
+use crate::mem::malloc_chunk;
+
 /// Where an entry lives: shard, slot and the generation stamped on it when it was stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EntryRef {
@@ -64,6 +66,37 @@ impl TagStamp {
     #[inline]
     pub fn is_current(&self) -> bool {
         self.cell.version() == self.version
+    }
+}
+
+/// An entry's tag stamps behind one thin pointer (8 bytes in the entry, null for the many entries
+/// without tags), read as a slice.
+#[derive(Clone, Default)]
+pub struct Stamps(Option<Box<Box<[TagStamp]>>>);
+
+impl Stamps {
+    /// Heap bytes for `n` stamps: the slice, and the box holding its fat pointer.
+    pub fn heap_size(n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            malloc_chunk(n * std::mem::size_of::<TagStamp>()) + malloc_chunk(16)
+        }
+    }
+}
+
+impl From<Vec<TagStamp>> for Stamps {
+    fn from(v: Vec<TagStamp>) -> Self {
+        Stamps((!v.is_empty()).then(|| Box::new(v.into_boxed_slice())))
+    }
+}
+
+impl std::ops::Deref for Stamps {
+    type Target = [TagStamp];
+
+    #[inline]
+    fn deref(&self) -> &[TagStamp] {
+        self.0.as_deref().map_or(&[], |b| b)
     }
 }
 

@@ -285,8 +285,11 @@ impl Handle {
     }
 
     fn read(&self, py: Python<'_>, k: &str, now: u64) -> PyResult<Option<Py<PyAny>>> {
-        match self.store.get(k, now, |v| v.clone_ref(py)) {
-            Some(v) => Ok(Some(decode(py, v)?)),
+        match self
+            .store
+            .get_entry(k, now, |e| e.value.clone_ref(py, e.payload()))
+        {
+            Some(v) => Ok(Some(decode(py, v?)?)),
             None => Ok(None),
         }
     }
@@ -463,7 +466,7 @@ impl Handle {
         let k = self.key(key, version)?;
         let now = clock::now();
         let expires = self.deadline(timeout, now)?;
-        Ok(self.store.touch(&k, expires, now))
+        Ok(self.store.touch(&k, expires, &self.limits, now))
     }
 
     /// Adds `delta` atomically, keeping the expiry. 64-bit integers are added in Rust; anything
@@ -495,10 +498,13 @@ impl Handle {
             }
         }
         loop {
-            let Some((current, gen)) = self.store.snapshot(&k, now, |v| v.clone_ref(py)) else {
+            let Some((current, gen)) = self
+                .store
+                .snapshot(&k, now, |e| e.value.clone_ref(py, e.payload()))
+            else {
                 return Err(self.not_found(key, version, &k));
             };
-            let new = decode(py, current)?.bind(py).add(delta)?;
+            let new = decode(py, current?)?.bind(py).add(delta)?;
             let stored = encode(&new)?;
             match self.store.replace_if(&k, gen, stored, &self.limits, now) {
                 Replace::Done => return Ok(new.unbind()),
@@ -650,12 +656,12 @@ impl Handle {
         let now = clock::now();
         let found = self.store.get_entry(&k, now, |e| {
             (
-                e.value.clone_ref(py),
-                crate::early::should_refresh(now, e.expires, e.delta, beta, u),
+                e.value.clone_ref(py, e.payload()),
+                crate::early::should_refresh(now, e.expires, e.delta(), beta, u),
             )
         });
         match found {
-            Some((v, refresh)) => Ok((decode(py, v)?, refresh)),
+            Some((v, refresh)) => Ok((decode(py, v?)?, refresh)),
             None => Ok((default, false)),
         }
     }

@@ -7,6 +7,7 @@ mod keys;
 mod made_key;
 mod plain;
 mod registry;
+mod sizes;
 mod value;
 
 use pyo3::prelude::*;

@@ -22,6 +22,9 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
+use super::sizes;
+use crate::mem::malloc_chunk;
+
 /// Containers nested deeper than this are pickled (pickle's own limit is the recursion limit).
 pub const MAX_DEPTH: usize = 32;
 /// Values holding more objects (keys and values, counted before walking) than this are pickled.
@@ -54,9 +57,6 @@ pub enum Plain {
     No,
 }
 
-/// Bytes charged for a top-level scalar's object header (kept as before structural values).
-const OBJ_HEADER: usize = 32;
-
 /// Sorts a value into the stored forms above (no Python code runs).
 pub fn classify(v: &Bound<'_, PyAny>) -> Plain {
     let p = v.as_ptr();
@@ -65,12 +65,7 @@ pub fn classify(v: &Bound<'_, PyAny>) -> Plain {
     let t = unsafe { ffi::Py_TYPE(p) };
     unsafe {
         if t == addr_of_mut!(ffi::PyUnicode_Type) {
-            let mut n: ffi::Py_ssize_t = 0;
-            if ffi::PyUnicode_AsUTF8AndSize(p, &mut n).is_null() {
-                ffi::PyErr_Clear(); // lone surrogates: no UTF-8 form
-                n = ffi::PyUnicode_GetLength(p) * 4;
-            }
-            return Plain::Atom(n as usize + OBJ_HEADER);
+            return Plain::Atom(sizes::str_size(v.py(), p));
         }
         if t == addr_of_mut!(ffi::PyLong_Type) {
             let mut overflow = 0;
@@ -83,13 +78,13 @@ pub fn classify(v: &Bound<'_, PyAny>) -> Plain {
             return Plain::Atom(big_int_weight(v));
         }
         if t == addr_of_mut!(ffi::PyBytes_Type) {
-            return Plain::Atom(ffi::PyBytes_Size(p) as usize + OBJ_HEADER);
+            return Plain::Atom(sizes::bytes_size(ffi::PyBytes_Size(p) as usize));
         }
-        if p == ffi::Py_None()
-            || t == addr_of_mut!(ffi::PyFloat_Type)
-            || t == addr_of_mut!(ffi::PyBool_Type)
-        {
-            return Plain::Atom(OBJ_HEADER);
+        if t == addr_of_mut!(ffi::PyFloat_Type) {
+            return Plain::Atom(sizes::FLOAT_SIZE);
+        }
+        if p == ffi::Py_None() || t == addr_of_mut!(ffi::PyBool_Type) {
+            return Plain::Atom(0); // singletons
         }
         if t != addr_of_mut!(ffi::PyTuple_Type)
             && t != addr_of_mut!(ffi::PyList_Type)
@@ -108,7 +103,7 @@ pub fn classify(v: &Bound<'_, PyAny>) -> Plain {
         Some(Node::Atom(_)) => Plain::Atom(walk.weight),
         Some(Node::Dict(d)) => Plain::Dict(d, walk.weight),
         // The root node lives in an `Arc` (two counters and the node).
-        Some(node) => Plain::Tree(node, walk.weight + 16 + size_of::<Node>()),
+        Some(node) => Plain::Tree(node, walk.weight + malloc_chunk(16 + size_of::<Node>())),
     }
 }
 
@@ -235,7 +230,8 @@ impl Walk {
     fn value(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
         let p = v.as_ptr();
         // SAFETY: `p` is alive while `v` is, and the GIL is held.
-        if let Some(w) = unsafe { scalar_weight(p) } {
+        // `v` is a reference of the walk's own, not a holder.
+        if let Some(w) = unsafe { scalar_weight(p, 1) } {
             self.weight += w?;
             return Some(Node::Atom(v.clone().unbind()));
         }
@@ -268,7 +264,13 @@ impl Walk {
             atoms &= matches!(node, Node::Atom(_));
             items.push(node);
         }
-        self.weight += 40 + 8 * len;
+        // The tuple's share (what else holds it) when it is kept, all of it when it is rebuilt.
+        // SAFETY: `p` is alive (held by `v`, which is not a holder).
+        self.weight += if atoms {
+            unsafe { sizes::share(p, 1, sizes::tuple_size(len)) }
+        } else {
+            sizes::tuple_size(len)
+        };
         if atoms {
             // Immutable all the way down: keep the tuple itself, untracked as CPython's GC would
             // leave it after its first collection (it cannot be part of a cycle).
@@ -280,7 +282,7 @@ impl Walk {
             }
             return Some(Node::Atom(v.clone().unbind()));
         }
-        self.weight += 16 + len * size_of::<Node>();
+        self.weight += malloc_chunk(len * size_of::<Node>());
         Some(Node::Tuple(items.into_boxed_slice()))
     }
 
@@ -308,7 +310,7 @@ impl Walk {
         if unsafe { ffi::PyList_Size(p) } as usize != len {
             return None;
         }
-        self.weight += 16 + len * size_of::<Node>();
+        self.weight += malloc_chunk(len * size_of::<Node>());
         Some(Node::List(items.into_boxed_slice()))
     }
 
@@ -346,7 +348,7 @@ impl Walk {
         if items.len() != len || unsafe { ffi::PyDict_Size(p) } as usize != len {
             return None;
         }
-        self.weight += 16 + len * size_of::<(Py<PyAny>, Node)>();
+        self.weight += malloc_chunk(len * size_of::<(Py<PyAny>, Node)>());
         Some(Node::Map(items.into_boxed_slice()))
     }
 
@@ -361,6 +363,7 @@ impl Walk {
         len: usize,
     ) -> Option<Option<Node>> {
         let mut weight = 0;
+        let mut str_keys = true;
         let mut pos: ffi::Py_ssize_t = 0;
         let mut k: *mut ffi::PyObject = std::ptr::null_mut();
         let mut v: *mut ffi::PyObject = std::ptr::null_mut();
@@ -368,7 +371,8 @@ impl Walk {
         // the scalar checks (which run no Python code) happens before the copy.
         unsafe {
             while ffi::PyDict_Next(p, &mut pos, &mut k, &mut v) != 0 {
-                let (Some(kw), Some(vw)) = (scalar_weight(k), scalar_weight(v)) else {
+                str_keys &= ffi::Py_TYPE(k) == addr_of_mut!(ffi::PyUnicode_Type);
+                let (Some(kw), Some(vw)) = (scalar_weight(k, 0), scalar_weight(v, 0)) else {
                     return None;
                 };
                 let (Some(kw), Some(vw)) = (kw, vw) else {
@@ -383,8 +387,8 @@ impl Walk {
                 return Some(None);
             }
             // The copy's table is the source's when that is dense (at least 2/3 used), else a
-            // compact one; charged as a compact one built by insertion (see `dict_weight`).
-            self.weight += weight + dict_weight(len);
+            // compact one; charged as a compact one built by insertion (see `dict_size`).
+            self.weight += weight + sizes::dict_size(py, len, str_keys);
             Some(Some(Node::Dict(untracked(d.cast_into_unchecked()))))
         }
     }
@@ -405,55 +409,37 @@ fn untracked(d: Bound<'_, PyDict>) -> Py<PyDict> {
 
 /// The weight of a scalar (`str`, `bytes`, `int`, `float`, `bool`, `None`) inside a plain value:
 /// `None` if `p` is not a scalar, `Some(None)` if it is one that cannot be stored (an int that
-/// fails to convert), else its object size.
+/// fails to convert), else its share of the object's size (see `sizes::share`; `held` is the
+/// number of references the caller holds on `p` itself).
 ///
 /// # Safety
 /// `p` must be a live object and the GIL held.
-unsafe fn scalar_weight(p: *mut ffi::PyObject) -> Option<Option<usize>> {
+unsafe fn scalar_weight(p: *mut ffi::PyObject, held: isize) -> Option<Option<usize>> {
     let t = ffi::Py_TYPE(p);
-    Some(Some(if t == addr_of_mut!(ffi::PyUnicode_Type) {
-        str_weight(p)
+    let py = Python::assume_attached();
+    let size = if t == addr_of_mut!(ffi::PyUnicode_Type) {
+        sizes::str_size(py, p)
     } else if t == addr_of_mut!(ffi::PyLong_Type) {
         let mut overflow = 0;
         let i = ffi::PyLong_AsLongLongAndOverflow(p, &mut overflow);
         if overflow != 0 {
-            big_int_weight(&Bound::from_borrowed_ptr(Python::assume_attached(), p))
+            big_int_weight(&Bound::from_borrowed_ptr(py, p))
         } else if i == -1 && !ffi::PyErr_Occurred().is_null() {
             ffi::PyErr_Clear();
             return Some(None);
         } else {
-            32
+            sizes::int_size((64 - i.unsigned_abs().leading_zeros()) as usize)
         }
     } else if t == addr_of_mut!(ffi::PyBytes_Type) {
-        40 + ffi::PyBytes_Size(p) as usize
+        sizes::bytes_size(ffi::PyBytes_Size(p) as usize)
     } else if t == addr_of_mut!(ffi::PyFloat_Type) {
-        24
+        sizes::FLOAT_SIZE
     } else if p == ffi::Py_None() || t == addr_of_mut!(ffi::PyBool_Type) {
         0 // singletons: nothing held beyond the reference
     } else {
         return None;
-    }))
-}
-
-/// CPython's size of a str inside a plain value: ASCII is one byte a character after a 49-byte
-/// header; other strings are charged their UTF-8 length twice (the wider in-memory form is at
-/// most that long, plus the UTF-8 copy CPython caches once asked for it).
-///
-/// # Safety
-/// `p` must be an exact `str`.
-unsafe fn str_weight(p: *mut ffi::PyObject) -> usize {
-    let chars = ffi::PyUnicode_GetLength(p) as usize;
-    let mut n: ffi::Py_ssize_t = 0;
-    if ffi::PyUnicode_AsUTF8AndSize(p, &mut n).is_null() {
-        ffi::PyErr_Clear(); // lone surrogates
-        return 80 + 4 * chars;
-    }
-    let n = n as usize;
-    if n == chars {
-        49 + n
-    } else {
-        80 + 2 * n
-    }
+    };
+    Some(Some(sizes::share(p, held, size)))
 }
 
 /// CPython's size of an int beyond 64 bits: 30 bits a 4-byte digit after a 24-byte header.
@@ -462,45 +448,12 @@ fn big_int_weight(v: &Bound<'_, PyAny>) -> usize {
         .call_method0("bit_length")
         .and_then(|b| b.extract())
         .unwrap_or(64);
-    24 + 4 * bits.div_ceil(30)
-}
-
-/// CPython's size of a dict of `n` items built by inserting them one by one: 64 bytes with its
-/// GC header, then a keys table that starts at 8 slots (5 usable) and grows to the next power of
-/// two of 3 times its items whenever full; each slot has an index (1 byte up to 128 slots, then
-/// 2, then 4) and each usable slot a 24-byte entry (hash, key, value).
-pub fn dict_weight(n: usize) -> usize {
-    if n == 0 {
-        return 64;
-    }
-    let (mut size, mut usable) = (8usize, 5usize);
-    while usable < n {
-        size = (usable * 3).next_power_of_two();
-        usable = size * 2 / 3;
-    }
-    let index = match size {
-        0..=128 => 1,
-        129..=32768 => 2,
-        _ => 4,
-    };
-    64 + 32 + size * index + usable * 24
+    sizes::int_size(bits)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dict_weight_follows_cpython_growth() {
-        assert_eq!(dict_weight(0), 64);
-        // 8 slots, 5 usable: what a dict of 1 to 5 items built by insertion holds.
-        assert_eq!(dict_weight(1), 64 + 32 + 8 + 5 * 24);
-        assert_eq!(dict_weight(5), dict_weight(1));
-        // The 6th item grows it to 16 slots (10 usable), the 11th to 32 (21 usable).
-        assert_eq!(dict_weight(6), 64 + 32 + 16 + 10 * 24);
-        assert_eq!(dict_weight(11), 64 + 32 + 32 + 21 * 24);
-        assert!(dict_weight(1000) > 1000 * 24);
-    }
 
     #[test]
     fn seen_spots_repeats_before_and_after_growing() {

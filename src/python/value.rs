@@ -6,49 +6,155 @@
 //! `list` and `tuple` of such atoms, nested) are held in a structural form (see `plain.rs`) that
 //! `get` copies without pickle. Everything else is pickled (highest protocol), so that every `get`
 //! returns an isolated copy, as Django's LocMemCache does.
+//!
+//! Small `bytes`, `str` and pickles (`INLINE_MIN` to `INLINE_MAX` bytes) are not kept as objects:
+//! their bytes (UTF-8 for a `str`) go into the entry's key block (`shard::KeyBlock`), one heap
+//! block for key and value, and `get` builds a new object from them. That saves the object's
+//! header and one allocation an entry; larger values stay objects, so a big `get` stays a
+//! reference.
 
 use std::sync::Arc;
 
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyString};
 
 use super::plain::{self, Node, Plain};
+use super::sizes;
 use crate::store::Weigh;
 
+/// The stored forms, 16 bytes each: a weight is kept in 32 bits (`weight32`); a value weighing
+/// 4 GiB or more saturates it and the store refuses it as too large (see `shard::MAX_WEIGHT`).
 pub enum PyValue {
-    Pickled(Py<PyBytes>, usize),
+    Pickled(Py<PyBytes>, u32),
     /// An immutable object returned as is (never GC-tracked: see `plain::atom`).
-    Shared(Py<PyAny>, usize),
+    Shared(Py<PyAny>, u32),
     Int(i64),
     /// The store's own copy of a dict of scalars, untracked by the GC; `get` returns `PyDict_Copy`.
-    Dict(Py<PyDict>, usize),
+    Dict(Py<PyDict>, u32),
     /// Any other plain value, rebuilt on each `get`.
-    Tree(Arc<Node>, usize),
+    Tree(Arc<Node>, u32),
+    /// A small value on its way into the store: the object whose bytes become the payload.
+    Pending(Py<PyAny>, Kind),
+    /// A small value whose bytes the entry's key block holds (its payload).
+    Inline(Kind),
+}
+
+/// What the payload of an inline value is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Bytes,
+    /// The UTF-8 form of a `str`.
+    Str,
+    /// A pickle, loaded on `get`.
+    Pickled,
+}
+
+/// `bytes` and `str` of `INLINE_MIN` to `INLINE_MAX` bytes (UTF-8 for a `str`), and pickles of
+/// up to `INLINE_MAX`, are kept inline. Shorter `bytes` and `str` stay objects: building one on
+/// each `get` (~18 ns) would cost a short-string `get` a sixth of its time, where a pickle's
+/// `get` (~0.5 us of unpickling) hardly notices.
+pub const INLINE_MIN: usize = 32;
+pub const INLINE_MAX: usize = 512;
+
+/// A value's weight in 32 bits, `u32::MAX` standing for "4 GiB or more".
+fn weight32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 impl Weigh for PyValue {
     fn weight(&self) -> usize {
-        match self {
+        let w = match self {
             PyValue::Pickled(_, n)
             | PyValue::Shared(_, n)
             | PyValue::Dict(_, n)
             | PyValue::Tree(_, n) => *n,
-            PyValue::Int(_) => 0,
+            // An inline value is charged through its payload's share of the key block.
+            PyValue::Int(_) | PyValue::Pending(..) | PyValue::Inline(_) => 0,
+        };
+        if w == u32::MAX {
+            usize::MAX
+        } else {
+            w as usize
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        match self {
+            // SAFETY: `o` is a `bytes` or a `str` whose UTF-8 form `encode` already made (so
+            // this neither allocates nor fails), and the store asks for the payload in `set`,
+            // on the calling thread, which holds the GIL; the bytes live as long as `o`.
+            PyValue::Pending(o, kind) => unsafe {
+                let p = o.as_ptr();
+                let (data, len) = if *kind == Kind::Str {
+                    let mut n: ffi::Py_ssize_t = 0;
+                    let data = ffi::PyUnicode_AsUTF8AndSize(p, &mut n);
+                    (data.cast::<u8>(), n as usize)
+                } else {
+                    (
+                        ffi::PyBytes_AsString(p).cast::<u8>().cast_const(),
+                        ffi::PyBytes_Size(p) as usize,
+                    )
+                };
+                if data.is_null() {
+                    &[]
+                } else {
+                    std::slice::from_raw_parts(data, len)
+                }
+            },
+            _ => &[],
+        }
+    }
+
+    fn without_payload(self) -> Self {
+        match self {
+            PyValue::Pending(_, kind) => PyValue::Inline(kind),
+            other => other,
         }
     }
 }
 
 impl PyValue {
-    /// A new reference to the same stored form (no Python code runs: safe under a shard lock).
-    pub fn clone_ref(&self, py: Python<'_>) -> PyValue {
-        match self {
+    /// A new reference to the same stored form, for an inline value a new object made from
+    /// `payload` (the entry's). No Python code runs (allocating a `bytes` or `str` runs none and
+    /// cannot start the garbage collector): safe under a shard lock.
+    pub fn clone_ref(&self, py: Python<'_>, payload: &[u8]) -> PyResult<PyValue> {
+        Ok(match self {
+            PyValue::Inline(Kind::Bytes) => PyValue::Shared(bytes(py, payload)?.unbind(), 0),
+            PyValue::Inline(Kind::Pickled) => PyValue::Pickled(
+                bytes(py, payload)?
+                    .cast_into::<PyBytes>()
+                    .map_err(PyErr::from)?
+                    .unbind(),
+                0,
+            ),
+            PyValue::Inline(Kind::Str) => {
+                // SAFETY: the payload is the UTF-8 form CPython gave for the stored `str`.
+                let raw = unsafe {
+                    ffi::PyUnicode_FromStringAndSize(payload.as_ptr().cast(), payload.len() as _)
+                };
+                PyValue::Shared(
+                    unsafe { Bound::from_owned_ptr_or_err(py, raw)? }.unbind(),
+                    0,
+                )
+            }
+            PyValue::Pending(o, k) => PyValue::Pending(o.clone_ref(py), *k),
             PyValue::Pickled(b, n) => PyValue::Pickled(b.clone_ref(py), *n),
             PyValue::Shared(o, n) => PyValue::Shared(o.clone_ref(py), *n),
             PyValue::Int(i) => PyValue::Int(*i),
             PyValue::Dict(d, n) => PyValue::Dict(d.clone_ref(py), *n),
             PyValue::Tree(t, n) => PyValue::Tree(Arc::clone(t), *n),
-        }
+        })
+    }
+}
+
+/// A new `bytes` object holding `data` (a Python error, not a panic, if memory runs out).
+fn bytes<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: `data` is valid for its length; the new reference is owned.
+    unsafe {
+        let raw = ffi::PyBytes_FromStringAndSize(data.as_ptr().cast(), data.len() as _);
+        Bound::from_owned_ptr_or_err(py, raw)
     }
 }
 
@@ -70,23 +176,44 @@ fn pickle(py: Python<'_>) -> PyResult<&Pickle> {
     })
 }
 
-/// Size charged for a pickle's `bytes` object header (refcount, type, length, hash).
-const OBJ_HEADER: usize = 32;
-
 /// Turns a Python value into its stored form. Runs Python (pickling): call it outside every lock.
 pub fn encode(v: &Bound<'_, PyAny>) -> PyResult<PyValue> {
     match plain::classify(v) {
         Plain::Int(n) => Ok(PyValue::Int(n)),
-        Plain::Atom(weight) => Ok(PyValue::Shared(v.clone().unbind(), weight)),
-        Plain::Dict(d, weight) => Ok(PyValue::Dict(d, weight)),
-        Plain::Tree(node, weight) => Ok(PyValue::Tree(Arc::new(node), weight)),
+        Plain::Atom(weight) => {
+            let kind = if v.is_exact_instance_of::<PyBytes>() {
+                Some((Kind::Bytes, v.cast::<PyBytes>()?.as_bytes().len()))
+            } else if v.is_exact_instance_of::<PyString>() {
+                // The UTF-8 form exists (classify made it) unless the str has lone surrogates.
+                v.cast::<PyString>()?
+                    .to_str()
+                    .ok()
+                    .map(|t| (Kind::Str, t.len()))
+            } else {
+                None
+            };
+            Ok(match kind {
+                Some((kind, n)) if (INLINE_MIN..=INLINE_MAX).contains(&n) => {
+                    PyValue::Pending(v.clone().unbind(), kind)
+                }
+                _ => PyValue::Shared(v.clone().unbind(), weight32(weight)),
+            })
+        }
+        Plain::Dict(d, weight) => Ok(PyValue::Dict(d, weight32(weight))),
+        Plain::Tree(node, weight) => Ok(PyValue::Tree(Arc::new(node), weight32(weight))),
         Plain::No => {
             let py = v.py();
             let p = pickle(py)?;
             let pickled = p.dumps.bind(py).call1((v, p.protocol))?;
             let bytes = pickled.cast_into::<PyBytes>().map_err(PyErr::from)?;
             let n = bytes.as_bytes().len();
-            Ok(PyValue::Pickled(bytes.unbind(), n + OBJ_HEADER))
+            if n <= INLINE_MAX {
+                return Ok(PyValue::Pending(bytes.into_any().unbind(), Kind::Pickled));
+            }
+            Ok(PyValue::Pickled(
+                bytes.unbind(),
+                weight32(sizes::bytes_size(n)),
+            ))
         }
     }
 }
@@ -100,5 +227,24 @@ pub fn decode(py: Python<'_>, v: PyValue) -> PyResult<Py<PyAny>> {
         PyValue::Dict(d, _) => Ok(plain::copy_dict(d.bind(py))?.unbind()),
         PyValue::Tree(t, _) => Ok(plain::build(py, &t)?.unbind()),
         PyValue::Pickled(b, _) => Ok(pickle(py)?.loads.bind(py).call1((b,))?.unbind()),
+        PyValue::Pending(o, Kind::Pickled) => Ok(pickle(py)?.loads.bind(py).call1((o,))?.unbind()),
+        PyValue::Pending(o, _) => Ok(o),
+        PyValue::Inline(_) => Err(pyo3::exceptions::PyRuntimeError::new_err(
+            "an inline value is decoded through clone_ref with its payload",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_forms_are_two_words() {
+        assert_eq!(std::mem::size_of::<PyValue>(), 16);
+        assert_eq!(crate::shard::slot_size::<PyValue>(), 88);
+        assert_eq!(weight32(12), 12);
+        assert_eq!(weight32(u32::MAX as usize - 1), u32::MAX - 1);
+        assert_eq!(weight32(1 << 40), u32::MAX);
     }
 }

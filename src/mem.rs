@@ -1,0 +1,45 @@
+//! What the store's own structures really cost in memory, so that `stats()["bytes"]` and
+//! `MAX_BYTES` follow the process's resident memory rather than the payload alone.
+//!
+//! The figures are those of glibc's malloc and of the collections the shards use; the Python layer
+//! adds the sizes of the Python objects it holds (`python/sizes.rs`).
+
+/// The chunk glibc's malloc hands out for a request of `n` bytes: an 8-byte header, rounded up to
+/// 16 bytes, never less than 32. A request of 0 bytes allocates nothing (Rust never asks for it).
+#[inline]
+pub const fn malloc_chunk(n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    let c = (n + 8 + 15) & !15;
+    if c < 32 {
+        32
+    } else {
+        c
+    }
+}
+
+/// A hash-table cell: the slot number (4 bytes) and hashbrown's control byte, over the buckets
+/// per entry at its average load (it fills to 7/8, then doubles: 1.14 to 2.29 buckets an entry).
+pub const TABLE_CELL: usize = 8;
+
+/// An entry's share of the expiry index: one `(u64, u32)` element (16 bytes) in a shard's binary
+/// heap. Stale elements (of entries gone or given another deadline, at most as many as live
+/// ones and usually few) are not charged.
+pub const EXPIRY_SHARE: usize = 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malloc_chunks_follow_glibc() {
+        assert_eq!(malloc_chunk(0), 0);
+        assert_eq!(malloc_chunk(1), 32);
+        assert_eq!(malloc_chunk(24), 32);
+        assert_eq!(malloc_chunk(25), 48);
+        assert_eq!(malloc_chunk(40), 48);
+        assert_eq!(malloc_chunk(41), 64);
+        assert_eq!(malloc_chunk(1000), 1008);
+    }
+}

@@ -1,0 +1,160 @@
+//! What CPython really allocates for the objects the store holds: `sys.getsizeof` semantics
+//! (object header, items, GC header), rounded as the allocator rounds it. pymalloc serves
+//! requests of up to 512 bytes in 16-byte steps; larger ones go to malloc (`mem::malloc_chunk`).
+//!
+//! Objects inside a plain container are charged their fair share: an object that something else
+//! references too (a constant in code, an interned dict key, a cached small int) is shared, not
+//! copied, and costs the entry only its size divided by the holders.
+
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use crate::mem::malloc_chunk;
+
+/// The block the allocator hands a Python object of `n` bytes.
+#[inline]
+pub const fn object_block(n: usize) -> usize {
+    if n <= 512 {
+        n.div_ceil(16) * 16
+    } else {
+        malloc_chunk(n)
+    }
+}
+
+/// CPython's minor version (3.x), read once.
+pub fn minor(py: Python<'_>) -> u8 {
+    static MINOR: AtomicU8 = AtomicU8::new(0);
+    match MINOR.load(Relaxed) {
+        0 => {
+            let m = py.version_info().minor;
+            MINOR.store(m, Relaxed);
+            m
+        }
+        m => m,
+    }
+}
+
+/// A `bytes` object of `n` bytes: a 32-byte header, the bytes and a trailing NUL.
+#[inline]
+pub const fn bytes_size(n: usize) -> usize {
+    object_block(33 + n)
+}
+
+/// An ASCII `str` of `n` characters: a 48-byte header up to 3.11, 40 from 3.12 (the `wstr`
+/// fields went away), then the characters and a NUL.
+#[inline]
+pub fn ascii_size(py: Python<'_>, n: usize) -> usize {
+    let header = if minor(py) >= 12 { 40 } else { 48 };
+    object_block(header + n + 1)
+}
+
+/// A non-ASCII `str` of `chars` characters whose UTF-8 form (`utf8`, cached in the object once
+/// asked for, as the store does) is given: a 72-byte header up to 3.11, 56 from 3.12, the
+/// characters at 1, 2 or 4 bytes each (the widest one decides) and a NUL, plus the UTF-8 copy.
+pub fn wide_size(py: Python<'_>, chars: usize, utf8: &[u8]) -> usize {
+    let header = if minor(py) >= 12 { 56 } else { 72 };
+    // The lead byte of the widest character: 0xC2-0xC3 up to U+00FF, 0xC4-0xEF up to U+FFFF.
+    let top = utf8.iter().copied().max().unwrap_or(0);
+    let kind = match top {
+        0..=0xC3 => 1,
+        0xC4..=0xEF => 2,
+        _ => 4,
+    };
+    object_block(header + (chars + 1) * kind) + object_block(utf8.len() + 1)
+}
+
+/// Any `str`, found through the C API.
+///
+/// # Safety
+/// `p` must be an exact `str` and the GIL held.
+pub unsafe fn str_size(py: Python<'_>, p: *mut ffi::PyObject) -> usize {
+    let chars = ffi::PyUnicode_GetLength(p) as usize;
+    let mut n: ffi::Py_ssize_t = 0;
+    let data = ffi::PyUnicode_AsUTF8AndSize(p, &mut n);
+    if data.is_null() {
+        ffi::PyErr_Clear(); // lone surrogates: no UTF-8 form; 2 bytes a character at least
+        let header = if minor(py) >= 12 { 56 } else { 72 };
+        return object_block(header + (chars + 1) * 4);
+    }
+    let n = n as usize;
+    if n == chars {
+        ascii_size(py, n)
+    } else {
+        wide_size(py, chars, std::slice::from_raw_parts(data.cast::<u8>(), n))
+    }
+}
+
+/// An `int` of `bits` significant bits: a 24-byte header and one 4-byte digit per 30 bits (at
+/// least one).
+#[inline]
+pub const fn int_size(bits: usize) -> usize {
+    let digits = if bits == 0 { 1 } else { bits.div_ceil(30) };
+    object_block(24 + 4 * digits)
+}
+
+/// A `float`.
+pub const FLOAT_SIZE: usize = 32;
+
+/// A tuple of `len` items, with its GC header.
+#[inline]
+pub const fn tuple_size(len: usize) -> usize {
+    object_block(16 + 24 + 8 * len)
+}
+
+/// A dict of `n` items built by inserting them one by one (or a literal, or its `PyDict_Copy`):
+/// the object with its GC header (64 bytes), then a keys table that starts at 8 slots (5 usable)
+/// and grows to the next power of two of 3 times its items whenever full. The table has a header
+/// (40 bytes on 3.10, 32 after), an index per slot (1 byte up to 128 slots, then 2, then 4) and
+/// an entry per usable slot: hash, key and value (24 bytes), or from 3.11 on only key and value
+/// (16 bytes) when every key is a `str`.
+pub fn dict_size(py: Python<'_>, n: usize, str_keys: bool) -> usize {
+    const OBJECT: usize = 64;
+    if n == 0 {
+        return OBJECT;
+    }
+    let (mut size, mut usable) = (8usize, 5usize);
+    while usable < n {
+        size = (usable * 3).next_power_of_two();
+        usable = size * 2 / 3;
+    }
+    let index = match size {
+        0..=128 => 1,
+        129..=32768 => 2,
+        _ => 4,
+    };
+    let m = minor(py);
+    let header = if m <= 10 { 40 } else { 32 };
+    let entry = if str_keys && m >= 11 { 16 } else { 24 };
+    OBJECT + object_block(header + size * index + usable * entry)
+}
+
+/// The share of `size` that one holder of `p` pays: all of it if `held` (the references the
+/// caller itself holds on `p`) plus one is all there is, else `size` divided by the holders.
+/// Immortal and cached objects have huge counts and cost nothing.
+///
+/// # Safety
+/// `p` must be a live object and the GIL held.
+#[inline]
+pub unsafe fn share(p: *mut ffi::PyObject, held: isize, size: usize) -> usize {
+    let holders = (ffi::Py_REFCNT(p) - held).max(1) as usize;
+    size / holders
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pymalloc_rounds_to_16_up_to_512() {
+        assert_eq!(object_block(1), 16);
+        assert_eq!(object_block(133), 144);
+        assert_eq!(object_block(512), 512);
+        assert_eq!(object_block(513), malloc_chunk(513));
+        assert_eq!(bytes_size(100), 144);
+        assert_eq!(int_size(1), 32);
+        assert_eq!(int_size(62), 48);
+        assert_eq!(tuple_size(1), 48);
+    }
+}
