@@ -17,6 +17,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from django_rustcache import RustCache
+from tests.threads import run_threads
 
 #: `_early_random` returning this gives the draw u = 2**-53, so -ln(u) = 36.7: with a recorded
 #: compute time of 10 s and beta 1, any entry with less than 367 s left is refreshed.
@@ -40,26 +41,6 @@ def counter() -> tuple[list[int], Any]:
         return len(calls)
 
     return calls, compute
-
-
-def run_threads(n: int, target: Any) -> list[Any]:
-    barrier = threading.Barrier(n)
-    out: list[Any] = [None] * n
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            out[i] = ("ok", target())
-        except Exception as exc:  # noqa: BLE001 - the test inspects what each thread got
-            out[i] = ("error", exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-        assert not t.is_alive(), "a get_or_set caller is stuck"
-    return out
 
 
 @pytest.mark.parametrize("left", [2.0, 10.0, 20.0, 40.0])

@@ -12,30 +12,11 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from django_rustcache import RustCache
+from tests.threads import run_threads
 
 
 def make(**options: Any) -> RustCache:
     return RustCache(f"stampede-{uuid.uuid4().hex}", {"OPTIONS": options})
-
-
-def run_threads(n: int, target: Any) -> list[Any]:
-    barrier = threading.Barrier(n)
-    out: list[Any] = [None] * n
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            out[i] = ("ok", target())
-        except Exception as exc:  # noqa: BLE001 - the test inspects what each thread got
-            out[i] = ("error", exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-        assert not t.is_alive(), "a get_or_set caller is stuck"
-    return out
 
 
 def test_32_threads_missing_one_key_compute_it_once():
