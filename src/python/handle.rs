@@ -247,19 +247,8 @@ impl Handle {
         Ok(names)
     }
 
-    fn put(
-        &self,
-        key: &Bound<'_, PyAny>,
-        value: &Bound<'_, PyAny>,
-        timeout: &Bound<'_, PyAny>,
-        version: Option<&Bound<'_, PyAny>>,
-        tags: Option<&Bound<'_, PyAny>>,
-        only_new: bool,
-    ) -> PyResult<Put> {
-        Ok(self.put_at(key, value, timeout, version, tags, only_new)?.0)
-    }
-
-    /// `put`, also returning the made key and the expiry stamp it stored with.
+    /// Encodes and stores (`add` when `only_new`, else `set`); returns the outcome, the made key
+    /// and the expiry stamp it stored with.
     fn put_at(
         &self,
         key: &Bound<'_, PyAny>,
@@ -405,7 +394,7 @@ impl Handle {
         version: Option<&Bound<'_, PyAny>>,
         tags: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
-        Ok(self.put(key, value, timeout, version, tags, false)? == Put::Stored)
+        Ok(self.put_at(key, value, timeout, version, tags, false)?.0 == Put::Stored)
     }
 
     /// `set` with Django's signature and result (None), so that `RustCache.set` can be this
@@ -424,7 +413,7 @@ impl Handle {
             TimeoutArg::Given(t) => t,
             TimeoutArg::Default => self.sentinel.bind(py).clone(),
         };
-        self.put(key, value, &timeout, version, tags, false)?;
+        self.put_at(key, value, &timeout, version, tags, false)?;
         Ok(())
     }
 
@@ -437,7 +426,7 @@ impl Handle {
         version: Option<&Bound<'_, PyAny>>,
         tags: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
-        Ok(self.put(key, value, timeout, version, tags, true)? == Put::Stored)
+        Ok(self.put_at(key, value, timeout, version, tags, true)?.0 == Put::Stored)
     }
 
     #[pyo3(signature = (key, version = None))]
