@@ -1,7 +1,16 @@
-"""Shared fixtures: every test starts with empty caches."""
+"""Shared fixtures: every test starts with empty caches. Hypothesis profiles: ``ci``
+(derandomized: the same examples on every run, so a CI result is reproducible) is what
+``.ci/run`` selects with ``HYPOTHESIS_PROFILE=ci``; locally the default profile explores new
+random examples on each run."""
+
+import os
 
 import pytest
 from django.core.cache import caches
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)
