@@ -279,21 +279,30 @@ impl<V: Weigh> Store<V> {
         read: impl FnOnce(&Entry<V>) -> R,
     ) -> Option<R> {
         match self.policy {
-            Policy::Lru => self.get_lru(key, now, read),
+            Policy::Lru => {
+                let (hash, idx) = self.locate(key);
+                self.get_locked(hash, idx, key, now, read)
+            }
             Policy::S3Fifo => self.get_s3(key, now, read),
         }
     }
 
-    /// `get` under "lru": moves the entry to the recent end, under the write lock.
-    fn get_lru<R>(&self, key: &str, now: u64, read: impl FnOnce(&Entry<V>) -> R) -> Option<R> {
-        let (hash, idx) = self.locate(key);
+    /// `get` under the write lock: reclaims expired entries of the shard, removes a dead entry
+    /// under `key`, and counts a hit for the policy (`used`). "lru" always reads this way.
+    fn get_locked<R>(
+        &self,
+        hash: u64,
+        idx: usize,
+        key: &str,
+        now: u64,
+        read: impl FnOnce(&Entry<V>) -> R,
+    ) -> Option<R> {
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
         self.reclaim(&mut shard, now, &mut dead);
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
-                let tick = self.next_tick();
-                shard.touch(slot, tick);
+                self.used(&mut shard, slot, self.next_tick());
                 Stats::bump(&self.stats.hits, 1);
                 Some(read(shard.entry(slot)))
             }
@@ -326,22 +335,7 @@ impl<V: Weigh> Store<V> {
                 }
             }
         }
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].write();
-        self.reclaim(&mut shard, now, &mut dead);
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
-            Lookup::Live(slot) => {
-                shard.entry(slot).hit();
-                Stats::bump(&self.stats.hits, 1);
-                Some(read(shard.entry(slot)))
-            }
-            Lookup::Absent => {
-                Stats::bump(&self.stats.misses, 1);
-                None
-            }
-        };
-        drop(shard);
-        out
+        self.get_locked(hash, idx, key, now, read)
     }
 
     /// Like `get_entry` but also returns the entry's generation, for a later `replace_if`.
