@@ -108,53 +108,101 @@ struct Shape {
     align: usize,
 }
 
+/// Offsets of a tail's parts and the key, and the block's alignment, for one value of the flags.
+#[derive(Clone, Copy)]
+struct Tail {
+    v: u8,
+    tags: u8,
+    far: u8,
+    delta: u8,
+    weight: u8,
+    long_key: u8,
+    key: u8,
+    align: u8,
+}
+
+/// The tail of an entry with `flags` whose value (if it keeps one) takes `v_size` bytes.
+const fn tail(flags: u8, v_size: usize) -> Tail {
+    let has_v = flags >> TAG_SHIFT == 0;
+    let wide = has_v || flags & (TAGS | FAR) != 0;
+    let any = wide || flags & (DELTA | WEIGHT | LONG_KEY) != 0;
+    let mut off = if any { TAIL } else { HEADER };
+    let v = off;
+    if has_v {
+        off += v_size;
+    }
+    let tags = off;
+    if flags & TAGS != 0 {
+        off += size_of::<Stamps>();
+    }
+    let far = off;
+    if flags & FAR != 0 {
+        off += 8;
+    }
+    let delta = off;
+    if flags & DELTA != 0 {
+        off += 4;
+    }
+    let weight = off;
+    if flags & WEIGHT != 0 {
+        off += 4;
+    }
+    let long_key = off;
+    if flags & LONG_KEY != 0 {
+        off += 4;
+    }
+    Tail {
+        v: v as u8,
+        tags: tags as u8,
+        far: far as u8,
+        delta: delta as u8,
+        weight: weight as u8,
+        long_key: long_key as u8,
+        key: off as u8,
+        align: if wide { 8 } else { 4 },
+    }
+}
+
+/// Every tail for values of type `V`, by flags: finding a part of an entry is one table load.
+struct Tails<V>(PhantomData<V>);
+
+impl<V> Tails<V> {
+    const ALL: [Tail; 256] = {
+        assert!(
+            align_of::<V>() <= 8,
+            "an entry's value is at most 8-aligned"
+        );
+        assert!(
+            size_of::<V>() <= 128,
+            "an entry's value is at most 128 bytes"
+        );
+        let v_size = size_of::<V>().next_multiple_of(8);
+        let mut all = [tail(0, 0); 256];
+        let mut flags = 0;
+        while flags < 256 {
+            all[flags] = tail(flags as u8, v_size);
+            flags += 1;
+        }
+        all
+    };
+}
+
 impl Shape {
     #[inline]
     fn of<V>(flags: u8, key_len: usize, payload_len: usize) -> Shape {
-        const {
-            assert!(
-                align_of::<V>() <= 8,
-                "an entry's value is at most 8-aligned"
-            )
-        };
-        let has_v = flags >> TAG_SHIFT == 0;
-        let wide = has_v || flags & (TAGS | FAR) != 0;
-        let tail = wide || flags & (DELTA | WEIGHT | LONG_KEY) != 0;
-        let mut off = if tail { TAIL } else { HEADER };
-        let v = off;
-        if has_v {
-            off += size_of::<V>().next_multiple_of(8);
-        }
-        let tags = off;
-        if flags & TAGS != 0 {
-            off += size_of::<Stamps>();
-        }
-        let far = off;
-        if flags & FAR != 0 {
-            off += 8;
-        }
-        let delta = off;
-        if flags & DELTA != 0 {
-            off += 4;
-        }
-        let weight = off;
-        if flags & WEIGHT != 0 {
-            off += 4;
-        }
-        let long_key = off;
-        if flags & LONG_KEY != 0 {
-            off += 4;
-        }
+        let all: &'static [Tail; 256] = &Tails::<V>::ALL;
+        let t = all[usize::from(flags)];
+        let key = usize::from(t.key);
         Shape {
-            v,
-            tags,
-            far,
-            delta,
-            weight,
-            long_key,
-            key: off,
-            size: (off + key_len + payload_len).max(TAIL),
-            align: if wide { 8 } else { 4 },
+            v: usize::from(t.v),
+            tags: usize::from(t.tags),
+            far: usize::from(t.far),
+            delta: usize::from(t.delta),
+            weight: usize::from(t.weight),
+            long_key: usize::from(t.long_key),
+            key,
+            size: (key + key_len + payload_len).max(TAIL),
+            align: usize::from(t.align),
         }
     }
 
@@ -426,6 +474,23 @@ impl<V> Entry<V> {
     #[inline]
     pub fn block_size(&self) -> usize {
         self.shape().size
+    }
+
+    /// What the entry's charge follows, read at once: the block's size, the number of tag
+    /// stamps, and whether it has a deadline.
+    #[inline]
+    pub fn footprint(&self) -> (usize, usize, bool) {
+        let shape = self.shape();
+        let flags = self.flags();
+        let tags = if flags & TAGS != 0 {
+            // SAFETY: TAGS: the tail holds initialized `Stamps`.
+            unsafe { (&*self.at::<Stamps>(shape.tags)).len() }
+        } else {
+            0
+        };
+        // SAFETY: a written header field.
+        let timed = flags & FAR != 0 || unsafe { (*self.header()).expires } != NO_DEADLINE;
+        (shape.size, tags, timed)
     }
 
     /// The clock stamp after which the entry is gone (`NEVER` for none): the deadline it was

@@ -383,9 +383,17 @@ impl<V> Shard<V> {
     /// overwritten again and again, its slot reused): such duplicates go too.
     fn compact_expiries(&mut self) {
         let mut v = std::mem::take(&mut self.expiries).into_vec();
-        v.retain(|&Reverse((second, slot))| self.indexed(slot, second));
-        v.sort_unstable();
-        v.dedup();
+        let mut seen = vec![0u64; self.slots.len().div_ceil(64)];
+        v.retain(|&Reverse((second, slot))| {
+            if !self.indexed(slot, second) {
+                return false;
+            }
+            // Every element kept for a slot is the same `(second, slot)`: keep the first.
+            let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
+            let first = seen[word] & bit == 0;
+            seen[word] |= bit;
+            first
+        });
         if v.capacity() > 2 * v.len() {
             v.shrink_to_fit();
         }
@@ -576,6 +584,18 @@ mod tests {
                 s.expiries.len()
             );
         }
+        // Stale elements of other seconds for the same slot do not hide the live one.
+        for i in 0..100u64 {
+            let slot = s.find(s.hash("k"), "k").unwrap();
+            s.set_expiry(slot, (20 + i) * SEC);
+        }
+        let slot = s.find(s.hash("k"), "k").unwrap();
+        s.set_expiry(slot, 5 * SEC + 500 * MS);
+        assert!(
+            s.expiries.len() <= 2 * 2 + 65,
+            "{} elements",
+            s.expiries.len()
+        );
         assert_eq!(s.pop_expired(6 * SEC).unwrap().key(), "k");
         assert!(s.pop_expired(6 * SEC).is_none());
         assert_eq!(s.pop_expired(9 * SEC).unwrap().key(), "other");

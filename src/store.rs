@@ -193,12 +193,10 @@ impl<V: Weigh> Store<V> {
     pub fn charge(e: &Entry<V>) -> u64 {
         match e.fixed_weight() {
             Some(w) => w,
-            None => Self::weigh_parts(
-                e.value().weight(),
-                e.block_size(),
-                e.tags().len(),
-                e.expires() != NEVER,
-            ),
+            None => {
+                let (block, tags, timed) = e.footprint();
+                Self::weigh_parts(e.value().weight(), block, tags, timed)
+            }
         }
     }
 
