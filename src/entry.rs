@@ -32,7 +32,8 @@ pub trait Pack: Sized + 'static {
 
     /// 1 to 3 when, once its payload is in the block, the value is nothing but this tag (the
     /// entry keeps no `V` at all and `from_tag` stands for it); 0 when the entry keeps the value.
-    /// A value with a tag must own nothing (dropping it runs no code).
+    /// The value `without_payload` makes of a tagged one must own nothing (the entry drops it,
+    /// and dropping it must run no code).
     fn tag(&self) -> u8 {
         0
     }
