@@ -36,14 +36,12 @@ pub fn deadline(now: u64, seconds: Option<f64>) -> u64 {
     }
 }
 
-/// Seconds left until `expires`, as seen from `now` (`None` for no expiry), in whole
-/// milliseconds rounded down: entries keep deadlines rounded up to the millisecond, so this never
-/// reports more than the timeout they were stored with.
+/// Seconds left until `expires`, as seen from `now` (`None` for no expiry).
 pub fn remaining(now: u64, expires: u64) -> Option<f64> {
     if expires == NEVER {
         None
     } else {
-        Some((expires.saturating_sub(now) / 1_000_000) as f64 / 1e3)
+        Some(expires.saturating_sub(now) as f64 / 1e9)
     }
 }
 
@@ -61,7 +59,6 @@ mod tests {
         assert_eq!(deadline(10, Some(1e300)), NEVER - 1);
         assert_eq!(remaining(5, NEVER), None);
         assert_eq!(remaining(5, 3), Some(0.0));
-        assert_eq!(remaining(0, 2_500_999_999), Some(2.5));
     }
 
     #[test]

@@ -75,7 +75,7 @@ const NO_DEADLINE: u32 = u32::MAX;
 struct Header {
     prev: u32,
     next: u32,
-    /// Milliseconds since the clock's epoch, rounded up (see `deadline_ms`).
+    /// Milliseconds since the clock's epoch, rounded down (see `deadline_ms`).
     expires: u32,
     gen: u32,
     flags: u8,
@@ -212,15 +212,16 @@ impl Shape {
     }
 }
 
-/// The deadline `ns` as the header keeps it: milliseconds, rounded up (an entry lives at most a
-/// millisecond longer than asked, never shorter), or `None` when it needs the tail's 8 bytes
+/// The deadline `ns` as the header keeps it: milliseconds, rounded down (as with LocMemCache, an
+/// entry is gone once its timeout has passed; it may go up to a millisecond early, never late),
+/// or `None` when it needs the tail's 8 bytes
 /// (later than 49.7 days after the clock's epoch). `NEVER` is `NO_DEADLINE`.
 #[inline]
 fn deadline_ms(ns: u64) -> Option<u32> {
     if ns == NEVER {
         return Some(NO_DEADLINE);
     }
-    let ms = ns.div_ceil(1_000_000);
+    let ms = ns / 1_000_000;
     (ms < u64::from(NO_DEADLINE)).then_some(ms as u32)
 }
 
@@ -495,7 +496,7 @@ impl<V> Entry<V> {
     }
 
     /// The clock stamp after which the entry is gone (`NEVER` for none): the deadline it was
-    /// stored with, rounded up to the millisecond.
+    /// stored with, rounded down to the millisecond.
     #[inline]
     pub fn expires(&self) -> u64 {
         if self.flags() & FAR != 0 {
@@ -861,10 +862,14 @@ mod tests {
     }
 
     #[test]
-    fn deadlines_round_up_to_the_millisecond_and_move_to_the_tail_when_far() {
-        let e: Entry<u32> = Entry::new("k", 5, 1, Vec::new());
-        assert_eq!(e.expires(), 1_000_000);
-        assert_eq!(rounded_deadline(1), 1_000_000);
+    fn deadlines_round_down_to_the_millisecond_and_move_to_the_tail_when_far() {
+        let e: Entry<u32> = Entry::new("k", 5, 2_999_999, Vec::new());
+        assert_eq!(e.expires(), 2_000_000);
+        assert_eq!(rounded_deadline(2_999_999), 2_000_000);
+        assert!(
+            e.is_expired(2_999_999),
+            "gone once the deadline asked for has passed"
+        );
         let e: Entry<u32> = Entry::new("k", 5, 0, Vec::new());
         assert!(e.is_expired(0), "0 is already expired");
         let e: Entry<u32> = Entry::new("k", 5, NEVER, Vec::new());

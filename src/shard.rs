@@ -508,10 +508,10 @@ mod tests {
             .map(|e| e.key().to_string())
             .collect();
         assert_eq!(gone.len(), 2);
-        // A deadline is rounded up to the millisecond, never down.
-        put(&mut s, "ns", 3 * SEC + 1);
-        assert!(s.pop_expired(3 * SEC + 1).is_none());
-        assert_eq!(s.pop_expired(3 * SEC + MS).unwrap().key(), "ns");
+        // A deadline is rounded down to the millisecond: gone once the asked one has passed.
+        put(&mut s, "ns", 3 * SEC + MS - 1);
+        assert!(s.pop_expired(3 * SEC - 1).is_none());
+        assert_eq!(s.pop_expired(3 * SEC + MS - 1).unwrap().key(), "ns");
     }
 
     #[test]
