@@ -88,12 +88,18 @@ mod tests {
         }
     }
 
+    impl crate::entry::Pack for V {
+        fn from_tag(_: u8) -> &'static Self {
+            &V
+        }
+    }
+
     #[test]
     fn store_keeps_delta_with_the_entry_it_was_recorded_for() {
         let store: Store<V> = Store::new(4);
         let limits = Limits::default();
         let now = 5 * S;
-        let read = |store: &Store<V>| store.get_entry("k", now, |e| (e.expires, e.delta()));
+        let read = |store: &Store<V>| store.get_entry("k", now, |e| (e.expires(), e.delta()));
         assert_eq!(read(&store), None);
         store.set("k", V, now + S, Vec::new(), &limits, now);
         assert_eq!(
@@ -101,16 +107,16 @@ mod tests {
             Some((now + S, 0)),
             "a plain set records no delta"
         );
-        assert!(store.set_delta("k", now + S, 7_000, now));
+        assert!(store.set_delta("k", now + S, 7_000, &limits, now));
         assert_eq!(read(&store), Some((now + S, 7_000)));
         // Kept to the microsecond, rounded up: a recorded time never reads as none.
-        assert!(store.set_delta("k", now + S, 7, now));
+        assert!(store.set_delta("k", now + S, 7, &limits, now));
         assert_eq!(read(&store), Some((now + S, 1_000)));
         // A newer value (another expiry stamp) is not given the older computation's delta.
         store.set("k", V, now + 2 * S, Vec::new(), &limits, now);
-        assert!(!store.set_delta("k", now + S, 9, now));
+        assert!(!store.set_delta("k", now + S, 9, &limits, now));
         assert_eq!(read(&store), Some((now + 2 * S, 0)));
-        assert!(!store.set_delta("missing", now + S, 9, now));
+        assert!(!store.set_delta("missing", now + S, 9, &limits, now));
         // An expired entry is a miss for `get_entry` too.
         assert_eq!(store.get_entry("k", now + 3 * S, |e| e.delta()), None);
     }

@@ -3,6 +3,7 @@
 
 pub mod clock;
 pub mod early;
+pub mod entry;
 pub mod flight;
 pub mod keys;
 pub mod mem;

@@ -23,10 +23,10 @@ pub const fn malloc_chunk(n: usize) -> usize {
 /// per entry at its average load (it fills to 7/8, then doubles: 1.14 to 2.29 buckets an entry).
 pub const TABLE_CELL: usize = 8;
 
-/// An entry's share of the expiry index: one `(u64, u32)` element (16 bytes) in a shard's binary
-/// heap. Stale elements (of entries gone or given another deadline, at most as many as live
-/// ones and usually few) are not charged.
-pub const EXPIRY_SHARE: usize = 16;
+/// An entry's share of the expiry index: one `(second, slot)` element (8 bytes) in a shard's
+/// binary heap. Stale elements (of entries gone or given another deadline, at most as many as
+/// live ones and usually few) are not charged.
+pub const EXPIRY_SHARE: usize = 8;
 
 #[cfg(test)]
 mod tests {

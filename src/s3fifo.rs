@@ -87,9 +87,9 @@ impl<V> Entry<V> {
     /// racing hits may count as one, which only makes the policy a little less precise.
     #[inline]
     pub fn hit(&self) {
-        let f = self.freq.load(Relaxed);
+        let f = self.freq().load(Relaxed);
         if f < MAX_FREQ {
-            self.freq.store(f + 1, Relaxed);
+            self.freq().store(f + 1, Relaxed);
         }
     }
 }
@@ -114,8 +114,8 @@ impl<V> Shard<V> {
             if from_small {
                 let slot = self.front(Queue::Small)?;
                 let e = self.entry(slot);
-                if e.freq.load(Relaxed) >= PROMOTE_AT {
-                    e.freq.store(0, Relaxed);
+                if e.freq().load(Relaxed) >= PROMOTE_AT {
+                    e.freq().store(0, Relaxed);
                     self.move_to_back(slot, Queue::Main);
                 } else {
                     let hash = self.hash(e.key());
@@ -127,9 +127,9 @@ impl<V> Shard<V> {
             } else {
                 let slot = self.front(Queue::Main)?;
                 let e = self.entry(slot);
-                let f = e.freq.load(Relaxed);
+                let f = e.freq().load(Relaxed);
                 if f > 0 {
-                    e.freq.store(f - 1, Relaxed);
+                    e.freq().store(f - 1, Relaxed);
                     self.move_to_back(slot, Queue::Main);
                 } else {
                     return Some(self.remove(slot));
@@ -149,7 +149,7 @@ mod tests {
     }
 
     fn entry(key: &str, expires: u64) -> Entry<u32> {
-        Entry::new(key, 1, expires, 1, Vec::new())
+        Entry::new(key, 1, expires, Vec::new())
     }
 
     /// A cache of `cap` entries on one shard, as the store drives it under S3-FIFO.
@@ -179,7 +179,7 @@ mod tests {
                 self.evicted.push(e.key().to_string());
             }
             let q = self.shard.admit(hash(key));
-            self.shard.insert_in(entry(key, NEVER), hash(key), 0, q);
+            self.shard.insert_in(entry(key, NEVER), hash(key), q);
             false
         }
 
@@ -257,7 +257,7 @@ mod tests {
             .expect("a was promoted, not evicted");
         assert_eq!(c.shard.entry(a).queue(), Queue::Main);
         assert_eq!(
-            c.shard.entry(a).freq.load(Relaxed),
+            c.shard.entry(a).freq().load(Relaxed),
             0,
             "promotion resets the count"
         );
@@ -318,7 +318,7 @@ mod tests {
         for _ in 0..10 {
             e.hit();
         }
-        assert_eq!(e.freq.load(Relaxed), MAX_FREQ);
+        assert_eq!(e.freq().load(Relaxed), MAX_FREQ);
     }
 
     #[test]
@@ -353,13 +353,14 @@ mod tests {
     #[test]
     fn expired_entries_leave_through_the_expiry_index_from_either_queue() {
         let mut s: Shard<u32> = Shard::default();
-        let small = s.insert_in(entry("s", 10), s.hash("s"), 0, Queue::Small);
-        s.insert_in(entry("m", 20), s.hash("m"), 0, Queue::Main);
-        s.insert_in(entry("live", NEVER), s.hash("live"), 0, Queue::Small);
+        const SEC: u64 = 1_000_000_000;
+        let small = s.insert_in(entry("s", 10 * SEC), s.hash("s"), Queue::Small);
+        s.insert_in(entry("m", 20 * SEC), s.hash("m"), Queue::Main);
+        s.insert_in(entry("live", NEVER), s.hash("live"), Queue::Small);
         s.entry(small).hit();
-        assert_eq!(s.pop_expired(15).unwrap().key(), "s");
-        assert_eq!(s.pop_expired(25).unwrap().key(), "m");
-        assert!(s.pop_expired(1000).is_none());
+        assert_eq!(s.pop_expired(15 * SEC).unwrap().key(), "s");
+        assert_eq!(s.pop_expired(25 * SEC).unwrap().key(), "m");
+        assert!(s.pop_expired(1000 * SEC).is_none());
         assert_eq!(s.queue_len(Queue::Small), 1);
         assert_eq!(s.queue_len(Queue::Main), 0);
         assert_eq!(s.evict_s3().unwrap().key(), "live");

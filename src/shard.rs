@@ -1,35 +1,28 @@
-//! One shard of the store: a hash table of slot numbers into a slab of entries, threaded on
-//! intrusive queues (the "lru" policy uses one, kept in recency order; S3-FIFO uses two, see
-//! `s3fifo.rs`), with a heap of expiry stamps (earliest first). An entry keeps its key and, for a
-//! small immutable value, the value's bytes in one heap block (`KeyBlock`); it keeps no hash.
+//! One shard of the store: a hash table of slot numbers into a slab of entries (8-byte pointers
+//! to their blocks, see `entry.rs`), threaded on intrusive queues (the "lru" policy uses one,
+//! kept in recency order; S3-FIFO uses two, see `s3fifo.rs`), with a heap of expiry seconds
+//! (earliest first). An entry keeps its key and, for a small immutable value, the value's bytes in
+//! its block; it keeps no hash.
 //!
-//! Nothing here locks or allocates Python objects: the store wraps each shard in a mutex and drops
+//! Nothing here locks or allocates Python objects: the store wraps each shard in a lock and drops
 //! what a shard hands back only after unlocking.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::atomic::AtomicU8;
 
 use ahash::RandomState;
 use hashbrown::HashTable;
 
 use crate::clock::NEVER;
+use crate::entry::second_of;
+pub use crate::entry::{Entry, Queue};
 use crate::s3fifo::Ghost;
-use crate::tags::Stamps;
 
 const NIL: u32 = u32::MAX;
 
-/// The heaviest entry a shard holds (its charge is kept in 32 bits): 4 GiB. The store refuses
-/// heavier ones as too large, whatever `MAX_BYTES` says.
+/// The heaviest entry a shard holds (charges are kept in 32 bits where they cannot be derived):
+/// 4 GiB. The store refuses heavier ones as too large, whatever `MAX_BYTES` says.
 pub const MAX_WEIGHT: u64 = u32::MAX as u64;
-
-/// The intrusive queue an entry is threaded on. The "lru" policy keeps everything on `Main`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Queue {
-    Main = 0,
-    Small = 1,
-}
 
 /// Both ends and the length of one intrusive queue.
 #[derive(Clone, Copy)]
@@ -45,169 +38,26 @@ const EMPTY: Ends = Ends {
     len: 0,
 };
 
-/// An entry's key and, for a small immutable value, the value's bytes (its payload), in one heap
-/// block: one allocation instead of two, and no Python object header for the value.
-pub struct KeyBlock {
-    data: Box<[u8]>,
-    key_len: u32,
-}
-
-impl KeyBlock {
-    /// `key` followed by `payload`. Keys are at most 4 GiB (the store refuses heavier entries).
-    pub fn new(key: &str, payload: &[u8]) -> Self {
-        let mut data = Vec::with_capacity(key.len() + payload.len());
-        data.extend_from_slice(key.as_bytes());
-        data.extend_from_slice(payload);
-        KeyBlock {
-            data: data.into_boxed_slice(),
-            key_len: u32::try_from(key.len()).expect("keys are shorter than 4 GiB"),
-        }
-    }
-}
-
-impl From<&str> for KeyBlock {
-    fn from(key: &str) -> Self {
-        KeyBlock::new(key, &[])
-    }
-}
-
-pub struct Entry<V> {
-    /// The key's bytes, then the payload (see `KeyBlock`).
-    data: Box<[u8]>,
-    key_len: u32,
-    pub value: V,
-    /// Clock stamp after which the entry is gone (`NEVER` for no expiry).
-    pub expires: u64,
-    /// Global recency stamp: smaller is less recently used.
-    pub tick: u64,
-    /// Unique stamp given when the value was stored; used to detect a concurrent replacement.
-    pub gen: u64,
-    /// Bytes charged to the store for this entry (see `weight`).
-    weight: u32,
-    pub tags: Stamps,
-    /// Hits since the policy last looked at the entry (S3-FIFO; saturates at 3). Bumped under a
-    /// shared lock, hence atomic.
-    pub freq: AtomicU8,
-    queue: Queue,
-    prev: u32,
-    next: u32,
-    /// Microseconds (rounded up) the last computation of this value took (0: unknown, e.g.
-    /// stored by `set`); early refresh (`crate::early`) weighs the time left before expiry
-    /// against it. See `delta`.
-    delta_us: u32,
-}
-
-impl<V> Entry<V> {
-    pub fn new(
-        key: impl Into<KeyBlock>,
-        value: V,
-        expires: u64,
-        weight: u64,
-        tags: impl Into<Stamps>,
-    ) -> Self {
-        debug_assert!(weight <= MAX_WEIGHT, "the store refuses heavier entries");
-        let KeyBlock { data, key_len } = key.into();
-        Entry {
-            data,
-            key_len,
-            value,
-            expires,
-            tick: 0,
-            gen: 0,
-            weight: weight.min(MAX_WEIGHT) as u32,
-            tags: tags.into(),
-            freq: AtomicU8::new(0),
-            queue: Queue::Main,
-            prev: NIL,
-            next: NIL,
-            delta_us: 0,
-        }
-    }
-
-    #[inline]
-    pub fn key(&self) -> &str {
-        // SAFETY: the block starts with the bytes of a `str` (`KeyBlock::new`), `key_len` long.
-        unsafe { std::str::from_utf8_unchecked(&self.data[..self.key_len as usize]) }
-    }
-
-    /// Bytes of the key's block: the key and the payload.
-    #[inline]
-    pub fn block_len(&self) -> usize {
-        self.data.len()
-    }
-
-    /// The value's bytes kept in the key's block (empty if the value holds them itself).
-    #[inline]
-    pub fn payload(&self) -> &[u8] {
-        &self.data[self.key_len as usize..]
-    }
-
-    /// Gives the entry a new key block (same key, another payload); returns the old one.
-    pub fn replace_block(&mut self, block: KeyBlock) -> Box<[u8]> {
-        debug_assert_eq!(&block.data[..block.key_len as usize], self.key().as_bytes());
-        self.key_len = block.key_len;
-        std::mem::replace(&mut self.data, block.data)
-    }
-
-    /// Nanoseconds the last computation of the value took (0: unknown), to the microsecond.
-    #[inline]
-    pub fn delta(&self) -> u64 {
-        u64::from(self.delta_us) * 1000
-    }
-
-    /// Records that computing the value took `nanos` nanoseconds (kept in whole microseconds,
-    /// rounded up so that a recorded time is never taken for none; at most 71 minutes).
-    pub fn set_delta(&mut self, nanos: u64) {
-        self.delta_us = u32::try_from(nanos.div_ceil(1000)).unwrap_or(u32::MAX);
-    }
-
-    /// Bytes charged to the store for this entry.
-    #[inline]
-    pub fn weight(&self) -> u64 {
-        u64::from(self.weight)
-    }
-
-    /// Charges the entry `weight` bytes (at most `MAX_WEIGHT`).
-    pub fn set_weight(&mut self, weight: u64) {
-        debug_assert!(weight <= MAX_WEIGHT);
-        self.weight = weight.min(MAX_WEIGHT) as u32;
-    }
-
-    #[inline]
-    pub fn is_expired(&self, now: u64) -> bool {
-        self.expires != NEVER && self.expires <= now
-    }
-
-    /// The queue the entry is threaded on.
-    pub fn queue(&self) -> Queue {
-        self.queue
-    }
-}
-
-enum Slot<V> {
-    Used(Entry<V>),
-    Free(u32),
-}
-
-/// Bytes one entry takes in a shard's slab (its `Vec` of slots).
-pub const fn slot_size<V>() -> usize {
-    std::mem::size_of::<Slot<V>>()
-}
+/// Bytes one entry takes in a shard's slab (its `Vec` of slots): a pointer.
+pub const SLOT_SIZE: usize = std::mem::size_of::<Option<Entry<()>>>();
 
 pub struct Shard<V> {
     /// The store's hasher: entries do not keep their hash; it is computed again from the key
     /// when the table grows or an entry leaves.
     hasher: RandomState,
     table: HashTable<u32>,
-    slots: Vec<Slot<V>>,
-    free: u32,
+    slots: Vec<Option<Entry<V>>>,
+    /// Free slot numbers, the most recently freed last.
+    free: Vec<u32>,
     queues: [Ends; 2],
     /// Hashes of keys recently evicted from the small queue (S3-FIFO only).
     pub(crate) ghost: Ghost,
-    /// Deadlines of the entries that have one, earliest on top: 16 bytes an entry. Lazy: an
-    /// element whose entry left or got another deadline stays (stale) until it reaches the top,
-    /// where it is dropped, or until stale elements outnumber live ones and the heap is rebuilt.
-    expiries: BinaryHeap<Reverse<(u64, u32)>>,
+    /// `(second, slot)` of the entries that have a deadline, earliest second on top: 8 bytes an
+    /// entry. Coarse: within a second the order is by slot, so `pop_expired` checks each entry's
+    /// exact deadline. Lazy: an element whose entry left or got another deadline stays (stale)
+    /// until it reaches the top, where it is dropped, or until stale elements outnumber live ones
+    /// and the heap is rebuilt.
+    expiries: BinaryHeap<Reverse<(u32, u32)>>,
     /// Stale elements in `expiries`, and elements of live entries.
     stale: usize,
     timed: usize,
@@ -227,7 +77,7 @@ impl<V> Shard<V> {
             hasher,
             table: HashTable::new(),
             slots: Vec::new(),
-            free: NIL,
+            free: Vec::new(),
             queues: [EMPTY; 2],
             ghost: Ghost::default(),
             expiries: BinaryHeap::new(),
@@ -253,23 +103,23 @@ impl<V> Shard<V> {
     #[inline]
     pub fn entry(&self, slot: u32) -> &Entry<V> {
         match &self.slots[slot as usize] {
-            Slot::Used(e) => e,
-            Slot::Free(_) => unreachable!("slot {slot} is free"),
+            Some(e) => e,
+            None => unreachable!("slot {slot} is free"),
         }
     }
 
     #[inline]
     pub fn entry_mut(&mut self, slot: u32) -> &mut Entry<V> {
         match &mut self.slots[slot as usize] {
-            Slot::Used(e) => e,
-            Slot::Free(_) => unreachable!("slot {slot} is free"),
+            Some(e) => e,
+            None => unreachable!("slot {slot} is free"),
         }
     }
 
     /// The entry at `slot` if it is in use and still carries generation `gen`.
-    pub fn entry_if(&self, slot: u32, gen: u64) -> Option<&Entry<V>> {
+    pub fn entry_if(&self, slot: u32, gen: u32) -> Option<&Entry<V>> {
         match self.slots.get(slot as usize) {
-            Some(Slot::Used(e)) if e.gen == gen => Some(e),
+            Some(Some(e)) if e.gen() == gen => Some(e),
             _ => None,
         }
     }
@@ -279,46 +129,40 @@ impl<V> Shard<V> {
         let slots = &self.slots;
         self.table
             .find(hash, |&s| match &slots[s as usize] {
-                Slot::Used(e) => e.key() == key,
-                Slot::Free(_) => false,
+                Some(e) => e.key() == key,
+                None => false,
             })
             .copied()
     }
 
     /// Stores a new entry whose key hashes to `hash` (the key must not be present) at the most
     /// recent end; returns its slot.
-    pub fn insert(&mut self, entry: Entry<V>, hash: u64, tick: u64) -> u32 {
-        self.insert_in(entry, hash, tick, Queue::Main)
+    pub fn insert(&mut self, entry: Entry<V>, hash: u64) -> u32 {
+        self.insert_in(entry, hash, Queue::Main)
     }
 
     /// Stores a new entry whose key hashes to `hash` (the key must not be present) at the back of
     /// `queue`; returns its slot.
-    pub fn insert_in(&mut self, mut entry: Entry<V>, hash: u64, tick: u64, queue: Queue) -> u32 {
+    pub fn insert_in(&mut self, entry: Entry<V>, hash: u64, queue: Queue) -> u32 {
         debug_assert_eq!(hash, self.hash(entry.key()));
-        entry.tick = tick;
-        entry.queue = queue;
-        entry.prev = NIL;
-        entry.next = NIL;
-        let expires = entry.expires;
-        let slot = if self.free != NIL {
-            let slot = self.free;
-            self.free = match self.slots[slot as usize] {
-                Slot::Free(next) => next,
-                Slot::Used(_) => unreachable!("free list points at a used slot"),
-            };
-            self.slots[slot as usize] = Slot::Used(entry);
-            slot
-        } else {
-            assert!(self.slots.len() < NIL as usize, "shard is full");
-            self.slots.push(Slot::Used(entry));
-            (self.slots.len() - 1) as u32
+        let expires = entry.expires();
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(entry);
+                slot
+            }
+            None => {
+                assert!(self.slots.len() < NIL as usize, "shard is full");
+                self.slots.push(Some(entry));
+                (self.slots.len() - 1) as u32
+            }
         };
         self.link_back(slot, queue);
         let (slots, hasher) = (&self.slots, &self.hasher);
         self.table
             .insert_unique(hash, slot, |&s| match &slots[s as usize] {
-                Slot::Used(e) => hasher.hash_one(e.key()),
-                Slot::Free(_) => 0,
+                Some(e) => hasher.hash_one(e.key()),
+                None => 0,
             });
         self.index_expiry(slot, expires);
         self.len += 1;
@@ -338,7 +182,7 @@ impl<V> Shard<V> {
 
     /// Removes the entry at `slot`; `popped`: its expiry element is already off the heap.
     fn take(&mut self, slot: u32, hash: u64, popped: bool) -> Entry<V> {
-        let expires = self.entry(slot).expires;
+        let expires = self.entry(slot).expires();
         self.unlink(slot);
         if popped {
             self.timed = self.timed.saturating_sub(1);
@@ -348,23 +192,45 @@ impl<V> Shard<V> {
         if let Ok(found) = self.table.find_entry(hash, |&s| s == slot) {
             found.remove();
         }
-        let old = std::mem::replace(&mut self.slots[slot as usize], Slot::Free(self.free));
-        self.free = slot;
+        let old = self.slots[slot as usize].take();
+        self.free.push(slot);
         self.len -= 1;
-        match old {
-            Slot::Used(e) => e,
-            Slot::Free(_) => unreachable!(),
+        old.expect("a removed slot was in use")
+    }
+
+    /// Replaces the entry at `slot` by `f(entry)`, which keeps its key and its place in the
+    /// queues (its links: see `Entry::reshaped`); the expiry index follows a new deadline.
+    pub fn replace_with(&mut self, slot: u32, f: impl FnOnce(Entry<V>) -> Entry<V>) {
+        let old = self.slots[slot as usize]
+            .take()
+            .expect("a replaced slot is in use");
+        let before = old.expires();
+        let new = f(old);
+        let after = new.expires();
+        self.slots[slot as usize] = Some(new);
+        if before != after {
+            self.unindex_expiry(before);
+            self.index_expiry(slot, after);
         }
+    }
+
+    /// Puts `new` (made by `Entry::with_value` from the entry at `slot`) in its place and returns
+    /// the old entry.
+    pub fn swap(&mut self, slot: u32, new: Entry<V>) -> Entry<V> {
+        debug_assert_eq!(new.key(), self.entry(slot).key());
+        debug_assert_eq!(new.expires(), self.entry(slot).expires());
+        self.slots[slot as usize]
+            .replace(new)
+            .expect("a swapped slot is in use")
     }
 
     /// Marks `slot` as the most recently used (the back of its queue).
     #[inline]
-    pub fn touch(&mut self, slot: u32, tick: u64) {
-        let queue = self.entry(slot).queue;
+    pub fn touch(&mut self, slot: u32) {
+        let queue = self.entry(slot).queue();
         if self.queues[queue as usize].tail != slot {
             self.move_to_back(slot, queue);
         }
-        self.entry_mut(slot).tick = tick;
     }
 
     /// Moves `slot` to the back of `queue` (possibly another queue than its own).
@@ -386,88 +252,89 @@ impl<V> Shard<V> {
         self.queues[queue as usize].len
     }
 
-    /// The earliest expiry stamp in the shard (`NEVER` if none): nothing has expired before it.
+    /// When the shard next has an entry to reclaim (`NEVER` if none has a deadline): the exact
+    /// deadline of the entry on top of the expiry index, or the start of its second when that
+    /// element is stale. (Another entry of the same second may expire first; reads check every
+    /// entry's own deadline, so this only decides when to reclaim.)
     #[inline]
     pub fn next_expiry(&self) -> u64 {
-        self.expiries.peek().map_or(NEVER, |&Reverse((e, _))| e)
-    }
-
-    pub fn set_expiry(&mut self, slot: u32, expires: u64) {
-        let old = self.entry(slot).expires;
-        if old != expires {
-            self.unindex_expiry(old);
-            self.entry_mut(slot).expires = expires;
-            self.index_expiry(slot, expires);
+        match self.expiries.peek() {
+            None => NEVER,
+            Some(&Reverse((second, slot))) if self.indexed(slot, second) => {
+                self.entry(slot).expires()
+            }
+            Some(&Reverse((second, _))) => u64::from(second) * 1_000_000_000,
         }
     }
 
-    /// Recency stamp of the least recently used entry ("lru" policy: everything is on `Main`).
-    pub fn oldest_tick(&self) -> Option<u64> {
-        self.front(Queue::Main).map(|s| self.entry(s).tick)
+    /// Gives the entry at `slot` a new deadline (in a new block if the deadline needs the
+    /// tail's far field, or leaves it).
+    pub fn set_expiry(&mut self, slot: u32, expires: u64) {
+        self.replace_with(slot, |e| {
+            let (delta, weight) = (e.delta(), e.fixed_weight());
+            e.reshaped(expires, delta, weight.map(|w| w as u32))
+        });
     }
 
     pub fn pop_oldest(&mut self) -> Option<Entry<V>> {
         self.front(Queue::Main).map(|s| self.remove(s))
     }
 
-    /// Removes one entry whose expiry has passed, if any (earliest first). O(1) when none has.
+    /// Removes one entry whose deadline has passed, if any (earliest second first). Stops at an
+    /// entry of the current second not yet expired (reads check every entry's exact deadline,
+    /// so an expired entry behind it is never served). O(1) when none has expired.
     #[inline]
     pub fn pop_expired(&mut self, now: u64) -> Option<Entry<V>> {
+        let now_second = second_of(now);
         loop {
-            let &Reverse((expires, slot)) = self.expiries.peek()?;
-            if expires > now {
+            let &Reverse((second, slot)) = self.expiries.peek()?;
+            if second > now_second {
                 return None;
             }
-            self.expiries.pop();
-            if self.indexed(slot, expires) {
+            if self.indexed(slot, second) {
+                if !self.entry(slot).is_expired(now) {
+                    return None;
+                }
+                self.expiries.pop();
                 let hash = self.hash(self.entry(slot).key());
                 return Some(self.take(slot, hash, true));
             }
+            self.expiries.pop();
             self.stale = self.stale.saturating_sub(1);
         }
     }
 
-    /// Whether `(expires, slot)` in the heap is the element of the entry now at `slot`. (A
-    /// stale element that matches a later entry at the same slot with the very same deadline
-    /// stands for that entry correctly.)
+    /// Whether `(second, slot)` in the heap is the element of the entry now at `slot`. (A
+    /// stale element that matches a later entry at the same slot with a deadline in the very
+    /// same second stands for that entry correctly.)
     #[inline]
-    fn indexed(&self, slot: u32, expires: u64) -> bool {
-        matches!(self.slots.get(slot as usize), Some(Slot::Used(e)) if e.expires == expires)
+    fn indexed(&self, slot: u32, second: u32) -> bool {
+        matches!(self.slots.get(slot as usize), Some(Some(e))
+            if e.expires() != NEVER && second_of(e.expires()) == second)
     }
 
     /// Every entry, in slot order.
     pub fn iter(&self) -> impl Iterator<Item = &Entry<V>> {
-        self.slots.iter().filter_map(|s| match s {
-            Slot::Used(e) => Some(e),
-            Slot::Free(_) => None,
-        })
+        self.slots.iter().flatten()
     }
 
     /// Takes every entry out, leaving the shard empty.
     pub fn drain(&mut self) -> Vec<Entry<V>> {
         let slots = std::mem::take(&mut self.slots);
         *self = Shard::with_hasher(self.hasher.clone());
-        slots
-            .into_iter()
-            .filter_map(|s| match s {
-                Slot::Used(e) => Some(e),
-                Slot::Free(_) => None,
-            })
-            .collect()
+        slots.into_iter().flatten().collect()
     }
 
     fn unlink(&mut self, slot: u32) {
-        let (prev, next, q) = {
-            let e = self.entry(slot);
-            (e.prev, e.next, e.queue as usize)
-        };
+        let e = self.entry(slot);
+        let ((prev, next), q) = (e.links(), e.queue() as usize);
         if prev != NIL {
-            self.entry_mut(prev).next = next;
+            self.entry_mut(prev).set_next(next);
         } else {
             self.queues[q].head = next;
         }
         if next != NIL {
-            self.entry_mut(next).prev = prev;
+            self.entry_mut(next).set_prev(prev);
         } else {
             self.queues[q].tail = prev;
         }
@@ -479,12 +346,12 @@ impl<V> Shard<V> {
         let tail = self.queues[q].tail;
         {
             let e = self.entry_mut(slot);
-            e.queue = queue;
-            e.prev = tail;
-            e.next = NIL;
+            e.set_queue(queue);
+            e.set_prev(tail);
+            e.set_next(NIL);
         }
         if tail != NIL {
-            self.entry_mut(tail).next = slot;
+            self.entry_mut(tail).set_next(slot);
         } else {
             self.queues[q].head = slot;
         }
@@ -494,7 +361,7 @@ impl<V> Shard<V> {
 
     fn index_expiry(&mut self, slot: u32, expires: u64) {
         if expires != NEVER {
-            self.expiries.push(Reverse((expires, slot)));
+            self.expiries.push(Reverse((second_of(expires), slot)));
             self.timed += 1;
         }
     }
@@ -511,9 +378,22 @@ impl<V> Shard<V> {
         }
     }
 
+    /// Rebuilds the heap with one element per timed entry. A stale element can look like the
+    /// element of a later entry at the same slot with a deadline in the same second (a key
+    /// overwritten again and again, its slot reused): such duplicates go too.
     fn compact_expiries(&mut self) {
         let mut v = std::mem::take(&mut self.expiries).into_vec();
-        v.retain(|&Reverse((expires, slot))| self.indexed(slot, expires));
+        let mut seen = vec![0u64; self.slots.len().div_ceil(64)];
+        v.retain(|&Reverse((second, slot))| {
+            if !self.indexed(slot, second) {
+                return false;
+            }
+            // Every element kept for a slot is the same `(second, slot)`: keep the first.
+            let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
+            let first = seen[word] & bit == 0;
+            seen[word] |= bit;
+            first
+        });
         if v.capacity() > 2 * v.len() {
             v.shrink_to_fit();
         }
@@ -526,27 +406,37 @@ impl<V> Shard<V> {
 mod tests {
     use super::*;
 
+    /// A millisecond and a second, in clock nanoseconds (the deadlines entries keep).
+    const MS: u64 = 1_000_000;
+    const SEC: u64 = 1_000_000_000;
+
     fn entry(key: &str, expires: u64) -> Entry<u32> {
-        Entry::new(key, 1, expires, 1, Vec::new())
+        Entry::new(key, 1, expires, Vec::new())
     }
 
     /// Inserts `key` at the recent end of `s`.
-    fn put(s: &mut Shard<u32>, key: &str, expires: u64, tick: u64) -> u32 {
+    fn put(s: &mut Shard<u32>, key: &str, expires: u64) -> u32 {
         let hash = s.hash(key);
-        s.insert(entry(key, expires), hash, tick)
+        s.insert(entry(key, expires), hash)
+    }
+
+    #[test]
+    fn a_slot_is_a_pointer() {
+        assert_eq!(SLOT_SIZE, 8);
+        assert_eq!(std::mem::size_of::<Option<Entry<u32>>>(), 8);
     }
 
     #[test]
     fn insert_find_remove_reuses_slots() {
         let mut s: Shard<u32> = Shard::default();
-        let a = put(&mut s, "a", NEVER, 1);
-        let b = put(&mut s, "b", NEVER, 2);
+        let a = put(&mut s, "a", NEVER);
+        let b = put(&mut s, "b", NEVER);
         assert_eq!(s.find(s.hash("a"), "a"), Some(a));
         assert_eq!(s.find(s.hash("b"), "b"), Some(b));
         assert_eq!(s.find(s.hash("c"), "c"), None);
         assert_eq!(s.remove(a).key(), "a");
         assert_eq!(s.find(s.hash("a"), "a"), None);
-        let c = put(&mut s, "c", NEVER, 3);
+        let c = put(&mut s, "c", NEVER);
         assert_eq!(c, a, "freed slot is reused");
         assert_eq!(s.len(), 2);
     }
@@ -555,7 +445,7 @@ mod tests {
     fn keys_are_found_after_the_table_grows_and_shrinks_without_stored_hashes() {
         let mut s: Shard<u32> = Shard::default();
         let slots: Vec<u32> = (0..5_000)
-            .map(|i| put(&mut s, &format!("key-{i}"), NEVER, i))
+            .map(|i| put(&mut s, &format!("key-{i}"), NEVER))
             .collect();
         for i in (0..5_000).step_by(2) {
             let k = format!("key-{i}");
@@ -573,10 +463,10 @@ mod tests {
     fn lru_order_follows_touches() {
         let mut s: Shard<u32> = Shard::default();
         let slots: Vec<u32> = (0..4)
-            .map(|i| put(&mut s, &format!("k{i}"), NEVER, i))
+            .map(|i| put(&mut s, &format!("k{i}"), NEVER))
             .collect();
-        s.touch(slots[0], 10);
-        s.touch(slots[2], 11);
+        s.touch(slots[0]);
+        s.touch(slots[2]);
         let order: Vec<String> = std::iter::from_fn(|| s.pop_oldest())
             .map(|e| e.key().to_string())
             .collect();
@@ -587,29 +477,71 @@ mod tests {
     #[test]
     fn expiry_index_pops_in_order_and_tracks_changes() {
         let mut s: Shard<u32> = Shard::default();
-        let a = put(&mut s, "a", 50, 1);
-        put(&mut s, "b", 20, 2);
-        put(&mut s, "c", NEVER, 3);
-        assert!(s.pop_expired(10).is_none());
-        assert_eq!(s.pop_expired(30).unwrap().key(), "b");
-        assert!(s.pop_expired(30).is_none());
+        let a = put(&mut s, "a", 50 * SEC);
+        put(&mut s, "b", 20 * SEC);
+        put(&mut s, "c", NEVER);
+        assert!(s.pop_expired(10 * SEC).is_none());
+        assert_eq!(s.next_expiry(), 20 * SEC);
+        assert_eq!(s.pop_expired(30 * SEC).unwrap().key(), "b");
+        assert!(s.pop_expired(30 * SEC).is_none());
         s.set_expiry(a, NEVER);
-        assert!(s.pop_expired(1000).is_none());
-        s.set_expiry(a, 5);
-        assert_eq!(s.pop_expired(6).unwrap().key(), "a");
+        assert!(s.pop_expired(1000 * SEC).is_none());
+        s.set_expiry(a, 5 * SEC);
+        assert_eq!(s.pop_expired(6 * SEC).unwrap().key(), "a");
         assert_eq!(s.len(), 1);
+        assert_eq!(s.next_expiry(), NEVER);
+    }
+
+    #[test]
+    fn within_a_second_each_deadline_is_exact() {
+        let mut s: Shard<u32> = Shard::default();
+        // Slot order puts the later deadline on top of the coarse heap.
+        put(&mut s, "late", 7 * SEC + 900 * MS);
+        put(&mut s, "early", 7 * SEC + 100 * MS);
+        let now = 7 * SEC + 500 * MS;
+        // The top of the heap has not expired: reclaiming stops there, and removes nothing
+        // before its time.
+        assert!(s.pop_expired(now).is_none());
+        assert_eq!(s.len(), 2);
+        assert!(s.iter().any(|e| e.key() == "early" && e.is_expired(now)));
+        let gone: Vec<String> = std::iter::from_fn(|| s.pop_expired(8 * SEC))
+            .map(|e| e.key().to_string())
+            .collect();
+        assert_eq!(gone.len(), 2);
+        // A deadline is rounded down to the millisecond: gone once the asked one has passed.
+        put(&mut s, "ns", 3 * SEC + MS - 1);
+        assert!(s.pop_expired(3 * SEC - 1).is_none());
+        assert_eq!(s.pop_expired(3 * SEC + MS - 1).unwrap().key(), "ns");
+    }
+
+    #[test]
+    fn a_far_deadline_moves_the_entry_and_keeps_its_place() {
+        let mut s: Shard<u32> = Shard::default();
+        let slots: Vec<u32> = (0..3)
+            .map(|i| put(&mut s, &format!("k{i}"), NEVER))
+            .collect();
+        let far = 100 * 86_400 * SEC;
+        s.set_expiry(slots[1], far);
+        assert_eq!(s.entry(slots[1]).expires(), far);
+        assert_eq!(s.find(s.hash("k1"), "k1"), Some(slots[1]));
+        assert_eq!(s.next_expiry(), far);
+        s.touch(slots[0]);
+        let order: Vec<String> = std::iter::from_fn(|| s.pop_oldest())
+            .map(|e| e.key().to_string())
+            .collect();
+        assert_eq!(order, ["k1", "k2", "k0"]);
     }
 
     #[test]
     fn lazy_expiry_heap_stays_bounded_and_exact_under_churn() {
         let mut s: Shard<u32> = Shard::default();
         let slots: Vec<u32> = (0..100)
-            .map(|i| put(&mut s, &format!("k{i}"), 1_000 + i, i))
+            .map(|i| put(&mut s, &format!("k{i}"), (1_000 + i) * SEC))
             .collect();
         // Every deadline changes many times: each change leaves a stale element behind.
         for round in 0..50u64 {
             for (i, &slot) in slots.iter().enumerate() {
-                s.set_expiry(slot, 2_000 + round * 100 + (99 - i as u64));
+                s.set_expiry(slot, (2_000 + round * 100 + (99 - i as u64)) * SEC);
             }
             assert!(
                 s.expiries.len() <= 2 * 100 + 65,
@@ -620,32 +552,66 @@ mod tests {
         // Replace half of the entries (remove, then insert at the freed slots).
         for i in (0..100).step_by(2) {
             s.remove(slots[i]);
-            put(&mut s, &format!("n{i}"), 10_000 + i as u64, 0);
+            put(&mut s, &format!("n{i}"), (10_000 + i as u64) * SEC);
         }
-        assert_eq!(s.next_expiry(), 2_000 + 49 * 100);
+        assert_eq!(s.next_expiry(), (2_000 + 49 * 100) * SEC);
         // Expired entries come out earliest first, each once, and nothing else does.
-        let now = 7_000;
+        let now = 7_000 * SEC;
         let mut out = Vec::new();
         while let Some(e) = s.pop_expired(now) {
-            out.push(e.expires);
+            out.push(e.expires());
         }
         assert_eq!(out.len(), 50);
         assert!(out.windows(2).all(|w| w[0] <= w[1]));
         assert!(out.iter().all(|&e| e <= now));
         assert_eq!(s.len(), 50);
-        assert!(s.pop_expired(u64::MAX - 1).is_some());
+        assert!(s.pop_expired(NEVER - 1).is_some());
+    }
+
+    #[test]
+    fn overwriting_a_key_within_a_second_keeps_the_heap_small() {
+        let mut s: Shard<u32> = Shard::default();
+        put(&mut s, "other", 9 * SEC);
+        for i in 0..10_000u64 {
+            // The same key, the same slot, a deadline in the same second each time.
+            if let Some(slot) = s.find(s.hash("k"), "k") {
+                s.remove(slot);
+            }
+            put(&mut s, "k", 5 * SEC + i * 10_000);
+            assert!(
+                s.expiries.len() <= 2 * 2 + 65,
+                "{} elements",
+                s.expiries.len()
+            );
+        }
+        // Stale elements of other seconds for the same slot do not hide the live one.
+        for i in 0..100u64 {
+            let slot = s.find(s.hash("k"), "k").unwrap();
+            s.set_expiry(slot, (20 + i) * SEC);
+        }
+        let slot = s.find(s.hash("k"), "k").unwrap();
+        s.set_expiry(slot, 5 * SEC + 500 * MS);
+        assert!(
+            s.expiries.len() <= 2 * 2 + 65,
+            "{} elements",
+            s.expiries.len()
+        );
+        assert_eq!(s.pop_expired(6 * SEC).unwrap().key(), "k");
+        assert!(s.pop_expired(6 * SEC).is_none());
+        assert_eq!(s.pop_expired(9 * SEC).unwrap().key(), "other");
+        assert!(s.expiries.is_empty() || s.pop_expired(NEVER - 1).is_none());
     }
 
     #[test]
     fn drain_empties() {
         let mut s: Shard<u32> = Shard::default();
         for i in 0..10 {
-            put(&mut s, &format!("k{i}"), 100 + i, i);
+            put(&mut s, &format!("k{i}"), (100 + i) * SEC);
         }
         assert_eq!(s.drain().len(), 10);
         assert!(s.is_empty());
-        assert!(s.pop_expired(u64::MAX - 1).is_none());
-        put(&mut s, "again", NEVER, 1);
+        assert!(s.pop_expired(NEVER - 1).is_none());
+        put(&mut s, "again", NEVER);
         assert_eq!(s.len(), 1);
     }
 }

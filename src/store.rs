@@ -1,15 +1,18 @@
 //! The store: shards under `parking_lot` read-write locks, expiry, eviction by entry count and by
 //! bytes under the store's policy (see `policy.rs`), tag invalidation, and counters.
 //!
-//! Under "lru" there is one global recency order and Django's cull rule. Under S3-FIFO each shard
-//! runs its own queues (`s3fifo.rs`): a hit takes only a read lock, and an insert into a full
-//! store reserves its place first, evicting one entry at a time from its own shard.
+//! A store has one shard when its `MAX_ENTRIES` is at most `ONE_SHARD_MAX` (so that the small
+//! stores Django's tests and most sites use keep LocMemCache's exact LRU order), else `SHARDS`.
+//! Under "lru" each shard keeps its own recency order and Django's cull rule culls each shard's
+//! share of least recently used entries (with one shard: exactly Django's). Under S3-FIFO each
+//! shard runs its own queues (`s3fifo.rs`): a hit takes only a read lock, and an insert into a
+//! full store reserves its place first, evicting one entry at a time from its own shard.
 //!
 //! Every method collects the entries it removes and drops them only after the shard locks are
 //! released, so that a value whose destructor runs code (a Python object's `__del__`) never runs
 //! under a lock. The store never calls back into its caller while a lock is held.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use ahash::RandomState;
 use parking_lot::{RwLock, RwLockWriteGuard};
@@ -17,30 +20,35 @@ use parking_lot::{RwLock, RwLockWriteGuard};
 use std::mem::size_of;
 
 use crate::clock::NEVER;
+use crate::entry::{planned_size, rounded_deadline, Pack};
 use crate::flight::Flights;
 use crate::mem::{malloc_chunk, EXPIRY_SHARE, TABLE_CELL};
 use crate::policy::Policy;
 use crate::s3fifo::MAX_FREQ;
-use crate::shard::{slot_size, Entry, KeyBlock, Shard, MAX_WEIGHT};
+use crate::shard::{Entry, Shard, MAX_WEIGHT, SLOT_SIZE};
 use crate::stats::Stats;
 use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
 
-/// What a stored value costs in bytes (beyond the per-entry overhead the store adds itself), and
-/// which of its bytes the store may keep in the entry's own key block instead.
-pub trait Weigh: Sized {
+/// Shards of a store whose `MAX_ENTRIES` is above `ONE_SHARD_MAX`.
+pub const SHARDS: usize = 16;
+
+/// The largest `MAX_ENTRIES` for which a store has a single shard (exact LRU across the store).
+pub const ONE_SHARD_MAX: i64 = 65_536;
+
+/// The number of shards for a store created with this `MAX_ENTRIES`.
+pub fn shards_for(max_entries: i64) -> usize {
+    if max_entries <= ONE_SHARD_MAX {
+        1
+    } else {
+        SHARDS
+    }
+}
+
+/// What a stored value costs in bytes (beyond the per-entry overhead the store adds itself); how
+/// it lends itself to the entry's block is `Pack`.
+pub trait Weigh: Pack {
     /// Bytes the value holds, not counting its payload.
     fn weight(&self) -> usize;
-
-    /// Bytes the store should keep next to the key, in one heap block with it (empty: none);
-    /// the store then keeps `without_payload()` as the value.
-    fn payload(&self) -> &[u8] {
-        &[]
-    }
-
-    /// The value once the store holds its payload (called outside every lock).
-    fn without_payload(self) -> Self {
-        self
-    }
 }
 
 /// Limits read from the calling backend at each operation: aliases with different limits may
@@ -89,20 +97,21 @@ pub enum Replace {
     TooLarge,
 }
 
-/// Bytes charged per entry besides its value: the slab slot, the hash-table cell, the heap block
-/// of the key and payload (`block_len` bytes together), the expiry index's share if it has a
+/// Bytes charged per entry besides its value: the slab slot, the hash-table cell, the entry's
+/// block (`block` bytes: header, tail, key and payload), the expiry index's share if it has a
 /// deadline, and per tag its stamp and its place in the tag's member list. See `mem.rs`.
-pub fn entry_overhead<V>(block_len: usize, tags: usize, expires: u64) -> u64 {
-    let expiry = if expires == NEVER { 0 } else { EXPIRY_SHARE };
+pub fn entry_overhead(block: usize, tags: usize, timed: bool) -> u64 {
+    let expiry = if timed { EXPIRY_SHARE } else { 0 };
     let stamps = Stamps::heap_size(tags) + tags * size_of::<EntryRef>();
-    (slot_size::<V>() + TABLE_CELL + malloc_chunk(block_len) + expiry + stamps) as u64
+    (SLOT_SIZE + TABLE_CELL + malloc_chunk(block) + expiry + stamps) as u64
 }
 
 pub struct Store<V> {
     shards: Box<[RwLock<Shard<V>>]>,
     policy: Policy,
     hasher: RandomState,
-    tick: AtomicU64,
+    /// The next generation stamp (32 bits, wrapping).
+    gen: AtomicU32,
     sweep: AtomicUsize,
     len: AtomicUsize,
     bytes: AtomicU64,
@@ -133,7 +142,7 @@ impl<V: Weigh> Store<V> {
                 .collect(),
             policy,
             hasher,
-            tick: AtomicU64::new(1),
+            gen: AtomicU32::new(1),
             sweep: AtomicUsize::new(0),
             len: AtomicUsize::new(0),
             bytes: AtomicU64::new(0),
@@ -165,25 +174,35 @@ impl<V: Weigh> Store<V> {
         self.shards.iter().any(|s| s.is_locked())
     }
 
-    /// Bytes an entry with this key, value, number of tags and expiry stamp is charged.
+    /// Bytes an entry with this key, value, number of tags and expiry stamp is charged (as
+    /// `charge` will find once it is stored, without a compute time).
     /// At most `MAX_WEIGHT + 1` (an entry that cannot be stored, see `MAX_WEIGHT`).
     pub fn weigh(key: &str, value: &V, tags: usize, expires: u64) -> u64 {
-        Self::weigh_parts(
-            value.weight(),
-            key.len() + value.payload().len(),
-            tags,
-            expires,
-        )
+        let block = planned_size::<V>(key.len(), value, tags > 0, expires, 0);
+        Self::weigh_parts(value.weight(), block, tags, expires != NEVER)
     }
 
-    fn weigh_parts(value: usize, block_len: usize, tags: usize, expires: u64) -> u64 {
-        let w = (value as u64).saturating_add(entry_overhead::<V>(block_len, tags, expires));
+    fn weigh_parts(value: usize, block: usize, tags: usize, timed: bool) -> u64 {
+        let w = (value as u64).saturating_add(entry_overhead(block, tags, timed));
         w.min(MAX_WEIGHT + 1)
     }
 
+    /// Bytes charged for `e`: derived from the entry itself (its block, its value's weight, its
+    /// tags, whether it has a deadline) unless it carries a fixed charge (see `touch`).
     #[inline]
-    fn next_tick(&self) -> u64 {
-        self.tick.fetch_add(1, Relaxed)
+    pub fn charge(e: &Entry<V>) -> u64 {
+        match e.fixed_weight() {
+            Some(w) => w,
+            None => {
+                let (block, tags, timed) = e.footprint();
+                Self::weigh_parts(e.value().weight(), block, tags, timed)
+            }
+        }
+    }
+
+    #[inline]
+    fn next_gen(&self) -> u32 {
+        self.gen.fetch_add(1, Relaxed)
     }
 
     #[inline]
@@ -199,7 +218,7 @@ impl<V: Weigh> Store<V> {
     fn detach(&self, shard: &mut Shard<V>, slot: u32) -> Entry<V> {
         let e = shard.remove(slot);
         self.len.fetch_sub(1, Relaxed);
-        self.bytes.fetch_sub(e.weight(), Relaxed);
+        self.bytes.fetch_sub(Self::charge(&e), Relaxed);
         e
     }
 
@@ -210,7 +229,7 @@ impl<V: Weigh> Store<V> {
             match shard.pop_expired(now) {
                 Some(e) => {
                     self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(e.weight(), Relaxed);
+                    self.bytes.fetch_sub(Self::charge(&e), Relaxed);
                     Stats::bump(&self.stats.expirations, 1);
                     dead.push(e);
                 }
@@ -244,7 +263,7 @@ impl<V: Weigh> Store<V> {
         let e = shard.entry(slot);
         if e.is_expired(now) {
             Stats::bump(&self.stats.expirations, 1);
-        } else if !all_current(&e.tags) {
+        } else if !all_current(e.tags()) {
             Stats::bump(&self.stats.invalidations, 1);
         } else {
             return Lookup::Live(slot);
@@ -256,9 +275,9 @@ impl<V: Weigh> Store<V> {
     /// Counts a use of `slot` for the policy: "lru" moves it to the recent end (needs the write
     /// lock); S3-FIFO bumps its counter.
     #[inline]
-    fn used(&self, shard: &mut Shard<V>, slot: u32, tick: u64) {
+    fn used(&self, shard: &mut Shard<V>, slot: u32) {
         match self.policy {
-            Policy::Lru => shard.touch(slot, tick),
+            Policy::Lru => shard.touch(slot),
             Policy::S3Fifo => shard.entry(slot).hit(),
         }
     }
@@ -266,7 +285,7 @@ impl<V: Weigh> Store<V> {
     /// Calls `read` on the live value under `key` and counts the use for the policy.
     #[inline]
     pub fn get<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<R> {
-        self.get_entry(key, now, |e| read(&e.value))
+        self.get_entry(key, now, |e| read(e.value()))
     }
 
     /// Like `get`, but `read` sees the whole live entry (its expiry and recorded compute time, for
@@ -302,7 +321,7 @@ impl<V: Weigh> Store<V> {
         self.reclaim(&mut shard, now, &mut dead);
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
-                self.used(&mut shard, slot, self.next_tick());
+                self.used(&mut shard, slot);
                 Stats::bump(&self.stats.hits, 1);
                 Some(read(shard.entry(slot)))
             }
@@ -328,7 +347,7 @@ impl<V: Weigh> Store<V> {
                     return None;
                 };
                 let e = shard.entry(slot);
-                if !e.is_expired(now) && all_current(&e.tags) {
+                if !e.is_expired(now) && all_current(e.tags()) {
                     e.hit();
                     Stats::bump(&self.stats.hits, 1);
                     return Some(read(e));
@@ -344,14 +363,14 @@ impl<V: Weigh> Store<V> {
         key: &str,
         now: u64,
         read: impl FnOnce(&Entry<V>) -> R,
-    ) -> Option<(R, u64)> {
+    ) -> Option<(R, u32)> {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
                 let e = shard.entry(slot);
-                Some((read(e), e.gen))
+                Some((read(e), e.gen()))
             }
             Lookup::Absent => None,
         };
@@ -378,7 +397,7 @@ impl<V: Weigh> Store<V> {
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
-            Lookup::Live(slot) => Some(shard.entry(slot).expires),
+            Lookup::Live(slot) => Some(shard.entry(slot).expires()),
             Lookup::Absent => None,
         };
         drop(shard);
@@ -386,15 +405,30 @@ impl<V: Weigh> Store<V> {
     }
 
     /// Records that computing the live value under `key` took `delta` nanoseconds, if the entry
-    /// is still the one just stored (same expiry stamp); false otherwise.
-    pub fn set_delta(&self, key: &str, expires: u64, delta: u64, now: u64) -> bool {
+    /// is still the one just stored (same expiry stamp) and the few bytes the record takes fit
+    /// under `limits.max_bytes`; false otherwise.
+    pub fn set_delta(
+        &self,
+        key: &str,
+        expires: u64,
+        delta: u64,
+        limits: &Limits,
+        now: u64,
+    ) -> bool {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
-            Lookup::Live(slot) if shard.entry(slot).expires == expires => {
-                shard.entry_mut(slot).set_delta(delta);
-                true
+            Lookup::Live(slot) if shard.entry(slot).expires() == rounded_deadline(expires) => {
+                let old = Self::charge(shard.entry(slot));
+                shard.replace_with(slot, |e| e.with_delta(delta));
+                let new = Self::charge(shard.entry(slot));
+                if self.recharge(old, new, limits) {
+                    true
+                } else {
+                    shard.replace_with(slot, |e| e.with_delta(0));
+                    false
+                }
             }
             _ => false,
         };
@@ -434,25 +468,23 @@ impl<V: Weigh> Store<V> {
                 if expires <= now {
                     dead.push(self.detach(&mut shard, slot));
                 } else {
-                    let e = shard.entry(slot);
-                    let weight =
-                        Self::weigh_parts(e.value.weight(), e.block_len(), e.tags.len(), expires);
-                    let old = e.weight();
-                    let charged = match (weight > old, limits.max_bytes) {
-                        (false, _) => {
-                            self.bytes.fetch_sub(old - weight, Relaxed);
-                            true
-                        }
-                        (true, None) => {
-                            self.bytes.fetch_add(weight - old, Relaxed);
-                            true
-                        }
-                        (true, Some(max)) => self.take_bytes(max, weight - old),
-                    };
-                    if charged {
-                        shard.entry_mut(slot).set_weight(weight);
-                    }
+                    let old = Self::charge(shard.entry(slot));
                     shard.set_expiry(slot, expires);
+                    if shard.entry(slot).fixed_weight().is_some() {
+                        // A charge fixed by an earlier touch: see whether the derived one fits now.
+                        shard.replace_with(slot, |e| {
+                            let (expires, delta) = (e.expires(), e.delta());
+                            e.reshaped(expires, delta, None)
+                        });
+                    }
+                    let new = Self::charge(shard.entry(slot));
+                    if !self.recharge(old, new, limits) {
+                        // Keep the old charge, recorded with the entry (it no longer follows).
+                        shard.replace_with(slot, |e| {
+                            let (expires, delta) = (e.expires(), e.delta());
+                            e.reshaped(expires, delta, Some(old as u32))
+                        });
+                    }
                 }
                 true
             }
@@ -460,6 +492,22 @@ impl<V: Weigh> Store<V> {
         };
         drop(shard);
         out
+    }
+
+    /// Moves the books from an entry's charge `old` to `new`: always when it shrinks, when it
+    /// grows only if the growth fits under `limits.max_bytes` (false: nothing changed).
+    fn recharge(&self, old: u64, new: u64, limits: &Limits) -> bool {
+        match (new > old, limits.max_bytes) {
+            (false, _) => {
+                self.bytes.fetch_sub(old - new, Relaxed);
+                true
+            }
+            (true, None) => {
+                self.bytes.fetch_add(new - old, Relaxed);
+                true
+            }
+            (true, Some(max)) => self.take_bytes(max, new - old),
+        }
     }
 
     /// Changes the live value in place when `update` can (it returns `Some`), keeping expiry and
@@ -475,20 +523,23 @@ impl<V: Weigh> Store<V> {
     ) -> Result<Option<R>, ()> {
         let (hash, idx) = self.locate(key);
         let mut dead = Vec::new();
+        let mut moved = None;
         let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
-                let r = update(&mut shard.entry_mut(slot).value);
+                let r = shard.entry_mut(slot).value_mut().and_then(update);
                 if r.is_some() {
-                    let tick = self.next_tick();
-                    self.used(&mut shard, slot, tick);
-                    shard.entry_mut(slot).gen = tick;
+                    let gen = self.next_gen();
+                    self.used(&mut shard, slot);
+                    shard.entry_mut(slot).set_gen(gen);
+                    moved = Some((slot, gen, shard.entry(slot).tags().to_vec()));
                 }
                 Ok(r)
             }
             Lookup::Absent => Err(()),
         };
         drop(shard);
+        self.moved_on(idx, moved);
         out
     }
 
@@ -545,14 +596,13 @@ impl<V: Weigh> Store<V> {
         if only_new && self.contains(key, now) {
             return Put::Exists;
         }
-        // The payload moves into the key's block here, outside every lock (the value may let go
-        // of an object whose release must not happen under one).
-        let block = KeyBlock::new(key, value.payload());
-        let value = value.without_payload();
+        // The entry's block is built here, outside every lock (the value may let go of an object
+        // whose release must not happen under one); an entry not stored is dropped after
+        // unlocking.
+        let mut entry = Entry::new(key, value, expires, tags);
+        debug_assert_eq!(Self::charge(&entry), weight);
         if self.policy == Policy::S3Fifo {
-            return self.put_s3(
-                key, block, value, expires, tags, limits, now, only_new, weight,
-            );
+            return self.put_s3(key, entry, limits, now, only_new, weight);
         }
         let (hash, idx) = self.locate(key);
         if self.len() as i64 >= limits.max_entries {
@@ -577,11 +627,10 @@ impl<V: Weigh> Store<V> {
             self.bytes.fetch_sub(weight, Relaxed);
             return Put::Stored;
         }
-        let gen = self.next_tick();
-        let has_tags = !tags.is_empty();
-        let mut entry = Entry::new(block, value, expires, weight, tags);
-        entry.gen = gen;
-        let slot = shard.insert(entry, hash, gen);
+        let gen = self.next_gen();
+        let has_tags = !entry.tags().is_empty();
+        entry.set_gen(gen);
+        let slot = shard.insert(entry, hash);
         self.len.fetch_add(1, Relaxed);
         self.finish_put(shard, idx, slot, gen, has_tags, now);
         Put::Stored
@@ -593,11 +642,11 @@ impl<V: Weigh> Store<V> {
         shard: RwLockWriteGuard<'_, Shard<V>>,
         idx: usize,
         slot: u32,
-        gen: u64,
+        gen: u32,
         has_tags: bool,
         now: u64,
     ) {
-        let stamps = has_tags.then(|| shard.entry(slot).tags.clone());
+        let stamps = has_tags.then(|| shard.entry(slot).tags().to_vec());
         drop(shard);
         self.sweep_next(now);
         if let Some(stamps) = stamps {
@@ -621,15 +670,13 @@ impl<V: Weigh> Store<V> {
     fn put_s3(
         &self,
         key: &str,
-        block: KeyBlock,
-        value: V,
-        expires: u64,
-        tags: Vec<TagStamp>,
+        mut entry: Entry<V>,
         limits: &Limits,
         now: u64,
         only_new: bool,
         weight: u64,
     ) -> Put {
+        let expires = entry.expires();
         let (hash, idx) = self.locate(key);
         let cap = limits.max_entries.max(1) as usize;
         let mut dead = Vec::new();
@@ -647,12 +694,12 @@ impl<V: Weigh> Store<V> {
                 }
                 // The old entry's place passes to the new one.
                 let old = shard.remove(slot);
-                self.bytes.fetch_sub(old.weight(), Relaxed);
+                self.bytes.fetch_sub(Self::charge(&old), Relaxed);
                 if placed {
                     self.len.fetch_sub(1, Relaxed);
                 }
                 placed = true;
-                replaced = Some((old.queue(), old.freq.load(Relaxed)));
+                replaced = Some((old.queue(), old.freq().load(Relaxed)));
                 dead.push(old);
             }
             if expires <= now {
@@ -710,17 +757,16 @@ impl<V: Weigh> Store<V> {
             }
             return Put::Stored;
         }
-        let gen = self.next_tick();
-        let has_tags = !tags.is_empty();
-        let mut entry = Entry::new(block, value, expires, weight, tags);
-        entry.gen = gen;
+        let gen = self.next_gen();
+        let has_tags = !entry.tags().is_empty();
+        entry.set_gen(gen);
         // Overwriting a live key counts as a use of it: it keeps its queue, one hit more.
         let (queue, freq) = match replaced {
             Some((queue, freq)) => (queue, (freq + 1).min(MAX_FREQ)),
             None => (shard.admit(hash), 0),
         };
-        entry.freq = AtomicU8::new(freq);
-        let slot = shard.insert_in(entry, hash, gen, queue);
+        entry.freq().store(freq, Relaxed);
+        let slot = shard.insert_in(entry, hash, queue);
         self.finish_put(shard, idx, slot, gen, has_tags, now);
         Put::Stored
     }
@@ -753,40 +799,57 @@ impl<V: Weigh> Store<V> {
 
     /// Replaces the value of the entry under `key` if it still carries generation `gen`, keeping
     /// its expiry and tags.
-    pub fn replace_if(&self, key: &str, gen: u64, value: V, limits: &Limits, now: u64) -> Replace {
+    pub fn replace_if(&self, key: &str, gen: u32, value: V, limits: &Limits, now: u64) -> Replace {
         let (hash, idx) = self.locate(key);
-        let (ntags, expires) = {
-            let shard = self.shards[idx].write();
+        let (stamps, expires, delta) = {
+            let shard = self.shards[idx].read();
             match shard.find(hash, key) {
                 Some(slot) => {
                     let e = shard.entry(slot);
-                    (e.tags.len(), e.expires)
+                    (e.tags().to_vec(), e.expires(), e.delta())
                 }
                 None => return Replace::Missing,
             }
         };
-        let weight = Self::weigh(key, &value, ntags, expires);
+        // The new entry is built outside the lock (the value may let go of an object), from the
+        // old one's deadline, stamps and compute time; it takes the old one's place below.
+        let mut new = Entry::new(key, value, expires, stamps);
+        if delta != 0 {
+            new = new.with_delta(delta);
+        }
+        let weight = Self::charge(&new);
         if weight > MAX_WEIGHT || limits.max_bytes.is_some_and(|max| weight > max) {
             return Replace::TooLarge;
         }
-        let block = KeyBlock::new(key, value.payload());
-        let value = value.without_payload();
         self.reserve(weight, limits, now, idx);
         let mut dead = Vec::new();
-        let mut old_value = None;
-        let mut old_block = None;
+        let mut moved = None;
+        let mut new = Some(new);
         let mut shard = self.shards[idx].write();
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
-            Lookup::Live(slot) if shard.entry(slot).gen == gen => {
-                let tick = self.next_tick();
-                let e = shard.entry_mut(slot);
-                let old_weight = e.weight();
-                e.set_weight(weight);
-                old_value = Some(std::mem::replace(&mut e.value, value));
-                old_block = Some(e.replace_block(block));
-                e.gen = tick;
-                self.used(&mut shard, slot, tick);
-                self.bytes.fetch_sub(old_weight, Relaxed);
+            Lookup::Live(slot) if shard.entry(slot).gen() == gen => {
+                let Some(mut entry) = new.take() else {
+                    unreachable!("the new entry is placed once")
+                };
+                let old = shard.entry(slot);
+                if (old.expires(), old.delta()) != (entry.expires(), entry.delta()) {
+                    // Touched since it was read (the generation stays): keep the new deadline.
+                    entry = entry.reshaped(old.expires(), old.delta(), None);
+                }
+                entry.take_place_of(old);
+                let gen = self.next_gen();
+                entry.set_gen(gen);
+                moved = Some((slot, gen, entry.tags().to_vec()));
+                let exact = Self::charge(&entry);
+                let old = shard.swap(slot, entry);
+                self.bytes.fetch_sub(Self::charge(&old), Relaxed);
+                if exact >= weight {
+                    self.bytes.fetch_add(exact - weight, Relaxed);
+                } else {
+                    self.bytes.fetch_sub(weight - exact, Relaxed);
+                }
+                dead.push(old);
+                self.used(&mut shard, slot);
                 Replace::Done
             }
             Lookup::Live(_) => {
@@ -799,8 +862,22 @@ impl<V: Weigh> Store<V> {
             }
         };
         drop(shard);
-        drop((old_value, old_block));
+        drop(new);
+        self.moved_on(idx, moved);
         out
+    }
+
+    /// After an entry of shard `idx` got a new generation (`moved`: its slot, the generation and
+    /// its stamps): records it under its tags again, so that invalidating one reclaims it.
+    fn moved_on(&self, idx: usize, moved: Option<(u32, u32, Vec<TagStamp>)>) {
+        if let Some((slot, gen, stamps)) = moved.filter(|m| !m.2.is_empty()) {
+            let at = EntryRef {
+                shard: idx as u32,
+                slot,
+                gen,
+            };
+            self.register(at, &stamps);
+        }
     }
 
     /// Live keys whose text starts with `prefix` (a scan of the store: for pattern operations).
@@ -812,7 +889,7 @@ impl<V: Weigh> Store<V> {
                 shard
                     .iter()
                     .filter(|e| {
-                        !e.is_expired(now) && all_current(&e.tags) && e.key().starts_with(prefix)
+                        !e.is_expired(now) && all_current(e.tags()) && e.key().starts_with(prefix)
                     })
                     .map(|e| e.key().to_string()),
             );
@@ -884,18 +961,10 @@ impl<V: Weigh> Store<V> {
         self.shards.iter().map(|s| s.write()).collect()
     }
 
-    /// Index of the shard holding the globally least recently used entry.
-    fn oldest(guards: &[RwLockWriteGuard<'_, Shard<V>>]) -> Option<usize> {
-        guards
-            .iter()
-            .enumerate()
-            .filter_map(|(i, g)| g.oldest_tick().map(|t| (t, i)))
-            .min()
-            .map(|(_, i)| i)
-    }
-
     /// Django's cull: first drop what has expired; if the store is still at `max_entries`, remove
     /// `len / cull_frequency` least recently used entries (all of them for a frequency of 0).
+    /// With several shards each gives its share (rounded up) from its own least recently used
+    /// end: there is no recency order across shards.
     fn cull(&self, limits: &Limits, now: u64) {
         let mut dead = Vec::new();
         {
@@ -903,13 +972,13 @@ impl<V: Weigh> Store<V> {
             for g in guards.iter_mut() {
                 while let Some(e) = g.pop_expired(now) {
                     self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(e.weight(), Relaxed);
+                    self.bytes.fetch_sub(Self::charge(&e), Relaxed);
                     Stats::bump(&self.stats.expirations, 1);
                     dead.push(e);
                 }
             }
             let len = self.len();
-            if (len as i64) < limits.max_entries {
+            if (len as i64) < limits.max_entries || len == 0 {
                 return;
             }
             let count = if limits.cull_frequency == 0 {
@@ -917,22 +986,24 @@ impl<V: Weigh> Store<V> {
             } else {
                 len / limits.cull_frequency.unsigned_abs() as usize
             };
-            for _ in 0..count {
-                let Some(i) = Self::oldest(&guards) else {
-                    break;
-                };
-                let e = guards[i].pop_oldest().expect("shard has an oldest entry");
-                self.len.fetch_sub(1, Relaxed);
-                self.bytes.fetch_sub(e.weight(), Relaxed);
-                dead.push(e);
+            let mut culled = 0;
+            for g in guards.iter_mut() {
+                let share = (g.len() * count).div_ceil(len);
+                for _ in 0..share {
+                    let Some(e) = g.pop_oldest() else { break };
+                    self.len.fetch_sub(1, Relaxed);
+                    self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                    dead.push(e);
+                    culled += 1;
+                }
             }
-            Stats::bump(&self.stats.evictions, count as u64);
+            Stats::bump(&self.stats.evictions, culled as u64);
         }
         drop(dead);
     }
 
-    /// S3-FIFO: removes one entry from shard `idx` (or, if it is empty, the next non-empty one):
-    /// an expired entry if there is one, else the policy's victim. False if every shard is empty.
+    /// Removes one entry from shard `idx` (or, if it is empty, the next non-empty one): an
+    /// expired entry if there is one, else the policy's victim. False if every shard is empty.
     fn evict_one(&self, idx: usize, now: u64) -> bool {
         let n = self.shards.len();
         for i in 0..n {
@@ -946,25 +1017,27 @@ impl<V: Weigh> Store<V> {
         false
     }
 
-    /// S3-FIFO: takes one entry off `shard` and the books, an expired one if any, else the
-    /// policy's victim. The caller drops it after unlocking.
+    /// Takes one entry off `shard` and the books, an expired one if any, else the policy's
+    /// victim (the least recently used under "lru"). The caller drops it after unlocking.
     fn evict_locked(&self, shard: &mut Shard<V>, now: u64) -> Option<Entry<V>> {
         let e = if let Some(e) = shard.pop_expired(now) {
             Stats::bump(&self.stats.expirations, 1);
             e
         } else {
-            let e = shard.evict_s3()?;
+            let e = match self.policy {
+                Policy::Lru => shard.pop_oldest()?,
+                Policy::S3Fifo => shard.evict_s3()?,
+            };
             Stats::bump(&self.stats.evictions, 1);
             e
         };
         self.len.fetch_sub(1, Relaxed);
-        self.bytes.fetch_sub(e.weight(), Relaxed);
+        self.bytes.fetch_sub(Self::charge(&e), Relaxed);
         Some(e)
     }
 
-    /// Charges `weight` bytes for an entry of shard `idx`, first evicting entries (least recently
-    /// used ones across the store under "lru"; S3-FIFO victims from `idx` on) while `max_bytes`
-    /// would be passed.
+    /// Charges `weight` bytes for an entry of shard `idx`, first evicting entries from `idx` on
+    /// (expired ones first, then the policy's victims) while `max_bytes` would be passed.
     fn reserve(&self, weight: u64, limits: &Limits, now: u64, idx: usize) {
         let Some(max) = limits.max_bytes else {
             self.bytes.fetch_add(weight, Relaxed);
@@ -982,49 +1055,12 @@ impl<V: Weigh> Store<V> {
                 }
                 continue;
             }
-            let evicted = match self.policy {
-                Policy::Lru => self.evict_bytes(cur + weight - max, now),
-                Policy::S3Fifo => self.evict_one(idx, now),
-            };
-            if !evicted {
+            if !self.evict_one(idx, now) {
                 // Nothing left to evict: the bytes are charged by reservations still in flight.
                 self.bytes.fetch_add(weight, Relaxed);
                 return;
             }
         }
-    }
-
-    /// Evicts expired, then least recently used entries until `need` bytes are freed.
-    fn evict_bytes(&self, need: u64, now: u64) -> bool {
-        let mut dead = Vec::new();
-        let mut freed = 0;
-        {
-            let mut guards = self.lock_all();
-            for g in guards.iter_mut() {
-                while freed < need {
-                    let Some(e) = g.pop_expired(now) else { break };
-                    Stats::bump(&self.stats.expirations, 1);
-                    freed += e.weight();
-                    self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(e.weight(), Relaxed);
-                    dead.push(e);
-                }
-            }
-            while freed < need {
-                let Some(i) = Self::oldest(&guards) else {
-                    break;
-                };
-                let e = guards[i].pop_oldest().expect("shard has an oldest entry");
-                Stats::bump(&self.stats.evictions, 1);
-                freed += e.weight();
-                self.len.fetch_sub(1, Relaxed);
-                self.bytes.fetch_sub(e.weight(), Relaxed);
-                dead.push(e);
-            }
-        }
-        let any = !dead.is_empty();
-        drop(dead);
-        any
     }
 
     /// Removes expired entries across the store, a bounded number per shard; returns how many.
@@ -1037,7 +1073,7 @@ impl<V: Weigh> Store<V> {
                 match shard.pop_expired(now) {
                     Some(e) => {
                         self.len.fetch_sub(1, Relaxed);
-                        self.bytes.fetch_sub(e.weight(), Relaxed);
+                        self.bytes.fetch_sub(Self::charge(&e), Relaxed);
                         dead.push(e);
                     }
                     None => break,
@@ -1070,6 +1106,15 @@ mod tests {
             self.0
         }
     }
+
+    impl Pack for Val {
+        fn from_tag(_: u8) -> &'static Self {
+            unreachable!("Val is never tagged")
+        }
+    }
+
+    /// A second in clock nanoseconds (deadlines are kept to the millisecond).
+    const SEC: u64 = 1_000_000_000;
 
     fn limits(max_entries: i64, max_bytes: Option<u64>) -> Limits {
         Limits {
@@ -1149,7 +1194,7 @@ mod tests {
         let sum: u64 = store
             .shards
             .iter()
-            .map(|s| s.read().iter().map(|e| e.weight()).sum::<u64>())
+            .map(|s| s.read().iter().map(Store::charge).sum::<u64>())
             .sum();
         assert_eq!(sum, store.bytes());
     }
@@ -1195,17 +1240,17 @@ mod tests {
         let store = s3(1);
         let lim = limits(10, None);
         for i in 0..5 {
-            store.set(&format!("old{i}"), Val(1), 100, Vec::new(), &lim, 1);
+            store.set(&format!("old{i}"), Val(1), 100 * SEC, Vec::new(), &lim, 1);
             set(&store, &format!("live{i}"), 1, &lim, 1);
             // Hit-free live entries are the policy's first choice, were it not for expiry.
         }
         for i in 0..5 {
-            set(&store, &format!("new{i}"), 1, &lim, 200);
+            set(&store, &format!("new{i}"), 1, &lim, 200 * SEC);
         }
         let s = store.stats.snapshot();
         assert_eq!((s.evictions, s.expirations), (0, 5));
-        assert!((0..5).all(|i| store.contains(&format!("live{i}"), 200)));
-        set(&store, "one-more", 1, &lim, 200);
+        assert!((0..5).all(|i| store.contains(&format!("live{i}"), 200 * SEC)));
+        set(&store, "one-more", 1, &lim, 200 * SEC);
         assert_eq!(store.stats.snapshot().evictions, 1);
         assert_eq!(store.len(), 10);
     }
@@ -1281,28 +1326,63 @@ mod tests {
     }
 
     #[test]
-    fn charges_follow_key_block_deadline_and_tags() {
+    fn charges_follow_the_block_deadline_and_tags() {
         let w = |key: &str, tags, expires| Store::<Val>::weigh(key, &Val(100), tags, expires);
-        // Keys of up to 24 bytes fit malloc's smallest chunk; the 25th byte takes the next.
-        assert_eq!(w("k", 0, NEVER), w(&"k".repeat(24), 0, NEVER));
-        assert_eq!(w(&"k".repeat(25), 0, NEVER), w("k", 0, NEVER) + 16);
-        assert_eq!(w("k", 0, 5), w("k", 0, NEVER) + EXPIRY_SHARE as u64);
+        // The block: a 24-byte header, the 8-byte value, the key. Keys of up to 8 bytes fit a
+        // 48-byte malloc chunk; the 9th byte takes the next.
+        assert_eq!(w("k", 0, NEVER), w(&"k".repeat(8), 0, NEVER));
+        assert_eq!(w(&"k".repeat(9), 0, NEVER), w("k", 0, NEVER) + 16);
+        assert_eq!(w("k", 0, 5 * SEC), w("k", 0, NEVER) + EXPIRY_SHARE as u64);
         assert!(w("k", 1, NEVER) > w("k", 0, NEVER) + size_of::<TagStamp>() as u64);
+        // A deadline beyond the header's 49 days takes 8 bytes of tail: the next chunk here.
+        let far = 60 * 86_400 * SEC;
+        assert_eq!(w("k", 0, far), w("k", 0, 5 * SEC) + 16);
 
         // touch moves the charge with the deadline; the books stay those of the entries held.
         let store: Store<Val> = Store::new(2);
         let lim = limits(100, None);
         set(&store, "k", 100, &lim, 1);
         assert_eq!(store.bytes(), w("k", 0, NEVER));
-        assert!(store.touch("k", 50, &lim, 1));
-        assert_eq!(store.bytes(), w("k", 0, 50));
-        // Under a bound the deadline's share does not fit in, touch keeps the old charge.
-        let tight = limits(100, Some(store.bytes() - 1));
-        assert!(store.touch("k", NEVER, &tight, 1));
-        assert!(store.touch("k", 60, &tight, 1));
+        assert!(store.touch("k", 50 * SEC, &lim, 1));
+        assert_eq!(store.bytes(), w("k", 0, 50 * SEC));
+        assert!(store.touch("k", far, &lim, 1));
+        assert_eq!(store.bytes(), w("k", 0, far));
+        assert_eq!(store.expiry("k", 1), Some(far));
+        assert!(store.touch("k", 50 * SEC, &lim, 1));
+        assert_eq!(store.bytes(), w("k", 0, 50 * SEC));
+        assert!(store.touch("k", NEVER, &lim, 1));
         assert_eq!(store.bytes(), w("k", 0, NEVER));
-        assert_eq!(store.expiry("k", 1), Some(60));
+        // Under a bound the deadline's share does not fit in, touch keeps the old charge.
+        let tight = limits(100, Some(store.bytes()));
+        assert!(store.touch("k", 60 * SEC, &tight, 1));
+        assert_eq!(store.bytes(), w("k", 0, NEVER));
+        assert_eq!(store.expiry("k", 1), Some(60 * SEC));
+        // ... and gives it up once the derived one fits again.
+        assert!(store.touch("k", NEVER, &tight, 1));
+        assert_eq!(store.bytes(), w("k", 0, NEVER));
+        assert!(store.touch("k", 70 * SEC, &lim, 1));
+        assert_eq!(store.bytes(), w("k", 0, 70 * SEC));
         store.delete("k", 1);
+        assert_eq!(store.bytes(), 0);
+    }
+
+    #[test]
+    fn a_compute_time_is_charged_and_refused_when_it_does_not_fit() {
+        let store: Store<Val> = Store::new(1);
+        let lim = limits(100, None);
+        let key = "k".repeat(8); // 24 + 8 + 8 = 40 bytes: 4 more take the next chunk
+        store.set(&key, Val(1), 50 * SEC, Vec::new(), &lim, 1);
+        let before = store.bytes();
+        let tight = limits(100, Some(before));
+        assert!(!store.set_delta(&key, 50 * SEC, 2_000, &tight, 1));
+        assert_eq!(store.bytes(), before);
+        assert_eq!(store.get_entry(&key, 1, |e| e.delta()), Some(0));
+        assert!(store.set_delta(&key, 50 * SEC, 2_000, &lim, 1));
+        assert_eq!(store.bytes(), before + 16);
+        assert_eq!(store.get_entry(&key, 1, |e| e.delta()), Some(2_000));
+        // Only the entry just stored (same deadline) gets it.
+        assert!(!store.set_delta(&key, 51 * SEC, 2_000, &lim, 1));
+        store.delete(&key, 1);
         assert_eq!(store.bytes(), 0);
     }
 
@@ -1322,7 +1402,7 @@ mod tests {
 
     #[test]
     fn lru_keeps_djangos_cull() {
-        let store: Store<Val> = Store::new(16);
+        let store: Store<Val> = Store::new(shards_for(10));
         let lim = limits(10, None);
         for i in 0..10 {
             set(&store, &format!("k{i}"), 1, &lim, 1);
@@ -1334,6 +1414,80 @@ mod tests {
         assert_eq!(store.stats.snapshot().evictions, 3);
         assert!(store.contains("k0", 1));
         assert!(!["k1", "k2", "k3"].iter().any(|k| store.contains(k, 1)));
+    }
+
+    #[test]
+    fn replace_if_keeps_deadline_tags_and_compute_time_and_the_books_exact() {
+        let store: Store<Val> = Store::new(1);
+        let lim = limits(100, None);
+        let stamps = store.tags.stamps(["t"]);
+        store.set("k", Val(10), 50 * SEC, stamps, &lim, 1);
+        assert!(store.set_delta("k", 50 * SEC, 3_000, &lim, 1));
+        let (_, gen) = store.snapshot("k", 1, |e| e.value().0).unwrap();
+        // A touch in between keeps the generation: the new value takes the newest deadline.
+        assert!(store.touch("k", 80 * SEC, &lim, 1));
+        assert_eq!(store.replace_if("k", gen, Val(500), &lim, 1), Replace::Done);
+        let got = store.get_entry("k", 1, |e| {
+            (e.value().0, e.expires(), e.delta(), e.tags().len())
+        });
+        assert_eq!(got, Some((500, 80 * SEC, 3_000, 1)));
+        let sum: u64 = store.shards[0].read().iter().map(Store::charge).sum();
+        assert_eq!(store.bytes(), sum);
+        // The old generation no longer matches.
+        assert_eq!(
+            store.replace_if("k", gen, Val(1), &lim, 1),
+            Replace::Conflict
+        );
+        assert_eq!(
+            store.replace_if("nope", gen, Val(1), &lim, 1),
+            Replace::Missing
+        );
+        assert_eq!(store.invalidate_tags(["t"], 1), 1);
+        assert_eq!(store.bytes(), 0);
+    }
+
+    #[test]
+    fn one_shard_up_to_65536_entries_then_sixteen() {
+        assert_eq!(shards_for(300), 1);
+        assert_eq!(shards_for(-1), 1);
+        assert_eq!(shards_for(ONE_SHARD_MAX), 1);
+        assert_eq!(shards_for(ONE_SHARD_MAX + 1), SHARDS);
+    }
+
+    #[test]
+    fn lru_over_shards_culls_each_shards_share_of_its_oldest() {
+        let store: Store<Val> = Store::new(SHARDS);
+        let lim = limits(1_600, None);
+        for i in 0..1_600 {
+            set(&store, &format!("k{i}"), 1, &lim, 1);
+        }
+        // The first 800 keys are used again: each shard's least recently used are the others.
+        for i in 0..800 {
+            store.get(&format!("k{i}"), 1, |_| ());
+        }
+        set(&store, "new", 1, &lim, 1);
+        let culled = store.stats.snapshot().evictions as usize;
+        // 1600 / 3 = 533, each shard's share rounded up: at most one more per shard.
+        assert!((533..=533 + SHARDS).contains(&culled), "{culled}");
+        assert_eq!(store.len(), 1_600 + 1 - culled);
+        assert!(
+            (0..800).all(|i| store.contains(&format!("k{i}"), 1)),
+            "a used key was culled"
+        );
+    }
+
+    #[test]
+    fn lru_max_bytes_evicts_from_the_inserting_shard_first() {
+        let store: Store<Val> = Store::new(1);
+        let per = Store::<Val>::weigh("k00", &Val(10), 0, NEVER);
+        let lim = limits(1_000, Some(10 * per));
+        for i in 0..10 {
+            set(&store, &format!("k{i:02}"), 10, &lim, 1);
+        }
+        store.get("k00", 1, |_| ());
+        set(&store, "k10", 10, &lim, 1);
+        assert!(store.contains("k00", 1) && !store.contains("k01", 1));
+        assert_eq!(store.bytes(), 10 * per);
     }
 
     /// Whether `get` of a present key completes while another thread holds its shard's read lock.
@@ -1361,9 +1515,9 @@ mod tests {
     fn s3_expired_hit_takes_the_write_path_and_removes_it() {
         let store = s3(1);
         let lim = limits(100, None);
-        store.set("short", Val(1), 50, Vec::new(), &lim, 1);
-        assert_eq!(store.get("short", 10, |v| v.0), Some(1));
-        assert_eq!(store.get("short", 60, |v| v.0), None);
+        store.set("short", Val(1), 50 * SEC, Vec::new(), &lim, 1);
+        assert_eq!(store.get("short", 10 * SEC, |v| v.0), Some(1));
+        assert_eq!(store.get("short", 60 * SEC, |v| v.0), None);
         assert_eq!(store.len(), 0);
         assert_eq!(store.stats.snapshot().expirations, 1);
     }
@@ -1423,6 +1577,12 @@ mod tests {
         }
     }
 
+    impl Pack for Probe {
+        fn from_tag(_: u8) -> &'static Self {
+            unreachable!("Probe is never tagged")
+        }
+    }
+
     impl Drop for Probe {
         fn drop(&mut self) {
             if let Some(store) = PROBED.get() {
@@ -1437,19 +1597,28 @@ mod tests {
         let lim = Limits {
             max_entries: 20,
             cull_frequency: 3,
-            max_bytes: Some(15 * Store::<Probe>::weigh("k00", &Probe, 1, 5)),
+            max_bytes: Some(15 * Store::<Probe>::weigh("k00", &Probe, 1, 5 * SEC)),
         };
         for i in 0..200 {
             let stamps = store.tags.stamps(["t"]);
-            let expires = if i % 3 == 0 { 5 } else { NEVER };
-            store.set(&format!("k{:02}", i % 60), Probe, expires, stamps, &lim, i);
-            store.get(&format!("k{:02}", (i * 7) % 60), i, |_| ());
+            let expires = if i % 3 == 0 { 5 * SEC } else { NEVER };
+            let now = i * SEC / 10;
+            store.set(
+                &format!("k{:02}", i % 60),
+                Probe,
+                expires,
+                stamps,
+                &lim,
+                now,
+            );
+            store.get(&format!("k{:02}", (i * 7) % 60), now, |_| ());
             if i % 10 == 0 {
-                store.delete(&format!("k{:02}", (i * 3) % 60), i);
+                store.delete(&format!("k{:02}", (i * 3) % 60), now);
             }
         }
-        assert!(store.stats.snapshot().evictions > 0);
-        store.invalidate_tags(["t"], 300);
+        let s = store.stats.snapshot();
+        assert!(s.evictions > 0 && s.expirations > 0);
+        store.invalidate_tags(["t"], 30 * SEC);
         store.clear();
     }
 }

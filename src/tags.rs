@@ -19,7 +19,7 @@ use crate::mem::malloc_chunk;
 pub struct EntryRef {
     pub shard: u32,
     pub slot: u32,
-    pub gen: u64,
+    pub gen: u32,
 }
 
 pub struct Members {

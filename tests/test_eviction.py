@@ -298,3 +298,34 @@ def test_early_refresh_works_under_s3fifo(s3: Callable[..., RustCache]) -> None:
     assert cache.get_or_set("k", lambda: "new", timeout=600) == "new"
     assert cache.get("k") == "new"
     assert len(cache._cache) == 1 and cache.stats()["evictions"] == 0
+
+
+# Shards under "lru" --------------------------------------------------------------------------
+
+
+def test_lru_cull_is_exact_up_to_65536_entries() -> None:
+    """One shard: the cull takes exactly `len // CULL_FREQUENCY` of the least recently used."""
+    cache = make(policy="lru", MAX_ENTRIES=65_536)
+    for i in range(65_536):
+        cache.set(f"k{i}", i)
+    for i in range(0, 65_536, 2):
+        assert cache.get(f"k{i}") == i  # the even keys become the most recently used
+    cache.set("new", 1)
+    assert cache.stats()["evictions"] == 65_536 // 3
+    survivors = [i for i in range(1, 65_536, 2) if cache.has_key(f"k{i}")]
+    assert survivors == list(range(2 * (65_536 // 3) + 1, 65_536, 2))
+
+
+def test_lru_cull_over_sixteen_shards_takes_each_shards_oldest() -> None:
+    """Above 65,536 MAX_ENTRIES: each shard culls its share of its own least recently used; the
+    total is `len // CULL_FREQUENCY` give or take one a shard, and no recently used key goes."""
+    cache = make(policy="lru", MAX_ENTRIES=70_000)
+    for i in range(70_000):
+        cache.set(f"k{i}", i)
+    for i in range(35_000):
+        cache.get(f"k{i}")
+    cache.set("new", 1)
+    culled = cache.stats()["evictions"]
+    assert 70_000 // 3 <= culled <= 70_000 // 3 + 16
+    assert cache.stats()["entries"] == 70_001 - culled
+    assert all(cache.has_key(f"k{i}") for i in range(35_000))

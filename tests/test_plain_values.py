@@ -494,7 +494,9 @@ def test_structural_values_are_weighed_at_least_as_python_holds_them(value: Any)
 
 def test_max_bytes_bounds_a_store_of_structural_values():
     limit = 100_000
-    c = make(MAX_BYTES=limit)
+    # At most 65,536 MAX_ENTRIES: one shard, whose LRU order is the store's (with more, MAX_BYTES
+    # evicts from the inserting shard's least recently used end: see README).
+    c = make(MAX_BYTES=limit, MAX_ENTRIES=10_000)
     for i in range(3000):
         c.set(f"k{i}", nested(i))
         assert c.stats()["bytes"] <= limit

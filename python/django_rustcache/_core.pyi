@@ -27,8 +27,9 @@ class Handle:
         location: str,
         sentinel: object,
         warn: Callable[[str], object],
-        shards: int = 16,
+        shards: int | None = None,
         policy: str | None = None,
+        max_entries: int = 300,
     ) -> None: ...
     @property
     def location(self) -> str: ...

@@ -99,6 +99,7 @@ class RustCache(BaseCache):
                 DEFAULT_TIMEOUT,
                 _warn_key,
                 policy=self._options.eviction_policy,
+                max_entries=self._options.max_entries,
             )
         except ValueError as e:
             # Another alias created this LOCATION's store with another EVICTION_POLICY.

@@ -276,7 +276,7 @@ impl Handle {
     fn read(&self, py: Python<'_>, k: &str, now: u64) -> PyResult<Option<Py<PyAny>>> {
         match self
             .store
-            .get_entry(k, now, |e| e.value.clone_ref(py, e.payload()))
+            .get_entry(k, now, |e| e.value().clone_ref(py, e.payload()))
         {
             Some(v) => Ok(Some(decode(py, v?)?)),
             None => Ok(None),
@@ -286,22 +286,25 @@ impl Handle {
 
 #[pymethods]
 impl Handle {
-    /// The handle on the store named `location`, created on first use with `shards` shards and
-    /// `policy` ("lru" when None). ValueError for an unknown policy, or one other than that of
-    /// the existing store of that name (one store per LOCATION has one policy).
+    /// The handle on the store named `location`, created on first use with `policy` ("lru" when
+    /// None) and `shards` shards (when None: one for a `max_entries` of up to 65,536, else 16;
+    /// see `store::shards_for`). ValueError for an unknown policy, or one other than that of the
+    /// existing store of that name (one store per LOCATION has one policy).
     #[new]
-    #[pyo3(signature = (location, sentinel, warn, shards = 16, policy = None))]
+    #[pyo3(signature = (location, sentinel, warn, shards = None, policy = None, max_entries = 300))]
     fn new(
         location: String,
         sentinel: Py<PyAny>,
         warn: Py<PyAny>,
-        shards: usize,
+        shards: Option<usize>,
         policy: Option<&str>,
+        max_entries: i64,
     ) -> PyResult<Self> {
         let policy = policy
             .map(str::parse::<Policy>)
             .transpose()
             .map_err(PyValueError::new_err)?;
+        let shards = shards.unwrap_or_else(|| crate::store::shards_for(max_entries));
         let store = registry::store(&location, shards, policy).map_err(|existing| {
             PyValueError::new_err(format!(
                 "the store of this LOCATION was created with EVICTION_POLICY '{existing}'; \
@@ -489,7 +492,7 @@ impl Handle {
         loop {
             let Some((current, gen)) = self
                 .store
-                .snapshot(&k, now, |e| e.value.clone_ref(py, e.payload()))
+                .snapshot(&k, now, |e| e.value().clone_ref(py, e.payload()))
             else {
                 return Err(self.not_found(key, version, &k));
             };
@@ -645,8 +648,8 @@ impl Handle {
         let now = clock::now();
         let found = self.store.get_entry(&k, now, |e| {
             (
-                e.value.clone_ref(py, e.payload()),
-                crate::early::should_refresh(now, e.expires, e.delta(), beta, u),
+                e.value().clone_ref(py, e.payload()),
+                crate::early::should_refresh(now, e.expires(), e.delta(), beta, u),
             )
         });
         match found {
@@ -677,7 +680,8 @@ impl Handle {
             0
         };
         if put == Put::Stored && expires != NEVER && nanos > 0 {
-            self.store.set_delta(&k, expires, nanos, clock::now());
+            self.store
+                .set_delta(&k, expires, nanos, &self.limits, clock::now());
         }
         Ok(put == Put::Stored)
     }

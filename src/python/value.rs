@@ -8,9 +8,10 @@
 //! returns an isolated copy, as Django's LocMemCache does.
 //!
 //! Small `bytes`, `str` and pickles (`INLINE_MIN` to `INLINE_MAX` bytes) are not kept as objects:
-//! their bytes (UTF-8 for a `str`) go into the entry's key block (`shard::KeyBlock`), one heap
-//! block for key and value, and `get` builds a new object from them. That saves the object's
-//! header and one allocation an entry; larger values stay objects, so a big `get` stays a
+//! their bytes (UTF-8 for a `str`) go into the entry's own block (`entry.rs`), one heap block
+//! for header, key and value, and `get` builds a new object from them. Such an entry keeps no
+//! `PyValue` at all: its kind is a tag in the header (`Pack::tag`). That saves the object, its
+//! header and the value's 16 bytes an entry; larger values stay objects, so a big `get` stays a
 //! reference.
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use pyo3::types::{PyBytes, PyDict, PyString};
 
 use super::plain::{self, Node, Plain};
 use super::sizes;
+use crate::entry::Pack;
 use crate::store::Weigh;
 
 /// The stored forms, 16 bytes each: a weight is kept in 32 bits (`weight32`); a value weighing
@@ -37,9 +39,17 @@ pub enum PyValue {
     Tree(Arc<Node>, u32),
     /// A small value on its way into the store: the object whose bytes become the payload.
     Pending(Py<PyAny>, Kind),
-    /// A small value whose bytes the entry's key block holds (its payload).
+    /// A small value whose bytes the entry's block holds (its payload). Entries keep it as a
+    /// tag (see `Pack`), not as a `PyValue`.
     Inline(Kind),
 }
+
+/// The values inline tags stand for (`Pack::from_tag`), indexed by tag - 1.
+static INLINE: [PyValue; 3] = [
+    PyValue::Inline(Kind::Bytes),
+    PyValue::Inline(Kind::Str),
+    PyValue::Inline(Kind::Pickled),
+];
 
 /// What the payload of an inline value is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +73,17 @@ fn weight32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+impl Kind {
+    /// The entry's tag for an inline value of this kind (1 to 3).
+    fn tag(self) -> u8 {
+        match self {
+            Kind::Bytes => 1,
+            Kind::Str => 2,
+            Kind::Pickled => 3,
+        }
+    }
+}
+
 impl Weigh for PyValue {
     fn weight(&self) -> usize {
         let w = match self {
@@ -70,7 +91,7 @@ impl Weigh for PyValue {
             | PyValue::Shared(_, n)
             | PyValue::Dict(_, n)
             | PyValue::Tree(_, n) => *n,
-            // An inline value is charged through its payload's share of the key block.
+            // An inline value is charged through its payload's share of the entry's block.
             PyValue::Int(_) | PyValue::Pending(..) | PyValue::Inline(_) => 0,
         };
         if w == u32::MAX {
@@ -79,7 +100,9 @@ impl Weigh for PyValue {
             w as usize
         }
     }
+}
 
+impl Pack for PyValue {
     fn payload(&self) -> &[u8] {
         match self {
             // SAFETY: `o` is a `bytes` or a `str` whose UTF-8 form `encode` already made (so
@@ -107,11 +130,22 @@ impl Weigh for PyValue {
         }
     }
 
+    fn tag(&self) -> u8 {
+        match self {
+            PyValue::Pending(_, kind) | PyValue::Inline(kind) => kind.tag(),
+            _ => 0,
+        }
+    }
+
     fn without_payload(self) -> Self {
         match self {
             PyValue::Pending(_, kind) => PyValue::Inline(kind),
             other => other,
         }
+    }
+
+    fn from_tag(tag: u8) -> &'static Self {
+        &INLINE[usize::from(tag.clamp(1, 3)) - 1]
     }
 }
 
@@ -240,9 +274,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stored_forms_are_two_words() {
+    fn stored_forms_are_two_words_and_inline_ones_a_tag() {
         assert_eq!(std::mem::size_of::<PyValue>(), 16);
-        assert_eq!(crate::shard::slot_size::<PyValue>(), 88);
+        for kind in [Kind::Bytes, Kind::Str, Kind::Pickled] {
+            let v = PyValue::Inline(kind);
+            assert!(matches!(PyValue::from_tag(v.tag()), PyValue::Inline(k) if *k == kind));
+        }
+        assert_eq!(PyValue::Int(5).tag(), 0);
         assert_eq!(weight32(12), 12);
         assert_eq!(weight32(u32::MAX as usize - 1), u32::MAX - 1);
         assert_eq!(weight32(1 << 40), u32::MAX);
