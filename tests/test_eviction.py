@@ -316,16 +316,18 @@ def test_lru_cull_is_exact_up_to_65536_entries() -> None:
     assert survivors == list(range(2 * (65_536 // 3) + 1, 65_536, 2))
 
 
-def test_lru_cull_over_sixteen_shards_takes_each_shards_oldest() -> None:
-    """Above 65,536 MAX_ENTRIES: each shard culls its share of its own least recently used; the
-    total is `len // CULL_FREQUENCY` give or take one a shard, and no recently used key goes."""
+def test_lru_over_sixteen_shards_evicts_one_least_recently_used_entry_per_insert() -> None:
+    """Above 65,536 MAX_ENTRIES a full store evicts one entry per insert (from the new key's
+    shard, least recently used first) instead of culling a third: no insert's work grows with the
+    store, the store stays at its bound, and no recently used key goes."""
     cache = make(policy="lru", MAX_ENTRIES=70_000)
     for i in range(70_000):
         cache.set(f"k{i}", i)
     for i in range(35_000):
         cache.get(f"k{i}")
-    cache.set("new", 1)
-    culled = cache.stats()["evictions"]
-    assert 70_000 // 3 <= culled <= 70_000 // 3 + 16
-    assert cache.stats()["entries"] == 70_001 - culled
+    for i in range(1_000):
+        cache.set(f"new{i}", i)
+        assert cache.stats()["entries"] == 70_000
+    assert cache.stats()["evictions"] == 1_000
     assert all(cache.has_key(f"k{i}") for i in range(35_000))
+    assert all(cache.get(f"new{i}") == i for i in range(1_000))
