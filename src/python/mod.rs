@@ -3,6 +3,7 @@
 
 mod fast;
 mod handle;
+mod instance;
 mod keys;
 mod made_key;
 mod plain;
