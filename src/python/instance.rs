@@ -10,7 +10,7 @@
 //! class still loads as it did; if not (after `importlib.reload`, say), the instance is made by
 //! `pickle.loads` from the class's name and filled as pickle's `BUILD` would fill it.
 //!
-//! A class qualifies when (rules from CPython 3.10-3.14's `object.__reduce_ex__`, `copyreg` and
+//! A class qualifies when (rules from CPython 3.10-3.13's `object.__reduce_ex__`, `copyreg` and
 //! `_pickle.c`):
 //! - its metaclass is exactly `type`, and every class of its MRO but `object` was made by a
 //!   `class` statement (heap type, `subtype_dealloc`), without `__slots__`: the instance layout
@@ -54,6 +54,16 @@ pub struct Class {
     path: Box<[Py<PyString>]>,
     /// The `__dict__` descriptor found on the MRO at `set`.
     dict_descr: Py<PyAny>,
+    /// The MRO but `object`, as it was at `set`.
+    mro: Box<[Ancestor]>,
+}
+
+/// A class of a qualifying class's MRO: its `__bases__` at `set` (the MRO stays what it was
+/// while none of its classes gets new bases) and its dict.
+struct Ancestor {
+    class: Py<PyAny>,
+    bases: Py<PyAny>,
+    dict: Py<PyDict>,
 }
 
 /// A stored instance: its class and a copy of its `__dict__` (keys interned, values plain).
@@ -97,7 +107,7 @@ fn refs(py: Python<'_>) -> Option<&'static Refs> {
 
 fn make_refs(py: Python<'_>) -> PyResult<Option<Refs>> {
     let minor = py.version_info().minor;
-    if !(10..=14).contains(&minor) {
+    if !(10..=13).contains(&minor) {
         return Ok(None); // rules checked against these versions' sources only
     }
     let object = py.get_type::<pyo3::types::PyAny>(); // `object`
@@ -183,6 +193,11 @@ fn make_refs(py: Python<'_>) -> PyResult<Option<Refs>> {
     }))
 }
 
+/// Reads the rules' references (at import, so that no walk runs Python code for them).
+pub fn init(py: Python<'_>) {
+    refs(py);
+}
+
 /// Cheap first test of a value's type: a heap type whose metaclass is exactly `type`.
 ///
 /// # Safety
@@ -227,9 +242,12 @@ fn slot(t: &Bound<'_, PyAny>, s: std::ffi::c_int) -> usize {
     unsafe { ffi::PyType_GetSlot(t.as_ptr().cast(), s) as usize }
 }
 
-/// The dicts of `cls.__mro__` but its last class, which must be `object`; None if some class of
-/// it was not made by a `class` statement.
-fn mro_dicts<'py>(refs: &Refs, cls: &Bound<'py, PyAny>) -> Option<Vec<Bound<'py, PyDict>>> {
+/// Classes of an MRO and their dicts.
+type Mro<'py> = (Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyDict>>);
+
+/// The classes of `cls.__mro__` but its last, which must be `object`, with their dicts; None if
+/// some class of it was not made by a `class` statement.
+fn mro_dicts<'py>(refs: &Refs, cls: &Bound<'py, PyAny>) -> Option<Mro<'py>> {
     let py = cls.py();
     // Reading `__mro__` of a class whose metaclass is exactly `type` runs type's C getter only.
     let mro = cls.getattr(intern!(py, "__mro__")).ok()?;
@@ -238,6 +256,7 @@ fn mro_dicts<'py>(refs: &Refs, cls: &Bound<'py, PyAny>) -> Option<Vec<Bound<'py,
     if n < 2 || mro.get_item(n - 1).ok()?.as_ptr() != addr_of_mut!(ffi::PyBaseObject_Type).cast() {
         return None;
     }
+    let mut classes = Vec::with_capacity(n - 1);
     let mut dicts = Vec::with_capacity(n - 1);
     for k in mro.iter().take(n - 1) {
         // SAFETY: reading the type and flags of a live object; `k` is a type when its metaclass
@@ -252,8 +271,18 @@ fn mro_dicts<'py>(refs: &Refs, cls: &Bound<'py, PyAny>) -> Option<Vec<Bound<'py,
         }
         // SAFETY: `k` is a live heap type.
         dicts.push(unsafe { class_dict(py, k.as_ptr()) }?);
+        classes.push(k);
     }
-    Some(dicts)
+    Some((classes, dicts))
+}
+
+/// A type's `__bases__` tuple, as its slot holds it.
+fn bases<'py>(t: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
+    // SAFETY: `t` is a heap type; the slot is a borrowed reference, made owned at once.
+    unsafe {
+        let b = ffi::PyType_GetSlot(t.as_ptr().cast(), ffi::Py_tp_bases);
+        (!b.is_null()).then(|| Bound::from_borrowed_ptr(t.py(), b.cast()))
+    }
 }
 
 /// The first of `dicts` (an MRO's, in order) holding `name`, with the index of its class.
@@ -336,7 +365,7 @@ impl Class {
                 return None;
             }
         }
-        let dicts = mro_dicts(refs, cls)?;
+        let (classes, dicts) = mro_dicts(refs, cls)?;
         for absent in [
             intern!(py, "__setstate__"),
             intern!(py, "__getnewargs_ex__"),
@@ -364,7 +393,7 @@ impl Class {
             || !dict_descr
                 .getattr(intern!(py, "__objclass__"))
                 .ok()?
-                .is(dicts_class(cls, at)?)
+                .is(&classes[at])
         {
             return None;
         }
@@ -407,12 +436,24 @@ impl Class {
         {
             return None;
         }
+        let mro = classes
+            .iter()
+            .zip(dicts)
+            .map(|(k, d)| {
+                Some(Ancestor {
+                    bases: bases(k)?.unbind(),
+                    class: k.clone().unbind(),
+                    dict: d.unbind(),
+                })
+            })
+            .collect::<Option<Box<[_]>>>()?;
         Some(Class {
             cls: t.clone().unbind(),
             module: module.unbind(),
             qualname: qualname.unbind(),
             path,
             dict_descr: dict_descr.unbind(),
+            mro,
         })
     }
 
@@ -421,10 +462,10 @@ impl Class {
         self.cls.as_ptr()
     }
 
-    /// Bytes held besides the `Class` itself: its qualname parts' slice (the strings are the
-    /// class's own, shared).
+    /// Bytes held besides the `Class` itself: its slices (the objects are the class's own).
     pub fn extra_weight(&self) -> usize {
         crate::mem::malloc_chunk(self.path.len() * std::mem::size_of::<Py<PyString>>())
+            + crate::mem::malloc_chunk(self.mro.len() * std::mem::size_of::<Ancestor>())
     }
 
     /// Whether `pickle.loads` would still make and fill an instance as `build`'s fast path does:
@@ -441,19 +482,24 @@ impl Class {
         if !with_state {
             return true;
         }
-        let Some(dicts) = mro_dicts(refs, cls) else {
-            return false;
-        };
-        lookup(&dicts, intern!(py, "__setstate__")).is_none()
-            && lookup(&dicts, intern!(py, "__dict__"))
-                .is_some_and(|(_, d)| d.is(self.dict_descr.bind(py)))
+        // The MRO is the one of `set` while no class of it got new `__bases__` (each class of
+        // it is on it, and a metaclass `type` computes it from the bases alone).
+        let (setstate, dict) = (intern!(py, "__setstate__"), intern!(py, "__dict__"));
+        let mut descr = None;
+        for a in self.mro.iter() {
+            if !bases(a.class.bind(py)).is_some_and(|b| b.is(a.bases.bind(py))) {
+                return false;
+            }
+            let d = a.dict.bind(py);
+            if dict_get(d, setstate).is_some() {
+                return false;
+            }
+            if descr.is_none() {
+                descr = dict_get(d, dict);
+            }
+        }
+        descr.is_some_and(|d| d.is(self.dict_descr.bind(py)))
     }
-}
-
-/// The class of `cls.__mro__[at]`.
-fn dicts_class<'py>(cls: &Bound<'py, PyAny>, at: usize) -> Option<Bound<'py, PyAny>> {
-    let mro = cls.getattr(intern!(cls.py(), "__mro__")).ok()?;
-    mro.get_item(at).ok()
 }
 
 /// Whether `key` (an atom of an instance `__dict__`) may be copied: not a dunder name.

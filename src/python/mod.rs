@@ -18,5 +18,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::TagSnapshot>()?;
     m.add_class::<fast::FastMethod>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    instance::init(m.py());
     Ok(())
 }
