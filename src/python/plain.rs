@@ -1,16 +1,19 @@
 //! Plain values: exact `dict`, `list` and `tuple` of `str`, `bytes`, `int`, `float`, `bool` and
-//! `None`, nested. The store holds them in a form that `get` copies structurally, which gives the
-//! same value, types and order as a pickle round trip at a fraction of its cost.
+//! `None`, and instances of plain classes (see `instance.rs`) holding such values, nested. The
+//! store holds them in a form that `get` copies structurally, which gives the same value, types
+//! and order as a pickle round trip at a fraction of its cost.
 //!
 //! The stored form adds no work for Python's garbage collector: it holds no GC-tracked object.
 //! Atoms are not GC objects; a tuple of atoms (which CPython's GC would untrack at its first
 //! collection anyway) is untracked at once and returned as is; a dict of scalars is copied by the
 //! store (`PyDict_Copy`), untracked, and handed out through `PyDict_Copy`; anything else (lists,
-//! other dicts, tuples holding containers) is a Rust tree of `Node`s rebuilt on each `get`.
+//! other dicts, tuples holding containers, instances) is a Rust tree of `Node`s rebuilt on each
+//! `get`; an instance's node holds its class (a reference, not a new object) and its state.
 //!
 //! Pickle semantics the walk refuses to approximate send the value to the pickle path instead:
-//! a list or dict met twice (a shared sub-object or a cycle: pickle keeps the identity), any
-//! subclass or other type, more than `MAX_DEPTH` levels or `MAX_NODES` objects.
+//! a list, dict or instance (or an instance's `__dict__`) met twice (a shared sub-object or a
+//! cycle: pickle keeps the identity), any subclass or other type, more than `MAX_DEPTH` levels or
+//! `MAX_NODES` objects.
 
 use std::mem::size_of;
 use std::ptr::addr_of_mut;
