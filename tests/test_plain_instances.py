@@ -749,3 +749,65 @@ def test_concurrent_set_and_get_of_instances_never_mix_them() -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+class Base:
+    pass
+
+
+class OtherBase:
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__.update(state, via="OtherBase")
+
+
+class Changing(Base):
+    pass
+
+
+def test_class_changes_between_sets_are_seen() -> None:
+    """Instances of one class share what set decided about it only while the class is the
+    same: a hook added, or new bases, count from the next set (and new bases on get too)."""
+    c, ref = make(), locmem()
+    first = _with(Changing(), a=1)
+    for cache in (c, ref):
+        cache.set("first", first)
+    assert unpickled(lambda: c.get("first")) == []
+    Changing.__getstate__ = lambda self: {"from": "getstate"}  # type: ignore[attr-defined]
+    try:
+        for cache in (c, ref):
+            cache.set("hooked", _with(Changing(), a=2))
+        assert unpickled(lambda: c.get("hooked")) != []
+        assert vars(c.get("hooked")) == vars(ref.get("hooked")) == {"from": "getstate"}
+    finally:
+        del Changing.__getstate__  # type: ignore[attr-defined]
+    for cache in (c, ref):
+        cache.set("again", _with(Changing(), a=3))
+    assert unpickled(lambda: c.get("again")) == []
+    Changing.__bases__ = (OtherBase,)
+    try:
+        # Stored before: get now sees OtherBase.__setstate__, as pickle.loads does.
+        for key in ("first", "again"):
+            assert shape(c.get(key)) == shape(ref.get(key))
+            assert c.get(key).via == "OtherBase"
+        for cache in (c, ref):
+            cache.set("rebased", _with(Changing(), a=4))
+        assert shape(c.get("rebased")) == shape(ref.get("rebased"))
+    finally:
+        Changing.__bases__ = (Base,)
+    assert vars(c.get("first")) == {"a": 1}
+
+
+def test_classes_made_at_run_time_are_not_kept_alive_by_the_store() -> None:
+    """Entries hold their class; once they are gone, so is every reference the store had."""
+    import weakref
+
+    c = make()
+    cls = type("Temporary", (), {"__module__": __name__})
+    globals()["Temporary"] = cls
+    c.set("k", _with(cls(), a=1))
+    assert unpickled(lambda: c.get("k")) == []
+    ref = weakref.ref(cls)
+    del globals()["Temporary"], cls
+    c.delete("k")
+    gc.collect()
+    assert ref() is None

@@ -34,7 +34,11 @@
 //! `__new__`, a `__getattr__`, a new `__mro__`, another class under the name) are seen on `get`.
 
 use std::ptr::addr_of_mut;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+
+use ahash::RandomState;
+use hashbrown::HashMap;
+use parking_lot::Mutex;
 
 use pyo3::exceptions::PyAttributeError;
 use pyo3::ffi;
@@ -340,8 +344,9 @@ fn resolve<'py>(
 }
 
 impl Class {
-    /// The class of an instance if it qualifies (see the module's rules). Runs no Python code.
-    pub fn of(t: &Bound<'_, PyType>) -> Option<Class> {
+    /// The class of an instance if it qualifies (see the module's rules), shared with the
+    /// stored instances of earlier `set`s while it is the same. Runs no Python code.
+    pub fn of(t: &Bound<'_, PyType>) -> Option<Arc<Class>> {
         let py = t.py();
         let refs = refs(py)?;
         let cls = t.as_any();
@@ -414,18 +419,21 @@ impl Class {
             .ok()?
             .cast_into_exact::<PyString>()
             .ok()?;
-        module.to_str().ok()?;
-        let path = qualname
-            .to_str()
-            .ok()?
-            .split('.')
-            .map(|part| {
-                let dunder = part.len() >= 4 && part.starts_with("__") && part.ends_with("__");
-                (!part.is_empty() && !part.contains('<') && !dunder)
-                    .then(|| PyString::intern(py, part).unbind())
-            })
-            .collect::<Option<Box<[_]>>>()?;
-        if !resolve(py, &module, &path)?.is(cls) {
+        // The `Class` an earlier `set` made, if it describes the class as it is now.
+        let known = known(py, t, &module, &qualname, &dict_descr, &classes, &dicts);
+        let made = match known {
+            Some(_) => None,
+            None => {
+                module.to_str().ok()?;
+                Some(split(py, &qualname)?)
+            }
+        };
+        let path: &[Py<PyString>] = match (&known, &made) {
+            (Some(c), _) => &c.path,
+            (None, Some(p)) => p,
+            (None, None) => return None,
+        };
+        if !resolve(py, &module, path)?.is(cls) {
             return None;
         }
         let copyreg = refs.copyreg.bind(py);
@@ -435,6 +443,9 @@ impl Class {
             || !dict_get(copyreg, intern!(py, "__newobj__"))?.is(refs.newobj.bind(py))
         {
             return None;
+        }
+        if known.is_some() {
+            return known;
         }
         let mro = classes
             .iter()
@@ -447,14 +458,16 @@ impl Class {
                 })
             })
             .collect::<Option<Box<[_]>>>()?;
-        Some(Class {
+        let class = Arc::new(Class {
             cls: t.clone().unbind(),
             module: module.unbind(),
             qualname: qualname.unbind(),
-            path,
+            path: made?,
             dict_descr: dict_descr.unbind(),
             mro,
-        })
+        });
+        remember(&class);
+        Some(class)
     }
 
     /// The class itself.
@@ -462,8 +475,12 @@ impl Class {
         self.cls.as_ptr()
     }
 
-    /// Bytes held besides the `Class` itself: its slices (the objects are the class's own).
-    pub fn extra_weight(&self) -> usize {
+    /// Bytes a `Class` takes: the `Arc` block and its slices (the objects are the class's own).
+    pub fn weight(&self) -> usize {
+        crate::mem::malloc_chunk(16 + std::mem::size_of::<Class>()) + self.extra_weight()
+    }
+
+    fn extra_weight(&self) -> usize {
         crate::mem::malloc_chunk(self.path.len() * std::mem::size_of::<Py<PyString>>())
             + crate::mem::malloc_chunk(self.mro.len() * std::mem::size_of::<Ancestor>())
     }
@@ -500,6 +517,61 @@ impl Class {
         }
         descr.is_some_and(|d| d.is(self.dict_descr.bind(py)))
     }
+}
+
+/// The qualname's parts, interned; None if pickle could not find it by them as we do.
+fn split(py: Python<'_>, qualname: &Bound<'_, PyString>) -> Option<Box<[Py<PyString>]>> {
+    qualname
+        .to_str()
+        .ok()?
+        .split('.')
+        .map(|part| {
+            let dunder = part.len() >= 4 && part.starts_with("__") && part.ends_with("__");
+            (!part.is_empty() && !part.contains('<') && !dunder)
+                .then(|| PyString::intern(py, part).unbind())
+        })
+        .collect()
+}
+
+/// The `Class`es stored instances hold, so that the instances of one class share one (made at
+/// the first `set`, dropped with the last entry holding it). Only touched with the GIL held.
+/// Keyed by the class's address (a live `Class` holds its class, so the address is its own).
+static KNOWN: Mutex<Option<HashMap<usize, Weak<Class>, RandomState>>> = Mutex::new(None);
+
+/// A live `Class` of `t` made from exactly these objects (the same name strings, `__dict__`
+/// descriptor, MRO classes, their dicts and their current `__bases__`).
+fn known(
+    py: Python<'_>,
+    t: &Bound<'_, PyType>,
+    module: &Bound<'_, PyString>,
+    qualname: &Bound<'_, PyString>,
+    descr: &Bound<'_, PyAny>,
+    classes: &[Bound<'_, PyAny>],
+    dicts: &[Bound<'_, PyDict>],
+) -> Option<Arc<Class>> {
+    let c = KNOWN
+        .lock()
+        .as_ref()?
+        .get(&(t.as_ptr() as usize))?
+        .upgrade()?;
+    let same = c.module.is(module)
+        && c.qualname.is(qualname)
+        && c.dict_descr.is(descr)
+        && c.mro.len() == classes.len()
+        && c.mro.iter().zip(classes).zip(dicts).all(|((a, k), d)| {
+            a.class.is(k) && a.dict.is(d) && bases(k).is_some_and(|b| b.is(a.bases.bind(py)))
+        });
+    same.then_some(c)
+}
+
+/// Keeps a new `Class` for the next `set`s (and forgets dead ones once there are many).
+fn remember(class: &Arc<Class>) {
+    let mut known = KNOWN.lock();
+    let known = known.get_or_insert_with(HashMap::default);
+    if known.len() >= 1024 {
+        known.retain(|_, w| w.strong_count() > 0);
+    }
+    known.insert(class.cls.as_ptr() as usize, Arc::downgrade(class));
 }
 
 /// Whether `key` (an atom of an instance `__dict__`) may be copied: not a dunder name.

@@ -267,8 +267,9 @@ impl Walk {
         if let Some(c) = self.classes.iter().find(|c| c.ptr() == t.as_ptr()) {
             return Some(Arc::clone(c));
         }
-        let c = Arc::new(Class::of(&t)?);
-        self.weight += malloc_chunk(16 + size_of::<Class>()) + c.extra_weight();
+        let c = Class::of(&t)?;
+        // Its share: stored instances of earlier `set`s may hold the same `Class`.
+        self.weight += c.weight() / Arc::strong_count(&c);
         self.classes.push(Arc::clone(&c));
         Some(c)
     }
