@@ -811,3 +811,14 @@ def test_classes_made_at_run_time_are_not_kept_alive_by_the_store() -> None:
     c.delete("k")
     gc.collect()
     assert ref() is None
+
+
+def test_a_standard_library_plain_class_is_copied_structurally() -> None:
+    """``argparse.Namespace`` (the memory test's instance) qualifies."""
+    import argparse
+
+    c = make()
+    value = argparse.Namespace(id=1, name="apple", price=1.25)
+    c.set("k", value)
+    assert unpickled(lambda: c.get("k")) == []
+    assert c.get("k") == value and c.get("k") is not value
