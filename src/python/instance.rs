@@ -49,7 +49,8 @@ use pyo3::types::{PyBytes, PyDict, PyString, PyTuple, PyType};
 
 use super::plain::{self, Node};
 
-/// A qualifying class, as the stored instances of one `set` share it.
+/// A qualifying class as `set` found it; the stored instances of one class share it while the
+/// class stays the same (see `known`).
 pub struct Class {
     cls: Py<PyType>,
     module: Py<PyString>,
@@ -300,7 +301,8 @@ fn lookup<'py>(
         .find_map(|(i, d)| dict_get(d, name).map(|v| (i, v)))
 }
 
-/// Whether `name` (not found on a class before `object`) is, on the MRO, what `object` has.
+/// Whether `name`, looked up on the MRO's classes before `object`, is absent there (so found
+/// on `object`) or is `object`'s own entry (`own`) itself.
 fn is_objects<'py>(
     dicts: &[Bound<'py, PyDict>],
     name: &Bound<'py, PyString>,
