@@ -528,8 +528,7 @@ fn split(py: Python<'_>, qualname: &Bound<'_, PyString>) -> Option<Box<[Py<PyStr
         .ok()?
         .split('.')
         .map(|part| {
-            let dunder = part.len() >= 4 && part.starts_with("__") && part.ends_with("__");
-            (!part.is_empty() && !part.contains('<') && !dunder)
+            (!part.is_empty() && !part.contains('<') && !dunder(part))
                 .then(|| PyString::intern(py, part).unbind())
         })
         .collect()
@@ -582,7 +581,7 @@ pub fn plain_key(key: &Bound<'_, PyAny>) -> bool {
         return true;
     };
     match s.to_str() {
-        Ok(s) => !(s.len() >= 4 && s.starts_with("__") && s.ends_with("__")),
+        Ok(s) => !dunder(s),
         Err(_) => {
             // SAFETY: the UTF-8 attempt failed and set an exception; lone surrogates are fine.
             unsafe { ffi::PyErr_Clear() };
@@ -650,19 +649,10 @@ pub fn build<'py>(py: Python<'py>, inst: &Instance) -> PyResult<Bound<'py, PyAny
 /// then its `__setstate__`, if it has one, gets the state, else its `__dict__` the items.
 fn slow<'py>(py: Python<'py>, inst: &Instance) -> PyResult<Bound<'py, PyAny>> {
     let class = &inst.class;
-    let mut data = vec![0x80, 5];
-    for s in [class.module.bind(py), class.qualname.bind(py)] {
-        let s = s.to_str()?.as_bytes();
-        match u8::try_from(s.len()) {
-            Ok(n) => data.extend_from_slice(&[0x8c, n]), // SHORT_BINUNICODE
-            Err(_) => {
-                data.push(b'X'); // BINUNICODE
-                data.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            }
-        }
-        data.extend_from_slice(s);
-    }
-    data.extend_from_slice(&[0x93, b')', 0x81, b'.']); // STACK_GLOBAL, EMPTY_TUPLE, NEWOBJ, STOP
+    let data = newobj_pickle(
+        class.module.bind(py).to_str()?,
+        class.qualname.bind(py).to_str()?,
+    );
     let loads = match refs(py) {
         Some(r) => r.loads.bind(py).clone(),
         None => py.import("pickle")?.getattr("loads")?,
@@ -692,6 +682,31 @@ fn slow<'py>(py: Python<'py>, inst: &Instance) -> PyResult<Bound<'py, PyAny>> {
     Ok(obj)
 }
 
+/// The pickle (protocol 5) of `module.qualname.__new__(module.qualname)`, as `pickle.dumps`
+/// writes the start of an instance: the class by name (`STACK_GLOBAL`), then `NEWOBJ` with no
+/// arguments.
+fn newobj_pickle(module: &str, qualname: &str) -> Vec<u8> {
+    let mut data = vec![0x80, 5]; // PROTO 5
+    for s in [module.as_bytes(), qualname.as_bytes()] {
+        match u8::try_from(s.len()) {
+            Ok(n) => data.extend_from_slice(&[0x8c, n]), // SHORT_BINUNICODE
+            Err(_) => {
+                data.push(b'X'); // BINUNICODE
+                data.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            }
+        }
+        data.extend_from_slice(s);
+    }
+    data.extend_from_slice(&[0x93, b')', 0x81, b'.']); // STACK_GLOBAL, EMPTY_TUPLE, NEWOBJ, STOP
+    data
+}
+
+/// A dunder name (`__x__`): as an instance attribute or a qualname part, it sends a value to
+/// pickle (it may be a hook, or a descriptor of `type` or `module` that shadows the lookup).
+fn dunder(s: &str) -> bool {
+    s.len() >= 4 && s.starts_with("__") && s.ends_with("__")
+}
+
 /// A key as the unpickler reads it: an exact `str` decoded anew from its UTF-8 form (with
 /// surrogates passed through, as pickle writes them), anything else as is.
 fn unpickled_key<'py>(k: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
@@ -701,4 +716,37 @@ fn unpickled_key<'py>(k: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let py = k.py();
     let utf8 = k.call_method1(intern!(py, "encode"), ("utf-8", "surrogatepass"))?;
     utf8.call_method1(intern!(py, "decode"), ("utf-8", "surrogatepass"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dunder_names_are_told_apart() {
+        assert!(dunder("__reduce_ex__") && dunder("____") && dunder("__x__"));
+        assert!(!dunder("__") && !dunder("___") && !dunder("__init") && !dunder("x__"));
+        assert!(!dunder("_private_") && !dunder("name"));
+    }
+
+    #[test]
+    fn newobj_pickle_names_the_class_short_or_long() {
+        let short = newobj_pickle("m", "A.B");
+        assert_eq!(
+            short,
+            [
+                &[0x80, 5, 0x8c, 1][..],
+                b"m",
+                &[0x8c, 3],
+                b"A.B",
+                &[0x93, b')', 0x81, b'.']
+            ]
+            .concat()
+        );
+        let name = "x".repeat(300);
+        let long = newobj_pickle(&name, "C");
+        assert_eq!(&long[2..7], &[b'X', 44, 1, 0, 0]); // 300 = 0x012c, little-endian
+        assert_eq!(&long[7..307], name.as_bytes());
+        assert_eq!(&long[307..], &[0x8c, 1, b'C', 0x93, b')', 0x81, b'.']);
+    }
 }
