@@ -172,6 +172,44 @@ class Point:
         return f"Point({self.x!r}, {self.y!r})"
 
 
+class PointSub(Point):
+    """A subclass of a plain class: copied structurally, like ``Point``."""
+
+
+@dataclass
+class Pair:
+    """A dataclass (no slots): a plain class too."""
+
+    a: Any
+    b: Any
+
+
+class RestoredPoint(Point):
+    """Has ``__setstate__``: pickled, and ``pickle.loads`` calls it."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.restored = True
+
+
+class SlottedPoint:
+    """Has ``__slots__`` (and so no ``__dict__``): pickled."""
+
+    __slots__ = ("x", "y")
+
+    def __init__(self, x: Any, y: Any) -> None:
+        self.x = x
+        self.y = y
+
+    def __getstate__(self) -> Any:
+        return (None, {"x": self.x, "y": self.y})
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is SlottedPoint and (self.x, self.y) == (other.x, other.y)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class Unpicklable:
     """Pickling it raises ``pickle.PicklingError`` with a fixed message."""
 
@@ -372,6 +410,10 @@ _nested: st.SearchStrategy[Any] = st.recursive(
         st.builds(MyList, st.lists(children, max_size=3)),
         st.builds(MyDict, st.dictionaries(_dict_keys, children, max_size=3)),
         st.builds(Point, children, children),
+        st.builds(PointSub, children, children),
+        st.builds(Pair, children, children),
+        st.builds(RestoredPoint, children, children),
+        st.builds(SlottedPoint, children, children),
         st.builds(_shared, children),
     ),
     max_leaves=10,
@@ -478,6 +520,9 @@ def canon(obj: Any, memo: dict[int, int] | None = None) -> Any:
     attrs = getattr(obj, "__dict__", None)
     if isinstance(attrs, dict):
         parts.append(tuple((k, canon(v, memo)) for k, v in attrs.items()))
+    slots = t.__dict__.get("__slots__", ())
+    if slots and not isinstance(slots, str):
+        parts.append(tuple((n, canon(getattr(obj, n, None), memo)) for n in slots))
     return tuple(parts)
 
 

@@ -3,6 +3,7 @@
 
 mod fast;
 mod handle;
+mod instance;
 mod keys;
 mod made_key;
 mod plain;
@@ -17,5 +18,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::TagSnapshot>()?;
     m.add_class::<fast::FastMethod>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    instance::init(m.py());
     Ok(())
 }

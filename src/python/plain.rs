@@ -1,19 +1,23 @@
 //! Plain values: exact `dict`, `list` and `tuple` of `str`, `bytes`, `int`, `float`, `bool` and
-//! `None`, nested. The store holds them in a form that `get` copies structurally, which gives the
-//! same value, types and order as a pickle round trip at a fraction of its cost.
+//! `None`, and instances of plain classes (see `instance.rs`) holding such values, nested. The
+//! store holds them in a form that `get` copies structurally, which gives the same value, types
+//! and order as a pickle round trip at a fraction of its cost.
 //!
 //! The stored form adds no work for Python's garbage collector: it holds no GC-tracked object.
 //! Atoms are not GC objects; a tuple of atoms (which CPython's GC would untrack at its first
 //! collection anyway) is untracked at once and returned as is; a dict of scalars is copied by the
 //! store (`PyDict_Copy`), untracked, and handed out through `PyDict_Copy`; anything else (lists,
-//! other dicts, tuples holding containers) is a Rust tree of `Node`s rebuilt on each `get`.
+//! other dicts, tuples holding containers, instances) is a Rust tree of `Node`s rebuilt on each
+//! `get`; an instance's node holds its class (a reference, not a new object) and its state.
 //!
 //! Pickle semantics the walk refuses to approximate send the value to the pickle path instead:
-//! a list or dict met twice (a shared sub-object or a cycle: pickle keeps the identity), any
-//! subclass or other type, more than `MAX_DEPTH` levels or `MAX_NODES` objects.
+//! a list, dict or instance (or an instance's `__dict__`) met twice (a shared sub-object or a
+//! cycle: pickle keeps the identity), any subclass or other type, more than `MAX_DEPTH` levels or
+//! `MAX_NODES` objects.
 
 use std::mem::size_of;
 use std::ptr::addr_of_mut;
+use std::sync::Arc;
 
 use ahash::RandomState;
 use hashbrown::HashSet;
@@ -22,6 +26,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
+use super::instance::{self, Class, Instance};
 use super::sizes;
 use crate::mem::malloc_chunk;
 
@@ -41,6 +46,8 @@ pub enum Node {
     List(Box<[Node]>),
     /// A tuple holding containers (rebuilt, since its containers must be fresh).
     Tuple(Box<[Node]>),
+    /// An instance of a plain class (see `instance.rs`).
+    Instance(Box<Instance>),
 }
 
 /// What `classify` made of a value.
@@ -89,6 +96,7 @@ pub fn classify(v: &Bound<'_, PyAny>) -> Plain {
         if t != addr_of_mut!(ffi::PyTuple_Type)
             && t != addr_of_mut!(ffi::PyList_Type)
             && t != addr_of_mut!(ffi::PyDict_Type)
+            && !instance::candidate(t)
         {
             return Plain::No;
         }
@@ -97,6 +105,7 @@ pub fn classify(v: &Bound<'_, PyAny>) -> Plain {
         seen: Seen::default(),
         nodes: 1,
         weight: 0,
+        classes: Vec::new(),
     };
     match walk.value(v, 0) {
         None => Plain::No,
@@ -162,6 +171,7 @@ pub fn build<'py>(py: Python<'py>, node: &Node) -> PyResult<Bound<'py, PyAny>> {
                 Ok(list)
             }
         }
+        Node::Instance(inst) => instance::build(py, inst),
         Node::Tuple(items) => {
             // SAFETY: as for lists; the tuple is not visible to anyone before it is filled.
             unsafe {
@@ -217,6 +227,8 @@ struct Walk {
     nodes: usize,
     /// Bytes held so far: atoms' object sizes, Python dicts held, Rust nodes.
     weight: usize,
+    /// The plain classes met so far (instances of one class share its `Class`).
+    classes: Vec<Arc<Class>>,
 }
 
 impl Walk {
@@ -242,9 +254,89 @@ impl Walk {
             self.list(v, depth)
         } else if t == addr_of_mut!(ffi::PyDict_Type) {
             self.dict(v, depth)
+        } else if unsafe { instance::candidate(t) } {
+            self.instance(v, depth)
         } else {
             None
         }
+    }
+
+    /// The shared `Class` of a qualifying class (made, and weighed, at its first instance).
+    fn class(&mut self, v: &Bound<'_, PyAny>) -> Option<Arc<Class>> {
+        let t = v.get_type();
+        if let Some(c) = self.classes.iter().find(|c| c.ptr() == t.as_ptr()) {
+            return Some(Arc::clone(c));
+        }
+        let c = Class::of(&t)?;
+        // Its share: stored instances of earlier `set`s may hold the same `Class`.
+        self.weight += c.weight() / Arc::strong_count(&c);
+        self.classes.push(Arc::clone(&c));
+        Some(c)
+    }
+
+    /// An instance of a plain class: its class and a copy of its `__dict__`, whose keys are
+    /// atoms (none a dunder name, interned if `str`) and whose values are plain. The instance and
+    /// its dict both count as met (pickle keeps either's identity).
+    fn instance(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+        let py = v.py();
+        let p = v.as_ptr();
+        if depth >= MAX_DEPTH || !self.seen.insert(p as usize) {
+            return None;
+        }
+        let class = self.class(v)?;
+        // SAFETY: GenericGetDict returns a new reference to the instance dict (made if the
+        // instance had none yet, as pickle's `object.__reduce_ex__` makes it), or NULL.
+        let d = unsafe {
+            let d = ffi::PyObject_GenericGetDict(p, std::ptr::null_mut());
+            if d.is_null() {
+                ffi::PyErr_Clear();
+                return None;
+            }
+            Bound::from_owned_ptr(py, d)
+        };
+        let dp = d.as_ptr();
+        if unsafe { ffi::Py_TYPE(dp) } != addr_of_mut!(ffi::PyDict_Type)
+            || !self.seen.insert(dp as usize)
+        {
+            return None;
+        }
+        let len = unsafe { ffi::PyDict_Size(dp) } as usize;
+        if !self.reserve(2 * len) {
+            return None;
+        }
+        let mut state: Vec<(Py<PyAny>, Node)> = Vec::with_capacity(len);
+        let mut pos: ffi::Py_ssize_t = 0;
+        loop {
+            let mut k: *mut ffi::PyObject = std::ptr::null_mut();
+            let mut val: *mut ffi::PyObject = std::ptr::null_mut();
+            // SAFETY: as in `dict`.
+            let (k, val) = unsafe {
+                if ffi::PyDict_Next(dp, &mut pos, &mut k, &mut val) == 0 {
+                    break;
+                }
+                (
+                    Bound::from_borrowed_ptr(py, k),
+                    Bound::from_borrowed_ptr(py, val),
+                )
+            };
+            if !instance::plain_key(&k) {
+                return None;
+            }
+            let Node::Atom(key) = self.value(&k, depth + 1)? else {
+                return None;
+            };
+            let key = instance::intern_key(key.into_bound(py));
+            state.push((key, self.value(&val, depth + 1)?));
+        }
+        if state.len() != len || unsafe { ffi::PyDict_Size(dp) } as usize != len {
+            return None;
+        }
+        self.weight += malloc_chunk(size_of::<Instance>())
+            + malloc_chunk(len * size_of::<(Py<PyAny>, Node)>());
+        Some(Node::Instance(Box::new(Instance {
+            class,
+            state: state.into_boxed_slice(),
+        })))
     }
 
     fn tuple(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
