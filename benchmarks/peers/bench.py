@@ -834,9 +834,9 @@ def eviction_scale_section(sizes: list[int], log: Callable[[str], None]) -> str:
     For each size N, RustCache stores built directly (not through CACHES):
     * ``s3fifo`` full: ``EVICTION_POLICY="s3fifo"``, ``MAX_ENTRIES=N``, filled to N; ``set`` of new
       keys, each of which evicts one entry.
-    * ``lru`` full: Django's rule, ``MAX_ENTRIES=N``, filled to N; ``N // 3 + 1000`` inserts of new
-      keys, so the mean includes one cull of a third of the store (amortized), and the slowest
-      single insert shows the cull itself.
+    * ``lru`` full: ``MAX_ENTRIES=N``, filled to N; ``N // 3 + 1000`` inserts of new keys. Up to
+      65,536 entries (one shard) that is Django's rule: the mean includes one cull of a third of
+      the store and the slowest single insert is that cull; above, each insert evicts one entry.
     * expired: N entries stored with a 1 s timeout, read after they expired; ``set`` of new keys
       (each reclaims expired entries from the expiry index) and ``get`` of expired keys.
     """
@@ -1104,9 +1104,10 @@ def run_all(
         scale += (
             "\n\nEviction and expiry on the request path, RustCache, small dict: mean ns / slowest "
             "single operation. `s3fifo`/`lru` full: inserts of new keys into a store filled to "
-            "`MAX_ENTRIES` (for `lru`, `N/3 + 1000` inserts, so the mean includes one Django cull "
-            "of a third of the store, and the slowest insert is that cull). Expired: N entries "
-            "stored with a 1 s timeout, then inserts of new keys and reads of expired keys.\n\n"
+            "`MAX_ENTRIES` (for `lru`, `N/3 + 1000` inserts: up to 65,536 entries the store has "
+            "one shard and Django's cull, so the mean includes one cull of a third of the store and "
+            "the slowest insert is that cull; above, every insert evicts one entry). Expired: N "
+            "entries stored with a 1 s timeout, then inserts of new keys and reads of expired keys.\n\n"
             + eviction_scale_section(sizes, log)
         )
     e2e = ""
