@@ -1105,9 +1105,10 @@ def run_all(
             "\n\nEviction and expiry on the request path, RustCache, small dict: mean ns / slowest "
             "single operation. `s3fifo`/`lru` full: inserts of new keys into a store filled to "
             "`MAX_ENTRIES` (for `lru`, `N/3 + 1000` inserts: up to 65,536 entries the store has "
-            "one shard and Django's cull, so the mean includes one cull of a third of the store and "
-            "the slowest insert is that cull; above, every insert evicts one entry). Expired: N "
-            "entries stored with a 1 s timeout, then inserts of new keys and reads of expired keys.\n\n"
+            "one shard and Django's cull, so the mean includes one cull of a third of the store "
+            "and the slowest insert is that cull; above, every insert evicts one entry). "
+            "Expired: N entries stored with a 1 s timeout, then inserts of new keys and reads of "
+            "expired keys.\n\n"
             + eviction_scale_section(sizes, log)
         )
     e2e = ""
