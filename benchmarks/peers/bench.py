@@ -1108,8 +1108,7 @@ def run_all(
             "one shard and Django's cull, so the mean includes one cull of a third of the store "
             "and the slowest insert is that cull; above, every insert evicts one entry). "
             "Expired: N entries stored with a 1 s timeout, then inserts of new keys and reads of "
-            "expired keys.\n\n"
-            + eviction_scale_section(sizes, log)
+            "expired keys.\n\n" + eviction_scale_section(sizes, log)
         )
     e2e = ""
     if args.e2e:
