@@ -5,10 +5,11 @@
 //! its block; it keeps no hash.
 //!
 //! The table grows incrementally (as Redis's dict does): when it is full, a table of twice the
-//! capacity takes over and the full one is kept as `old`; each later insert or removal moves the
-//! entries of at most `MIGRATE_STEP` slots from `old` to the new table, and lookups probe both
-//! until `old` is empty. No insert rehashes the whole table (rehashing reads every entry's key
-//! from its block, a cache miss an entry: ~25 ms for a 229,376-entry shard in one insert).
+//! capacity takes over and the full one is kept as `old`; each later insert or removal copies the
+//! entries of the next `MIGRATE_STEP` slots of the slab into the new table, and lookups probe
+//! both until the cursor has passed the whole slab. No insert rehashes the whole table
+//! (rehashing reads every entry's key from its block, a cache miss an entry: ~25 ms for a
+//! 229,376-entry shard in one insert).
 //!
 //! Nothing here locks or allocates Python objects: the store wraps each shard in a lock and drops
 //! what a shard hands back only after unlocking.
@@ -44,9 +45,9 @@ const EMPTY: Ends = Ends {
     len: 0,
 };
 
-/// Slots whose entries one insert or removal moves from the old table to the new one while the
-/// table grows (it reads each moved entry's key: a cache miss). Any step of at least one slot
-/// finishes in time (see `grow`); 64 keeps the slowest insert far below a millisecond.
+/// Slots whose entries one insert or removal copies from the old table to the new one while the
+/// table grows (it reads each copied entry's key: a cache miss). Any step of at least one slot
+/// finishes in time (see `grow_if_full`); 64 keeps a step to a few microseconds.
 pub const MIGRATE_STEP: u32 = 64;
 
 /// Bytes one entry takes in a shard's slab (its `Vec` of slots): a pointer.
@@ -58,14 +59,20 @@ pub struct Shard<V> {
     hasher: RandomState,
     /// The index: slot numbers, found by their key's hash. Inserts go here.
     table: HashTable<u32>,
-    /// The table being emptied into `table` while it grows (empty, unallocated otherwise). A
-    /// live entry is in exactly one of the two.
+    /// While the table grows, the full table it replaces (empty and unallocated otherwise).
+    /// Entries are copied out, not removed, and an entry removed while in it stays: such stale
+    /// cells never match, as `find` compares the key at the cell's slot, and an entry's live
+    /// cell is in `table` once it is there. It is dropped whole when the growth ends.
     old: HashTable<u32>,
-    /// The next slot whose entry moves from `old` to `table`, and the slab's length when the
-    /// growth began: every entry in `old` has a slot below `migrate_end`.
+    /// The next slot whose entry is copied into `table`, and the slab's length when the growth
+    /// began (every entry in `old` has a slot below it). Growing while `cursor < migrate_end`.
     cursor: u32,
     migrate_end: u32,
-    /// Entries moved between tables so far (tests check the bound per operation).
+    /// While growing, a bit per slot below `migrate_end`: set when the entry put at that slot
+    /// after the growth began is in `table` already. An entry at a slot in
+    /// `cursor..migrate_end` without its bit is only in `old`; every other entry is in `table`.
+    in_new: Vec<u64>,
+    /// Entries copied between tables so far (tests check the bound per operation).
     #[cfg(test)]
     moved: usize,
     slots: Vec<Option<Entry<V>>>,
@@ -101,6 +108,7 @@ impl<V> Shard<V> {
             old: HashTable::new(),
             cursor: 0,
             migrate_end: 0,
+            in_new: Vec::new(),
             #[cfg(test)]
             moved: 0,
             slots: Vec::new(),
@@ -162,30 +170,39 @@ impl<V> Shard<V> {
         };
         match self.table.find(hash, eq) {
             Some(&s) => Some(s),
-            None if !self.old.is_empty() => self.old.find(hash, eq).copied(),
+            None if self.growing() => self.old.find(hash, eq).copied(),
             None => None,
         }
     }
 
-    /// Whether the table is growing (entries remain in the old table).
+    /// Whether the table is growing (entries may remain only in the old table).
+    #[inline]
     pub fn growing(&self) -> bool {
-        !self.old.is_empty()
+        self.cursor < self.migrate_end
+    }
+
+    /// Whether the entry at `slot` is only in the old table.
+    #[inline]
+    fn only_in_old(&self, slot: u32) -> bool {
+        (self.cursor..self.migrate_end).contains(&slot)
+            && self.in_new[slot as usize / 64] & (1 << (slot % 64)) == 0
     }
 
     /// Starts a growth when the table has no room left, so that hashbrown never resizes or
     /// rehashes in place (either reads every entry's key) inside an insert: a new table takes the
-    /// inserts and the full one becomes `old`, emptied `MIGRATE_STEP` slots per insert or
+    /// inserts and the full one becomes `old`, copied out `MIGRATE_STEP` slots per insert or
     /// removal. hashbrown's room (`capacity() - len()`, its `growth_left`) also runs out when
     /// removals leave tombstones; then the new table is sized for the live entries, which is an
     /// incremental form of hashbrown's rehash in place.
     ///
     /// Why it finishes in time. Let `n` be the entries (all in the full table) and `end` the
-    /// slab's length now: entries move from slots below `end` only, so the growth is over after
-    /// `ceil(end / MIGRATE_STEP)` inserts or removals. The new table's room drops by one per
-    /// entry moved (at most `n` in all) and per insert, and never for a removal. Sized for
+    /// slab's length now: entries are copied from slots below `end` only, so the growth is over
+    /// after `ceil(end / MIGRATE_STEP)` inserts or removals. The new table's room drops by one
+    /// per entry copied (at most `n` in all: each slot is visited once, and entries put after
+    /// the growth began are skipped) and per insert, and never for a removal. Sized for
     /// `n + ceil(end / MIGRATE_STEP)` entries (and at least twice `n`, so that it doubles), it
-    /// has room for every entry moved and every insert until `old` is empty: no growth starts
-    /// while one runs (asserted below) and no entry is moved into a table without room.
+    /// has room for every copy and every insert until the growth ends: no growth starts while
+    /// one runs (asserted below) and no entry is copied into a table without room.
     #[inline]
     fn grow_if_full(&mut self) {
         if self.table.len() < self.table.capacity() {
@@ -203,19 +220,20 @@ impl<V> Shard<V> {
         let end = self.slots.len();
         let size = (2 * n).max(n + end.div_ceil(MIGRATE_STEP as usize)).max(4);
         let new = HashTable::with_capacity(size);
-        self.old = std::mem::replace(&mut self.table, new);
-        self.cursor = 0;
-        self.migrate_end = end as u32;
-        if self.old.is_empty() {
-            self.old = HashTable::new();
+        let old = std::mem::replace(&mut self.table, new);
+        if !old.is_empty() {
+            self.old = old;
+            self.cursor = 0;
+            self.migrate_end = end as u32;
+            self.in_new = vec![0; end.div_ceil(64)];
         }
     }
 
-    /// Moves the entries of up to `step` slots from the old table to the new one; frees the
-    /// old table once it is empty.
+    /// Copies the entries of up to `step` slots from the old table to the new one; drops the
+    /// old table once the cursor has passed every slot it can hold.
     #[inline]
     fn migrate(&mut self, step: u32) {
-        if self.old.is_empty() {
+        if !self.growing() {
             return;
         }
         let stop = self.cursor.saturating_add(step).min(self.migrate_end);
@@ -224,29 +242,26 @@ impl<V> Shard<V> {
             Some(e) => hasher.hash_one(e.key()),
             None => 0,
         };
-        while self.cursor < stop && !self.old.is_empty() {
-            let slot = self.cursor;
-            self.cursor += 1;
-            let Some(e) = &slots[slot as usize] else {
+        for slot in self.cursor..stop {
+            if self.in_new[slot as usize / 64] & (1 << (slot % 64)) != 0 {
                 continue;
-            };
-            let hash = hasher.hash_one(e.key());
-            if let Ok(found) = self.old.find_entry(hash, |&s| s == slot) {
-                found.remove();
+            }
+            if let Some(e) = &slots[slot as usize] {
                 debug_assert!(self.table.len() < self.table.capacity());
-                self.table.insert_unique(hash, slot, rehash);
+                self.table
+                    .insert_unique(hasher.hash_one(e.key()), slot, rehash);
                 #[cfg(test)]
                 {
                     self.moved += 1;
                 }
             }
         }
-        if self.old.is_empty() {
-            // Every entry below the cursor has moved; none at or above `migrate_end` was ever
-            // in the old table.
+        self.cursor = stop;
+        if stop == self.migrate_end {
             self.old = HashTable::new();
-        } else {
-            debug_assert!(self.cursor < self.migrate_end, "an entry was left behind");
+            self.in_new = Vec::new();
+            self.cursor = 0;
+            self.migrate_end = 0;
         }
     }
 
@@ -275,6 +290,9 @@ impl<V> Shard<V> {
             }
         };
         self.link_back(slot, queue);
+        if slot < self.migrate_end {
+            self.in_new[slot as usize / 64] |= 1 << (slot % 64);
+        }
         let (slots, hasher) = (&self.slots, &self.hasher);
         self.table
             .insert_unique(hash, slot, |&s| match &slots[s as usize] {
@@ -306,14 +324,13 @@ impl<V> Shard<V> {
         } else {
             self.unindex_expiry(expires);
         }
-        match self.table.find_entry(hash, |&s| s == slot) {
-            Ok(found) => {
-                found.remove();
-            }
-            Err(_) => {
-                if let Ok(found) = self.old.find_entry(hash, |&s| s == slot) {
+        // An entry only in the old table leaves its cell there (stale, see `old`).
+        if !self.only_in_old(slot) {
+            match self.table.find_entry(hash, |&s| s == slot) {
+                Ok(found) => {
                     found.remove();
                 }
+                Err(_) => debug_assert!(false, "slot {slot} is in neither table"),
             }
         }
         let old = self.slots[slot as usize].take();
@@ -741,21 +758,29 @@ mod tests {
         }
     }
 
-    /// Every key of `model` is found at its slot, in exactly one of the two tables, every key of
-    /// `gone` is not found, and the tables hold exactly the shard's entries.
+    /// Every key of `model` is found at its slot, and has its cell in the new table exactly
+    /// when it is not left to copy from the old one; every key of `gone` is not found; the new
+    /// table holds no other cell.
     fn check(s: &Shard<u32>, model: &HashMap<String, u32>, gone: &[String]) {
         assert_eq!(s.len(), model.len());
-        assert_eq!(s.table.len() + s.old.len(), model.len());
+        let mut cells: HashMap<u32, usize> = HashMap::new();
+        for &slot in s.table.iter() {
+            *cells.entry(slot).or_default() += 1;
+        }
+        let mut in_new = 0;
         for (k, &slot) in model {
             let h = s.hash(k);
             assert_eq!(s.find(h, k), Some(slot), "{k}");
-            let in_new = s.table.find(h, |&x| x == slot).is_some();
-            let in_old = s.old.find(h, |&x| x == slot).is_some();
-            assert!(
-                in_new != in_old,
-                "{k}: in the new table {in_new}, the old {in_old}"
-            );
+            let cells = cells.get(&slot).copied().unwrap_or(0);
+            if s.only_in_old(slot) {
+                assert_eq!(cells, 0, "{k} is left to copy");
+                assert!(s.old.find(h, |&x| x == slot).is_some(), "{k} in old");
+            } else {
+                assert_eq!(cells, 1, "{k} has one cell in the new table");
+                in_new += 1;
+            }
         }
+        assert_eq!(s.table.len(), in_new);
         for k in gone {
             if !model.contains_key(k) {
                 assert_eq!(s.find(s.hash(k), k), None, "{k} was removed");
@@ -770,9 +795,9 @@ mod tests {
         let mut model: HashMap<String, u32> = HashMap::new();
         let mut gone: Vec<String> = Vec::new();
         let (mut growths, mut was_growing) = (0, false);
-        for step in 0..12_000u64 {
+        for step in 0..6_000u64 {
             // Mostly inserts, so the table grows through several migrations.
-            let key = format!("k{}", rng.below(9_000));
+            let key = format!("k{}", rng.below(3_000));
             match rng.below(10) {
                 0..=5 => {
                     if let Some(&slot) = model.get(&key) {
@@ -811,7 +836,8 @@ mod tests {
         for (k, slot) in model.drain() {
             assert_eq!(s.remove(slot).key(), k);
         }
-        assert!(s.is_empty() && s.table.is_empty() && s.old.is_empty());
+        assert!(s.is_empty() && s.table.is_empty());
+        check(&s, &model, &gone);
     }
 
     #[test]
