@@ -914,6 +914,36 @@ mod tests {
     }
 
     #[test]
+    fn steady_churn_regrows_in_place_without_growing_the_table() {
+        // Removals leave tombstones that use up hashbrown's room; the table is then replaced by
+        // one sized for the live entries, incrementally, and stays as large as before.
+        let mut s: Shard<u32> = Shard::default();
+        let mut live: std::collections::VecDeque<(String, u32)> = (0..1_000)
+            .map(|i| {
+                let k = format!("k{i}");
+                let slot = put(&mut s, &k, NEVER);
+                (k, slot)
+            })
+            .collect();
+        let (capacity, mut growths, mut was_growing) = (s.table.capacity(), 0, false);
+        for i in 1_000..200_000 {
+            let (k, slot) = live.pop_front().unwrap();
+            assert_eq!(s.remove(slot).key(), k);
+            let k = format!("k{i}");
+            let slot = put(&mut s, &k, NEVER);
+            live.push_back((k, slot));
+            if s.growing() && !was_growing {
+                growths += 1;
+            }
+            was_growing = s.growing();
+            assert!(s.table.capacity() <= 2 * capacity, "{}", s.table.capacity());
+        }
+        assert!(growths > 0, "tombstones never used up the room");
+        let model: HashMap<String, u32> = live.into_iter().collect();
+        check(&s, &model, &["k0".to_string(), "k198999".to_string()]);
+    }
+
+    #[test]
     fn drain_empties() {
         let mut s: Shard<u32> = Shard::default();
         for i in 0..10 {
