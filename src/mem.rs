@@ -21,6 +21,8 @@ pub const fn malloc_chunk(n: usize) -> usize {
 
 /// A hash-table cell: the slot number (4 bytes) and hashbrown's control byte, over the buckets
 /// per entry at its average load (it fills to 7/8, then doubles: 1.14 to 2.29 buckets an entry).
+/// While a shard's table grows (`shard.rs`), the full table it replaces lives on for at most one
+/// write per 64 of its slots (hashbrown's own resize held both for one insert); it is not charged.
 pub const TABLE_CELL: usize = 8;
 
 /// An entry's share of the expiry index: one `(second, slot)` element (8 bytes) in a shard's
