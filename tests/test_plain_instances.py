@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from django_rustcache import RustCache
+from tests.describe import shape
 
 
 def make(**options: Any) -> RustCache:
@@ -299,46 +300,6 @@ def fixed_reduce(protocol: Any) -> Any:
 
 
 # Describing values exactly -------------------------------------------------------------------
-
-
-def shape(obj: Any, ids: dict[int, int] | None = None) -> Any:
-    """A type-exact description of ``obj``: containers and instances numbered by identity,
-    instance attributes in order with whether each ``str`` name is interned."""
-    if ids is None:
-        ids = {}
-    t = type(obj)
-    if t is float:
-        return ("float", obj.hex())
-    if t in (str, bytes, int, bool, type(None)):
-        return (t.__name__, obj)
-    first = id(obj) not in ids
-    if first:
-        ids[id(obj)] = len(ids)
-    tag = (t.__module__, t.__qualname__, ids[id(obj)])
-    if not first:
-        return ("seen", tag)
-    if isinstance(obj, dict):
-        return (tag, [(shape(k, ids), shape(v, ids)) for k, v in obj.items()])
-    if isinstance(obj, (list, tuple)):
-        return (tag, [shape(x, ids) for x in obj])
-    if isinstance(obj, enum.Enum):
-        return (tag, obj.name)
-    attrs = getattr(obj, "__dict__", None)
-    state = (
-        [
-            (shape(k, ids), type(k) is str and sys.intern(k) is k, shape(v, ids))
-            for k, v in attrs.items()
-        ]
-        if attrs is not None
-        else None
-    )
-    slots = [
-        (name, shape(getattr(obj, name), ids))
-        for name in getattr(t, "__slots__", ())
-        if name != "__dict__" and hasattr(obj, name)
-    ]
-    args = [shape(a, ids) for a in obj.args] if isinstance(obj, BaseException) else None
-    return (tag, state, slots, args)
 
 
 def mutate(v: Any, seen: set[int] | None = None) -> None:

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from django_rustcache import RustCache
+from tests.describe import shape
 
 
 def make(**options: Any) -> RustCache:
@@ -53,36 +54,6 @@ class IntSub(int):
 
 class TupleSub(tuple):
     pass
-
-
-def shape(obj: Any, ids: dict[int, int] | None = None) -> Any:
-    """A type-exact description of ``obj`` that also numbers every container by identity.
-
-    ``True`` and ``1``, ``1.0`` and ``1``, list and tuple, key orders and ``[x, x]`` against
-    ``[x, copy(x)]`` all describe differently. Atoms are described by value only (their identity
-    is not observable through an immutable value).
-    """
-    if ids is None:
-        ids = {}
-    t = type(obj)
-    if t is float:
-        return ("float", obj.hex())
-    if t in (str, bytes, int, bool, type(None)):
-        return (t.__name__, obj)
-    first = id(obj) not in ids
-    if first:
-        ids[id(obj)] = len(ids)
-    tag = (t.__module__, t.__qualname__, ids[id(obj)])
-    if not first:
-        return ("seen", tag)
-    extra = shape(vars(obj), ids) if hasattr(obj, "__dict__") else None
-    if isinstance(obj, dict):
-        return (tag, extra, [(shape(k, ids), shape(v, ids)) for k, v in obj.items()])
-    if isinstance(obj, (list, tuple)):
-        return (tag, extra, [shape(x, ids) for x in obj])
-    if isinstance(obj, (str, int)):
-        return (tag, extra, t.__base__(obj) if t.__base__ in (str, int) else str(obj))
-    raise AssertionError(f"unexpected type in a test value: {t}")
 
 
 def test_shape_tells_apart_what_pickle_keeps():
