@@ -30,6 +30,12 @@ pub const TABLE_CELL: usize = 8;
 /// live ones and usually few) are not charged.
 pub const EXPIRY_SHARE: usize = 8;
 
+/// A record of S3-FIFO's ghost (`s3fifo::Ghost`): a `(hash, seq)` element of its FIFO (16 bytes,
+/// a `VecDeque` that doubles: ~1.5 slots a record) and a cell of its `HashMap<u64, u64>` (16
+/// bytes and a control byte, ~1.6 buckets a record as for `TABLE_CELL`). The ghost holds at most
+/// as many records as its shard holds entries, so it is charged to the store like entries are.
+pub const GHOST_RECORD: usize = 16 * 3 / 2 + 17 * 8 / 5;
+
 #[cfg(test)]
 mod tests {
     use super::*;

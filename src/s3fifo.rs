@@ -72,6 +72,11 @@ impl Ghost {
         }
     }
 
+    /// Records held (stale ones included): what the ghost is charged for (`mem::GHOST_RECORD`).
+    pub fn records(&self) -> usize {
+        self.fifo.len()
+    }
+
     /// Hashes remembered.
     pub fn len(&self) -> usize {
         self.live.len()

@@ -22,7 +22,7 @@ use std::mem::size_of;
 use crate::clock::NEVER;
 use crate::entry::{planned_size, rounded_deadline, Pack};
 use crate::flight::Flights;
-use crate::mem::{malloc_chunk, EXPIRY_SHARE, TABLE_CELL};
+use crate::mem::{malloc_chunk, EXPIRY_SHARE, GHOST_RECORD, TABLE_CELL};
 use crate::policy::Policy;
 use crate::s3fifo::MAX_FREQ;
 use crate::shard::{Entry, Shard, MAX_WEIGHT, SLOT_SIZE};
@@ -1046,7 +1046,21 @@ impl<V: Weigh> Store<V> {
         } else {
             let e = match self.policy {
                 Policy::Lru => shard.pop_oldest()?,
-                Policy::S3Fifo => shard.evict_s3()?,
+                Policy::S3Fifo => {
+                    // The ghost may remember the victim's hash (and forget older ones): its
+                    // records are charged like entries, so that MAX_BYTES bounds them too.
+                    let before = shard.ghost.records();
+                    let e = shard.evict_s3()?;
+                    let after = shard.ghost.records();
+                    if after > before {
+                        self.bytes
+                            .fetch_add(((after - before) * GHOST_RECORD) as u64, Relaxed);
+                    } else {
+                        self.bytes
+                            .fetch_sub(((before - after) * GHOST_RECORD) as u64, Relaxed);
+                    }
+                    e
+                }
             };
             Stats::bump(&self.stats.evictions, 1);
             e
@@ -1210,13 +1224,41 @@ mod tests {
         assert_eq!(held(&store), before, "nothing else was lost for it");
         assert_eq!(store.bytes(), bytes);
         assert!(!store.contains("huge", 1));
-        // Accounting is exact: the bytes charged are those of the entries held.
+        // Accounting is exact: the bytes charged are those of the entries and ghost records held.
         let sum: u64 = store
             .shards
             .iter()
-            .map(|s| s.read().iter().map(Store::charge).sum::<u64>())
+            .map(|s| {
+                let s = s.read();
+                let ghost = (s.ghost.records() * GHOST_RECORD) as u64;
+                s.iter().map(Store::charge).sum::<u64>() + ghost
+            })
             .sum();
+        assert!(store.shards.iter().any(|s| s.read().ghost.records() > 0));
         assert_eq!(sum, store.bytes());
+    }
+
+    #[test]
+    fn s3_ghost_records_are_charged_and_bounded_under_max_bytes() {
+        // Many distinct keys, each used once: every eviction leaves a ghost record behind.
+        let store = s3(1);
+        let per_entry = Store::<Val>::weigh("k00000", &Val(10), 0, NEVER);
+        let max = 100 * per_entry;
+        let lim = limits(1_000_000, Some(max));
+        for i in 0..5_000 {
+            set(&store, &format!("k{i:05}"), 10, &lim, 1);
+            assert!(store.bytes() <= max, "{} > {max} bytes", store.bytes());
+        }
+        let shard = store.shards[0].read();
+        let records = shard.ghost.records();
+        assert!(records > 0, "the ghost remembers evicted keys");
+        let entries: u64 = shard.iter().map(Store::charge).sum();
+        assert_eq!(entries + (records * GHOST_RECORD) as u64, store.bytes());
+        // The ghost's share keeps entries out: fewer than 100 fit.
+        assert!(shard.len() < 100, "{} entries", shard.len());
+        drop(shard);
+        store.clear();
+        assert_eq!(store.bytes(), 0);
     }
 
     #[test]
