@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from django_rustcache import RustCache
 from tests.describe import shape
+from tests.threads import run_threads
 
 
 def make(**options: Any) -> RustCache:
@@ -704,11 +705,9 @@ def test_concurrent_set_and_get_of_instances_never_mix_them() -> None:
                     errors.append(repr(vars(got)))
                 got.price.tags.append("mine")
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    ids = iter(range(4))
+    results = run_threads(4, lambda: work(next(ids)))
+    assert all(status == "ok" for status, _ in results), results
     assert errors == []
 
 

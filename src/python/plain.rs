@@ -304,33 +304,9 @@ impl Walk {
         if !self.reserve(2 * len) {
             return None;
         }
-        let mut state: Vec<(Py<PyAny>, Node)> = Vec::with_capacity(len);
-        let mut pos: ffi::Py_ssize_t = 0;
-        loop {
-            let mut k: *mut ffi::PyObject = std::ptr::null_mut();
-            let mut val: *mut ffi::PyObject = std::ptr::null_mut();
-            // SAFETY: as in `dict`.
-            let (k, val) = unsafe {
-                if ffi::PyDict_Next(dp, &mut pos, &mut k, &mut val) == 0 {
-                    break;
-                }
-                (
-                    Bound::from_borrowed_ptr(py, k),
-                    Bound::from_borrowed_ptr(py, val),
-                )
-            };
-            if !instance::plain_key(&k) {
-                return None;
-            }
-            let Node::Atom(key) = self.value(&k, depth + 1)? else {
-                return None;
-            };
-            let key = instance::intern_key(key.into_bound(py));
-            state.push((key, self.value(&val, depth + 1)?));
-        }
-        if state.len() != len || unsafe { ffi::PyDict_Size(dp) } as usize != len {
-            return None;
-        }
+        let state = self.items(py, dp, len, depth, |k, key| {
+            instance::plain_key(k).then(|| instance::intern_key(key.into_bound(k.py())))
+        })?;
         self.weight += malloc_chunk(size_of::<Instance>())
             + malloc_chunk(len * size_of::<(Py<PyAny>, Node)>());
         Some(Node::Instance(Box::new(Instance {
@@ -406,16 +382,17 @@ impl Walk {
         Some(Node::List(items.into_boxed_slice()))
     }
 
-    fn dict(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
-        let py = v.py();
-        let p = v.as_ptr();
-        let len = unsafe { ffi::PyDict_Size(p) } as usize;
-        if depth >= MAX_DEPTH || !self.reserve(2 * len) || !self.seen.insert(p as usize) {
-            return None;
-        }
-        if let Some(flat) = self.flat_dict(py, p, len) {
-            return flat;
-        }
+    /// The items of the exact dict `p` (`len` long), walked: each key must be an atom (a tuple
+    /// holding a list is unhashable), which `key` vets and keeps; each value must be plain. `None`
+    /// if an item is not, or if the dict changed size meanwhile.
+    fn items(
+        &mut self,
+        py: Python<'_>,
+        p: *mut ffi::PyObject,
+        len: usize,
+        depth: usize,
+        mut key: impl FnMut(&Bound<'_, PyAny>, Py<PyAny>) -> Option<Py<PyAny>>,
+    ) -> Option<Vec<(Py<PyAny>, Node)>> {
         let mut items: Vec<(Py<PyAny>, Node)> = Vec::with_capacity(len);
         let mut pos: ffi::Py_ssize_t = 0;
         loop {
@@ -432,14 +409,29 @@ impl Walk {
                     Bound::from_borrowed_ptr(py, val),
                 )
             };
-            let Node::Atom(key) = self.value(&k, depth + 1)? else {
-                return None; // only atoms can be keys (a tuple holding a list is unhashable)
+            let Node::Atom(atom) = self.value(&k, depth + 1)? else {
+                return None;
             };
-            items.push((key, self.value(&val, depth + 1)?));
+            let kept = key(&k, atom)?;
+            items.push((kept, self.value(&val, depth + 1)?));
         }
         if items.len() != len || unsafe { ffi::PyDict_Size(p) } as usize != len {
             return None;
         }
+        Some(items)
+    }
+
+    fn dict(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+        let py = v.py();
+        let p = v.as_ptr();
+        let len = unsafe { ffi::PyDict_Size(p) } as usize;
+        if depth >= MAX_DEPTH || !self.reserve(2 * len) || !self.seen.insert(p as usize) {
+            return None;
+        }
+        if let Some(flat) = self.flat_dict(py, p, len) {
+            return flat;
+        }
+        let items = self.items(py, p, len, depth, |_, key| Some(key))?;
         self.weight += malloc_chunk(len * size_of::<(Py<PyAny>, Node)>());
         Some(Node::Map(items.into_boxed_slice()))
     }
