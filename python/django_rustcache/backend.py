@@ -93,13 +93,16 @@ class RustCache(BaseCache):
 
     def __init__(self, name: str, params: dict[str, Any]) -> None:
         self._options = RustCacheOptions.from_params(name, params)
+        # Django parses TIMEOUT, MAX_ENTRIES and the rest first (`_sync` waits for the handle);
+        # MAX_ENTRIES as it reads it decides the shard count of a store made now.
+        super().__init__(params)
         try:
             self._h = Handle(
                 self._options.location,
                 DEFAULT_TIMEOUT,
                 _warn_key,
                 policy=self._options.eviction_policy,
-                max_entries=self._options.max_entries,
+                max_entries=self._max_entries,
             )
         except ValueError as e:
             # Another alias created this LOCATION's store with another EVICTION_POLICY.
@@ -107,7 +110,7 @@ class RustCache(BaseCache):
                 f"RustCache LOCATION {self._options.location!r}: OPTIONS['EVICTION_POLICY'] is "
                 f"{self._options.eviction_policy!r}, but {e}."
             ) from None
-        super().__init__(params)
+        self._sync()
         # LocMemCache's introspection points, which Django's own tests use: `_cache` is the store,
         # `_lock.locked()` tells whether a store lock is held, `_expire_info[made_key]` the expiry.
         self._cache = self._h

@@ -58,8 +58,6 @@ class RustCacheOptions:
     max_bytes: int | None
     stampede_wait: float
     eviction_policy: str = "lru"
-    #: MAX_ENTRIES as Django's BaseCache reads it; decides the store's shard count on creation.
-    max_entries: int = 300
     #: XFetch beta for ``get_or_set`` (0: off); see ``check_early_refresh``.
     early_refresh: float = 0.0
 
@@ -114,7 +112,6 @@ class RustCacheOptions:
             raise ImproperlyConfigured(f"{where}: OPTIONS['EARLY_REFRESH']: {exc}") from None
         return cls(
             location=location,
-            max_entries=_django_max_entries(params),
             max_bytes=max_bytes,
             stampede_wait=float(wait),
             eviction_policy=policy,
@@ -123,16 +120,6 @@ class RustCacheOptions:
 
 
 _INF = float("inf")
-
-
-def _django_max_entries(params: dict[str, Any]) -> int:
-    """MAX_ENTRIES exactly as Django's ``BaseCache.__init__`` reads it (300 when not an int)."""
-    options = params.get("OPTIONS") or {}
-    value = params.get("max_entries", options.get("MAX_ENTRIES", 300))
-    try:
-        return int(value)
-    except (ValueError, TypeError):
-        return 300
 
 
 def check_early_refresh(beta: Any) -> float:
