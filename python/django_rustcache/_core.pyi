@@ -5,6 +5,9 @@ from typing import Any
 
 __version__: str
 
+def fork_generation() -> int:
+    """How many fork()s separate this process from the one that loaded the module."""
+
 class TagSnapshot:
     """Tag versions taken before computing a value; storing with it is refused if any moved."""
 
