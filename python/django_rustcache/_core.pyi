@@ -3,9 +3,12 @@
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, final
 
-__all__ = ["Handle", "TagSnapshot", "FastMethod", "__version__"]
+__all__ = ["Handle", "TagSnapshot", "FastMethod", "fork_generation", "__version__"]
 
 __version__: str
+
+def fork_generation() -> int:
+    """How many fork()s separate this process from the one that loaded the module."""
 
 @final
 class TagSnapshot:
