@@ -1532,6 +1532,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn threads_sharing_tags_never_see_an_invalidated_entry_and_leave_no_tag_behind() {
+        let store: Store<Val> = Store::new(4);
+        let lim = limits(1_000, Some(200_000));
+        thread::scope(|s| {
+            for t in 0..4u64 {
+                let store = &store;
+                s.spawn(move || {
+                    for i in 0..20_000u64 {
+                        let tag = format!("t{}", i % 16);
+                        let key = format!("k{t}:{}", i % 64);
+                        let stamps = store.tags.stamps([tag.as_str(), "all"]);
+                        store.set(&key, Val(i as usize), NEVER, stamps, &lim, 1);
+                        if i % 5 == 0 {
+                            store.invalidate_tags([tag.as_str()], 1);
+                            // Whatever other threads drop meanwhile, the entry stays invalid.
+                            assert!(store.get(&key, 1, |_| ()).is_none(), "{key} revived");
+                        } else if i % 3 == 0 {
+                            store.delete(&key, 1);
+                        }
+                    }
+                });
+            }
+        });
+        store.invalidate_tags(["all"], 1);
+        assert!(store.is_empty());
+        // Left: only cells whose last two stamps went at once (each saw the other), counted,
+        // until a sweep, which finds nothing else holding them.
+        assert_eq!(store.bytes(), store.tags.bytes());
+        store.tags.sweep();
+        assert_eq!((store.bytes(), store.tags.len()), (0, 0));
+        store.clear();
+        assert_eq!((store.bytes(), store.tags.len()), (0, 0));
+    }
+
     /// Bytes charged for S3-FIFO's ghost records.
     fn ghost<V: Weigh>(store: &Store<V>) -> u64 {
         let records: usize = store.shards.iter().map(|s| s.read().ghost.records()).sum();

@@ -228,14 +228,7 @@ impl TagTable {
                 Some(c) => c.clone(),
                 None => {
                     if cells.table.len() >= cells.sweep_at {
-                        cells.table.retain(|c| {
-                            let keep = Arc::strong_count(c) > 1;
-                            if !keep {
-                                swept.push(c.clone());
-                            }
-                            keep
-                        });
-                        cells.sweep_at = (cells.table.len() * 2).max(MIN_SWEEP);
+                        Self::sweep_locked(&mut cells, &mut swept);
                     }
                     // The member list has room for its first refs from the start, so that the
                     // bytes it takes are counted before the entry is stored (under MAX_BYTES).
@@ -269,6 +262,27 @@ impl TagTable {
             shared.forget(c);
         }
         out
+    }
+
+    /// Takes the cells only the table holds out of it (into `swept`, to `forget` after unlocking).
+    fn sweep_locked(cells: &mut Cells, swept: &mut Vec<Arc<TagCell>>) {
+        cells.table.retain(|c| {
+            let keep = Arc::strong_count(c) > 1;
+            if !keep {
+                swept.push(c.clone());
+            }
+            keep
+        });
+        cells.sweep_at = (cells.table.len() * 2).max(MIN_SWEEP);
+    }
+
+    /// Forgets every cell no stamp refers to now (`stamps` does it as the table grows).
+    pub fn sweep(&self) {
+        let mut swept = Vec::new();
+        Self::sweep_locked(&mut self.0.cells.lock(), &mut swept);
+        for c in &swept {
+            self.0.forget(c);
+        }
     }
 
     /// The cells of the tags that exist among `names`.
