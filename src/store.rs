@@ -17,8 +17,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use ahash::RandomState;
 use parking_lot::{RwLock, RwLockWriteGuard};
 
-use std::mem::size_of;
-
 use crate::clock::NEVER;
 use crate::entry::{planned_size, rounded_deadline, Pack};
 use crate::flight::Flights;
@@ -102,10 +100,11 @@ pub enum Replace {
 
 /// Bytes charged per entry besides its value: the slab slot, the hash-table cell, the entry's
 /// block (`block` bytes: header, tail, key and payload), the expiry index's share if it has a
-/// deadline, and per tag its stamp and its place in the tag's member list. See `mem.rs`.
+/// deadline, and its tag stamps. See `mem.rs`. (Its places in the tags' member lists are counted
+/// with the tags, `TagTable::bytes`, as those lists really are.)
 pub fn entry_overhead(block: usize, tags: usize, timed: bool) -> u64 {
     let expiry = if timed { EXPIRY_SHARE } else { 0 };
-    let stamps = Stamps::heap_size(tags) + tags * size_of::<EntryRef>();
+    let stamps = Stamps::heap_size(tags);
     (SLOT_SIZE + TABLE_CELL + malloc_chunk(block) + expiry + stamps) as u64
 }
 
@@ -168,8 +167,9 @@ impl<V: Weigh> Store<V> {
         self.len() == 0
     }
 
+    /// Bytes held: entries (and S3-FIFO's ghost records) and the tag table.
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Relaxed)
+        self.bytes.load(Relaxed) + self.tags.bytes()
     }
 
     /// Whether any shard lock is held right now (for tests that check nothing runs under a lock).
@@ -817,7 +817,7 @@ impl<V: Weigh> Store<V> {
     fn take_bytes(&self, max: u64, weight: u64) -> bool {
         self.bytes
             .fetch_update(Relaxed, Relaxed, |b| {
-                (b + weight <= max).then_some(b + weight)
+                (b + self.tags.bytes() + weight <= max).then_some(b + weight)
             })
             .is_ok()
     }
@@ -953,9 +953,7 @@ impl<V: Weigh> Store<V> {
         let mut refs: Vec<EntryRef> = Vec::new();
         for cell in self.tags.existing(names) {
             cell.bump();
-            let mut members = cell.members.lock();
-            refs.append(&mut members.refs);
-            members.compact_at = 64;
+            refs.append(&mut self.tags.take_members(&cell));
         }
         refs.sort_unstable_by_key(|r| (r.shard, r.slot));
         let mut removed = 0;
@@ -980,15 +978,10 @@ impl<V: Weigh> Store<V> {
     /// Records `at` in the member lists of its tags, compacting a list that filled with stale refs.
     fn register(&self, at: EntryRef, stamps: &[TagStamp]) {
         for stamp in stamps {
-            let mut members = stamp.cell.members.lock();
-            members.refs.push(at);
-            if members.refs.len() >= members.compact_at {
-                members.refs.retain(|r| {
-                    let shard = self.shards[r.shard as usize].read();
-                    shard.entry_if(r.slot, r.gen).is_some()
-                });
-                members.compact_at = (members.refs.len() * 2).max(64);
-            }
+            self.tags.add_member(&stamp.cell, at, |r| {
+                let shard = self.shards[r.shard as usize].read();
+                shard.entry_if(r.slot, r.gen).is_some()
+            });
         }
     }
 
@@ -1107,7 +1100,7 @@ impl<V: Weigh> Store<V> {
         };
         loop {
             let cur = self.bytes.load(Relaxed);
-            if cur + weight <= max {
+            if cur + self.tags.bytes() + weight <= max {
                 if self
                     .bytes
                     .compare_exchange(cur, cur + weight, Relaxed, Relaxed)
@@ -1423,7 +1416,7 @@ mod tests {
         assert_eq!(w("k", 0, NEVER), w(&"k".repeat(8), 0, NEVER));
         assert_eq!(w(&"k".repeat(9), 0, NEVER), w("k", 0, NEVER) + 16);
         assert_eq!(w("k", 0, 5 * SEC), w("k", 0, NEVER) + EXPIRY_SHARE as u64);
-        assert!(w("k", 1, NEVER) > w("k", 0, NEVER) + size_of::<TagStamp>() as u64);
+        assert!(w("k", 1, NEVER) > w("k", 0, NEVER) + std::mem::size_of::<TagStamp>() as u64);
         // A deadline beyond the header's 49 days takes 8 bytes of tail: the next chunk here.
         let far = 60 * 86_400 * SEC;
         assert_eq!(w("k", 0, far), w("k", 0, 5 * SEC) + 16);
@@ -1522,7 +1515,7 @@ mod tests {
         });
         assert_eq!(got, Some((500, 80 * SEC, 3_000, 1)));
         let sum: u64 = store.shards[0].read().iter().map(Store::charge).sum();
-        assert_eq!(store.bytes(), sum);
+        assert_eq!(store.bytes(), sum + store.tags.bytes());
         // The old generation no longer matches.
         assert_eq!(
             store.replace_if("k", gen, Val(1), &lim, 1),
@@ -1534,6 +1527,78 @@ mod tests {
         );
         assert_eq!(store.invalidate_tags(["t"], 1), 1);
         assert_eq!(store.bytes(), 0);
+    }
+
+    #[test]
+    fn a_tag_per_row_is_forgotten_with_its_rows_and_bounded_by_max_bytes() {
+        for policy in [Policy::Lru, Policy::S3Fifo] {
+            let store: Store<Val> = Store::with_policy(1, policy);
+            let lim = limits(100, Some(40_000));
+            for i in 0..100_000u64 {
+                let key = format!("k{i}");
+                let stamps = store.tags.stamps([format!("row:{i}").as_str()]);
+                let now = i * SEC / 1000;
+                store.set(&key, Val(10), now + SEC / 100, stamps, &lim, now);
+                if i % 7 == 0 {
+                    store.invalidate_tags([format!("row:{}", i - i % 5).as_str()], now);
+                }
+                assert!(
+                    store.bytes() <= 40_000,
+                    "{policy:?}: {} bytes",
+                    store.bytes()
+                );
+            }
+            assert!(
+                store.tags.len() <= 101,
+                "{policy:?}: {} tags",
+                store.tags.len()
+            );
+            let sum: u64 = store.shards[0].read().iter().map(Store::charge).sum();
+            assert_eq!(store.bytes(), sum + store.tags.bytes() + ghost(&store));
+            store.clear();
+            assert_eq!((store.bytes(), store.tags.len()), (0, 0));
+        }
+    }
+
+    #[test]
+    fn threads_sharing_tags_never_see_an_invalidated_entry_and_leave_no_tag_behind() {
+        let store: Store<Val> = Store::new(4);
+        let lim = limits(1_000, Some(200_000));
+        thread::scope(|s| {
+            for t in 0..4u64 {
+                let store = &store;
+                s.spawn(move || {
+                    for i in 0..20_000u64 {
+                        let tag = format!("t{}", i % 16);
+                        let key = format!("k{t}:{}", i % 64);
+                        let stamps = store.tags.stamps([tag.as_str(), "all"]);
+                        store.set(&key, Val(i as usize), NEVER, stamps, &lim, 1);
+                        if i % 5 == 0 {
+                            store.invalidate_tags([tag.as_str()], 1);
+                            // Whatever other threads drop meanwhile, the entry stays invalid.
+                            assert!(store.get(&key, 1, |_| ()).is_none(), "{key} revived");
+                        } else if i % 3 == 0 {
+                            store.delete(&key, 1);
+                        }
+                    }
+                });
+            }
+        });
+        store.invalidate_tags(["all"], 1);
+        assert!(store.is_empty());
+        // Left: only cells whose last two stamps went at once (each saw the other), counted,
+        // until a sweep, which finds nothing else holding them.
+        assert_eq!(store.bytes(), store.tags.bytes());
+        store.tags.sweep();
+        assert_eq!((store.bytes(), store.tags.len()), (0, 0));
+        store.clear();
+        assert_eq!((store.bytes(), store.tags.len()), (0, 0));
+    }
+
+    /// Bytes charged for S3-FIFO's ghost records.
+    fn ghost<V: Weigh>(store: &Store<V>) -> u64 {
+        let records: usize = store.shards.iter().map(|s| s.read().ghost.records()).sum();
+        (records * GHOST_RECORD) as u64
     }
 
     #[test]

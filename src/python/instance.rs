@@ -34,6 +34,7 @@
 //! `__new__`, a `__getattr__`, a new `__mro__`, another class under the name) are seen on `get`.
 
 use std::ptr::addr_of_mut;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 
 use ahash::RandomState;
@@ -578,12 +579,18 @@ pub(crate) unsafe fn unlock_after_fork() {
     KNOWN.force_unlock();
 }
 
+/// `KNOWN` forgets dead records when it holds this many (then twice what it kept): amortized
+/// O(1) a new record, where a fixed bound swept the whole map at every new record past it.
+static SWEEP_AT: AtomicUsize = AtomicUsize::new(1024);
+
 /// Keeps a new `Class` for the next `set`s (and forgets dead ones once there are many).
 fn remember(class: &Arc<Class>) {
     let mut known = KNOWN.lock();
     let known = known.get_or_insert_with(HashMap::default);
-    if known.len() >= 1024 {
+    if known.len() >= SWEEP_AT.load(Relaxed) {
         known.retain(|_, w| w.strong_count() > 0);
+        known.shrink_to(2 * known.len());
+        SWEEP_AT.store((2 * known.len()).max(1024), Relaxed);
     }
     known.insert(class.cls.as_ptr() as usize, Arc::downgrade(class));
 }
