@@ -241,3 +241,49 @@ def test_two_distinct_tags_invalidate_only_their_own_entries(pair: tuple[str, st
     c.set("b", "B", tags=[u])
     assert c.invalidate_tags([t]) == 1
     assert (c.get("a"), c.get("b")) == (None, "B")
+
+
+# @cached builds keys from arguments: different arguments, different keys --------------------
+
+
+class Named:
+    """An argument whose repr is the text of a str argument."""
+
+    def __repr__(self) -> str:
+        return "Named()"
+
+
+def test_cached_keeps_arguments_of_different_types_apart() -> None:
+    from django_rustcache.decorators import cached
+
+    @cached(60)
+    def kind(x: Any) -> str:
+        return type(x).__name__
+
+    assert kind([1, 2]) == "list"
+    assert kind((1, 2)) == "tuple"
+    assert kind({"a": 1}) == "dict"
+    assert kind((("'a'", 1),)) == "tuple"
+    assert kind({1, 2}) == "set"
+    assert kind(frozenset({1, 2})) == "frozenset"
+    assert kind(("1", "2")) == "tuple"
+    assert kind(Named()) == "Named"
+    assert kind("Named()") == "str"
+    args = [[1, 2], (1, 2), {"a": 1}, (("'a'", 1),), {1, 2}, ("1", "2"), Named(), "Named()"]
+    assert len({kind.cache_key(a) for a in args}) == len(args)
+
+
+def test_cached_closures_of_one_name_do_not_share_results() -> None:
+    from django_rustcache.decorators import cached
+
+    def times(n: int) -> Any:
+        @cached(60)
+        def scaled(x: int) -> int:
+            return x * n
+
+        return scaled
+
+    double, triple = times(2), times(3)
+    assert double(5) == 10
+    assert triple(5) == 15
+    assert double.cache_key(5) != triple.cache_key(5)
