@@ -287,3 +287,13 @@ def test_cached_closures_of_one_name_do_not_share_results() -> None:
     assert double(5) == 10
     assert triple(5) == 15
     assert double.cache_key(5) != triple.cache_key(5)
+
+
+def test_locations_with_a_lone_surrogate_or_the_escape_character_are_two_stores() -> None:
+    tail = uuid.uuid4().hex
+    a = RustCache(f"x\udc80{tail}", {})
+    b = RustCache(f"x\uffffdc80{tail}", {})
+    a.set("k", "a")
+    assert b.get("k") is None
+    assert a.stats()["location"] == f"x\udc80{tail}"
+    assert RustCache(f"x\udc80{tail}", {}).get("k") == "a"

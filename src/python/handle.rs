@@ -26,6 +26,7 @@ use crate::tags::TagStamp;
 #[pyclass(module = "django_rustcache._core")]
 pub struct Handle {
     store: Arc<Store<PyValue>>,
+    /// LOCATION as store text (see `crate::keys`): the registry's name of the store.
     location: String,
     /// KEY_PREFIX and VERSION as store text (see `crate::keys`), and as given, for the slow path.
     prefix: String,
@@ -298,7 +299,7 @@ impl Handle {
     #[new]
     #[pyo3(signature = (location, sentinel, warn, shards = None, policy = None, max_entries = 300))]
     fn new(
-        location: String,
+        location: &Bound<'_, PyString>,
         sentinel: Py<PyAny>,
         warn: Py<PyAny>,
         shards: Option<usize>,
@@ -310,6 +311,7 @@ impl Handle {
             .transpose()
             .map_err(PyValueError::new_err)?;
         let shards = shards.unwrap_or_else(|| crate::store::shards_for(max_entries));
+        let location = store_text(location)?.into_owned();
         let store = registry::store(&location, shards, policy).map_err(|existing| {
             PyValueError::new_err(format!(
                 "the store of this LOCATION was created with EVICTION_POLICY '{existing}'; \
@@ -362,8 +364,8 @@ impl Handle {
     }
 
     #[getter]
-    fn location(&self) -> &str {
-        &self.location
+    fn location<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
+        unescape(py, &self.location)
     }
 
     /// The store's eviction policy: "lru" or "s3fifo".
@@ -785,7 +787,7 @@ impl Handle {
         d.set_item("max_entries", self.limits.max_entries)?;
         d.set_item("cull_frequency", self.limits.cull_frequency)?;
         d.set_item("max_bytes", self.limits.max_bytes)?;
-        d.set_item("location", &self.location)?;
+        d.set_item("location", unescape(py, &self.location)?)?;
         Ok(d)
     }
 }
