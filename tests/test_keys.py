@@ -297,3 +297,10 @@ def test_locations_with_a_lone_surrogate_or_the_escape_character_are_two_stores(
     assert b.get("k") is None
     assert a.stats()["location"] == f"x\udc80{tail}"
     assert RustCache(f"x\udc80{tail}", {}).get("k") == "a"
+
+
+@settings(max_examples=100, deadline=None)
+@given(key=keys)
+def test_the_handles_made_key_is_djangos_not_the_stores_text(key: str) -> None:
+    c = make()
+    assert c._h.make_key(key) == c.make_key(key)

@@ -374,13 +374,14 @@ impl Handle {
         self.store.policy().name()
     }
 
+    /// The made key, as Django's default key function makes it (not the store's escaped text).
     #[pyo3(signature = (key, version = None))]
-    fn make_key(
+    fn make_key<'py>(
         &self,
-        key: &Bound<'_, PyAny>,
-        version: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<String> {
-        self.key(key, version).map(|k| k.to_string())
+        key: &Bound<'py, PyAny>,
+        version: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyString>> {
+        unescape(key.py(), &self.key(key, version)?)
     }
 
     #[pyo3(signature = (key, default = None, version = None))]
