@@ -5,6 +5,7 @@ pub mod clock;
 pub mod early;
 pub mod entry;
 pub mod flight;
+pub mod fork;
 pub mod keys;
 pub mod mem;
 pub mod policy;
