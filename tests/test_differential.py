@@ -333,6 +333,9 @@ KEY_POOL: list[Any] = [
     "日本語",
     "emoji😀",
     "lone\udcffsurrogate",
+    # The old store text of the key above (U+FFFF + its surrogatepass bytes), and the new one.
+    "lone\uffffed\uffffb3\uffffbfsurrogate",
+    "lone\uffffdcffsurrogate",
     "x" * 246,
     "x" * 247,
     "x" * 248,

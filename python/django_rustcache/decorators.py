@@ -10,6 +10,7 @@ import copy
 import functools
 import hashlib
 import inspect
+import threading
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -45,26 +46,55 @@ def _expand(specs: Iterable[Spec], call: tuple[tuple, dict], fmt: tuple[tuple, d
     return list(dict.fromkeys(out))
 
 
+def _type_name(value: Any) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
 def _key_part(value: Any) -> Any:
-    """A stable, repr-able stand-in for an argument; TypeError if it has no stable identity."""
+    """A stable, repr-able stand-in for an argument; TypeError if it has no stable identity.
+
+    Plain values stand for themselves; anything else becomes a tuple led by its kind and type
+    (a list, a tuple of the same items and an object whose repr is some str argument's text all
+    differ), so that distinct arguments give distinct keys.
+    """
     if value is None or isinstance(value, _PLAIN):
         return value
     if isinstance(value, Model):
         if value.pk is None:
             raise TypeError(f"cannot build a cache key from unsaved {value!r}; pass key=")
-        return (value._meta.label_lower, value.pk)
+        return ("model", value._meta.label_lower, value.pk)
     if isinstance(value, dict):
-        return tuple(sorted((repr(k), _key_part(v)) for k, v in value.items()))
+        items = sorted(((repr(_key_part(k)), _key_part(v)) for k, v in value.items()), key=_first)
+        return ("dict", _type_name(value), tuple(items))
     if isinstance(value, (set, frozenset)):
-        return tuple(sorted(repr(_key_part(v)) for v in value))
+        return ("set", _type_name(value), tuple(sorted(repr(_key_part(v)) for v in value)))
     if isinstance(value, (list, tuple)):
-        return tuple(_key_part(v) for v in value)
+        return ("seq", _type_name(value), tuple(_key_part(v) for v in value))
     if type(value).__repr__ is object.__repr__:
         raise TypeError(
             f"cannot build a cache key from {type(value).__name__!r} (its repr is its address); "
             "give it a __repr__ or pass key="
         )
-    return repr(value)
+    return ("repr", _type_name(value), repr(value))
+
+
+def _first(pair: tuple[str, Any]) -> str:
+    return pair[0]
+
+
+#: How many ``@cached`` functions have been made under each qualified name: a later one (a
+#: closure made again by its factory, a method of a class made in a function) gets a numbered
+#: name, so that two functions never share results.
+_names: dict[str, int] = {}
+_names_lock = threading.Lock()
+
+
+def _unique_name(fn: Callable[..., Any]) -> str:
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    with _names_lock:
+        seen = _names.get(name, 0)
+        _names[name] = seen + 1
+    return name if seen == 0 else f"{name}#{seen + 1}"
 
 
 class CachedFunction:
@@ -85,7 +115,7 @@ class CachedFunction:
         functools.update_wrapper(self, fn)
         self.fn, self.timeout, self.tags, self.key, self.cache_alias = fn, timeout, tags, key, cache
         self._signature = inspect.signature(fn)
-        self._name = f"{fn.__module__}.{fn.__qualname__}"
+        self._name = _unique_name(fn)
 
     def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         bound = self._signature.bind(*args, **kwargs)

@@ -9,16 +9,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString};
+use pyo3::types::{PyDict, PyInt, PyList, PyString};
 
 use super::fast::TimeoutArg;
-use super::keys::push_part;
+use super::keys::{push_part, push_part_escaped, store_text, unescape};
 use super::made_key::MadeKey;
 use super::registry;
 use super::value::{decode, encode, PyValue};
 use crate::clock::{self, NEVER};
 use crate::flight::Role;
-use crate::keys::needs_warning;
+use crate::keys::{check, Check};
 use crate::policy::Policy;
 use crate::store::{Limits, Put, Replace, Store};
 use crate::tags::TagStamp;
@@ -26,9 +26,13 @@ use crate::tags::TagStamp;
 #[pyclass(module = "django_rustcache._core")]
 pub struct Handle {
     store: Arc<Store<PyValue>>,
+    /// LOCATION as store text (see `crate::keys`): the registry's name of the store.
     location: String,
+    /// KEY_PREFIX and VERSION as store text (see `crate::keys`), and as given, for the slow path.
     prefix: String,
     version: String,
+    prefix_obj: Option<Py<PyAny>>,
+    version_obj: Option<Py<PyAny>>,
     raw: bool,
     default_timeout: Option<f64>,
     limits: Limits,
@@ -66,28 +70,9 @@ fn wall_epoch() -> f64 {
     })
 }
 
-/// A Python str holding lone surrogates as a Rust string: each byte of its `surrogatepass`
-/// encoding that is not valid UTF-8 becomes U+FFFF (a noncharacter) and two hex digits.
-fn escape_surrogates(s: &Bound<'_, PyAny>) -> PyResult<String> {
-    let raw = s.call_method1("encode", ("utf-8", "surrogatepass"))?;
-    let bytes = raw.cast::<PyBytes>()?.as_bytes();
-    let mut out = String::with_capacity(bytes.len() + 8);
-    for chunk in bytes.utf8_chunks() {
-        out.push_str(chunk.valid());
-        for b in chunk.invalid() {
-            out.push('\u{ffff}');
-            out.push_str(&format!("{b:02x}"));
-        }
-    }
-    Ok(out)
-}
-
-/// A made key as the flight table's text: lone surrogates escaped as the store escapes them.
+/// A made key as the flight table's text: the store's text of it (see `crate::keys`).
 fn flight_name<'a>(key: &'a Bound<'_, PyString>) -> PyResult<std::borrow::Cow<'a, str>> {
-    match key.to_str() {
-        Ok(text) => Ok(std::borrow::Cow::Borrowed(text)),
-        Err(_) => escape_surrogates(key.as_any()).map(std::borrow::Cow::Owned),
-    }
+    store_text(key)
 }
 
 fn not_found(key: &str) -> PyErr {
@@ -99,13 +84,13 @@ impl Handle {
     fn key(&self, key: &Bound<'_, PyAny>, version: Option<&Bound<'_, PyAny>>) -> PyResult<MadeKey> {
         if self.raw {
             return match key.cast::<PyString>() {
-                Ok(s) => match s.to_str() {
-                    Ok(text) => {
+                Ok(s) => match store_text(s)? {
+                    std::borrow::Cow::Borrowed(text) => {
                         let mut out = MadeKey::buffer();
                         out.push_str(text);
                         Ok(MadeKey::new(out))
                     }
-                    Err(_) => escape_surrogates(s.as_any()).map(MadeKey::new),
+                    std::borrow::Cow::Owned(text) => Ok(MadeKey::new(text)),
                 },
                 Err(_) => Err(PyTypeError::new_err(format!(
                     "the key function must return a str, not {}",
@@ -130,37 +115,58 @@ impl Handle {
         match built {
             Ok(()) => {
                 let out = MadeKey::new(out);
-                if needs_warning(&out) {
-                    self.warn.bind(key.py()).call1((&*out,))?;
+                match check(&out) {
+                    Check::Clean => Ok(out),
+                    Check::Warn => {
+                        self.warn.bind(key.py()).call1((&*out,))?;
+                        Ok(out)
+                    }
+                    Check::Escape => self.escaped_key(key, version).map(MadeKey::new),
                 }
-                Ok(out)
             }
             Err(e) if e.is_instance_of::<PyUnicodeEncodeError>(key.py()) => {
-                self.key_with_surrogates(key, version).map(MadeKey::new)
+                self.escaped_key(key, version).map(MadeKey::new)
             }
             Err(e) => Err(e),
         }
     }
 
-    /// The made key of a key or version holding lone surrogates (which a Rust `str` cannot hold):
-    /// made and checked by Python as Django does, then escaped by `escape_surrogates`.
-    fn key_with_surrogates(
+    /// The made key as Python makes it (Django's default key function), with KEY_PREFIX and
+    /// VERSION as given rather than as store text.
+    fn python_made_key<'py>(
+        &self,
+        key: &Bound<'py, PyAny>,
+        version: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyString>> {
+        let py = key.py();
+        let prefix = match &self.prefix_obj {
+            Some(p) => p.bind(py).clone(),
+            None => PyString::new(py, &self.prefix).into_any(),
+        };
+        let version = match (version, &self.version_obj) {
+            (Some(v), _) if !v.is_none() => v.clone(),
+            (_, Some(v)) => v.bind(py).clone(),
+            (_, None) => PyString::new(py, &self.version).into_any(),
+        };
+        Ok(PyString::new(py, "%s:%s:%s")
+            .rem((prefix, version, key))?
+            .cast_into::<PyString>()?)
+    }
+
+    /// The store text of a made key that holds a lone surrogate or U+FFFF (the slow path): made
+    /// and checked for Django's warning by Python as Django does, then escaped (`crate::keys`).
+    fn escaped_key(
         &self,
         key: &Bound<'_, PyAny>,
         version: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<String> {
-        let py = key.py();
-        let version = match version {
-            Some(v) if !v.is_none() => v.clone(),
-            _ => PyString::new(py, &self.version).into_any(),
-        };
-        let made = PyString::new(py, "%s:%s:%s").rem((&self.prefix, version, key))?;
-        self.warn.bind(py).call1((&made,))?;
-        escape_surrogates(&made)
+        let made = self.python_made_key(key, version)?;
+        self.warn.bind(key.py()).call1((&made,))?;
+        super::keys::escape(&made)
     }
 
-    /// Django's "Key '<made key>' not found" error. A made key holding lone surrogates is stored
-    /// escaped (see `escape_surrogates`): name it as Python made it, as Django does.
+    /// Django's "Key '<made key>' not found" error. A made key holding lone surrogates or U+FFFF
+    /// is stored escaped (see `crate::keys`): name it as Python made it, as Django does.
     fn not_found(
         &self,
         key: &Bound<'_, PyAny>,
@@ -174,13 +180,7 @@ impl Handle {
         let made = if self.raw {
             Ok(key.clone())
         } else {
-            let version = match version {
-                Some(v) if !v.is_none() => v.clone(),
-                _ => PyString::new(py, &self.version).into_any(),
-            };
-            PyString::new(py, "%s:%s:%s")
-                .rem((&self.prefix, version, key))
-                .map(Bound::into_any)
+            self.python_made_key(key, version).map(Bound::into_any)
         };
         match made.and_then(|m| PyString::new(py, "Key '%s' not found").rem((m,))) {
             Ok(msg) => PyValueError::new_err(msg.unbind()),
@@ -242,7 +242,13 @@ impl Handle {
                         .unwrap_or_default()
                 ))
             })?;
-            names.push(format!("{}:{}", self.prefix, s.to_str()?));
+            // The prefix's length first: prefix "a" with tag "b:c" is not prefix "a:b" with "c".
+            names.push(format!(
+                "{}:{}:{}",
+                self.prefix.len(),
+                self.prefix,
+                store_text(s)?
+            ));
         }
         Ok(names)
     }
@@ -293,7 +299,7 @@ impl Handle {
     #[new]
     #[pyo3(signature = (location, sentinel, warn, shards = None, policy = None, max_entries = 300))]
     fn new(
-        location: String,
+        location: &Bound<'_, PyString>,
         sentinel: Py<PyAny>,
         warn: Py<PyAny>,
         shards: Option<usize>,
@@ -305,6 +311,7 @@ impl Handle {
             .transpose()
             .map_err(PyValueError::new_err)?;
         let shards = shards.unwrap_or_else(|| crate::store::shards_for(max_entries));
+        let location = store_text(location)?.into_owned();
         let store = registry::store(&location, shards, policy).map_err(|existing| {
             PyValueError::new_err(format!(
                 "the store of this LOCATION was created with EVICTION_POLICY '{existing}'; \
@@ -316,6 +323,8 @@ impl Handle {
             location,
             prefix: String::new(),
             version: "1".to_owned(),
+            prefix_obj: None,
+            version_obj: None,
             raw: false,
             default_timeout: Some(300.0),
             limits: Limits::default(),
@@ -333,11 +342,13 @@ impl Handle {
         raw: bool,
     ) -> PyResult<()> {
         let mut p = String::new();
-        push_part(&mut p, prefix)?;
+        push_part_escaped(&mut p, prefix)?;
         let mut v = String::new();
-        push_part(&mut v, version)?;
+        push_part_escaped(&mut v, version)?;
         self.prefix = p;
         self.version = v;
+        self.prefix_obj = Some(prefix.clone().unbind());
+        self.version_obj = Some(version.clone().unbind());
         self.default_timeout = default_timeout;
         self.raw = raw;
         Ok(())
@@ -353,8 +364,8 @@ impl Handle {
     }
 
     #[getter]
-    fn location(&self) -> &str {
-        &self.location
+    fn location<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
+        unescape(py, &self.location)
     }
 
     /// The store's eviction policy: "lru" or "s3fifo".
@@ -363,13 +374,14 @@ impl Handle {
         self.store.policy().name()
     }
 
+    /// The made key, as Django's default key function makes it (not the store's escaped text).
     #[pyo3(signature = (key, version = None))]
-    fn make_key(
+    fn make_key<'py>(
         &self,
-        key: &Bound<'_, PyAny>,
-        version: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<String> {
-        self.key(key, version).map(|k| k.to_string())
+        key: &Bound<'py, PyAny>,
+        version: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyString>> {
+        unescape(key.py(), &self.key(key, version)?)
     }
 
     #[pyo3(signature = (key, default = None, version = None))]
@@ -695,10 +707,15 @@ impl Handle {
         })
     }
 
-    /// The caller's keys (made key minus `prefix:version:`) of live entries under this prefix and
-    /// `version`. Scans the store; raw mode cannot reverse a custom key function.
+    /// The caller's keys (made key minus `prefix:version:`, lone surrogates and U+FFFF restored)
+    /// of live entries under this prefix and `version`. Scans the store; raw mode cannot reverse a
+    /// custom key function.
     #[pyo3(signature = (version = None))]
-    fn keys(&self, version: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
+    fn keys<'py>(
+        &self,
+        py: Python<'py>,
+        version: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Vec<Bound<'py, PyString>>> {
         if self.raw {
             return Err(PyTypeError::new_err(
                 "listing keys needs Django's default KEY_FUNCTION (a custom one cannot be reversed)",
@@ -708,15 +725,15 @@ impl Handle {
         head.push_str(&self.prefix);
         head.push(':');
         match version {
-            Some(v) if !v.is_none() => push_part(&mut head, v)?,
+            Some(v) if !v.is_none() => push_part_escaped(&mut head, v)?,
             _ => head.push_str(&self.version),
         }
         head.push(':');
-        let mut keys = self.store.keys_with_prefix(&head, clock::now());
-        for k in keys.iter_mut() {
-            k.drain(..head.len());
-        }
-        Ok(keys)
+        self.store
+            .keys_with_prefix(&head, clock::now())
+            .iter()
+            .map(|k| unescape(py, &k[head.len()..]))
+            .collect()
     }
 
     /// Wall-clock time (as `time.time()`) at which the live entry expires; None for never or missing.
@@ -773,7 +790,7 @@ impl Handle {
         d.set_item("max_entries", self.limits.max_entries)?;
         d.set_item("cull_frequency", self.limits.cull_frequency)?;
         d.set_item("max_bytes", self.limits.max_bytes)?;
-        d.set_item("location", &self.location)?;
+        d.set_item("location", unescape(py, &self.location)?)?;
         Ok(d)
     }
 }

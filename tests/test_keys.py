@@ -1,0 +1,306 @@
+"""Distinct keys stay distinct: every caller key (any str, lone surrogates and U+FFFF included)
+has its own entry, and listing keys gives back the caller's keys, in both key modes."""
+
+from __future__ import annotations
+
+import glob
+import uuid
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.core.cache.backends.base import CacheKeyWarning, memcache_key_warnings
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from django_rustcache import RustCache
+
+#: Pieces an escaping scheme is made of: the escape character U+FFFF, lone surrogates, hex digits.
+TRICKY = ["\uffff", "\udc80", "\ud800", "\udfff", "dc80", "ed", "b2", "80", "ffff", ":", "*"]
+#: Any str: every code point (lone surrogates included), often built from the tricky pieces.
+keys = st.lists(st.one_of(st.characters(codec=None), st.sampled_from(TRICKY))).map("".join)
+distinct_pairs = st.tuples(keys, keys).filter(lambda p: p[0] != p[1])
+#: Pairs that collided under the escape of lone surrogates as U+FFFF + hex bytes, and under
+#: escapes that forget to escape U+FFFF itself.
+COLLIDED = [
+    ("\udc80", "\uffffed\uffffb2\uffff80"),
+    ("\udc80", "\uffffdc80"),
+    ("\uffff", "\uffffffff"),
+    ("a\ud800b", "a\uffffed\uffffa0\uffff80b"),
+]
+
+
+def with_collided(test: Any) -> Any:
+    """Make sure the property test tries each pair of ``COLLIDED``, in both orders."""
+    for a, b in COLLIDED:
+        test = example(pair=(a, b))(example(pair=(b, a))(test))
+    return test
+
+
+def identity_key(key: str, key_prefix: str, version: Any) -> str:
+    """A custom KEY_FUNCTION (raw mode) that passes the caller's key through as the made key."""
+    return key
+
+
+def make(mode: str = "fast", **params: Any) -> RustCache:
+    """A backend on a fresh LOCATION: Django's key function ("fast") or a custom one ("raw")."""
+    if mode == "raw":
+        params["KEY_FUNCTION"] = identity_key
+    return RustCache(f"test-keys-{uuid.uuid4().hex}", params)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_key_warnings() -> Iterator[None]:
+    """Arbitrary keys draw Django's memcached-safety warnings; they are not what is tested here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CacheKeyWarning)
+        yield
+
+
+def exact(pattern: str) -> str:
+    """A glob pattern that matches exactly ``pattern`` (``*``, ``?`` and ``[`` taken literally)."""
+    return glob.escape(pattern)
+
+
+# The reported case ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fast", "raw"])
+def test_a_lone_surrogate_key_and_its_old_escape_text_are_two_entries(mode: str) -> None:
+    c = make(mode)
+    c.set("\udc80", "a")
+    c.set("\uffffed\uffffb2\uffff80", "b")
+    assert c.get("\udc80") == "a"
+    assert c.get("\uffffed\uffffb2\uffff80") == "b"
+    assert c.delete("\udc80")
+    assert c.get("\udc80") is None
+    assert c.get("\uffffed\uffffb2\uffff80") == "b"
+
+
+def test_keys_lists_the_callers_keys_with_surrogates_not_their_escaped_text() -> None:
+    c = make()
+    c.set("\udc80x", 1)
+    c.set("plain", 2)
+    c.set("\uffff", 3)
+    assert sorted(c.keys()) == sorted(["\udc80x", "plain", "\uffff"])
+    assert list(c.iter_keys("\udc80*")) == ["\udc80x"]
+    assert c.delete_pattern("\udc80*") == 1
+    assert sorted(c.keys()) == ["plain", "\uffff"]
+
+
+def test_a_version_with_a_lone_surrogate_lists_and_deletes_its_keys() -> None:
+    c = make()
+    c.set("k", 1, version="v\udc80")
+    c.set("k", 2, version="v\uffff")
+    assert c.keys(version="v\udc80") == ["k"]
+    assert c.delete_pattern("*", version="v\udc80") == 1
+    assert c.get("k", version="v\uffff") == 2
+
+
+def test_key_prefixes_with_a_lone_surrogate_or_the_escape_character_are_kept_apart() -> None:
+    loc = f"test-keys-{uuid.uuid4().hex}"
+    a = RustCache(loc, {"KEY_PREFIX": "p\udc80"})
+    b = RustCache(loc, {"KEY_PREFIX": "p\uffffdc80"})
+    a.set("k", "a")
+    b.set("k", "b")
+    assert (a.get("k"), b.get("k")) == ("a", "b")
+    assert a.keys() == ["k"] and b.keys() == ["k"]
+    assert a.delete_pattern("*") == 1
+    assert b.get("k") == "b"
+
+
+def test_tags_of_two_key_prefixes_sharing_a_location_are_kept_apart() -> None:
+    loc = f"test-keys-{uuid.uuid4().hex}"
+    a = RustCache(loc, {"KEY_PREFIX": "a"})
+    b = RustCache(loc, {"KEY_PREFIX": "a:b"})
+    a.set("k", 1, tags=["b:c"])
+    assert b.invalidate_tags(["c"]) == 0
+    assert a.get("k") == 1
+    assert a.invalidate_tags(["b:c"]) == 1
+
+
+def test_a_version_given_as_int_or_as_its_str_is_one_version_as_in_django() -> None:
+    c = make()
+    c.set("k", 1, version=2)
+    assert c.get("k", version="2") == 1
+    assert c.make_key("k", version=2) == c.make_key("k", version="2")
+
+
+# Django's memcached-safety warning judges the caller's made key --------------------------------
+
+
+@pytest.mark.parametrize("key", ["\udc80" * 240, "\uffff" * 240, "a\uffff\udc80" * 80])
+def test_a_key_of_fewer_than_250_characters_draws_no_length_warning(key: str) -> None:
+    c = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheKeyWarning)
+        c.set(key, 1)
+        assert c.get(key) == 1
+
+
+@pytest.mark.parametrize("key", ["\udc80 x", "\uffff x", "\uffff" * 250])
+def test_a_key_with_a_space_or_too_long_still_draws_djangos_warning(key: str) -> None:
+    c = make()
+    with pytest.warns(CacheKeyWarning) as record:
+        c.set(key, 1)
+    expected = list(memcache_key_warnings(f":1:{key}"))
+    assert expected and [str(w.message) for w in record] == expected
+
+
+# The single-flight table ----------------------------------------------------------------------
+
+
+def test_a_fill_of_one_key_does_not_hold_up_a_fill_of_its_old_escape_text() -> None:
+    c = make()
+    one, other = c.make_key("\udc80"), c.make_key("\uffffed\uffffb2\uffff80")
+    assert c._h.flight_try(one)
+    try:
+        assert c._h.flight_try(other)
+        c._h.flight_end(other)
+    finally:
+        c._h.flight_end(one)
+
+
+# Properties -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fast", "raw"])
+@settings(max_examples=300, deadline=None)
+@with_collided
+@given(pair=distinct_pairs)
+def test_two_distinct_keys_have_two_entries(mode: str, pair: tuple[str, str]) -> None:
+    a, b = pair
+    c = make(mode)
+    c.set(a, "A")
+    c.set(b, "B")
+    assert (c.get(a), c.get(b)) == ("A", "B")
+    assert c.has_key(a) and c.has_key(b)
+    assert c.delete(a)
+    assert (c.get(a), c.get(b)) == (None, "B")
+    assert not c.delete(a)
+    assert c.add(a, "A2")
+    assert (c.get(a), c.get(b)) == ("A2", "B")
+
+
+@pytest.mark.parametrize("mode", ["fast", "raw"])
+@settings(max_examples=200, deadline=None)
+@with_collided
+@given(pair=distinct_pairs)
+def test_two_distinct_keys_stay_apart_through_the_many_operations(
+    mode: str, pair: tuple[str, str]
+) -> None:
+    a, b = pair
+    c = make(mode)
+    assert c.set_many({a: "A", b: "B"}) == []
+    assert c.get_many([a, b]) == {a: "A", b: "B"}
+    c.delete_many([a])
+    assert c.get_many([a, b]) == {b: "B"}
+    c.delete_many([b])
+    assert c.get_many([a, b]) == {}
+
+
+@settings(max_examples=300, deadline=None)
+@with_collided
+@given(pair=distinct_pairs)
+def test_keys_iter_keys_and_delete_pattern_give_back_exactly_the_callers_keys(
+    pair: tuple[str, str],
+) -> None:
+    a, b = pair
+    c = make()
+    c.set(a, "A")
+    c.set(b, "B")
+    assert sorted(c.keys()) == sorted([a, b])
+    assert sorted(c.iter_keys()) == sorted([a, b])
+    assert list(c.iter_keys(exact(a))) == [a]
+    assert c.delete_pattern(exact(a)) == 1
+    assert (c.get(a), c.get(b)) == (None, "B")
+    assert c.keys() == [b]
+    assert c.delete_pattern("*") == 1
+    assert c.keys() == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=keys, version=st.one_of(st.integers(), keys))
+def test_any_key_under_any_version_lists_as_itself(key: str, version: int | str) -> None:
+    c = make()
+    c.set(key, 1, version=version)
+    assert c.keys(version=version) == [key]
+    assert c.get(key, version=version) == 1
+    assert c.delete_pattern("*", version=version) == 1
+    assert c.get(key, version=version) is None
+
+
+@settings(max_examples=200, deadline=None)
+@with_collided
+@given(pair=distinct_pairs)
+def test_two_distinct_tags_invalidate_only_their_own_entries(pair: tuple[str, str]) -> None:
+    t, u = pair
+    c = make()
+    c.set("a", "A", tags=[t])
+    c.set("b", "B", tags=[u])
+    assert c.invalidate_tags([t]) == 1
+    assert (c.get("a"), c.get("b")) == (None, "B")
+
+
+# @cached builds keys from arguments: different arguments, different keys --------------------
+
+
+class Named:
+    """An argument whose repr is the text of a str argument."""
+
+    def __repr__(self) -> str:
+        return "Named()"
+
+
+def test_cached_keeps_arguments_of_different_types_apart() -> None:
+    from django_rustcache.decorators import cached
+
+    @cached(60)
+    def kind(x: Any) -> str:
+        return type(x).__name__
+
+    assert kind([1, 2]) == "list"
+    assert kind((1, 2)) == "tuple"
+    assert kind({"a": 1}) == "dict"
+    assert kind((("'a'", 1),)) == "tuple"
+    assert kind({1, 2}) == "set"
+    assert kind(frozenset({1, 2})) == "frozenset"
+    assert kind(("1", "2")) == "tuple"
+    assert kind(Named()) == "Named"
+    assert kind("Named()") == "str"
+    args = [[1, 2], (1, 2), {"a": 1}, (("'a'", 1),), {1, 2}, ("1", "2"), Named(), "Named()"]
+    assert len({kind.cache_key(a) for a in args}) == len(args)
+
+
+def test_cached_closures_of_one_name_do_not_share_results() -> None:
+    from django_rustcache.decorators import cached
+
+    def times(n: int) -> Any:
+        @cached(60)
+        def scaled(x: int) -> int:
+            return x * n
+
+        return scaled
+
+    double, triple = times(2), times(3)
+    assert double(5) == 10
+    assert triple(5) == 15
+    assert double.cache_key(5) != triple.cache_key(5)
+
+
+def test_locations_with_a_lone_surrogate_or_the_escape_character_are_two_stores() -> None:
+    tail = uuid.uuid4().hex
+    a = RustCache(f"x\udc80{tail}", {})
+    b = RustCache(f"x\uffffdc80{tail}", {})
+    a.set("k", "a")
+    assert b.get("k") is None
+    assert a.stats()["location"] == f"x\udc80{tail}"
+    assert RustCache(f"x\udc80{tail}", {}).get("k") == "a"
+
+
+@settings(max_examples=100, deadline=None)
+@given(key=keys)
+def test_the_handles_made_key_is_djangos_not_the_stores_text(key: str) -> None:
+    c = make()
+    assert c._h.make_key(key) == c.make_key(key)
