@@ -486,14 +486,16 @@ def test_pubsub_mode_publishes_every_changed_key_and_star_for_a_flush(make, near
 def test_a_forked_child_builds_its_own_client_and_leaves_the_parents_alone(cache):
     cache.set("k", "parent")
     assert cache.get("k") == "parent"
-    parent_id = cache._client().client_id()
+    parent_client = cache._client()
+    parent_id = parent_client.client_id()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, then leave without running pytest's teardown
         code = 1
         try:
             child_id = cache._client().client_id()
-            ok = cache.get("k") == "parent" and child_id != parent_id
+            rebuilt = cache._client() is not parent_client
+            ok = rebuilt and cache.get("k") == "parent" and child_id != parent_id
             cache.set("k", "child")
             os.write(w, f"{int(ok)} {child_id}".encode())
             code = 0
@@ -540,3 +542,193 @@ def test_async_methods_use_redis_asyncio_one_client_per_loop(cache):
     first = asyncio.run(scenario())
     second = asyncio.run(scenario())  # a new event loop gets its own client
     assert first is not second
+
+
+# L1 logic, with a fake listener and a Python stand-in for the Rust placeholder fill ---------
+# (the Rust listener and Handle.fill_* are tested on their side; here: what NearCache asks of
+# them, and when it serves L1)
+
+
+class FakeListener(near_mod._NoListener):
+    """A listener whose lease the test sets; it delivers no invalidation by itself."""
+
+    fills = True
+
+    def __init__(self):
+        self.is_fresh = True
+        self.started = 0
+
+    def fresh(self):
+        return self.is_fresh
+
+    def ensure_started(self):
+        self.started += 1
+
+
+class FakeFillHandle:
+    """The real L1 Handle plus the placeholder protocol of ``Handle.fill_*`` in Python."""
+
+    def __init__(self, handle):
+        self._h = handle
+        self._tokens = {}
+        self._next = 0
+
+    def __getattr__(self, name):
+        return getattr(self._h, name)
+
+    def fill_begin(self, made, version=None):
+        self._next += 1
+        self._tokens[made] = self._next
+        self._h.delete(made)
+        return self._next
+
+    def fill_put(self, made, token, value, timeout, version=None):
+        if self._tokens.get(made) != token:
+            return False
+        del self._tokens[made]
+        return self._h.set(made, value, timeout)
+
+    def invalidate_made(self, made_keys):
+        for made in made_keys:
+            self._tokens.pop(made, None)
+        return sum(self._h.delete(made) for made in made_keys)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    listener = FakeListener()
+    monkeypatch.setattr(near_mod, "LISTENER_FACTORY", lambda *a, **k: listener)
+    return listener
+
+
+@pytest.fixture
+def l1cache(fake, near_server, raw):
+    """``l1cache(**params)``: a NearCache whose L1 is filled and served (fake lease)."""
+
+    def make(location=None, **params):
+        global _made
+        _made += 1
+        params.setdefault("KEY_PREFIX", f"l1t{_made}")
+        cache = NearCache(location or near_server.url, params)
+        cache._h = FakeFillHandle(cache._h)
+        cache._fills = True
+        return cache
+
+    return make
+
+
+def test_l1_serves_hits_while_the_lease_is_fresh_and_redis_when_it_is_not(l1cache, fake, raw):
+    cache = l1cache()
+    made = f"{cache.key_prefix}:1:k"
+    cache.set("k", "v1")
+    raw.set(made, cache._encode(made, "v2"))  # changed behind our back, no invalidation
+    assert cache.get("k") == "v1"  # from L1
+    assert cache.get_many(["k"]) == {"k": "v1"}
+    assert cache.stats()["l1_hits"] == 2
+    fake.is_fresh = False
+    assert cache.get("k") == "v2"  # the lease is out: Redis
+    assert fake.started >= 1
+    fake.is_fresh = True
+    assert cache.get("k") == "v2"  # the read refilled L1
+    cache._h.invalidate_made([made])  # what the listener does on an invalidation
+    raw.set(made, cache._encode(made, "v3"))
+    assert cache.get("k") == "v3"
+
+
+def test_l1_never_decides_add_incr_touch_delete_or_has_key(l1cache, raw):
+    cache = l1cache()
+    made = f"{cache.key_prefix}:1:k"
+    cache.set("k", 1)
+    raw.delete(made)  # gone in Redis, still in L1
+    assert cache.has_key("k") is False
+    assert cache.add("k", 2) is True
+    assert cache.get("k") == 2
+    raw.delete(made)
+    assert cache.touch("k") is False
+    assert cache.delete("k") is False
+    with pytest.raises(ValueError):
+        cache.incr("k")
+
+
+def test_each_write_replaces_or_drops_this_process_l1_entry(l1cache, raw):
+    cache = l1cache()
+    cache.set("k", 1)
+    assert cache.get("k") == 1
+    cache.incr("k", 4)
+    assert cache.get("k") == 5
+    cache.set_many({"k": "many"})
+    assert cache.get("k") == "many"
+    cache.delete("k")
+    assert cache.get("k") is None
+    assert cache.add("k", "added") is True
+    assert cache.add("k", "refused") is False
+    assert cache.get("k") == "added"
+    cache.delete_many(["k"])
+    assert cache.get("k") is None
+    cache.set("p1", 1)
+    cache.delete_pattern("p*")
+    assert cache.get("p1") is None
+    cache.set("c", 1)
+    cache.clear()
+    assert cache.get("c") is None
+
+
+def test_l1_keeps_an_entry_no_longer_than_its_redis_ttl(l1cache, raw):
+    cache = l1cache()
+    cache.set("written", "v", 0.3)
+    raw.set(
+        f"{cache.key_prefix}:1:filled", cache._encode(f"{cache.key_prefix}:1:filled", "f"), px=300
+    )
+    assert cache.get("filled") == "f"  # fills L1 from Redis with the PTTL it read
+    time.sleep(0.45)
+    assert cache.get("written") is None
+    assert cache.get("filled") is None
+
+
+def test_l1_keeps_an_entry_no_longer_than_l1_max_ttl(l1cache, raw):
+    cache = l1cache(OPTIONS={"L1_MAX_TTL": 0.3})
+    made = f"{cache.key_prefix}:1:k"
+    cache.set("k", "old")
+    raw.set(made, cache._encode(made, "new"))
+    assert cache.get("k") == "old"
+    time.sleep(0.45)
+    assert cache.get("k") == "new"
+
+
+def test_get_many_answers_l1_hits_and_sends_one_mget_for_the_rest(l1cache, raw):
+    cache = l1cache()
+    cache.set_many({"a": 1, "b": 2})
+    raw.set(f"{cache.key_prefix}:1:c", 3)
+    raw.config_resetstat()
+    assert cache.get_many(["a", "b", "c", "d"]) == {"a": 1, "b": 2, "c": 3}
+    assert _command_calls(raw, "mget") == 1  # (inside the script that also reads the PTTLs)
+    assert _command_calls(raw, "get") == 0
+    assert _command_calls(raw, "pttl") == 2  # for c and d only: a and b were L1 hits
+
+
+def test_stale_if_error_serves_l1_after_the_lease_only_that_long(l1cache, fake, own_server):
+    cache = l1cache(own_server.url, OPTIONS={"STALE_IF_ERROR": 0.5})
+    strict = l1cache(own_server.url, KEY_PREFIX=cache.key_prefix)
+    cache.set("k", "v")
+    assert cache.get("k") == "v"  # seen fresh now
+    own_server.stop()
+    fake.is_fresh = False
+    assert cache.get("k") == "v"
+    assert cache.get_many(["k"]) == {"k": "v"}
+    with pytest.raises(redis.ConnectionError):
+        strict.get("k")
+    time.sleep(0.6)
+    with pytest.raises(redis.ConnectionError):
+        cache.get("k")
+
+
+def test_async_get_answers_an_l1_hit_without_redis(l1cache, raw):
+    cache = l1cache()
+    cache.set("k", "v")
+    raw.config_resetstat()
+
+    async def read():
+        return await cache.aget("k"), await cache.aget_many(["k"])
+
+    assert asyncio.run(read()) == ("v", {"k": "v"})
+    assert _command_calls(raw, "evalsha") == 0
