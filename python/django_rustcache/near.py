@@ -439,6 +439,15 @@ def _start_listener(l1_location: str, **kwargs: Any) -> Any:
 LISTENER_FACTORY: Callable[..., Any] = _start_listener
 
 
+def _no_tags(tags: Any) -> None:
+    """Tags across processes are not implemented yet: say so instead of dropping them."""
+    if tags is not None:
+        raise NotImplementedError(
+            "NearCache does not support tags yet (tags across processes are still to come); "
+            "use RustCache for tags in a single process."
+        )
+
+
 def _glob_escape(text: str) -> str:
     """Escape Redis glob metacharacters, so a KEY_PREFIX is matched literally by SCAN."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
@@ -862,16 +871,28 @@ class NearCache(BaseCache):
         return self._run(self._op_get(made, default, fresh))
 
     def set(
-        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
     ) -> None:
         """Store in Redis, then in this process's L1."""
+        _no_tags(tags)
         made = self.make_and_validate_key(key, version=version)
         self._run(self._op_set(made, value, timeout, False))
 
     def add(
-        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
     ) -> bool:
         """SET NX in Redis: True if this call stored the value."""
+        _no_tags(tags)
         made = self.make_and_validate_key(key, version=version)
         return self._run(self._op_set(made, value, timeout, True))
 
@@ -921,13 +942,30 @@ class NearCache(BaseCache):
         return found
 
     def set_many(
-        self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+        self,
+        data: Mapping[Any, Any],
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
     ) -> list[Any]:
         """One pipeline of SETs; returns the keys not stored (all of them on an ignored error)."""
+        _no_tags(tags)
         if not data:
             return []
         items = [(self.make_and_validate_key(k, version=version), v) for k, v in data.items()]
         return [] if self._run(self._op_set_many(items, timeout)) else list(data)
+
+    def get_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
+    ) -> Any:
+        """Django's get_or_set: a miss is filled with ``add`` (Redis decides who stores)."""
+        _no_tags(tags)
+        return super().get_or_set(key, default, timeout, version)
 
     def delete_many(self, keys: Iterable[Any], version: Any = None) -> None:
         """One DEL for every key."""
@@ -981,10 +1019,8 @@ class NearCache(BaseCache):
 
     def invalidate_tags(self, tags: Iterable[str]) -> int:
         """Not yet: tags across processes are a separate part of issue 9."""
-        raise NotImplementedError(
-            "NearCache does not support tags yet (tags across processes are still to come); "
-            "use RustCache for tags in a single process."
-        )
+        _no_tags(tags)
+        return 0  # no tags given
 
     def snapshot_tags(self, tags: Iterable[str]) -> Any:
         """Not yet: see ``invalidate_tags``."""
