@@ -332,13 +332,14 @@ def test_a_forged_signature_is_a_logged_miss_and_is_never_unpickled(cache, raw, 
     assert _CALLS == ["unpickled"]
 
 
-def test_signed_values_verify_with_secret_key_fallbacks(cache, settings):
-    cache.set("k", "v")
-    settings.SECRET_KEY_FALLBACKS = [settings.SECRET_KEY]
+def test_signed_values_verify_with_secret_key_fallbacks(cache, settings, raw):
+    made = f"{cache.key_prefix}:1:k"
+    raw.set(made, cache._encode(made, "v"))  # signed with the old SECRET_KEY
+    old = settings.SECRET_KEY
     settings.SECRET_KEY = "a-new-secret"
-    assert cache.get("k") == "v"
-    settings.SECRET_KEY_FALLBACKS = []
     assert cache.get("k", "miss") == "miss"
+    settings.SECRET_KEY_FALLBACKS = [old]
+    assert cache.get("k") == "v"
 
 
 def test_a_signed_value_is_not_readable_by_django_rediscache(make, near_server):
@@ -361,7 +362,7 @@ def own_server(near_server):
 
 def test_ignore_exceptions_turns_a_stopped_server_into_misses_and_false(make, own_server, caplog):
     cache = make(own_server.url, OPTIONS={"IGNORE_EXCEPTIONS": True, "socket_timeout": 1})
-    cache.set("k", "v")
+    cache.set("warm", "v")  # connected; "k" is not in L1, whatever the lease
     own_server.stop()
     with caplog.at_level(logging.WARNING, logger="django_rustcache.near"):
         assert cache.get("k", "dflt") == "dflt"
@@ -383,7 +384,7 @@ def test_ignore_exceptions_turns_a_stopped_server_into_misses_and_false(make, ow
 
 def test_without_ignore_exceptions_errors_are_raised_like_django_rediscache(make, own_server):
     cache = make(own_server.url, OPTIONS={"socket_timeout": 1})
-    cache.set("k", "v")
+    cache.set("warm", "v")  # connected; "k" is not in L1, whatever the lease
     own_server.stop()
     for call in (
         lambda: cache.get("k"),
@@ -517,6 +518,9 @@ def test_a_forked_child_builds_its_own_client_and_leaves_the_parents_alone(cache
     ok, child_id = report.split()
     assert ok == "1" and int(child_id) != parent_id
     assert cache._client().client_id() == parent_id  # the parent's connection survived
+    deadline = time.monotonic() + 2  # with a listener, the child's write arrives as an invalidation
+    while cache.get("k") != "child" and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert cache.get("k") == "child"
 
 
