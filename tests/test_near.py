@@ -744,3 +744,27 @@ def test_async_get_answers_an_l1_hit_without_redis(l1cache, raw):
 
     assert asyncio.run(read()) == ("v", {"k": "v"})
     assert _command_calls(raw, "evalsha") == 0
+
+
+def test_an_l1_hit_warns_about_a_memcached_unsafe_key_like_a_miss_does(l1cache):
+    from django.core.cache import CacheKeyWarning
+
+    cache = l1cache()
+    with pytest.warns(CacheKeyWarning) as miss:
+        cache.set("a key", "v")
+    with pytest.warns(CacheKeyWarning) as hit:
+        assert cache.get("a key") == "v"  # an L1 hit: the key is made in Rust
+    assert cache.stats()["l1_hits"] == 1
+    assert len(hit) == len(miss) == 1
+
+
+def test_changing_key_prefix_or_version_on_a_live_instance_changes_l1_lookups(l1cache):
+    cache = l1cache()
+    cache.set("k", "v1")
+    cache.version = 2
+    assert cache.get("k") is None
+    cache.set("k", "v2")
+    cache.version = 1
+    assert cache.get("k") == "v1"
+    cache.key_prefix = "elsewhere"
+    assert cache.get("k") is None

@@ -35,6 +35,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from django_rustcache import _core
 from django_rustcache._core import Handle
+from django_rustcache.backend import _Synced, _warn_key
 from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, _int_option
 
 logger = logging.getLogger("django_rustcache.near")
@@ -471,6 +472,11 @@ class NearCache(BaseCache):
 
     pickle_protocol = pickle.HIGHEST_PROTOCOL
 
+    # Assigning one of these on a live instance re-configures the key-making L1 handle.
+    key_func = _Synced()
+    key_prefix = _Synced()
+    version = _Synced()
+
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         self._options = o = NearOptions.from_params(server, params)
         super().__init__(params)
@@ -491,6 +497,10 @@ class NearCache(BaseCache):
             ) from None
         self._h.configure(self.key_prefix, self.version, None, True)
         self._h.set_limits(self._max_entries, self._cull_frequency, o.max_bytes)
+        # A second view of the same L1 store that makes and validates keys in Rust, as RustCache
+        # does: the L1 hit path of get() then runs no Python key code.
+        self._fast = Handle(self._l1_location, DEFAULT_TIMEOUT, _warn_key)
+        self._sync()
         self._pubsub = o.invalidation == "pubsub"
         # The BCAST prefix is the key namespace: Django's key function puts KEY_PREFIX first.
         default_keys = self.key_func is default_key_func
@@ -513,6 +523,23 @@ class NearCache(BaseCache):
         self._fills = getattr(self._near, "fills", True) and hasattr(self._h, "fill_begin")
         self._generation = -1
         self._bind()
+
+    def _sync(self) -> None:
+        """Decide whether L1 hits may be looked up by Rust-made keys, and configure that view."""
+        d = self.__dict__
+        if "_fast" not in d or any(
+            "_synced_" + n not in d for n in ("key_func", "key_prefix", "version")
+        ):
+            return  # still inside BaseCache.__init__
+        cls = type(self)
+        rust_keys = (
+            self.key_func is default_key_func
+            and cls.validate_key is BaseCache.validate_key
+            and cls.make_key is BaseCache.make_key
+            and cls.make_and_validate_key is BaseCache.make_and_validate_key
+        )
+        self._hot = rust_keys and not self._options.stale_if_error
+        self._fast.configure(self.key_prefix, self.version, None, False)
 
     def _bind(self) -> None:
         """(Re)attach to this process's client and counters (again after a fork)."""
@@ -862,6 +889,11 @@ class NearCache(BaseCache):
 
     def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
         """The value (from L1 while the lease is fresh, else from Redis), or ``default``."""
+        if self._hot and self._near.fresh():
+            value = self._fast.get(key, _MISS, version)  # Rust makes and validates the key
+            if value is not _MISS:
+                return value
+            return self._run(self._op_get(self.make_key(key, version=version), default, True))
         made = self.make_and_validate_key(key, version=version)
         fresh = self._fresh()
         if fresh:
@@ -1029,6 +1061,12 @@ class NearCache(BaseCache):
     # Async: L1 hits are answered directly; a miss goes to redis.asyncio. -------------------
 
     async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
+        if self._hot and self._near.fresh():
+            value = self._fast.get(key, _MISS, version)
+            if value is not _MISS:
+                return value
+            made = self.make_key(key, version=version)
+            return await self._arun(self._op_get(made, default, True))
         made = self.make_and_validate_key(key, version=version)
         fresh = self._fresh()
         if fresh:
