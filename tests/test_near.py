@@ -492,6 +492,7 @@ def test_pubsub_mode_publishes_every_changed_key_and_star_for_a_flush(make, near
 # fork -------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_builds_its_own_client_and_leaves_the_parents_alone(cache):
     cache.set("k", "parent")
     assert cache.get("k") == "parent"
@@ -545,12 +546,17 @@ def test_async_methods_use_redis_asyncio_one_client_per_loop(cache):
         assert await cache.adelete("a") is True
         await cache.adelete_many(["b"])
         assert await cache.aget_or_set("g", lambda: "computed") == "computed"
+        assert await cache.aget_or_set("g", lambda: "other") == "computed"
         assert await cache.adelete_pattern("*") == 3
         await cache.aset("k", 1)
         await cache.aclear()
         assert await cache.aget("k") is None
         return cache._aclient()
 
+    def no_thread_hop(*args, **kwargs):
+        raise AssertionError("aget_or_set went through the sync get_or_set")
+
+    cache.get_or_set = no_thread_hop  # Django 6.1's BaseCache.aget_or_set would call it
     first = asyncio.run(scenario())
     second = asyncio.run(scenario())  # a new event loop gets its own client
     assert first is not second

@@ -1127,6 +1127,25 @@ class NearCache(BaseCache):
         if made:
             await self._arun(self._op_delete(made, "delete_many"))
 
+    async def aget_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
+    ) -> Any:
+        """``get_or_set`` on redis.asyncio (no thread hop): ``aget``, then ``aadd`` on a miss."""
+        _no_tags(tags)
+        value = await self.aget(key, self._missing_key, version=version)
+        if value is self._missing_key:
+            if callable(default):
+                default = default()
+            await self.aadd(key, default, timeout=timeout, version=version)
+            # Whoever added first won: return what Redis holds now.
+            return await self.aget(key, default, version=version)
+        return value
+
     async def aclear(self) -> None:
         await self._arun(self._op_clear())
 
