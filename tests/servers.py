@@ -64,11 +64,13 @@ def _free_port() -> int:
 
 
 def ping(port: int, timeout: float = 0.5) -> bool:
-    """Whether a server on 127.0.0.1:``port`` answers PING (raw RESP; no client library)."""
+    """Whether a server on 127.0.0.1:``port`` answers PING (raw RESP; no client library).
+
+    A server with a password answers ``-NOAUTH``: it is up too."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -82,6 +84,10 @@ class Server:
     port: int = 0
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rustcache-srv-")))
     proc: subprocess.Popen[bytes] | None = None
+    #: Extra server arguments, e.g. ``["--requirepass", "pw"]``.
+    args: list[str] = field(default_factory=list)
+    #: Also listen on a unix socket in ``dir`` (see ``unix_path``).
+    unix: bool = False
 
     @property
     def url(self) -> str:
@@ -89,6 +95,10 @@ class Server:
 
     def url_db(self, db: int) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
+
+    @property
+    def unix_path(self) -> Path:
+        return self.dir / "server.sock"
 
     @property
     def pid(self) -> int:
@@ -111,6 +121,9 @@ class Server:
                 "--logfile", str(log),
                 "--daemonize", "no",
             ]  # fmt: skip
+            if self.unix:
+                cmd += ["--unixsocket", str(self.unix_path), "--unixsocketperm", "700"]
+            cmd += self.args
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=self.dir)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -161,9 +174,9 @@ class Server:
 _RUNNING: set[Server] = set()
 
 
-def start(kind: str) -> Server:
+def start(kind: str, *args: str, unix: bool = False) -> Server:
     """A fresh server of ``kind`` on a free loopback port (raises ServerUnavailable)."""
-    return Server(kind, find_binary(kind)).start()
+    return Server(kind, find_binary(kind), args=list(args), unix=unix).start()
 
 
 @atexit.register

@@ -774,3 +774,61 @@ def test_changing_key_prefix_or_version_on_a_live_instance_changes_l1_lookups(l1
     assert cache.get("k") == "v1"
     cache.key_prefix = "elsewhere"
     assert cache.get("k") is None
+
+
+# Endpoints: unix sockets, passwords, and what the listener is handed ------------------------
+
+
+def test_a_unix_socket_location_with_a_password_works_and_reaches_the_listener(
+    near_server, monkeypatch
+):
+    server = servers.start(near_server.kind, "--requirepass", "s3cret", unix=True)
+    try:
+        seen = []
+
+        def factory(l1_location, **kwargs):
+            seen.append((l1_location, kwargs))
+            return near_mod._NoListener()
+
+        monkeypatch.setattr(near_mod, "LISTENER_FACTORY", factory)
+        location = f"unix://:s3cret@{server.unix_path}?db=2"
+        cache = NearCache(location, {"KEY_PREFIX": "u", "OPTIONS": {"LEASE": 0.25}})
+        cache.set("k", "v")
+        assert cache.get("k") == "v"
+        check = redis.Redis(unix_socket_path=str(server.unix_path), password="s3cret", db=2)
+        assert check.exists("u:1:k") == 1
+        check.close()
+        l1_location, kwargs = seen[-1]
+        assert l1_location == f"near:{location}#u"
+        assert kwargs == {
+            "host": None,
+            "port": 6379,
+            "unix_path": str(server.unix_path),
+            "username": None,
+            "password": "s3cret",
+            "prefix": "u:",
+            "lease": 0.25,
+            "mode": "bcast",
+            "channel": "",
+            "connect_timeout": 2.0,
+        }
+        with pytest.raises(redis.AuthenticationError):
+            NearCache(f"unix://:wrong@{server.unix_path}", {"KEY_PREFIX": "u2"}).get("k")
+    finally:
+        server.cleanup()
+
+
+def test_the_listener_is_handed_host_port_credentials_prefix_and_pubsub_channel(
+    near_server, monkeypatch
+):
+    seen = []
+    monkeypatch.setattr(
+        near_mod, "LISTENER_FACTORY", lambda loc, **kw: seen.append(kw) or near_mod._NoListener()
+    )
+    url = f"redis://alice:pw@127.0.0.1:{near_server.port}/3"
+    NearCache(url, {"KEY_PREFIX": "site", "OPTIONS": {"INVALIDATION": "pubsub"}})
+    (kwargs,) = seen
+    assert (kwargs["host"], kwargs["port"]) == ("127.0.0.1", near_server.port)
+    assert (kwargs["username"], kwargs["password"]) == ("alice", "pw")
+    assert (kwargs["prefix"], kwargs["mode"]) == ("site:", "pubsub")
+    assert kwargs["channel"] == "django_rustcache:near:3:site:"
