@@ -478,14 +478,22 @@ def test_pubsub_mode_publishes_every_changed_key_and_star_for_a_flush(make, near
     cache.touch("a", 10)
     cache.delete("b")
     cache.delete_pattern("c*")
+
+    async def async_writes():
+        await cache.aset("d", 4)
+        await cache.adelete("d")
+        await cache.aclear()
+
+    asyncio.run(async_writes())
     cache.clear()
     got = []
     deadline = time.monotonic() + 5
-    while len(got) < 8 and time.monotonic() < deadline:
+    while len(got) < 11 and time.monotonic() < deadline:
         msg = sub.get_message(timeout=0.5)
         if msg and msg["type"] == "message":
             got.append(msg["data"].decode())
-    assert got == ["ps:1:a", "ps:1:b", "ps:1:c", "ps:1:a", "ps:1:a", "ps:1:b", "ps:1:c", "*"]
+    expected = ["ps:1:a", "ps:1:b", "ps:1:c", "ps:1:a", "ps:1:a", "ps:1:b", "ps:1:c"]
+    assert got == expected + ["ps:1:d", "ps:1:d", "*", "*"]
     sub.close()
 
 
