@@ -840,3 +840,33 @@ def test_the_listener_is_handed_host_port_credentials_prefix_and_pubsub_channel(
     assert (kwargs["username"], kwargs["password"]) == ("alice", "pw")
     assert (kwargs["prefix"], kwargs["mode"]) == ("site:", "pubsub")
     assert kwargs["channel"] == "django_rustcache:near:3:site:"
+
+
+# Bad input and threads --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", ["10", b"10", [1], float("nan")])
+def test_a_bad_timeout_is_refused_and_changes_nothing(cache, raw, timeout):
+    with pytest.raises((TypeError, ValueError), match="timeout must be a number or None"):
+        cache.set("k", "v", timeout)
+    with pytest.raises((TypeError, ValueError), match="timeout must be a number or None"):
+        cache.touch("k", timeout)
+    assert raw.dbsize() == 0
+
+
+def test_an_infinite_timeout_means_no_expiry(cache):
+    cache.set("k", "v", float("inf"))
+    assert cache.ttl("k") is None
+
+
+def test_incr_and_add_are_atomic_across_threads(make):
+    from tests.threads import run_threads
+
+    cache = make()
+    cache.set("n", 0)
+    results = run_threads(8, lambda: [cache.incr("n") for _ in range(50)])
+    assert all(kind == "ok" for kind, _ in results)
+    assert cache.get("n") == 400
+    assert sorted(v for _, got in results for v in got) == list(range(1, 401))
+    added = run_threads(8, lambda: cache.add("once", object()))
+    assert sorted(got for _, got in added) == [False] * 7 + [True]

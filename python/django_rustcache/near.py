@@ -642,7 +642,14 @@ class NearCache(BaseCache):
             timeout = self.default_timeout
         if timeout is None:
             return None
-        return max(0, int(timeout * 1000))
+        if isinstance(timeout, (str, bytes)) or not hasattr(timeout, "__float__"):
+            raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+        seconds = float(timeout)
+        if seconds != seconds:
+            raise ValueError("timeout must be a number or None, not NaN")
+        if seconds == float("inf"):
+            return None
+        return max(0, int(seconds * 1000))
 
     def _failed(self, what: str, exc: BaseException, result: Any) -> Any:
         """With IGNORE_EXCEPTIONS, log and return ``result``; else re-raise ``exc``."""
