@@ -18,7 +18,7 @@ are computed on the same stream, in pure Python:
 Streams are seeded, so a run is repeatable; the store's hashing has a per-process seed, but on a
 store of one shard (``MAX_ENTRIES`` up to 65,536) no policy's choice depends on it.
 
-    python benchmarks/hitratio_optimum.py                      # issue 12's table, ~2 min
+    python benchmarks/hitratio_optimum.py                      # issue 12's table, ~15 s of CPU
     python benchmarks/hitratio_optimum.py --scale 0.2          # the same streams, a fifth the size
     python benchmarks/hitratio_optimum.py --trace FILE --capacity 1000 5000
     python benchmarks/hitratio_optimum.py --write-results      # also into benchmarks/RESULTS.md
@@ -26,8 +26,11 @@ store of one shard (``MAX_ENTRIES`` up to 65,536) no policy's choice depends on 
 
 A trace file has one key per line (surrounding whitespace is ignored, blank lines are skipped);
 keys are renamed ``k0``, ``k1``... in order of first appearance before they reach the store, so any
-string is a valid key. ``tests/test_hitratio.py`` runs ``--ci`` (the streams at a fifth of their
-size) and fails if a policy's hit ratio falls more than one point below ``hitratio_baseline.json``.
+string is a valid key. Under ``"lru"`` a ``MAX_ENTRIES`` below 3 culls nothing (Django's rule culls
+``entries // 3``), so such a store holds up to 3 entries.
+
+``tests/test_hitratio.py`` runs ``--ci`` (the streams at a fifth of their size) and fails if a
+policy's hit ratio falls more than one point below ``hitratio_baseline.json``.
 """
 
 from __future__ import annotations
@@ -438,6 +441,18 @@ def write_results(text: str, path: Path = RESULTS) -> None:
     path.write_text(new)
 
 
+LEGEND = """\
+`"lru"`, `"s3fifo"`: the store (`MAX_ENTRIES` = capacity; one shard up to 65,536; `"lru"`
+culls as Django does). exact LRU: one least recently used key evicted per insert. perfect LFU:
+exact past counts of every key, the least counted evicted (the least recent of equals), a
+newcomer counted less than every cached key not admitted. Belady: the offline optimum (MIN,
+which may decline to admit). Zipf streams: 100,000 keys (x scale), popularity spread by a seeded
+permutation. One-time scans: the Zipf 1.0 stream itself with 20 scans of 2,000 never-repeated
+keys (x scale) spread through it; only its own requests count. Popularity shift: a new
+permutation for the second half. Recency-heavy: 30% of requests a new key, the rest the key
+introduced n new keys ago, n exponential with mean 500 (x scale)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -488,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{what} Hit ratio of the requests counted (a `get`, and a `set` on a miss).\n\n"
         + table(rows, columns)
     )
+    if not args.trace:
+        text += "\n\n" + LEGEND
     print(text)
     print(f"\n({time.monotonic() - started:.0f} s)", file=sys.stderr)
 

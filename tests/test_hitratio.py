@@ -182,3 +182,23 @@ def test_an_empty_trace_and_a_capacity_below_one_are_refused(tmp_path: Path) -> 
     for reference in (hr.belady, hr.perfect_lfu, hr.exact_lru):
         with pytest.raises(ValueError, match="capacity must be at least 1"):
             reference([1, 2], 0)
+
+
+def test_the_results_section_is_replaced_in_place_and_survives_a_peers_rewrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Peers\n\nold tables\n")
+    hr.write_results("## Hit ratios\n\nfirst", results)
+    hr.write_results("## Hit ratios\n\nsecond", results)
+    text = results.read_text()
+    assert text.startswith("# Peers\n\nold tables\n\n" + hr.BEGIN)
+    assert text.count(hr.BEGIN) == 1 and "second" in text and "first" not in text
+
+    spec = importlib.util.spec_from_file_location("peers_bench", BENCHMARKS / "peers" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "peers_bench", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    rewritten = bench.keep_hitratio_section(results, "# Peers\n\nnew tables\n")
+    assert rewritten == "# Peers\n\nnew tables\n\n" + text[text.index(hr.BEGIN) :]
