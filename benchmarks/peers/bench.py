@@ -709,6 +709,17 @@ def machine_info() -> list[str]:
 # Tables --------------------------------------------------------------------------------------
 
 
+def keep_hitratio_section(out: Path, report: str) -> str:
+    """``report`` with the hit-ratio section that benchmarks/hitratio_optimum.py wrote into
+    ``out`` (between its markers) carried over, so that rewriting the file does not lose it."""
+    begin, end = "<!-- hitratio_optimum:begin -->", "<!-- hitratio_optimum:end -->"
+    old = out.read_text() if out.exists() else ""
+    if begin not in old or end not in old or begin in report:
+        return report
+    section = old[old.index(begin) : old.index(end) + len(end)]
+    return report.rstrip("\n") + "\n\n" + section + "\n"
+
+
 def fmt_ns(ns: float | None) -> str:
     """ns with a sensible number of digits; '—' when not measured."""
     if ns is None:
@@ -1043,7 +1054,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     report = report.replace("@ELAPSED@", f"{elapsed:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    args.out.write_text(keep_hitratio_section(args.out, report))
     print(report)
     log(f"[bench] wrote {args.out} in {elapsed:.0f} s")
     return 0

@@ -1,0 +1,204 @@
+"""The hit-ratio guard (issue 12): the store's policies replayed on seeded streams may not fall more
+than a point below the ratios recorded in benchmarks/hitratio_baseline.json; and the simulator's
+references (Belady, perfect LFU) are checked against slow definitions on small streams."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "hitratio_optimum", BENCHMARKS / "hitratio_optimum.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hitratio_optimum"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+hr = _load()
+
+
+@pytest.fixture(scope="module")
+def ci_rows() -> list[Any]:
+    """The CI version of the table, through the store's policies and Belady (one run, ~3 s)."""
+    return hr.ci_rows(hr.POLICIES, ("Belady",))
+
+
+def test_no_policy_falls_more_than_a_point_below_its_recorded_hit_ratio(ci_rows: list[Any]) -> None:
+    problems = hr.regressions(ci_rows, hr.load_baseline())
+    assert problems == [], "\n".join(
+        [*problems, "re-record with: python benchmarks/hitratio_optimum.py --ci --write-baseline"]
+    )
+
+
+def test_no_policy_beats_beladys_optimum(ci_rows: list[Any]) -> None:
+    for name, capacity, _, cells in ci_rows:
+        for policy in hr.POLICIES:
+            assert cells[policy] <= cells["Belady"], (name, capacity, policy, cells)
+
+
+def test_the_baselines_cover_every_default_policy_on_every_ci_row() -> None:
+    baseline = hr.load_baseline()
+    expected = {
+        hr.row_key(s.name, c) for s in hr.make_streams(scale=hr.CI_SCALE) for c in s.capacities
+    }
+    assert set(baseline) == expected
+    for key, ratios in baseline.items():
+        assert set(hr.POLICIES) <= set(ratios), key
+
+
+def test_the_guard_reports_a_drop_of_more_than_a_point_and_a_missing_measurement() -> None:
+    baseline = {"s @ 10": {"lru": 0.500, "s3fifo": 0.600}, "t @ 10": {"lru": 0.3}}
+    rows = [("s", 10, 100, {"lru": 0.491, "s3fifo": 0.589})]
+    problems = hr.regressions(rows, baseline)
+    assert len(problems) == 2
+    assert problems[0].startswith("s @ 10: s3fifo hit ratio 0.5890, recorded 0.6000")
+    assert problems[1] == "t @ 10: lru not measured (recorded 0.3000)"
+    within = [("s", 10, 100, {"lru": 0.7, "s3fifo": 0.591})]
+    assert hr.regressions(within, {"s @ 10": baseline["s @ 10"]}) == []
+
+
+def exhaustive_optimum(keys: Sequence[int], capacity: int) -> int:
+    """The most hits any cache of ``capacity`` can make: every admission and eviction tried."""
+
+    @functools.cache
+    def best(i: int, held: frozenset[int]) -> int:
+        if i == len(keys):
+            return 0
+        k = keys[i]
+        if k in held:
+            return 1 + best(i + 1, held)
+        options = [best(i + 1, held)]  # not admitted
+        if len(held) < capacity:
+            options.append(best(i + 1, held | {k}))
+        else:
+            options.extend(best(i + 1, (held - {v}) | {k}) for v in held)
+        return max(options)
+
+    return best(0, frozenset())
+
+
+def test_belady_makes_exactly_as_many_hits_as_the_exhaustive_optimum() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        keys = [rng.randrange(6) for _ in range(rng.randrange(1, 14))]
+        capacity = rng.randrange(1, 4)
+        assert sum(hr.belady(keys, capacity)) == exhaustive_optimum(keys, capacity), (
+            keys,
+            capacity,
+        )
+
+
+def slow_perfect_lfu(keys: Sequence[int], capacity: int) -> list[bool]:
+    """The definition, scanned in full at every miss: keep the keys with the highest
+    (count so far, last request); the newcomer competes with the cached ones."""
+    counts: dict[int, int] = {}
+    last: dict[int, int] = {}
+    held: set[int] = set()
+    hits = []
+    for i, k in enumerate(keys):
+        counts[k] = counts.get(k, 0) + 1
+        last[k] = i
+        hits.append(k in held)
+        if k not in held:
+            held.add(k)
+            if len(held) > capacity:
+                held.remove(min(held, key=lambda x: (counts[x], last[x])))
+    return hits
+
+
+def test_perfect_lfu_keeps_the_most_counted_keys_and_the_most_recent_of_equals() -> None:
+    rng = random.Random(8)
+    for _ in range(300):
+        keys = [rng.randrange(8) for _ in range(rng.randrange(1, 60))]
+        capacity = rng.randrange(1, 5)
+        assert hr.perfect_lfu(keys, capacity) == slow_perfect_lfu(keys, capacity), (keys, capacity)
+    # By hand, capacity 2: a (miss), a (hit), b (miss), c (miss: one request, as many as b, and
+    # more recent: b goes), b (miss: two requests, more than c's one: c goes), a (hit: a has 3),
+    # d (miss: one request, fewer than a's 3 and b's 2: not admitted), b (hit: 3), d (miss: 2, not
+    # admitted), b (hit).
+    a, b, c, d = range(4)
+    hits = hr.perfect_lfu([a, a, b, c, b, a, d, b, d, b], 2)
+    assert [i for i, hit in enumerate(hits) if hit] == [1, 5, 7, 9]
+
+
+def test_exact_lru_and_perfect_lfu_miss_every_request_of_a_loop_larger_than_the_cache() -> None:
+    loop = list(range(12)) * 5
+    assert not any(hr.exact_lru(loop, 10)) and not any(hr.perfect_lfu(loop, 10))
+    assert sum(hr.belady(loop, 10)) == 4 * 10  # keeps 10 of the 12 keys after the first pass
+
+
+def test_the_streams_are_the_same_on_every_run_and_scans_are_one_time_keys() -> None:
+    first, again = hr.make_streams(scale=0.02), hr.make_streams(scale=0.02)
+    assert first == again
+    assert hr.make_streams(seed=13, scale=0.02)[0].keys != first[0].keys
+    scans = next(s for s in first if s.counted)
+    zipf_1 = next(s for s in first if s.name == "Zipf 1.0")
+    assert [k for k, c in zip(scans.keys, scans.counted, strict=True) if c] == zipf_1.keys
+    one_time = [k for k, c in zip(scans.keys, scans.counted, strict=True) if not c]
+    assert len(set(one_time)) == len(one_time) == 20 * 40
+    assert not set(one_time) & set(zipf_1.keys)
+
+
+def test_a_trace_file_of_one_key_per_line_replays_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "trace.txt"
+    lines = ["a", "  b  ", "", "c", "d", "a", "b", "e", "a", "b", "c", "d with spaces", "e"]
+    trace.write_text("\n".join(lines) + "\n")
+    keys = hr.read_trace(trace)
+    assert keys == [0, 1, 2, 3, 0, 1, 4, 0, 1, 2, 5, 4]
+    # Belady at capacity 3: a b c miss; d bypassed (needed last); a b hit; e evicts c; a b e hit.
+    assert sum(hr.belady(keys, 3)) == 5
+    assert hr.main(["--trace", str(trace), "--capacity", "3", "4", "--policy", "s3fifo"]) == 0
+    out = capsys.readouterr().out
+    for capacity in (3, 4):
+        row = next(r for r in out.splitlines() if r.startswith(f"| trace trace.txt | {capacity} |"))
+        cells = [float(c) for c in row.strip("|").split("|")[3:]]
+        expected = [sum(f(keys, capacity)) / 12 for f in (hr.exact_lru, hr.perfect_lfu, hr.belady)]
+        assert len(cells) == 4 and 0 <= cells[0] <= cells[3]
+        assert cells[1:] == [round(x, 3) for x in expected]
+
+
+def test_an_empty_trace_and_a_capacity_below_one_are_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="no keys"):
+        hr.read_trace(empty)
+    for reference in (hr.belady, hr.perfect_lfu, hr.exact_lru):
+        with pytest.raises(ValueError, match="capacity must be at least 1"):
+            reference([1, 2], 0)
+
+
+def test_the_results_section_is_replaced_in_place_and_survives_a_peers_rewrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Peers\n\nold tables\n")
+    hr.write_results("## Hit ratios\n\nfirst", results)
+    hr.write_results("## Hit ratios\n\nsecond", results)
+    text = results.read_text()
+    assert text.startswith("# Peers\n\nold tables\n\n" + hr.BEGIN)
+    assert text.count(hr.BEGIN) == 1 and "second" in text and "first" not in text
+
+    spec = importlib.util.spec_from_file_location("peers_bench", BENCHMARKS / "peers" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "peers_bench", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    rewritten = bench.keep_hitratio_section(results, "# Peers\n\nnew tables\n")
+    assert rewritten == "# Peers\n\nnew tables\n\n" + text[text.index(hr.BEGIN) :]
