@@ -29,6 +29,9 @@ use crate::shard::{Entry, Shard, MAX_WEIGHT, SLOT_SIZE};
 use crate::stats::Stats;
 use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
 
+mod fill;
+pub use fill::{placeholder_charge, Fills, FILLS_PER_SHARD, FILL_MAX_AGE};
+
 /// Shards of a store whose `MAX_ENTRIES` is above `ONE_SHARD_MAX`.
 pub const SHARDS: usize = 16;
 
@@ -121,6 +124,8 @@ pub struct Store<V> {
     pub stats: Stats,
     pub tags: TagTable,
     pub flights: Flights,
+    /// Placeholders of fills in progress (`store/fill.rs`).
+    pub fills: Fills,
 }
 
 enum Lookup {
@@ -152,6 +157,7 @@ impl<V: Weigh> Store<V> {
             stats: Stats::default(),
             tags: TagTable::default(),
             flights: Flights::default(),
+            fills: Fills::new(n),
         }
     }
 
@@ -445,6 +451,7 @@ impl<V: Weigh> Store<V> {
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
         self.reclaim(&mut shard, now, &mut dead);
+        self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
                 dead.push(self.detach(&mut shard, slot));
@@ -528,6 +535,7 @@ impl<V: Weigh> Store<V> {
         let mut dead = Vec::new();
         let mut moved = None;
         let mut shard = self.shards[idx].write();
+        self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
                 let r = shard.entry_mut(slot).value_mut().and_then(update);
@@ -556,7 +564,7 @@ impl<V: Weigh> Store<V> {
         limits: &Limits,
         now: u64,
     ) -> Put {
-        self.put(key, value, expires, tags, limits, now, false)
+        self.put(key, value, expires, tags, limits, now, false, None)
     }
 
     /// Stores `key` only if no live entry has it.
@@ -569,7 +577,7 @@ impl<V: Weigh> Store<V> {
         limits: &Limits,
         now: u64,
     ) -> Put {
-        self.put(key, value, expires, tags, limits, now, true)
+        self.put(key, value, expires, tags, limits, now, true, None)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -582,6 +590,7 @@ impl<V: Weigh> Store<V> {
         limits: &Limits,
         now: u64,
         only_new: bool,
+        fill: Option<u64>,
     ) -> Put {
         if !all_current(&tags) {
             Stats::bump(&self.stats.invalidations, 1);
@@ -605,7 +614,7 @@ impl<V: Weigh> Store<V> {
         let mut entry = Entry::new(key, value, expires, tags);
         debug_assert_eq!(Self::charge(&entry), weight);
         if self.policy == Policy::S3Fifo {
-            return self.put_s3(key, entry, limits, now, only_new, weight);
+            return self.put_s3(key, entry, limits, now, only_new, weight, fill);
         }
         let (hash, idx) = self.locate(key);
         if self.len() as i64 >= limits.max_entries {
@@ -619,6 +628,12 @@ impl<V: Weigh> Store<V> {
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
         self.reclaim(&mut shard, now, &mut dead);
+        if !self.fill_take(idx, key, fill, now) {
+            // A fill whose placeholder a removal, write or flush of the key took away.
+            drop(shard);
+            self.bytes.fetch_sub(weight, Relaxed);
+            return Put::Stale;
+        }
         if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now, &mut dead) {
             if only_new {
                 drop(shard);
@@ -682,6 +697,7 @@ impl<V: Weigh> Store<V> {
         now: u64,
         only_new: bool,
         weight: u64,
+        fill: Option<u64>,
     ) -> Put {
         let expires = entry.expires();
         let (hash, idx) = self.locate(key);
@@ -693,6 +709,11 @@ impl<V: Weigh> Store<V> {
         let mut shard = loop {
             let mut shard = self.shards[idx].write();
             self.reclaim(&mut shard, now, &mut dead);
+            if !self.fill_holds(idx, key, fill, now) {
+                drop(shard);
+                self.give_back(placed, charged, weight);
+                return Put::Stale;
+            }
             if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now, &mut dead) {
                 if only_new {
                     drop(shard);
@@ -755,6 +776,8 @@ impl<V: Weigh> Store<V> {
                 }
             }
         };
+        // Checked above in this same hold of the lock: consume (or, for a write, cancel) it.
+        self.fill_take(idx, key, fill, now);
         Stats::bump(&self.stats.sets, 1);
         if expires <= now {
             drop(shard);
@@ -833,6 +856,7 @@ impl<V: Weigh> Store<V> {
         let mut moved = None;
         let mut new = Some(new);
         let mut shard = self.shards[idx].write();
+        self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) if shard.entry(slot).gen() == gen => {
                 let Some(mut entry) = new.take() else {
@@ -912,6 +936,7 @@ impl<V: Weigh> Store<V> {
             for g in guards.iter_mut() {
                 dead.extend(g.drain());
             }
+            self.fill_clear();
             self.len.store(0, Relaxed);
             self.bytes.store(0, Relaxed);
         }
