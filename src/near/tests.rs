@@ -272,24 +272,25 @@ fn a_garbled_stream_drops_the_connection_and_the_lease() {
         p.send(b"+PONG\r\n");
         rx.recv().unwrap();
         p.send(b"?garbage\r\n");
-        // The listener hangs up on garbage (read_to_end ends), then reconnects.
+        // The listener hangs up on garbage: read_to_end ends.
         let mut rest = Vec::new();
         let _ = p.s.read_to_end(&mut rest);
-        let mut p = Peer::accept(&l);
-        p.command();
-        drop(p);
+        // Keep listening without answering: the next attempt waits for its HELLO reply (2 s),
+        // so the protocol error stays the last error meanwhile.
+        l
     });
     near.ensure_started().unwrap();
     assert!(near.wait_fresh(Duration::from_secs(5)));
     tx.send(()).unwrap();
     wait_until("the lease to end", Duration::from_secs(5), || !near.fresh());
-    server.join().unwrap();
-    let err = near.stats().last_error.unwrap_or_default();
-    assert!(
-        err.contains("protocol error") || err.contains("closed"),
-        "{err}"
-    );
+    wait_until("the error", Duration::from_secs(5), || {
+        near.stats().last_error.is_some()
+    });
+    let err = near.stats().last_error.unwrap();
+    assert!(err.contains("protocol error"), "{err}");
+    let l = server.join().unwrap();
     near.close();
+    drop(l);
 }
 
 // ---- a real redis-server ----
@@ -449,11 +450,12 @@ fn real_redis_bcast_invalidates_flushes_and_the_lease_follows_sigstop() {
     wait_until("the flush", Duration::from_secs(5), || store.is_empty());
     assert_eq!(near.stats().flushes, flushes + 1);
 
-    // SIGSTOP: once kill returns, no PING sent later is answered: dark within LEASE.
+    // SIGSTOP: once kill returns, no PING sent later is answered: dark within LEASE (20 ms
+    // allowed for the stop to land after kill returns).
     assert!(near.wait_fresh(Duration::from_secs(5)));
     redis.signal("-STOP");
     let stopped = clock::now();
-    while clock::now() <= stopped + LEASE * 1_000_000 + 1_000_000 {
+    while clock::now() <= stopped + LEASE * 1_000_000 + 20_000_000 {
         thread::sleep(Duration::from_millis(5));
     }
     assert!(
