@@ -97,6 +97,29 @@ impl Flights {
         }
     }
 
+    /// Forgets every flight in progress, without waking anyone: for a forked child, whose copies
+    /// of these records were led by threads it does not have (see `crate::fork`).
+    pub fn clear(&self) {
+        let flights = std::mem::take(&mut *self.map.lock());
+        drop(flights);
+    }
+
+    /// fork's prepare step (see `crate::fork`): takes the table's lock and keeps it.
+    #[cfg(not(feature = "shuttle"))]
+    pub fn lock_for_fork(&self) {
+        std::mem::forget(self.map.lock());
+    }
+
+    /// Releases what `lock_for_fork` took.
+    ///
+    /// # Safety
+    /// `lock_for_fork` ran in this thread (or in the thread of the parent that forked this child)
+    /// and nothing released the lock since.
+    #[cfg(not(feature = "shuttle"))]
+    pub unsafe fn unlock_after_fork(&self) {
+        self.map.force_unlock();
+    }
+
     /// Number of flights in progress.
     pub fn len(&self) -> usize {
         self.map.lock().len()
@@ -206,6 +229,22 @@ mod tests {
         flights.finish("k");
         assert_eq!(waiter.join().unwrap(), Waited::Finished);
         assert!(flights.try_begin("k"), "free again after finish");
+    }
+
+    #[test]
+    fn clear_forgets_a_flight_whose_leader_is_gone_and_the_next_caller_leads() {
+        let flights = Arc::new(Flights::default());
+        let f2 = flights.clone();
+        // A leader that never finishes (as a thread the forked child does not have).
+        thread::spawn(move || assert!(matches!(f2.begin("k"), Role::Leader)))
+            .join()
+            .unwrap();
+        assert!(matches!(flights.begin("k"), Role::Follower(_)));
+        flights.clear();
+        assert!(flights.is_empty());
+        assert!(matches!(flights.begin("k"), Role::Leader));
+        flights.finish("k");
+        assert!(flights.is_empty());
     }
 
     #[test]

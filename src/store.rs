@@ -183,6 +183,34 @@ impl<V: Weigh> Store<V> {
         self.shards.iter().any(|s| s.is_locked())
     }
 
+    /// fork's prepare step (see `crate::fork` for the lock order): takes the flight table, the
+    /// tag table with its cells, then every shard, and keeps them locked.
+    #[cfg(not(feature = "shuttle"))]
+    pub fn lock_for_fork(&self) {
+        self.flights.lock_for_fork();
+        self.tags.lock_for_fork();
+        for s in self.shards.iter() {
+            std::mem::forget(s.write());
+        }
+    }
+
+    /// Releases what `lock_for_fork` took; in a forked `child`, then forgets every in-flight record.
+    ///
+    /// # Safety
+    /// `lock_for_fork` ran in this thread (or in the thread of the parent that forked this child)
+    /// and nothing released its locks since.
+    #[cfg(not(feature = "shuttle"))]
+    pub unsafe fn unlock_after_fork(&self, child: bool) {
+        for s in self.shards.iter().rev() {
+            s.force_unlock_write();
+        }
+        self.tags.unlock_after_fork();
+        self.flights.unlock_after_fork();
+        if child {
+            self.flights.clear();
+        }
+    }
+
     /// Bytes an entry with this key, value, number of tags and expiry stamp is charged (as
     /// `charge` will find once it is stored, without a compute time).
     /// At most `MAX_WEIGHT + 1` (an entry that cannot be stored, see `MAX_WEIGHT`).

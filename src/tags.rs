@@ -157,6 +157,30 @@ impl TagTable {
         cells.clear();
     }
 
+    /// fork's prepare step (see `crate::fork`): takes the table, then every cell's member list,
+    /// and keeps them locked.
+    pub fn lock_for_fork(&self) {
+        let cells = self.cells.lock();
+        for cell in cells.values() {
+            std::mem::forget(cell.members.lock());
+        }
+        std::mem::forget(cells);
+    }
+
+    /// Releases what `lock_for_fork` took.
+    ///
+    /// # Safety
+    /// `lock_for_fork` ran in this thread (or in the thread of the parent that forked this child)
+    /// and nothing released its locks since.
+    pub unsafe fn unlock_after_fork(&self) {
+        // This thread holds the table's lock: nobody else reads or changes it.
+        let cells = &*self.cells.data_ptr();
+        for cell in cells.values() {
+            cell.members.force_unlock();
+        }
+        self.cells.force_unlock();
+    }
+
     pub fn len(&self) -> usize {
         self.cells.lock().len()
     }

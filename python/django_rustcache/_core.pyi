@@ -1,36 +1,44 @@
 """Type stubs for the native module built from ``src/`` (the Rust store)."""
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, final
+
+__all__ = ["Handle", "TagSnapshot", "FastMethod", "fork_generation", "__version__"]
 
 __version__: str
 
+def fork_generation() -> int:
+    """How many fork()s separate this process from the one that loaded the module."""
+
+@final
 class TagSnapshot:
     """Tag versions taken before computing a value; storing with it is refused if any moved."""
 
     def is_current(self) -> bool: ...
     def __len__(self) -> int: ...
 
+@final
 class FastMethod:
     """Descriptor: the instance's bound Rust method stored under ``slot`` if any, else ``func``."""
 
-    def __init__(self, func: Callable[..., Any], slot: str) -> None: ...
-    def __get__(self, obj: object, owner: type | None = None) -> Callable[..., Any]: ...
+    def __new__(cls, func: Callable[..., Any], slot: str) -> FastMethod: ...
+    def __get__(self, obj: object, owner: type | None = None, /) -> Callable[..., Any]: ...
     @property
     def __wrapped__(self) -> Callable[..., Any]: ...
 
+@final
 class Handle:
     """One backend instance's view of the store named ``location`` (one per name per process)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         location: str,
         sentinel: object,
         warn: Callable[[str], object],
         shards: int | None = None,
         policy: str | None = None,
         max_entries: int = 300,
-    ) -> None: ...
+    ) -> Handle: ...
     @property
     def location(self) -> str: ...
     @property

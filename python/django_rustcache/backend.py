@@ -7,6 +7,7 @@ switches the instance to *raw* mode, where Python makes the key as Django does a
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import logging
 import pickle
@@ -32,6 +33,10 @@ from django_rustcache.signals import tags_invalidated
 Tags = Iterable[str] | None
 
 logger = logging.getLogger("django_rustcache")
+
+#: ``aget_or_set``'s poll of a flight led by another thread: first and longest sleep (seconds).
+_POLL_FIRST = 0.001
+_POLL_MAX = 0.02
 
 
 def _warn_key(key: str) -> None:
@@ -272,24 +277,7 @@ class RustCache(BaseCache):
         a callable ``default``, a hit may be recomputed shortly before it expires by one caller
         (see ``_refresh_early``); everyone else keeps getting the cached value meanwhile.
         """
-        if early_refresh is None:
-            beta = self._options.early_refresh
-        else:
-            beta = check_early_refresh(early_refresh)
-        if not beta or not callable(default):
-            # The ordinary hit path. Reading through the handle (what `get` does) rather than
-            # `self.get` saves about what looking up `beta` costs.
-            if self._direct:
-                val = self._h.get(key, self._missing_key, version)
-            else:
-                val = self.get(key, self._missing_key, version=version)
-        else:
-            # One uniform draw in (0, 1]; `_early_random` is injectable for seeded tests.
-            val, refresh = self._h.get_early(
-                self._k(key, version), self._missing_key, version, beta, 1.0 - self._early_random()
-            )
-            if refresh:
-                return self._refresh_early(key, val, default, timeout, version, tags)
+        val = self._get_or_refresh(key, default, timeout, version, tags, early_refresh)
         if val is not self._missing_key:
             return val
         wait = self._options.stampede_wait
@@ -304,6 +292,34 @@ class RustCache(BaseCache):
         finally:
             if flight is not None:
                 self._h.flight_end(flight)
+
+    def _get_or_refresh(
+        self,
+        key: Any,
+        default: Any,
+        timeout: Any,
+        version: Any,
+        tags: Tags,
+        early_refresh: float | None,
+    ) -> Any:
+        """``get_or_set``'s read: the cached (or early-refreshed) value, or ``_missing_key``."""
+        if early_refresh is None:
+            beta = self._options.early_refresh
+        else:
+            beta = check_early_refresh(early_refresh)
+        if not beta or not callable(default):
+            # The ordinary hit path. Reading through the handle (what `get` does) rather than
+            # `self.get` saves about what looking up `beta` costs.
+            if self._direct:
+                return self._h.get(key, self._missing_key, version)
+            return self.get(key, self._missing_key, version=version)
+        # One uniform draw in (0, 1]; `_early_random` is injectable for seeded tests.
+        val, refresh = self._h.get_early(
+            self._k(key, version), self._missing_key, version, beta, 1.0 - self._early_random()
+        )
+        if refresh:
+            return self._refresh_early(key, val, default, timeout, version, tags)
+        return val
 
     #: Uniform random source in [0, 1) for early refresh; replace it on an instance to seed it.
     _early_random: Callable[[], float] = staticmethod(random.random)
@@ -414,7 +430,8 @@ class RustCache(BaseCache):
         """Counters and sizes: hits, misses, sets, deletes, evictions, expirations, entries, ..."""
         return self._h.stats()
 
-    # Async twins: no store operation blocks, so they run the store directly. -----------------
+    # Async twins: no store operation blocks, so they run the store directly (aget_or_set's wait
+    # for another thread's value polls instead of blocking). --------------------------------------
 
     async def aadd(
         self,
@@ -483,7 +500,47 @@ class RustCache(BaseCache):
         *,
         early_refresh: float | None = None,
     ) -> Any:
-        return self.get_or_set(key, default, timeout, version, tags, early_refresh=early_refresh)
+        """``get_or_set`` that never blocks the event loop.
+
+        A miss of a key another thread is computing waits for that value as ``get_or_set`` does,
+        at most ``STAMPEDE_WAIT`` seconds, but by polling the key's single-flight between
+        ``asyncio.sleep`` steps (1 ms, doubling up to 20 ms) instead of blocking the thread.
+        Like Django's, it calls ``default`` directly (a ``default`` that blocks, blocks the loop).
+        """
+        val = self._get_or_refresh(key, default, timeout, version, tags, early_refresh)
+        if val is not self._missing_key:
+            return val
+        wait = self._options.stampede_wait
+        flight = self.make_key(key, version) if callable(default) and wait > 0 else None
+        # `flight_begin(flight, 0)` joins without waiting: True if this caller leads the key.
+        followed = flight is not None and not self._h.flight_begin(flight, 0)
+        if followed and not await self._follow(flight, wait):
+            flight = None  # the leader is too slow: compute here, as get_or_set does
+        try:
+            if followed:
+                # The leader is done (or too slow): its value, if it stored one.
+                val = self.get(key, self._missing_key, version=version)
+                if val is not self._missing_key:
+                    return val
+            return self._fill(key, default, timeout, version, tags, replace=False)
+        finally:
+            if flight is not None:
+                self._h.flight_end(flight)
+
+    async def _follow(self, flight: str, wait: float) -> bool:
+        """Await the end of another thread's fill of ``flight`` without blocking the loop: True
+        once this caller leads the key (the other one finished), False if ``wait`` passed first.
+        Holds nothing while it sleeps, so cancelling it leaves no flight behind."""
+        deadline = time.monotonic() + wait
+        step = _POLL_FIRST
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(step, left))
+            step = min(step * 2, _POLL_MAX)
+            if self._h.flight_begin(flight, 0):
+                return True
 
     async def aincr_version(self, key: Any, delta: int = 1, version: Any = None) -> int:
         return self.incr_version(key, delta, version)

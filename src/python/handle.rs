@@ -594,10 +594,12 @@ impl Handle {
 
     /// Single-flight for a fill of the made key `key`: True if the caller is to compute the value
     /// (and then call `flight_end`); otherwise waits, without the GIL, until the caller computing
-    /// it finishes or `wait` seconds pass, and returns False (read the cache again).
+    /// it finishes or `wait` seconds pass, and returns False (read the cache again). A `wait` of
+    /// 0 (or less) returns False at once: `aget_or_set` polls instead of blocking its event loop.
     fn flight_begin(&self, py: Python<'_>, key: &Bound<'_, PyString>, wait: f64) -> PyResult<bool> {
         match self.store.flights.begin(&flight_name(key)?) {
             Role::Leader => Ok(true),
+            Role::Follower(_) if wait <= 0.0 => Ok(false),
             Role::Follower(flight) => {
                 let limit = Duration::try_from_secs_f64(wait.max(0.0))
                     .map_err(|e| PyValueError::new_err(format!("bad wait: {e}")))?;

@@ -565,6 +565,19 @@ fn known(
     same.then_some(c)
 }
 
+/// fork's prepare step for `KNOWN` (see `crate::fork`): takes it and keeps it locked.
+pub(crate) fn lock_for_fork() {
+    std::mem::forget(KNOWN.lock());
+}
+
+/// Releases `KNOWN` after a fork.
+///
+/// # Safety
+/// `lock_for_fork` took it in this thread (or in the thread of the parent that forked this child).
+pub(crate) unsafe fn unlock_after_fork() {
+    KNOWN.force_unlock();
+}
+
 /// Keeps a new `Class` for the next `set`s (and forgets dead ones once there are many).
 fn remember(class: &Arc<Class>) {
     let mut known = KNOWN.lock();

@@ -20,8 +20,33 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<fast::FastMethod>()?;
     m.add_class::<near::Near>()?;
     m.add_function(wrap_pyfunction!(near::near, m)?)?;
-    crate::fork::install();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(fork_generation, m)?)?;
     instance::init(m.py());
+    crate::fork::install();
     Ok(())
+}
+
+/// How many fork()s lie between the process that loaded the module and this one (0 in the
+/// process that loaded it): `crate::fork::generation`.
+#[pyfunction]
+fn fork_generation() -> u64 {
+    crate::fork::generation()
+}
+
+/// fork's prepare step (see `crate::fork` for the order): every store's locks, then `KNOWN`'s.
+pub(crate) fn lock_for_fork() {
+    registry::lock_for_fork();
+    instance::lock_for_fork();
+}
+
+/// fork's parent and child steps: releases what `lock_for_fork` took; in the `child`, first
+/// forgets every store's in-flight records.
+///
+/// # Safety
+/// The calling thread (or the thread of the parent that forked this child) ran `lock_for_fork`
+/// and nothing has released those locks since.
+pub(crate) unsafe fn unlock_after_fork(child: bool) {
+    instance::unlock_after_fork();
+    registry::unlock_after_fork(child);
 }

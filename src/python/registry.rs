@@ -13,9 +13,37 @@ use crate::store::Store;
 
 type Registry = Mutex<HashMap<String, Arc<Store<PyValue>>, RandomState>>;
 
+static STORES: OnceLock<Registry> = OnceLock::new();
+
 fn registry() -> &'static Registry {
-    static STORES: OnceLock<Registry> = OnceLock::new();
     STORES.get_or_init(Default::default)
+}
+
+/// fork's prepare step (see `crate::fork` for the order): the registry's lock, then every store's
+/// locks, kept locked.
+pub fn lock_for_fork() {
+    let Some(reg) = STORES.get() else { return };
+    let stores = reg.lock();
+    for store in stores.values() {
+        store.lock_for_fork();
+    }
+    std::mem::forget(stores);
+}
+
+/// Releases what `lock_for_fork` took; in a forked `child`, every store first forgets its
+/// in-flight records (their leaders are threads the child does not have).
+///
+/// # Safety
+/// `lock_for_fork` ran in this thread (or in the thread of the parent that forked this child) and
+/// nothing released its locks since.
+pub unsafe fn unlock_after_fork(child: bool) {
+    let Some(reg) = STORES.get() else { return };
+    // SAFETY: this thread holds the registry's lock (taken by `lock_for_fork`).
+    let stores = unsafe { &*reg.data_ptr() };
+    for store in stores.values() {
+        unsafe { store.unlock_after_fork(child) };
+    }
+    unsafe { reg.force_unlock() };
 }
 
 /// The store named `location`, created with `shards` shards and `policy` (default "lru") on first
