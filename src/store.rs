@@ -959,6 +959,13 @@ impl<V: Weigh> Store<V> {
     /// Empties the store and forgets every tag.
     pub fn clear(&self) {
         let mut dead = Vec::new();
+        self.clear_into(&mut dead);
+        drop(dead);
+    }
+
+    /// `clear`, handing the removed entries to the caller (to drop where it can, see
+    /// `near::Graveyard`) instead of dropping them.
+    pub fn clear_into(&self, dead: &mut Vec<Entry<V>>) {
         {
             let mut guards = self.lock_all();
             for g in guards.iter_mut() {
@@ -969,7 +976,6 @@ impl<V: Weigh> Store<V> {
             self.bytes.store(0, Relaxed);
         }
         self.tags.reset();
-        drop(dead);
     }
 
     /// Makes every entry carrying one of `names` a miss and reclaims those entries; returns how

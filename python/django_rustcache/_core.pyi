@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, final
 
-__all__ = ["Handle", "TagSnapshot", "FastMethod", "fork_generation", "__version__"]
+__all__ = ["Handle", "TagSnapshot", "FastMethod", "Near", "near", "fork_generation", "__version__"]
 
 __version__: str
 
@@ -119,11 +119,12 @@ class Handle:
     def stats(self) -> dict[str, Any]: ...
     def __len__(self) -> int: ...
 
+@final
 class Near:
     """The invalidation listener and lease of one L1 store; one per (process, l1_location)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         l1_location: str,
         *,
         host: str | None,
@@ -136,7 +137,7 @@ class Near:
         mode: str,
         channel: str,
         connect_timeout: float,
-    ) -> None: ...
+    ) -> Near: ...
     @property
     def l1_location(self) -> str: ...
     def ensure_started(self) -> None: ...

@@ -15,6 +15,8 @@ pub mod lease;
 pub mod listener;
 pub mod resp;
 
+use std::sync::atomic::AtomicPtr;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +44,86 @@ impl<V: Weigh + Send + Sync> Sink for Store<V> {
 
     fn flush(&self) {
         self.clear();
+    }
+}
+
+/// Values the listener removed, waiting for a thread that may drop them (for Python objects: one
+/// holding the GIL, so that the decref, and any `__del__`, runs there and not on the listener).
+///
+/// A lock-free stack of batches: `bury` links a batch with one compare-and-swap and `take` unlinks
+/// them all with one swap, so a fork at any instant leaves a consistent stack in the child (a
+/// batch being linked at that instant is simply not in it) and no lock that could be inherited
+/// held. (PyO3's own queue for decrefs made without the GIL is a mutex the listener would hold
+/// while pushing: a fork at that instant would leave it locked in the child.)
+pub struct Graveyard<T> {
+    head: AtomicPtr<Grave<T>>,
+}
+
+struct Grave<T> {
+    items: Vec<T>,
+    next: *mut Grave<T>,
+}
+
+// SAFETY: the stack owns its batches; items cross threads only as a whole batch, handed from the
+// thread that buries to the one that takes (as a `Mutex<Vec<T>>` would hand them).
+unsafe impl<T: Send> Send for Graveyard<T> {}
+unsafe impl<T: Send> Sync for Graveyard<T> {}
+
+impl<T> Default for Graveyard<T> {
+    fn default() -> Self {
+        Graveyard {
+            head: AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+}
+
+impl<T> Graveyard<T> {
+    /// Hands `items` over (nothing happens for none).
+    pub fn bury(&self, items: Vec<T>) {
+        if items.is_empty() {
+            return;
+        }
+        let grave = Box::into_raw(Box::new(Grave {
+            items,
+            next: std::ptr::null_mut(),
+        }));
+        let mut head = self.head.load(Acquire);
+        loop {
+            // SAFETY: `grave` is ours until the exchange below publishes it.
+            unsafe { (*grave).next = head };
+            match self
+                .head
+                .compare_exchange_weak(head, grave, AcqRel, Acquire)
+            {
+                Ok(_) => return,
+                Err(now) => head = now,
+            }
+        }
+    }
+
+    /// Whether nothing waits (one relaxed load: for hot paths).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.head.load(Relaxed).is_null()
+    }
+
+    /// Everything buried so far, for the caller to drop.
+    pub fn take(&self) -> Vec<T> {
+        let mut out = Vec::new();
+        let mut p = self.head.swap(std::ptr::null_mut(), AcqRel);
+        while !p.is_null() {
+            // SAFETY: the swap made this chain ours alone; each grave was made by `Box::new`.
+            let grave = unsafe { Box::from_raw(p) };
+            p = grave.next;
+            out.extend(grave.items);
+        }
+        out
+    }
+}
+
+impl<T> Drop for Graveyard<T> {
+    fn drop(&mut self) {
+        drop(self.take());
     }
 }
 

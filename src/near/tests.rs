@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 
 use super::listener::{Config, Endpoint, Mode};
 use super::resp::{self, Value};
-use super::{Near, Sink};
+use super::{Graveyard, Near, Sink};
 use crate::clock::{self, NEVER};
 use crate::entry::Pack;
 use crate::store::{Limits, Put, Store, Weigh};
@@ -291,6 +291,42 @@ fn a_garbled_stream_drops_the_connection_and_the_lease() {
     let l = server.join().unwrap();
     near.close();
     drop(l);
+}
+
+#[test]
+fn the_graveyard_hands_every_buried_item_to_take_across_threads() {
+    let g = Arc::new(Graveyard::<u64>::default());
+    assert!(g.is_empty());
+    g.bury(Vec::new());
+    assert!(g.is_empty(), "an empty batch is not buried");
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let g = g.clone();
+            thread::spawn(move || {
+                for i in 0..1_000u64 {
+                    g.bury(vec![t * 1_000 + i]);
+                }
+            })
+        })
+        .collect();
+    let mut got = Vec::new();
+    while got.len() < 4_000 {
+        got.extend(g.take());
+        thread::yield_now();
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    got.extend(g.take());
+    got.sort_unstable();
+    assert_eq!(got, (0..4_000).collect::<Vec<_>>());
+    assert!(g.is_empty());
+    // What is still buried when the graveyard goes is dropped with it.
+    let rc = Arc::new(());
+    let h = Graveyard::default();
+    h.bury(vec![rc.clone()]);
+    drop(h);
+    assert_eq!(Arc::strong_count(&rc), 1);
 }
 
 // ---- a real redis-server ----

@@ -1,12 +1,12 @@
 //! `Near` for Python: the invalidation listener and lease of one L1 store (`crate::near`), and
 //! `near()`, the process-wide one per L1 location.
 //!
-//! The listener applies invalidations to the L1 `Store<PyValue>` without the GIL. Values it
-//! removes hold Python objects; dropping a `Py<T>` on a thread not attached to Python is safe in
-//! PyO3 0.30: the decref is queued in PyO3's reference pool (the crate does not set
-//! `pyo3_disable_reference_pool`) and done the next time any thread enters PyO3 (every
-//! `#[pymethods]` call drains the pool first, with no lock of ours held). So no `__del__` ever
-//! runs on the listener thread or under a store lock.
+//! The listener applies invalidations to the L1 `Store<PyValue>` without the GIL. The entries it
+//! removes hold Python objects: it does not drop them (PyO3 0.30 would queue each decref in its
+//! reference pool, whose mutex the listener would then hold at instants a fork could copy it
+//! locked into a child, which would hang at its next call into PyO3). It buries them in a
+//! lock-free `Graveyard` instead, and `Near`'s methods (`fresh` on every L1 read) drop them with
+//! the GIL held and no lock of ours held, so any `__del__` runs there.
 //!
 //! Locks: `Near`'s own mutexes are only taken with the GIL held and never across a GIL release,
 //! so `os.fork()` (which holds the GIL) cannot copy them locked into a child. Joining the
@@ -26,8 +26,11 @@ use pyo3::types::PyDict;
 use super::registry;
 use super::value::PyValue;
 use crate::near::listener::{Config, Endpoint, Mode};
-use crate::near::{self as rust_near, Sink};
+use crate::near::{self as rust_near, Graveyard, Sink};
+use crate::shard::Entry;
 use crate::store::Store;
+
+type Dead = Graveyard<Entry<PyValue>>;
 
 /// The L1 store named `location`, found once it exists (a `Handle` creates it with its shards
 /// and policy; the listener must not create it with others). Until then there is nothing in L1
@@ -35,6 +38,7 @@ use crate::store::Store;
 struct LazyStore {
     location: String,
     store: OnceLock<Arc<Store<PyValue>>>,
+    dead: Arc<Dead>,
 }
 
 impl LazyStore {
@@ -50,13 +54,17 @@ impl LazyStore {
 impl Sink for LazyStore {
     fn invalidate(&self, key: &str) {
         if let Some(s) = self.get() {
-            s.invalidate_key(key);
+            let mut dead = Vec::new();
+            s.invalidate_key_into(key, &mut dead);
+            self.dead.bury(dead);
         }
     }
 
     fn flush(&self) {
         if let Some(s) = self.get() {
-            s.clear();
+            let mut dead = Vec::new();
+            s.clear_into(&mut dead);
+            self.dead.bury(dead);
         }
     }
 }
@@ -66,6 +74,8 @@ impl Sink for LazyStore {
 pub struct Near {
     inner: rust_near::Near,
     location: String,
+    /// What the listener removed, dropped here with the GIL.
+    dead: Arc<Dead>,
 }
 
 fn seconds(name: &str, s: f64) -> PyResult<Duration> {
@@ -129,7 +139,30 @@ fn make_config(
     })
 }
 
+/// A `Near` for `location`: its listener's sink buries removed entries in `dead`.
+fn make(location: String, config: Config) -> Near {
+    let dead = Arc::new(Dead::default());
+    let sink = Arc::new(LazyStore {
+        location: location.clone(),
+        store: OnceLock::new(),
+        dead: dead.clone(),
+    });
+    Near {
+        inner: rust_near::Near::new(config, sink),
+        location,
+        dead,
+    }
+}
+
 impl Near {
+    /// Drops what the listener removed (the caller holds the GIL: decrefs happen now).
+    #[inline]
+    fn bury_dead(&self) {
+        if !self.dead.is_empty() {
+            drop(self.dead.take());
+        }
+    }
+
     fn stop_running(&self, py: Python<'_>, running: Option<crate::near::listener::Running>) {
         if let Some(r) = running {
             py.detach(move || r.stop());
@@ -169,19 +202,13 @@ impl Near {
             channel,
             connect_timeout,
         )?;
-        let sink = Arc::new(LazyStore {
-            location: l1_location.clone(),
-            store: OnceLock::new(),
-        });
-        Ok(Near {
-            inner: rust_near::Near::new(config, sink),
-            location: l1_location,
-        })
+        Ok(make(l1_location, config))
     }
 
     /// Starts the listener unless it runs in this process already (one atomic load then); in a
     /// forked child, starts a new one (which flushes L1 before the lease can be fresh).
     fn ensure_started(&self) -> PyResult<()> {
+        self.bury_dead();
         self.inner
             .ensure_started()
             .map_err(|e| PyOSError::new_err(format!("cannot start the listener thread: {e}")))
@@ -189,6 +216,7 @@ impl Near {
 
     /// The lease is valid now: L1 may serve a hit.
     fn fresh(&self) -> bool {
+        self.bury_dead();
         self.inner.fresh()
     }
 
@@ -199,10 +227,13 @@ impl Near {
         } else {
             seconds("timeout", timeout)?
         };
-        Ok(py.detach(|| self.inner.wait_fresh(t)))
+        let fresh = py.detach(|| self.inner.wait_fresh(t));
+        self.bury_dead();
+        Ok(fresh)
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.bury_dead();
         let s = self.inner.stats();
         let d = PyDict::new(py);
         d.set_item("invalidations", s.invalidations)?;
@@ -219,6 +250,7 @@ impl Near {
     fn close(&self, py: Python<'_>) {
         let running = self.inner.take_running();
         self.stop_running(py, running);
+        self.bury_dead();
     }
 
     #[getter]
@@ -281,17 +313,7 @@ pub fn near(
         return Ok(n);
     }
     crate::fork::install();
-    let sink = Arc::new(LazyStore {
-        location: l1_location.clone(),
-        store: OnceLock::new(),
-    });
-    let made = Py::new(
-        py,
-        Near {
-            inner: rust_near::Near::new(config, sink),
-            location: l1_location.clone(),
-        },
-    )?;
+    let made = Py::new(py, make(l1_location.clone(), config))?;
     let mut map = nears().lock();
     let n = map.entry(l1_location).or_insert(made).clone_ref(py);
     Ok(n)

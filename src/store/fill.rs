@@ -26,7 +26,7 @@ use ahash::RandomState;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 
-use super::{Limits, Put, Store, Weigh};
+use super::{Entry, Limits, Put, Store, Weigh};
 use crate::mem::malloc_chunk;
 use crate::stats::Stats;
 use crate::tags::TagStamp;
@@ -167,18 +167,25 @@ impl<V: Weigh> Store<V> {
     /// Removes `key`'s entry whatever its state, and cancels its placeholder: an invalidation from
     /// the source of truth. True if an entry was removed.
     pub fn invalidate_key(&self, key: &str) -> bool {
+        let mut dead = Vec::new();
+        self.invalidate_key_into(key, &mut dead)
+    }
+
+    /// `invalidate_key`, handing the removed entry to the caller (to drop where it can, see
+    /// `near::Graveyard`) instead of dropping it.
+    pub fn invalidate_key_into(&self, key: &str, dead: &mut Vec<Entry<V>>) -> bool {
         let (hash, idx) = self.locate(key);
         let mut shard = self.shards[idx].write();
         self.fill_take(idx, key, None, 0);
-        let dead = shard
+        let found = shard
             .find(hash, key)
             .map(|slot| self.detach(&mut shard, slot));
         drop(shard);
-        let removed = dead.is_some();
-        if removed {
+        let removed = found.is_some();
+        if let Some(e) = found {
             Stats::bump(&self.stats.invalidations, 1);
+            dead.push(e);
         }
-        drop(dead);
         removed
     }
 
