@@ -226,19 +226,6 @@ def test_stats_count_redis_hits_and_misses(cache):
     assert {"connected", "lease_ok", "invalidations"} <= set(after["listener"])
 
 
-def test_tags_are_refused_clearly_for_now(cache, raw):
-    for call in (
-        lambda: cache.invalidate_tags(["t"]),
-        lambda: cache.set("k", 1, tags=["t"]),
-        lambda: cache.add("k", 1, tags=["t"]),
-        lambda: cache.set_many({"k": 1}, tags=["t"]),
-        lambda: cache.get_or_set("k", 1, tags=["t"]),
-    ):
-        with pytest.raises(NotImplementedError, match="does not support tags yet"):
-            call()
-    assert raw.dbsize() == 0
-
-
 # keys / iter_keys / delete_pattern: SCAN, never KEYS ----------------------------------------
 
 

@@ -18,10 +18,12 @@ import asyncio
 import hashlib
 import hmac
 import inspect
+import json
 import logging
 import os
 import pickle
 import re
+import secrets
 import threading
 import time
 import weakref
@@ -37,6 +39,7 @@ from django_rustcache import _core
 from django_rustcache._core import Handle
 from django_rustcache.backend import _Synced, _warn_key
 from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, _int_option
+from django_rustcache.signals import tags_invalidated
 
 logger = logging.getLogger("django_rustcache.near")
 
@@ -88,6 +91,77 @@ end
 if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
 return 1
 """
+# Tagged entries: TAGGED_MAGIC, 8 hex digits giving the header's length, the header (a JSON list
+# [tag key, version, tag key, version, ...]), then the value in the untagged format. `stale(v)`
+# tells whether such an entry was built against a tag version that has since moved (or gone).
+_LUA_STALE = r"""
+local function stale(v)
+  if not v or string.sub(v, 1, 5) ~= '\0rct1' then return false end
+  local n = tonumber(string.sub(v, 6, 13), 16)
+  local h = cjson.decode(string.sub(v, 14, 13 + n))
+  for i = 1, #h, 2 do
+    if redis.call('GET', h[i]) ~= h[i + 1] then return true end
+  end
+  return false
+end
+"""
+# KEYS: the made key, then the tag keys of a snapshot; ARGV: data, PX ('' = none), '1' for NX,
+# channel, then the snapshot's versions. -1: a snapshot tag moved (a set then deletes the key, as
+# storing an already invalid entry would); 0: NX and a live entry is there; 1: stored. An entry
+# whose tags moved counts as absent for NX, as RustCache has already dropped it.
+_LUA_SET = (
+    _LUA_STALE
+    + """
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) ~= ARGV[3 + i] then
+    if ARGV[3] ~= '1' and redis.call('DEL', KEYS[1]) == 1 and ARGV[4] ~= '' then
+      redis.call('PUBLISH', ARGV[4], KEYS[1])
+    end
+    return -1
+  end
+end
+if ARGV[3] == '1' then
+  local cur = redis.call('GET', KEYS[1])
+  if cur and not stale(cur) then return 0 end
+end
+if ARGV[2] == '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
+return 1
+"""
+)
+# KEYS: tag keys; ARGV: a fresh random seed per key, then the channel. A missing (never set,
+# evicted or flushed) version is seeded with a random value, never reset to a small number, so an
+# eviction cannot make entries built against an old version current again.
+_LUA_TAG_VERSIONS = """
+local ch = ARGV[#KEYS + 1]
+local out = {}
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if not v then
+    v = ARGV[i]
+    redis.call('SET', KEYS[i], v)
+    if ch ~= '' then redis.call('PUBLISH', ch, KEYS[i]) end
+  end
+  out[i] = v
+end
+return out
+"""
+# invalidate_tags: INCR every tag key at once (a missing or non-integer one gets a new seed).
+_LUA_BUMP = """
+local ch = ARGV[#KEYS + 1]
+for i = 1, #KEYS do
+  local r = {err = 'missing'}
+  if redis.call('EXISTS', KEYS[i]) == 1 then r = redis.pcall('INCR', KEYS[i]) end
+  if type(r) == 'table' and r.err then redis.call('SET', KEYS[i], ARGV[i]) end
+  if ch ~= '' then redis.call('PUBLISH', ch, KEYS[i]) end
+end
+return #KEYS
+"""
+TAGGED_MAGIC = b"\x00rct1"
 _MGET_CHUNK = 1000  # Lua's unpack() has a stack limit; get_many reads in chunks this size
 
 
@@ -101,6 +175,43 @@ class _Script:
 
 
 _GET, _MGET, _INCR, _TOUCH = (_Script(s) for s in (_LUA_GET, _LUA_MGET, _LUA_INCR, _LUA_TOUCH))
+_SET, _TAG_VERSIONS, _BUMP = (_Script(s) for s in (_LUA_SET, _LUA_TAG_VERSIONS, _LUA_BUMP))
+
+
+def _seed() -> str:
+    """A fresh tag version: random, never 0, with room left for INCR below 2**63."""
+    return str(secrets.randbits(62) + 1)
+
+
+@dataclass(frozen=True)
+class NearTagSnapshot:
+    """Tag versions read by ``NearCache.snapshot_tags``: ``(tag key, version)`` pairs."""
+
+    versions: tuple[tuple[str, str], ...]
+
+
+class _Tagged:
+    """A tagged value as L1 holds it (and ``_decode`` returns it): valid while its versions hold."""
+
+    __slots__ = ("value", "versions")
+
+    def __init__(self, value: Any, versions: tuple[tuple[str, str], ...]) -> None:
+        self.value = value
+        self.versions = versions
+
+    def __reduce__(self) -> Any:
+        return (_Tagged, (self.value, self.versions))
+
+
+def _tag_names(tags: Any) -> list[str]:
+    """The tags as a list of str (a str alone is refused, as RustCache does)."""
+    if isinstance(tags, (str, bytes)):
+        raise TypeError("tags must be an iterable of str, not a str")
+    names = list(tags)
+    for tag in names:
+        if not isinstance(tag, str):
+            raise TypeError(f"a tag must be a str, not {type(tag).__name__}")
+    return names
 
 
 def _redis() -> Any:
@@ -440,15 +551,6 @@ def _start_listener(l1_location: str, **kwargs: Any) -> Any:
 LISTENER_FACTORY: Callable[..., Any] = _start_listener
 
 
-def _no_tags(tags: Any) -> None:
-    """Tags across processes are not implemented yet: say so instead of dropping them."""
-    if tags is not None:
-        raise NotImplementedError(
-            "NearCache does not support tags yet (tags across processes are still to come); "
-            "use RustCache for tags in a single process."
-        )
-
-
 def _glob_escape(text: str) -> str:
     """Escape Redis glob metacharacters, so a KEY_PREFIX is matched literally by SCAN."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
@@ -622,8 +724,28 @@ class NearCache(BaseCache):
         mac = self._mac(self._signing_keys()[0], made.encode() + b"\0" + data)
         return SIGNED_MAGIC + mac + data
 
+    def _encode_tagged(self, inner: int | bytes, versions: tuple[tuple[str, str], ...]) -> bytes:
+        """A tagged entry: the versions it was built against in front of the untagged format."""
+        header = json.dumps([x for pair in versions for x in pair]).encode()
+        body = str(inner).encode() if isinstance(inner, int) else inner
+        return TAGGED_MAGIC + b"%08x" % len(header) + header + body
+
     def _decode(self, made: str, raw: bytes) -> Any:
-        """The value, or ``_MISS`` for a value that must not be unpickled (logged)."""
+        """The value (a ``_Tagged`` for a tagged entry), or ``_MISS`` for one that must not be
+        unpickled (logged)."""
+        if raw.startswith(TAGGED_MAGIC):
+            start = len(TAGGED_MAGIC) + 8
+            try:
+                end = start + int(raw[len(TAGGED_MAGIC) : start], 16)
+                flat = json.loads(raw[start:end])
+                versions = tuple(zip(flat[::2], flat[1::2], strict=True))
+            except ValueError:
+                logger.warning(
+                    "NearCache %r: key %r has a bad tag header", self._options.location, made
+                )
+                return _MISS
+            value = self._decode(made, raw[end:])
+            return value if value is _MISS else _Tagged(value, versions)
         try:
             return int(raw)
         except ValueError:
@@ -729,6 +851,111 @@ class NearCache(BaseCache):
             kwargs["px"] = ms
         return ("set", (made, data), kwargs)
 
+    # Tags: versions in Redis under the tracked prefix, cached in L1, moved by invalidate_tags ---
+
+    def _tag_key(self, tag: str) -> str:
+        """Where ``tag``'s version lives: ``<KEY_PREFIX>:#t:<tag>``, inside the BCAST prefix (so
+        every L1 hears of a bump) and never a made key unless a caller uses the version ``"#t"``."""
+        return f"{self.key_prefix}:#t:{tag}"
+
+    def _op_versions(self, tag_keys: list[str], fresh: bool) -> _Op:
+        """``{tag key: version}``: from L1 while the lease is fresh, the rest in one script that
+        also seeds missing versions; what Redis returned fills L1 behind placeholders."""
+        found: dict[str, str] = {}
+        lacking = []
+        for tk in dict.fromkeys(tag_keys):
+            v = self._h.get(tk, _MISS) if fresh else _MISS
+            if v is _MISS:
+                lacking.append(tk)
+            else:
+                found[tk] = v
+        if lacking:
+            tokens = [self._l1_begin(tk) for tk in lacking]
+            seeds = [_seed() for _ in lacking]
+            values = yield from self._script(_TAG_VERSIONS, lacking, *seeds, self._channel)
+            for tk, token, v in zip(lacking, tokens, values, strict=True):
+                found[tk] = v = v.decode() if isinstance(v, bytes) else str(v)
+                self._l1_put(tk, token, v, None)
+        return found
+
+    def _op_valid(self, entries: list[_Tagged], fresh: bool) -> _Op:
+        """For each tagged entry, whether every version it carries is still the current one."""
+        if not entries:
+            return []
+        keys = [tk for e in entries for tk, _ in e.versions]
+        current = yield from self._op_versions(keys, fresh)
+        return [all(current[tk] == v for tk, v in e.versions) for e in entries]
+
+    def _op_l1_tagged(self, made: str, entry: _Tagged, default: Any) -> _Op:
+        """An L1 hit on a tagged entry: its value if its versions hold, else a read from Redis."""
+        (ok,) = yield from self._op_valid([entry], True)
+        if ok:
+            return entry.value
+        self._l1_drop([made])
+        return (yield from self._op_get(made, default, True))
+
+    def _op_set_tagged(self, made: str, value: Any, timeout: Any, nx: bool, tags: Any) -> _Op:
+        """``set``/``add`` with tags (names, or a snapshot that must still hold), and every
+        ``add``: one script, in which an entry whose tags moved does not block NX."""
+        inner = self._encode(made, value)  # a pickling error is raised before anything changes
+        ms = self._ms(timeout)
+        check: tuple[tuple[str, str], ...] = ()
+        try:
+            if isinstance(tags, NearTagSnapshot):
+                versions = check = tags.versions
+            elif tags is not None:
+                keys = [self._tag_key(t) for t in _tag_names(tags)]
+                current = yield from self._op_versions(keys, self._fresh())
+                versions = tuple((tk, current[tk]) for tk in dict.fromkeys(keys))
+            else:
+                versions = ()
+        except self._errors as e:
+            return self._failed("add" if nx else "set", e, False)
+        if ms == 0 and not nx:
+            return (yield from self._op_set(made, value, timeout, False))
+        data = self._encode_tagged(inner, versions) if versions else inner
+        token = self._l1_begin(made)  # before the write: kills in-flight fills of older values
+        px = "" if ms is None else max(ms, 1)
+        keys = [made, *(tk for tk, _ in check)]
+        try:
+            stored = yield from self._script(
+                _SET, keys, data, px, "1" if nx else "", self._channel, *(v for _, v in check)
+            )
+            if stored == 1 and ms == 0:
+                # Django: add() with timeout 0 reports success and stores nothing.
+                yield from self._exec([("delete", (made,), {})], [made])
+                self._l1_drop([made])
+                return True
+        except self._errors as e:
+            self._l1_drop([made])
+            return self._failed("add" if nx else "set", e, False)
+        if stored == 1:
+            entry = _Tagged(value, versions) if versions else value
+            self._l1_put(made, token, entry, None if ms is None else ms / 1000)
+        else:
+            self._l1_drop([made])
+        return stored == 1
+
+    def _op_invalidate_tags(self, tags: tuple[str, ...]) -> _Op:
+        keys = list(dict.fromkeys(self._tag_key(t) for t in tags))
+        if not keys:
+            return 0
+        for tk in keys:
+            self._l1_begin(tk)  # kills in-flight fills of the old versions in this process
+        try:
+            yield from self._script(_BUMP, keys, *(_seed() for _ in keys), self._channel)
+        except self._errors as e:
+            return self._failed("invalidate_tags", e, 0)
+        finally:
+            self._l1_drop(keys)
+        return len(keys)
+
+    def _tags_invalidated(self, tags: tuple[str, ...], count: int) -> None:
+        logger.debug(
+            "invalidated tags %s in %r: %d tags", ", ".join(tags), self._options.location, count
+        )
+        tags_invalidated.send(sender=type(self), cache=self, tags=tags, count=count)
+
     # Operations (generators shared by the sync and async methods) -----------------------------
 
     def _op_get(self, made: str, default: Any, fresh: bool) -> _Op:
@@ -743,17 +970,23 @@ class NearCache(BaseCache):
             raw, pttl = yield from self._script(_GET, [made])
         except self._errors as e:
             if stale is not _MISS and self._stale_ok():
-                return stale
+                return stale.value if type(stale) is _Tagged else stale
             return self._failed("get", e, default)
         if raw is None:
             self._counters.add(misses=1)
             return default
-        value = self._decode(made, raw)
+        value = entry = self._decode(made, raw)
+        if type(entry) is _Tagged:
+            try:
+                (ok,) = yield from self._op_valid([entry], fresh)
+            except self._errors as e:
+                return self._failed("get", e, default)
+            value = entry.value if ok else _MISS
         if value is _MISS:
             self._counters.add(misses=1)
             return default
         self._counters.add(l2_hits=1)
-        self._l1_put(made, token, value, None if pttl < 0 else pttl / 1000)
+        self._l1_put(made, token, entry, None if pttl < 0 else pttl / 1000)
         return value
 
     def _stale_ok(self) -> bool:
@@ -779,18 +1012,29 @@ class NearCache(BaseCache):
                     for made in made_keys[start:]:
                         value = self._h.get(made, _MISS)
                         if value is not _MISS:
-                            found[made] = value
+                            found[made] = value.value if type(value) is _Tagged else value
                     return found
                 return self._failed("get_many", e, found)
+            decoded = [
+                _MISS if raw is None else self._decode(made, raw)
+                for made, raw in zip(chunk, values, strict=True)
+            ]
+            tagged = [e for e in decoded if type(e) is _Tagged]
+            try:
+                valid = iter((yield from self._op_valid(tagged, fresh)))
+            except self._errors as e:
+                return self._failed("get_many", e, found)
             hits = misses = 0
-            for made, token, raw, pttl in zip(chunk, tokens, values, ttls, strict=True):
-                value = _MISS if raw is None else self._decode(made, raw)
+            for made, token, entry, pttl in zip(chunk, tokens, decoded, ttls, strict=True):
+                value = entry
+                if type(entry) is _Tagged:
+                    value = entry.value if next(valid) else _MISS
                 if value is _MISS:
                     misses += 1
                     continue
                 hits += 1
                 found[made] = value
-                self._l1_put(made, token, value, None if pttl < 0 else pttl / 1000)
+                self._l1_put(made, token, entry, None if pttl < 0 else pttl / 1000)
             self._counters.add(l2_hits=hits, misses=misses)
         return found
 
@@ -910,13 +1154,18 @@ class NearCache(BaseCache):
         """The value (from L1 while the lease is fresh, else from Redis), or ``default``."""
         if self._hot and self._near.fresh():
             value = self._fast.get(key, _MISS, version)  # Rust makes and validates the key
-            if value is not _MISS:
+            if value is not _MISS and type(value) is not _Tagged:
                 return value
-            return self._run(self._op_get(self.make_key(key, version=version), default, True))
+            made = self.make_key(key, version=version)
+            if value is not _MISS:
+                return self._run(self._op_l1_tagged(made, value, default))
+            return self._run(self._op_get(made, default, True))
         made = self.make_and_validate_key(key, version=version)
         fresh = self._fresh()
         if fresh:
             value = self._h.get(made, _MISS)
+            if type(value) is _Tagged:
+                return self._run(self._op_l1_tagged(made, value, default))
             if value is not _MISS:
                 return value
         return self._run(self._op_get(made, default, fresh))
@@ -929,10 +1178,13 @@ class NearCache(BaseCache):
         version: Any = None,
         tags: Any = None,
     ) -> None:
-        """Store in Redis, then in this process's L1."""
-        _no_tags(tags)
+        """Store in Redis, then in this process's L1. With ``tags``, the entry carries their
+        versions (with a snapshot: stored only if none of its tags moved since)."""
         made = self.make_and_validate_key(key, version=version)
-        self._run(self._op_set(made, value, timeout, False))
+        if tags is None:
+            self._run(self._op_set(made, value, timeout, False))
+        else:
+            self._run(self._op_set_tagged(made, value, timeout, False, tags))
 
     def add(
         self,
@@ -942,10 +1194,10 @@ class NearCache(BaseCache):
         version: Any = None,
         tags: Any = None,
     ) -> bool:
-        """SET NX in Redis: True if this call stored the value."""
-        _no_tags(tags)
+        """SET NX in Redis (an entry whose tags moved counts as absent): True if this call stored
+        the value."""
         made = self.make_and_validate_key(key, version=version)
-        return self._run(self._op_set(made, value, timeout, True))
+        return self._run(self._op_set_tagged(made, value, timeout, True, tags))
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
         """Give the key a new timeout in Redis; False if it is missing."""
@@ -978,7 +1230,7 @@ class NearCache(BaseCache):
         lacking = []
         for made, key in key_map.items():
             value = self._h.get(made, _MISS)
-            if value is _MISS:
+            if value is _MISS or type(value) is _Tagged:  # a tagged hit is checked with the rest
                 lacking.append(made)
             else:
                 found[key] = value
@@ -999,12 +1251,20 @@ class NearCache(BaseCache):
         version: Any = None,
         tags: Any = None,
     ) -> list[Any]:
-        """One pipeline of SETs; returns the keys not stored (all of them on an ignored error)."""
-        _no_tags(tags)
+        """One pipeline of SETs; returns the keys not stored (all of them on an ignored error).
+        With ``tags``, one tagged ``set`` per key (the versions read once)."""
         if not data:
             return []
         items = [(self.make_and_validate_key(k, version=version), v) for k, v in data.items()]
-        return [] if self._run(self._op_set_many(items, timeout)) else list(data)
+        if tags is None:
+            return [] if self._run(self._op_set_many(items, timeout)) else list(data)
+        if not isinstance(tags, NearTagSnapshot):
+            tags = self.snapshot_tags(tags)
+        return [
+            key
+            for key, (made, value) in zip(data, items, strict=True)
+            if not self._run(self._op_set_tagged(made, value, timeout, False, tags))
+        ]
 
     def get_or_set(
         self,
@@ -1014,9 +1274,21 @@ class NearCache(BaseCache):
         version: Any = None,
         tags: Any = None,
     ) -> Any:
-        """Django's get_or_set: a miss is filled with ``add`` (Redis decides who stores)."""
-        _no_tags(tags)
-        return super().get_or_set(key, default, timeout, version)
+        """Django's get_or_set: a miss is filled with ``add`` (Redis decides who stores). With
+        ``tags``, they are snapshotted before ``default`` is computed and the result is stored only
+        if none of them was invalidated meanwhile (it is returned either way)."""
+        if tags is None:
+            return super().get_or_set(key, default, timeout, version)
+        value = self.get(key, _MISS, version=version)
+        if value is not _MISS:
+            return value
+        snapshot = tags if isinstance(tags, NearTagSnapshot) else self.snapshot_tags(tags)
+        if callable(default):
+            default = default()
+        if self.add(key, default, timeout, version, tags=snapshot):
+            return default
+        # Someone else stored first (or a tag moved): return what Redis holds now, if valid.
+        return self.get(key, default, version=version)
 
     def delete_many(self, keys: Iterable[Any], version: Any = None) -> None:
         """One DEL for every key."""
@@ -1069,42 +1341,72 @@ class NearCache(BaseCache):
         }
 
     def invalidate_tags(self, tags: Iterable[str]) -> int:
-        """Not yet: tags across processes are a separate part of issue 9."""
-        _no_tags(tags)
-        return 0  # no tags given
+        """Make every entry carrying any of ``tags`` a miss, in every process: one script INCRs
+        their versions in Redis. Returns how many distinct tags it bumped (entries in other
+        processes cannot be counted); 0 on an error ignored by IGNORE_EXCEPTIONS."""
+        tags = (tags,) if isinstance(tags, str) else tuple(_tag_names(tags))
+        count = self._run(self._op_invalidate_tags(tags))
+        self._tags_invalidated(tags, count)
+        return count
 
-    def snapshot_tags(self, tags: Iterable[str]) -> Any:
-        """Not yet: see ``invalidate_tags``."""
-        return self.invalidate_tags(tags)
+    async def ainvalidate_tags(self, tags: Iterable[str]) -> int:
+        """``invalidate_tags`` on redis.asyncio."""
+        tags = (tags,) if isinstance(tags, str) else tuple(_tag_names(tags))
+        count = await self._arun(self._op_invalidate_tags(tags))
+        self._tags_invalidated(tags, count)
+        return count
+
+    def snapshot_tags(self, tags: Iterable[str]) -> NearTagSnapshot:
+        """Current versions of ``tags``; pass it as ``tags=`` to store only if none moved since."""
+        keys = [self._tag_key(t) for t in _tag_names(tags)]
+        current = self._run(self._op_versions(keys, self._fresh()))
+        return NearTagSnapshot(tuple((tk, current[tk]) for tk in dict.fromkeys(keys)))
 
     # Async: L1 hits are answered directly; a miss goes to redis.asyncio. -------------------
 
     async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
         if self._hot and self._near.fresh():
             value = self._fast.get(key, _MISS, version)
-            if value is not _MISS:
+            if value is not _MISS and type(value) is not _Tagged:
                 return value
             made = self.make_key(key, version=version)
+            if value is not _MISS:
+                return await self._arun(self._op_l1_tagged(made, value, default))
             return await self._arun(self._op_get(made, default, True))
         made = self.make_and_validate_key(key, version=version)
         fresh = self._fresh()
         if fresh:
             value = self._h.get(made, _MISS)
+            if type(value) is _Tagged:
+                return await self._arun(self._op_l1_tagged(made, value, default))
             if value is not _MISS:
                 return value
         return await self._arun(self._op_get(made, default, fresh))
 
     async def aset(
-        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
     ) -> None:
         made = self.make_and_validate_key(key, version=version)
-        await self._arun(self._op_set(made, value, timeout, False))
+        if tags is None:
+            await self._arun(self._op_set(made, value, timeout, False))
+        else:
+            await self._arun(self._op_set_tagged(made, value, timeout, False, tags))
 
     async def aadd(
-        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
     ) -> bool:
         made = self.make_and_validate_key(key, version=version)
-        return await self._arun(self._op_set(made, value, timeout, True))
+        return await self._arun(self._op_set_tagged(made, value, timeout, True, tags))
 
     async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
         made = self.make_and_validate_key(key, version=version)
@@ -1155,12 +1457,15 @@ class NearCache(BaseCache):
         tags: Any = None,
     ) -> Any:
         """``get_or_set`` on redis.asyncio (no thread hop): ``aget``, then ``aadd`` on a miss."""
-        _no_tags(tags)
         value = await self.aget(key, self._missing_key, version=version)
         if value is self._missing_key:
+            if tags is not None and not isinstance(tags, NearTagSnapshot):
+                keys = [self._tag_key(t) for t in _tag_names(tags)]
+                current = await self._arun(self._op_versions(keys, self._fresh()))
+                tags = NearTagSnapshot(tuple((tk, current[tk]) for tk in dict.fromkeys(keys)))
             if callable(default):
                 default = default()
-            await self.aadd(key, default, timeout=timeout, version=version)
+            await self.aadd(key, default, timeout=timeout, version=version, tags=tags)
             # Whoever added first won: return what Redis holds now.
             return await self.aget(key, default, version=version)
         return value
