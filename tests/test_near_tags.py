@@ -5,14 +5,24 @@ were built against, ``invalidate_tags`` bumping them for every process (issue 9 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 
 import pytest
+import redis
 
 from django_rustcache import near as near_mod
 from django_rustcache.signals import tags_invalidated
-from tests.test_near import cache, fake, l1cache, listener, make, raw  # noqa: F401 (fixtures)
+from tests.test_near import (  # noqa: F401 (fixtures)
+    cache,
+    fake,
+    l1cache,
+    listener,
+    make,
+    own_server,
+    raw,
+)
 
 
 def _tag_key(cache, tag):
@@ -169,7 +179,9 @@ def test_async_tags(cache):
     asyncio.run(run())
 
 
-def test_a_bump_in_a_forked_process_is_seen_by_the_parent(cache):
+@pytest.mark.parametrize("mode", ["tracking", "pubsub"])
+def test_a_bump_in_a_forked_process_is_seen_by_the_parent(make, mode):
+    cache = make(OPTIONS={"INVALIDATION": mode})
     cache.set("k", "v", tags=["t"])
     assert cache.get("k") == "v"
     assert cache.get("k") == "v"  # warm L1 (with the Rust listener)
@@ -186,3 +198,58 @@ def test_a_bump_in_a_forked_process_is_seen_by_the_parent(cache):
     while cache.get("k") is not None and time.monotonic() < end:
         time.sleep(0.01)
     assert cache.get("k") is None
+
+
+def test_a_forged_tag_header_is_a_logged_miss_and_does_not_block_add(cache, raw, caplog):
+    made = f"{cache.key_prefix}:1:k"
+    cache.set("k", "v", tags=["t"])
+    good = raw.get(made)
+    for bad in (
+        near_mod.TAGGED_MAGIC + b"zzzzzzzz" + good,
+        near_mod.TAGGED_MAGIC + b"00000003" + b"{}x" + b"1",
+        near_mod.TAGGED_MAGIC + b"00000004" + b"[1,2" + b"1",
+    ):
+        raw.set(made, bad)
+        cache._h.clear()
+        with caplog.at_level(logging.WARNING, logger="django_rustcache.near"):
+            assert cache.get("k", "dflt") == "dflt"
+        assert "bad tag header" in caplog.text
+        assert cache.add("k", "added") is True  # an unreadable header counts as moved
+        assert cache.get("k") == "added"
+
+
+def test_a_junk_tag_version_is_reseeded_by_a_bump(cache, raw):
+    cache.set("k", "v", tags=["t"])
+    raw.set(_tag_key(cache, "t"), b"not a number")
+    cache._h.clear()
+    assert cache.get("k") is None
+    assert cache.invalidate_tags(["t"]) == 1
+    assert int(raw.get(_tag_key(cache, "t"))) > 1
+
+
+def test_ignore_exceptions_covers_tags_and_stores_nothing_with_a_failed_snapshot(
+    make, own_server, caplog
+):
+    cache = make(own_server.url, OPTIONS={"IGNORE_EXCEPTIONS": True, "socket_timeout": 1})
+    cache.set("warm", "v")
+    own_server.stop()
+    with caplog.at_level(logging.WARNING, logger="django_rustcache.near"):
+        assert cache.invalidate_tags(["t"]) == 0
+        assert cache.set("k", 1, tags=["t"]) is None
+        snapshot = cache.snapshot_tags(["t"])
+        assert snapshot.versions == ((_tag_key(cache, "t"), ""),)
+        assert cache.get_or_set("k", lambda: "computed", tags=["t"]) == "computed"
+    assert "ignored" in caplog.text
+
+
+def test_without_ignore_exceptions_tag_errors_are_raised(make, own_server):
+    cache = make(own_server.url, OPTIONS={"socket_timeout": 1})
+    cache.set("warm", "v")
+    own_server.stop()
+    for call in (
+        lambda: cache.invalidate_tags(["t"]),
+        lambda: cache.set("k", 1, tags=["t"]),
+        lambda: cache.snapshot_tags(["t"]),
+    ):
+        with pytest.raises(redis.ConnectionError):
+            call()

@@ -98,7 +98,8 @@ _LUA_STALE = r"""
 local function stale(v)
   if not v or string.sub(v, 1, 5) ~= '\0rct1' then return false end
   local n = tonumber(string.sub(v, 6, 13), 16)
-  local h = cjson.decode(string.sub(v, 14, 13 + n))
+  local ok, h = pcall(cjson.decode, string.sub(v, 14, 13 + (n or 0)))
+  if not ok or type(h) ~= 'table' then return true end
   for i = 1, #h, 2 do
     if redis.call('GET', h[i]) ~= h[i + 1] then return true end
   end
@@ -739,7 +740,7 @@ class NearCache(BaseCache):
                 end = start + int(raw[len(TAGGED_MAGIC) : start], 16)
                 flat = json.loads(raw[start:end])
                 versions = tuple(zip(flat[::2], flat[1::2], strict=True))
-            except ValueError:
+            except (ValueError, TypeError):
                 logger.warning(
                     "NearCache %r: key %r has a bad tag header", self._options.location, made
                 )
@@ -885,6 +886,16 @@ class NearCache(BaseCache):
         keys = [tk for e in entries for tk, _ in e.versions]
         current = yield from self._op_versions(keys, fresh)
         return [all(current[tk] == v for tk, v in e.versions) for e in entries]
+
+    def _op_snapshot(self, tags: Any) -> _Op:
+        """A ``NearTagSnapshot`` of ``tags``; on an error ignored by IGNORE_EXCEPTIONS, one that
+        no version matches (so nothing is stored with it)."""
+        keys = list(dict.fromkeys(self._tag_key(t) for t in _tag_names(tags)))
+        try:
+            current = yield from self._op_versions(keys, self._fresh())
+        except self._errors as e:
+            current = self._failed("snapshot_tags", e, dict.fromkeys(keys, ""))
+        return NearTagSnapshot(tuple((tk, current[tk]) for tk in keys))
 
     def _op_l1_tagged(self, made: str, entry: _Tagged, default: Any) -> _Op:
         """An L1 hit on a tagged entry: its value if its versions hold, else a read from Redis."""
@@ -1358,9 +1369,7 @@ class NearCache(BaseCache):
 
     def snapshot_tags(self, tags: Iterable[str]) -> NearTagSnapshot:
         """Current versions of ``tags``; pass it as ``tags=`` to store only if none moved since."""
-        keys = [self._tag_key(t) for t in _tag_names(tags)]
-        current = self._run(self._op_versions(keys, self._fresh()))
-        return NearTagSnapshot(tuple((tk, current[tk]) for tk in dict.fromkeys(keys)))
+        return self._run(self._op_snapshot(tags))
 
     # Async: L1 hits are answered directly; a miss goes to redis.asyncio. -------------------
 
@@ -1460,9 +1469,7 @@ class NearCache(BaseCache):
         value = await self.aget(key, self._missing_key, version=version)
         if value is self._missing_key:
             if tags is not None and not isinstance(tags, NearTagSnapshot):
-                keys = [self._tag_key(t) for t in _tag_names(tags)]
-                current = await self._arun(self._op_versions(keys, self._fresh()))
-                tags = NearTagSnapshot(tuple((tk, current[tk]) for tk in dict.fromkeys(keys)))
+                tags = await self._arun(self._op_snapshot(tags))
             if callable(default):
                 default = default()
             await self.aadd(key, default, timeout=timeout, version=version, tags=tags)
