@@ -253,3 +253,18 @@ def test_without_ignore_exceptions_tag_errors_are_raised(make, own_server):
     ):
         with pytest.raises(redis.ConnectionError):
             call()
+
+
+def test_get_many_answers_tagged_l1_hits_from_l1_and_rereads_moved_ones(l1cache, raw):
+    cache = l1cache()
+    cache.set_many({"a": 1, "b": 2}, tags=["ta"])
+    cache.set("c", 3, tags=["tc"])
+    cache.set("plain", 4)
+    before = cache.stats()
+    assert cache.get_many(["a", "b", "c", "plain", "none"]) == {"a": 1, "b": 2, "c": 3, "plain": 4}
+    after = cache.stats()
+    assert after["l2_hits"] == before["l2_hits"]  # every hit, tagged or not, from L1
+    cache.invalidate_tags(["ta"])
+    assert cache.get_many(["a", "b", "c", "plain"]) == {"c": 3, "plain": 4}
+    cache.set("a", 5, tags=["ta"])
+    assert asyncio.run(cache.aget_many(["a", "b", "c"])) == {"a": 5, "c": 3}

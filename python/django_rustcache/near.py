@@ -1241,18 +1241,39 @@ class NearCache(BaseCache):
         lacking = []
         for made, key in key_map.items():
             value = self._h.get(made, _MISS)
-            if value is _MISS or type(value) is _Tagged:  # a tagged hit is checked with the rest
+            if value is _MISS:
                 lacking.append(made)
             else:
-                found[key] = value
+                found[key] = value  # a tagged hit (_Tagged) is checked by _op_many_rest
         return key_map, found, lacking, fresh
+
+    def _op_many_rest(
+        self, key_map: dict[str, Any], found: dict[Any, Any], lacking: list[str], fresh: bool
+    ) -> _Op:
+        """Check L1's tagged hits (their versions from L1, or in one round trip), then read what
+        L1 lacked, or held with a moved tag, from Redis."""
+        tagged = [(made, key) for made, key in key_map.items() if type(found.get(key)) is _Tagged]
+        if tagged:
+            try:
+                valid = yield from self._op_valid([found[key] for _, key in tagged], True)
+            except self._errors as e:
+                valid = self._failed("get_many", e, [False] * len(tagged))
+            for (made, key), ok in zip(tagged, valid, strict=True):
+                if ok:
+                    found[key] = found[key].value
+                else:
+                    del found[key]
+                    lacking.append(made)
+        if lacking:
+            for made, value in (yield from self._op_get_many(lacking, fresh)).items():
+                found[key_map[made]] = value
+        return found
 
     def get_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
         """L1's hits, plus one MGET (per 1000 keys) for the keys L1 lacks."""
         key_map, found, lacking, fresh = self._l1_many(keys, version)
-        if lacking:
-            for made, value in self._run(self._op_get_many(lacking, fresh)).items():
-                found[key_map[made]] = value
+        if lacking or any(type(v) is _Tagged for v in found.values()):
+            return self._run(self._op_many_rest(key_map, found, lacking, fresh))
         return found
 
     def set_many(
@@ -1439,9 +1460,8 @@ class NearCache(BaseCache):
 
     async def aget_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
         key_map, found, lacking, fresh = self._l1_many(keys, version)
-        if lacking:
-            for made, value in (await self._arun(self._op_get_many(lacking, fresh))).items():
-                found[key_map[made]] = value
+        if lacking or any(type(v) is _Tagged for v in found.values()):
+            return await self._arun(self._op_many_rest(key_map, found, lacking, fresh))
         return found
 
     async def aset_many(
