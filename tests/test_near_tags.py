@@ -175,6 +175,10 @@ def test_async_tags(cache):
         assert await cache.aget("k") is None
         assert await cache.aget_or_set("k", lambda: 2, tags=["t"]) == 2
         assert await cache.aget("k") == 2
+        assert await cache.aset_many({"m": 1, "n": 2}, tags=["t2"]) == []
+        assert await cache.aget_many(["m", "n"]) == {"m": 1, "n": 2}
+        await cache.ainvalidate_tags(["t2"])
+        assert await cache.aget_many(["m", "n"]) == {}
 
     asyncio.run(run())
 

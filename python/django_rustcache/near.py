@@ -1291,7 +1291,7 @@ class NearCache(BaseCache):
         if tags is None:
             return [] if self._run(self._op_set_many(items, timeout)) else list(data)
         if not isinstance(tags, NearTagSnapshot):
-            tags = self.snapshot_tags(tags)
+            tags = self._run(self._op_snapshot(tags))
         return [
             key
             for key, (made, value) in zip(data, items, strict=True)
@@ -1465,12 +1465,24 @@ class NearCache(BaseCache):
         return found
 
     async def aset_many(
-        self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+        self,
+        data: Mapping[Any, Any],
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
     ) -> list[Any]:
         if not data:
             return []
         items = [(self.make_and_validate_key(k, version=version), v) for k, v in data.items()]
-        return [] if await self._arun(self._op_set_many(items, timeout)) else list(data)
+        if tags is None:
+            return [] if await self._arun(self._op_set_many(items, timeout)) else list(data)
+        if not isinstance(tags, NearTagSnapshot):
+            tags = await self._arun(self._op_snapshot(tags))
+        return [
+            key
+            for key, (made, value) in zip(data, items, strict=True)
+            if not await self._arun(self._op_set_tagged(made, value, timeout, False, tags))
+        ]
 
     async def adelete_many(self, keys: Iterable[Any], version: Any = None) -> None:
         made = [self.make_and_validate_key(k, version=version) for k in keys]
