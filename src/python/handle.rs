@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyInt, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyList, PyString};
 
 use super::fast::TimeoutArg;
 use super::keys::push_part;
@@ -87,6 +87,50 @@ fn flight_name<'a>(key: &'a Bound<'_, PyString>) -> PyResult<std::borrow::Cow<'a
     match key.to_str() {
         Ok(text) => Ok(std::borrow::Cow::Borrowed(text)),
         Err(_) => escape_surrogates(key.as_any()).map(std::borrow::Cow::Owned),
+    }
+}
+
+/// KEY_PREFIX or VERSION as text, its lone surrogates escaped as `escape_surrogates` escapes them
+/// in a made key (Django takes any object there; LocMemCache works with such a prefix).
+fn setting_text(part: &Bound<'_, PyAny>) -> PyResult<String> {
+    let mut out = String::new();
+    match push_part(&mut out, part) {
+        Ok(()) => Ok(out),
+        Err(e) if e.is_instance_of::<PyUnicodeEncodeError>(part.py()) => {
+            escape_surrogates(part.str()?.as_any())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Seconds of a per-call timeout, accepted exactly as LocMemCache's `time.time() + timeout`:
+/// int (bool included; OverflowError past a float's range) and float as they are; any other type
+/// through Python's `float + timeout` (so `Fraction` works and `Decimal` or `str` raise TypeError),
+/// after Django's own `timeout == 0` check (which lets `Decimal(0)` through as "expired").
+fn timeout_seconds(timeout: &Bound<'_, PyAny>) -> PyResult<f64> {
+    if let Ok(f) = timeout.cast::<PyFloat>() {
+        return Ok(f.value());
+    }
+    if timeout.is_instance_of::<PyInt>() {
+        return timeout.extract::<f64>();
+    }
+    let py = timeout.py();
+    if timeout.eq(0)? {
+        return Ok(-1.0);
+    }
+    let not_real = || {
+        PyTypeError::new_err(format!(
+            "timeout must be a real number or None, not {}",
+            timeout
+                .get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string())
+        ))
+    };
+    match PyFloat::new(py, 0.0).add(timeout) {
+        Ok(sum) => sum.extract::<f64>().map_err(|_| not_real()),
+        Err(e) if e.is_instance_of::<PyTypeError>(py) => Err(not_real()),
+        Err(e) => Err(e),
     }
 }
 
@@ -195,17 +239,10 @@ impl Handle {
         } else if timeout.is_none() {
             None
         } else {
-            match timeout.extract::<f64>() {
-                Ok(s) => Some(s),
-                Err(_) => {
-                    return Err(PyTypeError::new_err(format!(
-                        "timeout must be a number or None, not {}",
-                        timeout.get_type().name()?
-                    )))
-                }
-            }
+            Some(timeout_seconds(timeout)?)
         };
-        Ok(clock::deadline(now, seconds))
+        // LocMemCache's expiry `time.time() + nan` compares false with every time: never expires.
+        Ok(clock::deadline(now, seconds.filter(|s| !s.is_nan())))
     }
 
     /// Tag stamps for `tags` (an iterable of str), namespaced by the key prefix.
@@ -332,12 +369,8 @@ impl Handle {
         default_timeout: Option<f64>,
         raw: bool,
     ) -> PyResult<()> {
-        let mut p = String::new();
-        push_part(&mut p, prefix)?;
-        let mut v = String::new();
-        push_part(&mut v, version)?;
-        self.prefix = p;
-        self.version = v;
+        self.prefix = setting_text(prefix)?;
+        self.version = setting_text(version)?;
         self.default_timeout = default_timeout;
         self.raw = raw;
         Ok(())
