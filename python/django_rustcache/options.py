@@ -54,18 +54,20 @@ STORE_INT_MAX = 2**63 - 1
 STAMPEDE_WAIT_MAX = 365 * 24 * 3600.0
 
 
-def _django_int(where: str, name: str, value: Any, fallback: int) -> int:
+def _django_int(where: str, name: str, value: Any, fallback: int | None) -> int:
     """``int(value)``, as Django's BaseCache parses MAX_ENTRIES, CULL_FREQUENCY and TIMEOUT.
 
-    Where ``int()`` raises ValueError or TypeError, Django silently uses ``fallback``; where it
-    raises OverflowError (``inf``), Django raises it. Both are ImproperlyConfigured here.
+    Where ``int()`` raises ValueError or TypeError, Django silently uses ``fallback`` (None: not
+    a Django setting); where it raises OverflowError (``inf``), Django raises it. Both are
+    ImproperlyConfigured here.
     """
     try:
         return int(value)
     except (ValueError, TypeError):
+        django = "" if fallback is None else f" (Django would silently use {fallback})"
         raise ImproperlyConfigured(
             f"{where}: {name} must be an integer (anything int() accepts, as Django reads it), "
-            f"not {type(value).__name__} {value!r} (Django would silently use {fallback})."
+            f"not {type(value).__name__} {value!r}{django}."
         ) from None
     except OverflowError:
         raise ImproperlyConfigured(f"{where}: {name} must be finite, not {value!r}.") from None
@@ -100,6 +102,8 @@ def _seconds(where: str, name: str, value: Any) -> float:
         seconds = float(value)
     except OverflowError:
         seconds = _INF  # an int past a float's range
+    except ValueError:
+        seconds = float("nan")  # Decimal('sNaN')
     if not seconds >= 0:
         raise ImproperlyConfigured(
             f"{where}: {name} must be a number of seconds >= 0, not {value!r}."
@@ -150,19 +154,18 @@ class RustCacheOptions:
                 f"{', '.join(map(repr, EVICTION_POLICIES))}, not {policy!r}."
             )
         # What Django's BaseCache reads: a top-level lowercase key wins over the OPTIONS one.
-        max_entries = _django_int(where, *_read(params, options, "MAX_ENTRIES", 300), 300)
+        name, max_entries = _read(params, options, "MAX_ENTRIES", 300)
+        max_entries = _django_int(where, name, max_entries, 300)
         # S3-FIFO takes MAX_ENTRIES as the capacity: it must hold at least one entry.
         if policy == "s3fifo" and max_entries < 1:
             raise ImproperlyConfigured(
-                f"{where}: OPTIONS['MAX_ENTRIES'] must be >= 1 under EVICTION_POLICY 's3fifo', not "
-                f"{max_entries}."
+                f"{where}: {name} must be >= 1 under EVICTION_POLICY 's3fifo', not {max_entries}."
             )
-        cull = _django_int(where, *_read(params, options, "CULL_FREQUENCY", 3), 3)
+        name, cull = _read(params, options, "CULL_FREQUENCY", 3)
+        cull = _django_int(where, name, cull, 3)
         if cull < 0:
             # LocMemCache would never cull (a negative count): the store would grow unbounded.
-            raise ImproperlyConfigured(
-                f"{where}: OPTIONS['CULL_FREQUENCY'] must be >= 0, not {cull}."
-            )
+            raise ImproperlyConfigured(f"{where}: {name} must be >= 0, not {cull}.")
         name, timeout = _read(params, params, "TIMEOUT", 300)
         if timeout is not None:
             timeout = _django_int(where, name, timeout, 300)
@@ -175,7 +178,7 @@ class RustCacheOptions:
                 ) from None
         max_bytes = options.get("MAX_BYTES")
         if max_bytes is not None:
-            max_bytes = _django_int(where, "OPTIONS['MAX_BYTES']", max_bytes, 0)
+            max_bytes = _django_int(where, "OPTIONS['MAX_BYTES']", max_bytes, None)
             if max_bytes < 1:
                 raise ImproperlyConfigured(
                     f"{where}: OPTIONS['MAX_BYTES'] must be >= 1 (or None), not {max_bytes}."
