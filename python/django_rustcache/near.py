@@ -38,7 +38,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_rustcache import _core
 from django_rustcache._core import Handle
 from django_rustcache.backend import _Synced, _warn_key
-from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, _int_option
+from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS
 from django_rustcache.signals import tags_invalidated
 
 logger = logging.getLogger("django_rustcache.near")
@@ -269,6 +269,17 @@ def _number(where: str, name: str, value: Any, *, zero_ok: bool = False) -> floa
             f"{where}: OPTIONS[{name!r}] must be a finite number {bound}, not {value!r}."
         )
     return float(value)
+
+
+def _int_option(where: str, name: str, value: Any, minimum: int | None) -> int:
+    # Here since options.py dropped it (the settings rework); NearCache's checks stay as they were.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS[{name!r}] must be an integer, not {type(value).__name__} {value!r}."
+        )
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{where}: OPTIONS[{name!r}] must be >= {minimum}, not {value}.")
+    return value
 
 
 def _bool(where: str, name: str, value: Any) -> bool:
@@ -961,12 +972,6 @@ class NearCache(BaseCache):
             self._l1_drop(keys)
         return len(keys)
 
-    def _tags_invalidated(self, tags: tuple[str, ...], count: int) -> None:
-        logger.debug(
-            "invalidated tags %s in %r: %d tags", ", ".join(tags), self._options.location, count
-        )
-        tags_invalidated.send(sender=type(self), cache=self, tags=tags, count=count)
-
     # Operations (generators shared by the sync and async methods) -----------------------------
 
     def _op_get(self, made: str, default: Any, fresh: bool) -> _Op:
@@ -1377,15 +1382,26 @@ class NearCache(BaseCache):
         their versions in Redis. Returns how many distinct tags it bumped (entries in other
         processes cannot be counted); 0 on an error ignored by IGNORE_EXCEPTIONS."""
         tags = (tags,) if isinstance(tags, str) else tuple(_tag_names(tags))
-        count = self._run(self._op_invalidate_tags(tags))
-        self._tags_invalidated(tags, count)
+        count = self._invalidate_tags(tags)
+        logger.debug(
+            "invalidated tags %s in %r: %d tags", ", ".join(tags), self._options.location, count
+        )
+        return count
+
+    def _invalidate_tags(self, tags: tuple[str, ...]) -> int:
+        """``invalidate_tags`` without its log line (model invalidation logs its own line)."""
+        count = self._run(self._op_invalidate_tags(tuple(_tag_names(tags))))
+        tags_invalidated.send(sender=type(self), cache=self, tags=tags, count=count)
         return count
 
     async def ainvalidate_tags(self, tags: Iterable[str]) -> int:
         """``invalidate_tags`` on redis.asyncio."""
         tags = (tags,) if isinstance(tags, str) else tuple(_tag_names(tags))
         count = await self._arun(self._op_invalidate_tags(tags))
-        self._tags_invalidated(tags, count)
+        logger.debug(
+            "invalidated tags %s in %r: %d tags", ", ".join(tags), self._options.location, count
+        )
+        tags_invalidated.send(sender=type(self), cache=self, tags=tags, count=count)
         return count
 
     def snapshot_tags(self, tags: Iterable[str]) -> NearTagSnapshot:
