@@ -20,3 +20,19 @@ def _empty_caches():
     yield
     for alias in ("default", "other"):
         caches[alias].clear()
+
+
+@pytest.fixture(scope="session", params=["redis", "valkey"])
+def near_server(request):
+    """A redis-server and a valkey-server of our own (one each per session), stopped at the end.
+
+    A missing binary fails every test that uses it, with what to install: never a skip.
+    """
+    from tests import servers
+
+    try:
+        server = servers.start(request.param)
+    except servers.ServerUnavailable as e:
+        pytest.fail(f"NearCache tests need a real {request.param} server: {e}", pytrace=False)
+    yield server
+    server.cleanup()

@@ -8,6 +8,13 @@ reference rewritten to ``$RUSTCACHE_SUITE_BACKEND`` (default ``django_rustcache.
 then run the in-process-backend test classes with Django's DiscoverRunner.
 LABELs narrow the run: ``LocMemCacheTests`` or ``LocMemCacheTests.test_cull``.
 Exit status is non-zero on any failure or error, or when no test passed.
+
+With ``RUSTCACHE_SUITE_BACKEND=django_rustcache.NearCache`` it instead runs Django's Redis test
+class (``BaseCacheTests`` with RedisCacheTests' settings: the culling caches left out, so the
+culling tests skip themselves, exactly as for Django's RedisCache) as ``NearCacheTests``, against
+a server it starts itself (``RUSTCACHE_SUITE_SERVER``: redis (default) or valkey) and stops at exit.
+``--near-listener none`` (the default for now) runs NearCache without its invalidation listener,
+so every read goes to Redis; ``rust`` uses the listener of the native module.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 CACHE_DIR = HERE / ".cache"
 LOCMEM = "django.core.cache.backends.locmem.LocMemCache"
 LOCMEM_IMPORT = "from django.core.cache.backends.locmem import LocMemCache"
+NEAR = "django_rustcache.NearCache"
 
 # Test classes of cache/tests.py that are NOT run, and why. Everything else in the module runs
 # (LocMemCacheTests, key validation, closing, CacheUtils, CacheHEADTest, CacheI18nTest,
@@ -105,6 +113,37 @@ def suite_classes(suite: Any) -> list[str]:
     ]
 
 
+def start_near_server() -> str:
+    """Start our own server for the NearCache run (tests/servers.py); its redis:// URL."""
+    sys.path.insert(0, str(HERE.parent.parent))
+    from tests import servers
+
+    kind = os.environ.get("RUSTCACHE_SUITE_SERVER", "redis")
+    try:
+        server = servers.start(kind)
+    except servers.ServerUnavailable as e:
+        sys.exit(f"NearCache suite needs a {kind} server: {e}")
+    print(f"Started {kind} ({server.binary}) on port {server.port}, pid {server.pid}")
+    return server.url
+
+
+def near_suite_class(suite: Any, location: str) -> str:
+    """Add ``NearCacheTests`` to the suite module: RedisCacheTests' contract and settings, minus
+    the tests of RedisCache's own internals (its client class, pools, serializer)."""
+    import redis
+    from django.test import TestCase, override_settings
+
+    params = {"BACKEND": NEAR, "LOCATION": location}
+    cls = type(
+        "NearCacheTests",
+        (suite.BaseCacheTests, TestCase),
+        {"__module__": suite.__name__, "incr_decr_type_error": redis.ResponseError},
+    )
+    settings = suite.caches_setting_for_tests(base=params, exclude=suite.redis_excluded_caches)
+    suite.NearCacheTests = override_settings(CACHES=settings)(cls)
+    return "NearCacheTests"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("labels", nargs="*", help="Class or Class.test_method to run")
@@ -112,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--failfast", action="store_true")
     parser.add_argument("-k", dest="patterns", action="append", help="test name pattern")
     parser.add_argument("--list", action="store_true", help="list the classes and exit")
+    parser.add_argument(
+        "--near-listener",
+        choices=("none", "rust"),
+        default="none",
+        help="NearCache only: run without the invalidation listener (default) or with it",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -126,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     import suite_settings
 
     backend = suite_settings.SUITE_BACKEND
+    near = backend == NEAR
+    if near:
+        location = start_near_server()
+        suite_settings.CACHES = {"default": {"BACKEND": NEAR, "LOCATION": location}}
+        if args.near_listener == "none":
+            from django_rustcache import near as near_module
+
+            near_module.LISTENER_FACTORY = lambda *a, **k: near_module._NoListener()
     version = importlib.metadata.version("django")
     sys.path.insert(0, str(materialize(fetch_sdist(version), backend)))
 
@@ -135,11 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     django.setup()
     suite = importlib.import_module("cache.tests")
 
-    classes = suite_classes(suite)
-    print(f"Django {version} cache suite against {backend}")
-    print(f"Running {len(classes)} classes: {', '.join(classes)}")
-    print(f"Excluded: {', '.join(EXCLUDED)}")
-    print("No test is modified: RustCache offers LocMemCache's _cache, _expire_info and _lock.")
+    if near:
+        classes = [near_suite_class(suite, location)]
+        print(f"Django {version} cache suite against {backend} (listener: {args.near_listener})")
+        print("Running NearCacheTests: BaseCacheTests with RedisCacheTests' settings (no cull")
+        print("caches: the culling tests skip themselves, as for RedisCache)")
+    else:
+        classes = suite_classes(suite)
+        print(f"Django {version} cache suite against {backend}")
+        print(f"Running {len(classes)} classes: {', '.join(classes)}")
+        print(f"Excluded: {', '.join(EXCLUDED)}")
+        print("No test is modified: RustCache offers LocMemCache's _cache, _expire_info and _lock.")
     if args.list:
         return 0
 

@@ -1,0 +1,1180 @@
+"""``NearCache``: Redis/Valkey is the truth; the Rust store is a near cache (L1) in each process.
+
+Reads answer from L1 while the invalidation listener's lease is fresh, else from Redis (one
+round trip, filling L1 behind a placeholder so a racing invalidation wins). Writes go to Redis
+first, then update this process's L1. Everything atomic (``add``, ``incr``, ``touch``, the results
+of ``delete``/``has_key``) is decided by Redis. Values use Django's ``RedisCache`` format (ints
+raw, the rest pickled); by default pickles are signed with a key derived from ``SECRET_KEY``.
+
+Every use of the Rust listener (``_core.near``) and of the placeholder fill (``Handle.fill_*``)
+sits in ``_start_listener`` and the three ``_l1_*`` methods: without them (an older native
+module, or tests that replace ``LISTENER_FACTORY``) L1 is never served and every read goes to
+Redis, which is correct on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import inspect
+import logging
+import os
+import pickle
+import re
+import threading
+import time
+import weakref
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, default_key_func
+from django.core.exceptions import ImproperlyConfigured
+
+from django_rustcache import _core
+from django_rustcache._core import Handle
+from django_rustcache.backend import _Synced, _warn_key
+from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, _int_option
+
+logger = logging.getLogger("django_rustcache.near")
+
+_MISS = object()
+
+#: Our OPTIONS keys (upper case) and their defaults; lower-case keys go to redis-py.
+NEAR_OPTION_DEFAULTS: dict[str, Any] = {
+    "MAX_ENTRIES": 300,
+    "CULL_FREQUENCY": 3,
+    "MAX_BYTES": None,
+    "EVICTION_POLICY": "lru",
+    "LEASE": 0.5,
+    "L1_MAX_TTL": 300.0,
+    "INVALIDATION": "tracking",
+    "SIGNED": True,
+    "IGNORE_EXCEPTIONS": False,
+    "STALE_IF_ERROR": None,
+}
+INVALIDATION_MODES = {"tracking": "bcast", "pubsub": "pubsub"}
+
+#: Signed values: this marker (neither an int's digits nor a pickle's first byte), the
+#: HMAC-SHA256 of ``made key + NUL + pickle``, then the pickle.
+SIGNED_MAGIC = b"\x00rcs1"
+_MAC_LEN = 32
+_SIGNING_SALT = b"django_rustcache.NearCache.signing"
+
+# Lua, so that each operation is one round trip and atomic. A GET reply of nil is `false` in
+# Lua and comes back as nil inside the array.
+_LUA_GET = "return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}"
+_LUA_MGET = """
+local v = redis.call('MGET', unpack(KEYS))
+local t = {}
+for i = 1, #KEYS do t[i] = redis.call('PTTL', KEYS[i]) end
+return {v, t}
+"""
+_LUA_INCR = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+return v
+"""
+_LUA_TOUCH = """
+if ARGV[1] == '' then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+  redis.call('PERSIST', KEYS[1])
+elseif redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+return 1
+"""
+_MGET_CHUNK = 1000  # Lua's unpack() has a stack limit; get_many reads in chunks this size
+
+
+@dataclass(frozen=True)
+class _Script:
+    src: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.src.encode()).hexdigest())
+
+
+_GET, _MGET, _INCR, _TOUCH = (_Script(s) for s in (_LUA_GET, _LUA_MGET, _LUA_INCR, _LUA_TOUCH))
+
+
+def _redis() -> Any:
+    """redis-py, imported on first use so that RustCache alone never needs it."""
+    try:
+        import redis
+        import redis.asyncio  # noqa: F401
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImproperlyConfigured(
+            "django_rustcache.NearCache needs redis-py: pip install 'redis>=5' (and hiredis)."
+        ) from None
+    return redis
+
+
+def _conn_errors() -> tuple[type[BaseException], ...]:
+    """Errors meaning "Redis unreachable" (what IGNORE_EXCEPTIONS and STALE_IF_ERROR cover)."""
+    exc = _redis().exceptions
+    return (exc.ConnectionError, exc.TimeoutError)
+
+
+# Options ---------------------------------------------------------------------------------
+
+#: Options redis-py's pools take besides the Connection arguments (Django's RedisCache names).
+_POOL_EXTRA = {"pool_class", "parser_class", "max_connections", "connection_class", "timeout"}
+#: Options that only make sense for the synchronous client (dropped for redis.asyncio).
+_SYNC_ONLY = {"pool_class", "parser_class", "connection_class", "retry"}
+
+
+def _redis_py_options() -> set[str]:
+    """The keyword arguments that redis-py's connection pools accept (from its signatures)."""
+    redis = _redis()
+    names = set(_POOL_EXTRA)
+    for fn in (
+        redis.connection.AbstractConnection.__init__,
+        redis.connection.Connection.__init__,
+        redis.connection.UnixDomainSocketConnection.__init__,
+    ):
+        names.update(
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        )
+    return names
+
+
+def _number(where: str, name: str, value: Any, *, zero_ok: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS[{name!r}] must be a number of seconds, not {value!r}."
+        )
+    if value < 0 or (value == 0 and not zero_ok) or value == float("inf"):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS[{name!r}] must be a finite number {bound}, not {value!r}."
+        )
+    return float(value)
+
+
+def _bool(where: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS[{name!r}] must be True or False, not {value!r}."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class NearOptions:
+    """The validated settings of a NearCache alias."""
+
+    location: str
+    url: dict[str, Any]  # redis-py's parse_url() of LOCATION
+    max_bytes: int | None
+    eviction_policy: str
+    lease: float
+    l1_max_ttl: float
+    invalidation: str
+    signed: bool
+    ignore_exceptions: bool
+    stale_if_error: float | None
+    redis_options: dict[str, Any]
+
+    @classmethod
+    def from_params(cls, location: Any, params: dict[str, Any]) -> NearOptions:
+        """Check a CACHES entry; ImproperlyConfigured names the setting that is wrong."""
+        where = f"NearCache LOCATION {location!r}"
+        if isinstance(location, (list, tuple)) or (
+            isinstance(location, str) and re.search("[;,]", location)
+        ):
+            raise ImproperlyConfigured(
+                f"{where}: a list of servers (replicas, Sentinel, Cluster) is not supported yet; "
+                "give one redis:// or unix:// URL."
+            )
+        if not isinstance(location, str) or not location:
+            raise ImproperlyConfigured(
+                f"{where}: LOCATION must be a redis:// or unix:// URL, e.g. 'redis://127.0.0.1:6379/0'."
+            )
+        scheme = location.split("://", 1)[0].lower() if "://" in location else ""
+        if scheme == "rediss":
+            raise ImproperlyConfigured(
+                f"{where}: rediss:// (TLS) is not supported yet by NearCache's invalidation "
+                "listener; use redis:// or unix:// (TLS is a planned follow-up)."
+            )
+        if scheme not in ("redis", "unix"):
+            raise ImproperlyConfigured(
+                f"{where}: LOCATION must start with redis:// or unix://, not {location!r}."
+            )
+        try:
+            url = _redis().connection.parse_url(location)
+        except ValueError as e:
+            raise ImproperlyConfigured(f"{where}: LOCATION is not a valid URL: {e}") from None
+        unknown = sorted(set(params) - TOP_LEVEL_KEYS)
+        if unknown:
+            raise ImproperlyConfigured(
+                f"{where}: unknown setting {unknown[0]!r}; expected one of "
+                f"{', '.join(sorted(k for k in TOP_LEVEL_KEYS if k.isupper()))}."
+            )
+        options = params.get("OPTIONS", {})
+        if not isinstance(options, dict):
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS must be a dict, not {type(options).__name__}."
+            )
+        ours = {k: v for k, v in options.items() if isinstance(k, str) and k.isupper()}
+        theirs = {k: v for k, v in options.items() if k not in ours}
+        unknown = sorted(set(ours) - set(NEAR_OPTION_DEFAULTS))
+        if unknown:
+            raise ImproperlyConfigured(
+                f"{where}: unknown OPTIONS key {unknown[0]!r}; expected one of "
+                f"{', '.join(NEAR_OPTION_DEFAULTS)} or a redis-py connection option."
+            )
+        o = {**NEAR_OPTION_DEFAULTS, **ours}
+        for name in sorted(theirs, key=str):
+            if not isinstance(name, str):
+                raise ImproperlyConfigured(f"{where}: OPTIONS key {name!r} is not a string.")
+            if name.startswith("ssl"):
+                raise ImproperlyConfigured(
+                    f"{where}: OPTIONS[{name!r}]: TLS is not supported yet by NearCache."
+                )
+            if name == "serializer":
+                raise ImproperlyConfigured(
+                    f"{where}: OPTIONS['serializer'] is not supported: NearCache stores Django "
+                    "RedisCache's format (see OPTIONS['SIGNED'])."
+                )
+            if name == "decode_responses" and theirs[name]:
+                raise ImproperlyConfigured(
+                    f"{where}: OPTIONS['decode_responses'] must be False: values are bytes."
+                )
+            if name not in _redis_py_options():
+                raise ImproperlyConfigured(
+                    f"{where}: unknown OPTIONS key {name!r}: neither a NearCache option "
+                    f"({', '.join(NEAR_OPTION_DEFAULTS)}) nor a redis-py connection option."
+                )
+        policy = o["EVICTION_POLICY"]
+        if not isinstance(policy, str) or policy not in EVICTION_POLICIES:
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS['EVICTION_POLICY'] must be one of "
+                f"{', '.join(map(repr, EVICTION_POLICIES))}, not {policy!r}."
+            )
+        _int_option(where, "MAX_ENTRIES", o["MAX_ENTRIES"], 1)
+        _int_option(where, "CULL_FREQUENCY", o["CULL_FREQUENCY"], 0)
+        max_bytes = o["MAX_BYTES"]
+        if max_bytes is not None:
+            max_bytes = _int_option(where, "MAX_BYTES", max_bytes, 1)
+        mode = o["INVALIDATION"]
+        if mode not in INVALIDATION_MODES:
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS['INVALIDATION'] must be 'tracking' or 'pubsub', not {mode!r}."
+            )
+        stale = o["STALE_IF_ERROR"]
+        if stale is not None:
+            stale = _number(where, "STALE_IF_ERROR", stale, zero_ok=True) or None
+        return cls(
+            location=location,
+            url=url,
+            max_bytes=max_bytes,
+            eviction_policy=policy,
+            lease=_number(where, "LEASE", o["LEASE"]),
+            l1_max_ttl=_number(where, "L1_MAX_TTL", o["L1_MAX_TTL"]),
+            invalidation=mode,
+            signed=_bool(where, "SIGNED", o["SIGNED"]),
+            ignore_exceptions=_bool(where, "IGNORE_EXCEPTIONS", o["IGNORE_EXCEPTIONS"]),
+            stale_if_error=stale,
+            redis_options=theirs,
+        )
+
+
+# Process-wide state: one client (and pool) per (process, LOCATION + redis options) ------------
+
+
+class _Conn:
+    """The long-lived redis-py clients of one LOCATION in this process (sync, and per loop)."""
+
+    def __init__(self, location: str, options: dict[str, Any]) -> None:
+        redis = _redis()
+        opts = dict(options)
+        pool_class = opts.pop("pool_class", None) or redis.ConnectionPool
+        if isinstance(pool_class, str):
+            from django.utils.module_loading import import_string
+
+            pool_class = import_string(pool_class)
+        if isinstance(opts.get("parser_class"), str):
+            from django.utils.module_loading import import_string
+
+            opts["parser_class"] = import_string(opts["parser_class"])
+        self.location = location
+        self.client = redis.Redis(connection_pool=pool_class.from_url(location, **opts))
+        self._async_options = {k: v for k, v in options.items() if k not in _SYNC_ONLY}
+        self._async_pool_class = getattr(
+            redis.asyncio, getattr(pool_class, "__name__", ""), redis.asyncio.ConnectionPool
+        )
+        self._aclients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def aclient(self) -> Any:
+        """The redis.asyncio client bound to the running event loop (one per loop)."""
+        loop = asyncio.get_running_loop()
+        client = self._aclients.get(loop)
+        if client is None:
+            with self._lock:
+                client = self._aclients.get(loop)
+                if client is None:
+                    pool = self._async_pool_class.from_url(self.location, **self._async_options)
+                    client = _redis().asyncio.Redis(connection_pool=pool)
+                    self._aclients[loop] = client
+        return client
+
+
+class _Counters:
+    """Process-wide counters of one L1 (L2 hits, misses, errors) and the last fresh lease."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.l2_hits = 0
+        self.misses = 0
+        self.errors = 0
+        self.bad_signatures = 0
+        self.last_fresh = float("-inf")
+
+    def add(self, l2_hits: int = 0, misses: int = 0, errors: int = 0, bad: int = 0) -> None:
+        with self.lock:
+            self.l2_hits += l2_hits
+            self.misses += misses
+            self.errors += errors
+            self.bad_signatures += bad
+
+
+class _State:
+    """Module state that a fork() child must not inherit as if alive."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.lock = threading.Lock()
+        self.conns: dict[Any, _Conn] = {}
+        self.counters: dict[str, _Counters] = {}
+
+
+_STATE = _State()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's sockets, pools and counters are not ours: start over (redis-py never shuts a
+    # socket down from another pid, so dropping them does not disturb the parent).
+    _STATE.lock = threading.Lock()
+    _STATE.conns = {}
+    _STATE.counters = {}
+    _STATE.generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _conn_for(location: str, options: dict[str, Any]) -> _Conn:
+    key = (location, repr(sorted(options.items(), key=lambda kv: kv[0])))
+    conn = _STATE.conns.get(key)
+    if conn is None:
+        with _STATE.lock:
+            conn = _STATE.conns.get(key)
+            if conn is None:
+                conn = _STATE.conns[key] = _Conn(location, options)
+    return conn
+
+
+def _counters_for(l1_location: str) -> _Counters:
+    counters = _STATE.counters.get(l1_location)
+    if counters is None:
+        with _STATE.lock:
+            counters = _STATE.counters.setdefault(l1_location, _Counters())
+    return counters
+
+
+# The listener -----------------------------------------------------------------------------
+
+
+class _NoListener:
+    """Stands in for the Rust listener where there is none: L1 is never fresh, never filled."""
+
+    fills = False
+
+    def ensure_started(self) -> None:
+        """Nothing to start."""
+
+    def fresh(self) -> bool:
+        """Never: every read goes to Redis."""
+        return False
+
+    def wait_fresh(self, timeout: float) -> bool:
+        """Never fresh."""
+        return False
+
+    def stats(self) -> dict[str, object]:
+        """What the Rust listener reports, all idle."""
+        return {
+            "mode": "none",
+            "invalidations": 0,
+            "flushes": 0,
+            "reconnects": 0,
+            "connected": False,
+            "lease_ok": False,
+            "last_pong_rtt_ms": None,
+            "last_error": None,
+        }
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def _start_listener(l1_location: str, **kwargs: Any) -> Any:
+    """The process-wide Rust listener of ``l1_location`` (``_NoListener`` if _core has none)."""
+    near = getattr(_core, "near", None)
+    if near is None:
+        return _NoListener()
+    return near(l1_location, **kwargs)
+
+
+#: How NearCache gets its listener; tests replace it (e.g. ``lambda *a, **k: _NoListener()``).
+LISTENER_FACTORY: Callable[..., Any] = _start_listener
+
+
+def _no_tags(tags: Any) -> None:
+    """Tags across processes are not implemented yet: say so instead of dropping them."""
+    if tags is not None:
+        raise NotImplementedError(
+            "NearCache does not support tags yet (tags across processes are still to come); "
+            "use RustCache for tags in a single process."
+        )
+
+
+def _glob_escape(text: str) -> str:
+    """Escape Redis glob metacharacters, so a KEY_PREFIX is matched literally by SCAN."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _pipe(client: Any, cmds: list[tuple[str, tuple[Any, ...], dict[str, Any]]], tx: bool) -> Any:
+    """Queue ``cmds`` on a (sync or async) pipeline; returns ``execute()``'s result/awaitable."""
+    pipe = client.pipeline(transaction=tx)
+    for name, args, kwargs in cmds:
+        getattr(pipe, name)(*args, **kwargs)
+    return pipe.execute()
+
+
+# One operation is a generator that yields calls `f(client)` and receives their results; the
+# same generator runs on the sync client (`_run`) and on the asyncio one (`_arun`).
+_Op = Generator[Callable[[Any], Any], Any, Any]
+
+
+class NearCache(BaseCache):
+    """Django's cache API over Redis/Valkey, with the Rust store as a per-process near cache."""
+
+    pickle_protocol = pickle.HIGHEST_PROTOCOL
+
+    # Assigning one of these on a live instance re-configures the key-making L1 handle.
+    key_func = _Synced()
+    key_prefix = _Synced()
+    version = _Synced()
+
+    def __init__(self, server: Any, params: dict[str, Any]) -> None:
+        self._options = o = NearOptions.from_params(server, params)
+        super().__init__(params)
+        prefix_part = f"#{self.key_prefix}" if self.key_prefix else ""
+        self._l1_location = f"near:{o.location}{prefix_part}"
+        try:
+            self._h = Handle(
+                self._l1_location,
+                DEFAULT_TIMEOUT,
+                lambda key: None,  # keys are made and validated here, by Django's code
+                policy=o.eviction_policy,
+                max_entries=self._max_entries,
+            )
+        except ValueError as e:
+            raise ImproperlyConfigured(
+                f"NearCache LOCATION {o.location!r}: OPTIONS['EVICTION_POLICY'] is "
+                f"{o.eviction_policy!r}, but {e}."
+            ) from None
+        self._h.configure(self.key_prefix, self.version, None, True)
+        self._h.set_limits(self._max_entries, self._cull_frequency, o.max_bytes)
+        # A second view of the same L1 store that makes and validates keys in Rust, as RustCache
+        # does: the L1 hit path of get() then runs no Python key code.
+        self._fast = Handle(self._l1_location, DEFAULT_TIMEOUT, _warn_key)
+        self._sync()
+        self._pubsub = o.invalidation == "pubsub"
+        # The BCAST prefix is the key namespace: Django's key function puts KEY_PREFIX first.
+        default_keys = self.key_func is default_key_func
+        self._track_prefix = f"{self.key_prefix}:" if default_keys else ""
+        db = o.url.get("db", o.redis_options.get("db", 0))
+        self._channel = f"django_rustcache:near:{db}:{self._track_prefix}" if self._pubsub else ""
+        self._near = LISTENER_FACTORY(
+            self._l1_location,
+            host=o.url.get("host"),
+            port=int(o.url.get("port") or 6379),
+            unix_path=o.url.get("path"),
+            username=o.url.get("username") or o.redis_options.get("username"),
+            password=o.url.get("password") or o.redis_options.get("password"),
+            prefix=self._track_prefix,
+            lease=o.lease,
+            mode=INVALIDATION_MODES[o.invalidation],
+            channel=self._channel,
+            connect_timeout=float(o.redis_options.get("socket_connect_timeout") or 2.0),
+        )
+        self._fills = getattr(self._near, "fills", True) and hasattr(self._h, "fill_begin")
+        self._generation = -1
+        self._bind()
+
+    def _sync(self) -> None:
+        """Decide whether L1 hits may be looked up by Rust-made keys, and configure that view."""
+        d = self.__dict__
+        if "_fast" not in d or any(
+            "_synced_" + n not in d for n in ("key_func", "key_prefix", "version")
+        ):
+            return  # still inside BaseCache.__init__
+        cls = type(self)
+        rust_keys = (
+            self.key_func is default_key_func
+            and cls.validate_key is BaseCache.validate_key
+            and cls.make_key is BaseCache.make_key
+            and cls.make_and_validate_key is BaseCache.make_and_validate_key
+        )
+        self._hot = rust_keys and not self._options.stale_if_error
+        self._fast.configure(self.key_prefix, self.version, None, False)
+
+    def _bind(self) -> None:
+        """(Re)attach to this process's client and counters (again after a fork)."""
+        self._conn = _conn_for(self._options.location, self._options.redis_options)
+        self._counters = _counters_for(self._l1_location)
+        self._errors = _conn_errors()
+        self._generation = _STATE.generation
+
+    def _client(self) -> Any:
+        if self._generation != _STATE.generation:
+            self._bind()
+        return self._conn.client
+
+    def _aclient(self) -> Any:
+        if self._generation != _STATE.generation:
+            self._bind()
+        return self._conn.aclient()
+
+    # The Rust side: the only places that touch the listener and the placeholder fill. ---------
+
+    def _fresh(self) -> bool:
+        """Whether L1 may serve a hit now (starting the listener if it is not running)."""
+        if self._near.fresh():
+            if self._options.stale_if_error:
+                self._counters.last_fresh = time.monotonic()
+            return True
+        self._near.ensure_started()
+        return False
+
+    def _l1_begin(self, made: str) -> Any:
+        """Put a placeholder in ``made``'s L1 slot (dropping what was there); its token or None."""
+        if not self._fills:
+            return None
+        return self._h.fill_begin(made)
+
+    def _l1_put(self, made: str, token: Any, value: Any, ttl: float | None) -> None:
+        """Store ``value`` in L1 for ``ttl`` s (at most L1_MAX_TTL) if the placeholder survived."""
+        if token is None or (ttl is not None and ttl <= 0):
+            return
+        ttl = self._options.l1_max_ttl if ttl is None else min(ttl, self._options.l1_max_ttl)
+        self._h.fill_put(made, token, value, ttl)
+
+    def _l1_drop(self, made_keys: list[str]) -> None:
+        """Remove ``made_keys`` (entries or placeholders) from this process's L1."""
+        if self._fills and made_keys:
+            self._h.invalidate_made(made_keys)
+
+    # Storage format -------------------------------------------------------------------------
+
+    def _signing_keys(self) -> list[Any]:
+        """HMAC-SHA256 states keyed from SECRET_KEY, then each of SECRET_KEY_FALLBACKS."""
+        secrets = (settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ()))
+        if getattr(self, "_keys_for", None) != secrets:
+            self._keys = [
+                hmac.new(
+                    hashlib.sha256(
+                        _SIGNING_SALT + (s.encode() if isinstance(s, str) else s)
+                    ).digest(),
+                    digestmod=hashlib.sha256,
+                )
+                for s in secrets
+            ]
+            self._keys_for = secrets
+        return self._keys
+
+    @staticmethod
+    def _mac(state: Any, msg: bytes) -> bytes:
+        # Copying a keyed state is about half the cost of hmac.digest(key, ...) on small values.
+        h = state.copy()
+        h.update(msg)
+        return h.digest()
+
+    def _encode(self, made: str, value: Any) -> int | bytes:
+        """Django RedisSerializer's format (ints raw), the pickle signed if SIGNED."""
+        if type(value) is int:
+            return value
+        data = pickle.dumps(value, self.pickle_protocol)
+        if not self._options.signed:
+            return data
+        mac = self._mac(self._signing_keys()[0], made.encode() + b"\0" + data)
+        return SIGNED_MAGIC + mac + data
+
+    def _decode(self, made: str, raw: bytes) -> Any:
+        """The value, or ``_MISS`` for a value that must not be unpickled (logged)."""
+        try:
+            return int(raw)
+        except ValueError:
+            pass
+        if raw.startswith(SIGNED_MAGIC):
+            start = len(SIGNED_MAGIC)
+            mac, data = raw[start : start + _MAC_LEN], raw[start + _MAC_LEN :]
+            msg = made.encode() + b"\0" + data
+            for key in self._signing_keys():
+                if hmac.compare_digest(self._mac(key, msg), mac):
+                    return pickle.loads(data)
+            reason = "its signature does not verify with SECRET_KEY or SECRET_KEY_FALLBACKS"
+        elif self._options.signed:
+            reason = "it is not signed (SIGNED=True)"
+        else:
+            return pickle.loads(raw)
+        self._counters.add(bad=1)
+        logger.warning(
+            "NearCache %r: treating key %r as a miss: %s", self._options.location, made, reason
+        )
+        return _MISS
+
+    # Helpers --------------------------------------------------------------------------------
+
+    def _ms(self, timeout: Any) -> int | None:
+        """A Django timeout in milliseconds for PX (None: no expiry; <= 0: delete)."""
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.default_timeout
+        if timeout is None:
+            return None
+        if isinstance(timeout, (str, bytes)) or not hasattr(timeout, "__float__"):
+            raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+        seconds = float(timeout)
+        if seconds != seconds:
+            raise ValueError("timeout must be a number or None, not NaN")
+        if seconds == float("inf"):
+            return None
+        return max(0, int(seconds * 1000))
+
+    def _failed(self, what: str, exc: BaseException, result: Any) -> Any:
+        """With IGNORE_EXCEPTIONS, log and return ``result``; else re-raise ``exc``."""
+        if not self._options.ignore_exceptions:
+            raise exc
+        self._counters.add(errors=1)
+        logger.warning("NearCache %r: %s failed, ignored: %r", self._options.location, what, exc)
+        return result
+
+    def _run(self, op: _Op) -> Any:
+        """Drive ``op`` on the sync client."""
+        client = self._client()
+        try:
+            call = next(op)
+            while True:
+                try:
+                    res = call(client)
+                except BaseException as e:  # handed to the op, which decides
+                    call = op.throw(e)
+                else:
+                    call = op.send(res)
+        except StopIteration as stop:
+            return stop.value
+
+    async def _arun(self, op: _Op) -> Any:
+        """Drive ``op`` on this event loop's redis.asyncio client."""
+        client = self._aclient()
+        try:
+            call = next(op)
+            while True:
+                try:
+                    res = await call(client)
+                except BaseException as e:
+                    call = op.throw(e)
+                else:
+                    call = op.send(res)
+        except StopIteration as stop:
+            return stop.value
+
+    @staticmethod
+    def _script(script: _Script, keys: list[str], *args: Any) -> _Op:
+        """EVALSHA, loading the script with EVAL if the server does not know it (yet)."""
+        try:
+            return (yield lambda c: c.evalsha(script.sha, len(keys), *keys, *args))
+        except _redis().exceptions.NoScriptError:
+            return (yield lambda c: c.eval(script.src, len(keys), *keys, *args))
+
+    def _exec(
+        self, cmds: list[tuple[str, tuple[Any, ...], dict[str, Any]]], publish: Iterable[str] = ()
+    ) -> _Op:
+        """Run write commands: one as is, several pipelined; in pubsub mode MULTI + PUBLISH."""
+        publish = list(publish) if self._pubsub else []
+        if publish:
+            calls = cmds + [("publish", (self._channel, m), {}) for m in publish]
+            res = yield lambda c: _pipe(c, calls, True)
+            return res[: len(cmds)]
+        if len(cmds) == 1:
+            name, args, kwargs = cmds[0]
+            return [(yield lambda c: getattr(c, name)(*args, **kwargs))]
+        return (yield lambda c: _pipe(c, cmds, False))
+
+    def _set_cmd(self, made: str, data: Any, ms: int | None, nx: bool = False) -> tuple:
+        kwargs: dict[str, Any] = {"nx": True} if nx else {}
+        if ms is not None:
+            kwargs["px"] = ms
+        return ("set", (made, data), kwargs)
+
+    # Operations (generators shared by the sync and async methods) -----------------------------
+
+    def _op_get(self, made: str, default: Any, fresh: bool) -> _Op:
+        stale = _MISS
+        token = None
+        if not fresh and self._options.stale_if_error:
+            # Keep L1 untouched while the lease is out, so it can serve if Redis fails.
+            stale = self._h.get(made, _MISS)
+        else:
+            token = self._l1_begin(made)
+        try:
+            raw, pttl = yield from self._script(_GET, [made])
+        except self._errors as e:
+            if stale is not _MISS and self._stale_ok():
+                return stale
+            return self._failed("get", e, default)
+        if raw is None:
+            self._counters.add(misses=1)
+            return default
+        value = self._decode(made, raw)
+        if value is _MISS:
+            self._counters.add(misses=1)
+            return default
+        self._counters.add(l2_hits=1)
+        self._l1_put(made, token, value, None if pttl < 0 else pttl / 1000)
+        return value
+
+    def _stale_ok(self) -> bool:
+        window = self._options.stale_if_error
+        ok = bool(window) and time.monotonic() - self._counters.last_fresh <= window
+        if ok:
+            logger.warning(
+                "NearCache %r: Redis failed; serving L1 (STALE_IF_ERROR)", self._options.location
+            )
+        return ok
+
+    def _op_get_many(self, made_keys: list[str], fresh: bool) -> _Op:
+        """``{made: value}`` for the keys Redis has (L1 already consulted by the caller)."""
+        found: dict[str, Any] = {}
+        stale = self._options.stale_if_error and not fresh
+        for start in range(0, len(made_keys), _MGET_CHUNK):
+            chunk = made_keys[start : start + _MGET_CHUNK]
+            tokens = [None] * len(chunk) if stale else [self._l1_begin(m) for m in chunk]
+            try:
+                values, ttls = yield from self._script(_MGET, chunk)
+            except self._errors as e:
+                if stale and self._stale_ok():
+                    for made in made_keys[start:]:
+                        value = self._h.get(made, _MISS)
+                        if value is not _MISS:
+                            found[made] = value
+                    return found
+                return self._failed("get_many", e, found)
+            hits = misses = 0
+            for made, token, raw, pttl in zip(chunk, tokens, values, ttls, strict=True):
+                value = _MISS if raw is None else self._decode(made, raw)
+                if value is _MISS:
+                    misses += 1
+                    continue
+                hits += 1
+                found[made] = value
+                self._l1_put(made, token, value, None if pttl < 0 else pttl / 1000)
+            self._counters.add(l2_hits=hits, misses=misses)
+        return found
+
+    def _op_set(self, made: str, value: Any, timeout: Any, nx: bool) -> _Op:
+        data = self._encode(made, value)  # a pickling error is raised before anything changes
+        ms = self._ms(timeout)
+        token = self._l1_begin(made)  # before the write: kills in-flight fills of older values
+        try:
+            if ms == 0 and not nx:
+                yield from self._exec([("delete", (made,), {})], [made])
+                self._l1_drop([made])
+                return True
+            (stored,) = yield from self._exec([self._set_cmd(made, data, ms or None, nx)], [made])
+            if nx and stored and ms == 0:
+                # Django: add() with timeout 0 reports success and stores nothing.
+                yield from self._exec([("delete", (made,), {})], [made])
+                return True
+        except self._errors as e:
+            self._l1_drop([made])
+            return self._failed("add" if nx else "set", e, False)
+        if stored:
+            self._l1_put(made, token, value, None if ms is None else ms / 1000)
+        else:
+            self._l1_drop([made])
+        return bool(stored)
+
+    def _op_set_many(self, items: list[tuple[str, Any]], timeout: Any) -> _Op:
+        ms = self._ms(timeout)
+        encoded = [(made, self._encode(made, value)) for made, value in items]
+        tokens = [self._l1_begin(made) for made, _ in items]
+        if ms == 0:
+            cmds = [("delete", tuple(made for made, _ in items), {})]
+        else:
+            cmds = [self._set_cmd(made, data, ms) for made, data in encoded]
+        try:
+            yield from self._exec(cmds, [made for made, _ in items])
+        except self._errors as e:
+            self._l1_drop([made for made, _ in items])
+            return self._failed("set_many", e, False)
+        if ms != 0:
+            for (made, value), token in zip(items, tokens, strict=True):
+                self._l1_put(made, token, value, None if ms is None else ms / 1000)
+        return True
+
+    def _op_delete(self, made_keys: list[str], what: str) -> _Op:
+        try:
+            (count,) = yield from self._exec([("delete", tuple(made_keys), {})], made_keys)
+        except self._errors as e:
+            return self._failed(what, e, 0)
+        finally:
+            self._l1_drop(made_keys)
+        return count
+
+    def _op_call(self, what: str, name: str, args: tuple[Any, ...], failed: Any) -> _Op:
+        try:
+            return (yield lambda c: getattr(c, name)(*args))
+        except self._errors as e:
+            return self._failed(what, e, failed)
+
+    def _op_touch(self, made: str, timeout: Any) -> _Op:
+        ms = self._ms(timeout)
+        try:
+            touched = yield from self._script(
+                _TOUCH, [made], "" if ms is None else ms, self._channel
+            )
+        except self._errors as e:
+            return self._failed("touch", e, False)
+        finally:
+            self._l1_drop([made])  # its L1 expiry may now be too long
+        return bool(touched)
+
+    def _op_incr(self, made: str, delta: Any) -> _Op:
+        try:
+            value = yield from self._script(_INCR, [made], delta, self._channel)
+        finally:
+            self._l1_drop([made])
+        if value is None:
+            raise ValueError(f"Key '{made}' not found.")
+        return value
+
+    def _op_clear(self) -> _Op:
+        cmds: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [("flushdb", (), {})]
+        if self._pubsub:
+            cmds.append(("publish", (self._channel, "*"), {}))
+        try:
+            yield lambda c: _pipe(c, cmds, True) if self._pubsub else c.flushdb()
+        except self._errors as e:
+            return self._failed("clear", e, None)
+        finally:
+            self._h.clear()
+
+    def _scan_match(self, pattern: str, version: Any) -> tuple[str, str]:
+        if self.key_func is not default_key_func:
+            raise NotImplementedError(
+                "NearCache keys()/iter_keys()/delete_pattern() need Django's default KEY_FUNCTION"
+            )
+        base = self.make_key("", version=version)
+        return base, _glob_escape(base) + pattern
+
+    def _op_delete_pattern(self, pattern: str, version: Any) -> _Op:
+        base, match = self._scan_match(pattern, version)
+        deleted = 0
+        cursor: Any = 0
+        while True:
+            cursor, batch = yield lambda c, cur=cursor: c.scan(cur, match=match, count=1000)
+            made = [k.decode() if isinstance(k, bytes) else k for k in batch]
+            if made:
+                (count,) = yield from self._exec([("delete", tuple(made), {})], made)
+                deleted += count
+                self._l1_drop(made)
+            if int(cursor) == 0:
+                return deleted
+
+    # Django's cache API -------------------------------------------------------------------
+
+    def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
+        """The value (from L1 while the lease is fresh, else from Redis), or ``default``."""
+        if self._hot and self._near.fresh():
+            value = self._fast.get(key, _MISS, version)  # Rust makes and validates the key
+            if value is not _MISS:
+                return value
+            return self._run(self._op_get(self.make_key(key, version=version), default, True))
+        made = self.make_and_validate_key(key, version=version)
+        fresh = self._fresh()
+        if fresh:
+            value = self._h.get(made, _MISS)
+            if value is not _MISS:
+                return value
+        return self._run(self._op_get(made, default, fresh))
+
+    def set(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
+    ) -> None:
+        """Store in Redis, then in this process's L1."""
+        _no_tags(tags)
+        made = self.make_and_validate_key(key, version=version)
+        self._run(self._op_set(made, value, timeout, False))
+
+    def add(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
+    ) -> bool:
+        """SET NX in Redis: True if this call stored the value."""
+        _no_tags(tags)
+        made = self.make_and_validate_key(key, version=version)
+        return self._run(self._op_set(made, value, timeout, True))
+
+    def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
+        """Give the key a new timeout in Redis; False if it is missing."""
+        made = self.make_and_validate_key(key, version=version)
+        return self._run(self._op_touch(made, timeout))
+
+    def delete(self, key: Any, version: Any = None) -> bool:
+        """Delete in Redis (and L1); True if Redis had the key."""
+        made = self.make_and_validate_key(key, version=version)
+        return bool(self._run(self._op_delete([made], "delete")))
+
+    def has_key(self, key: Any, version: Any = None) -> bool:
+        """Whether Redis has the key (never answered by L1)."""
+        made = self.make_and_validate_key(key, version=version)
+        return bool(self._run(self._op_call("has_key", "exists", (made,), 0)))
+
+    def incr(self, key: Any, delta: int = 1, version: Any = None) -> Any:
+        """INCRBY in Redis, only if the key exists (ValueError if not)."""
+        made = self.make_and_validate_key(key, version=version)
+        return self._run(self._op_incr(made, delta))
+
+    def _l1_many(
+        self, keys: Iterable[Any], version: Any
+    ) -> tuple[dict[str, Any], dict[Any, Any], list[str], bool]:
+        key_map = {self.make_and_validate_key(k, version=version): k for k in keys}
+        found: dict[Any, Any] = {}
+        fresh = self._fresh()
+        if not fresh:
+            return key_map, found, list(key_map), fresh
+        lacking = []
+        for made, key in key_map.items():
+            value = self._h.get(made, _MISS)
+            if value is _MISS:
+                lacking.append(made)
+            else:
+                found[key] = value
+        return key_map, found, lacking, fresh
+
+    def get_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
+        """L1's hits, plus one MGET (per 1000 keys) for the keys L1 lacks."""
+        key_map, found, lacking, fresh = self._l1_many(keys, version)
+        if lacking:
+            for made, value in self._run(self._op_get_many(lacking, fresh)).items():
+                found[key_map[made]] = value
+        return found
+
+    def set_many(
+        self,
+        data: Mapping[Any, Any],
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
+    ) -> list[Any]:
+        """One pipeline of SETs; returns the keys not stored (all of them on an ignored error)."""
+        _no_tags(tags)
+        if not data:
+            return []
+        items = [(self.make_and_validate_key(k, version=version), v) for k, v in data.items()]
+        return [] if self._run(self._op_set_many(items, timeout)) else list(data)
+
+    def get_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
+    ) -> Any:
+        """Django's get_or_set: a miss is filled with ``add`` (Redis decides who stores)."""
+        _no_tags(tags)
+        return super().get_or_set(key, default, timeout, version)
+
+    def delete_many(self, keys: Iterable[Any], version: Any = None) -> None:
+        """One DEL for every key."""
+        made = [self.make_and_validate_key(k, version=version) for k in keys]
+        if made:
+            self._run(self._op_delete(made, "delete_many"))
+
+    def clear(self) -> None:
+        """FLUSHDB (as Django's RedisCache): empties the whole database and every process's L1."""
+        self._run(self._op_clear())
+
+    def close(self, **kwargs: Any) -> None:
+        """Nothing to release: the client and its pool live as long as the process."""
+
+    # Beyond Django's API -------------------------------------------------------------------
+
+    def ttl(self, key: Any, version: Any = None) -> float | None:
+        """Seconds left in Redis: None for no expiry, 0 for a missing key (as django-redis)."""
+        made = self.make_and_validate_key(key, version=version)
+        ms = self._run(self._op_call("ttl", "pttl", (made,), -2))
+        return None if ms == -1 else max(0, ms) / 1000
+
+    def iter_keys(self, pattern: str = "*", version: Any = None) -> Iterator[str]:
+        """The caller's keys matching the Redis glob ``pattern``, by SCAN (never KEYS)."""
+        base, match = self._scan_match(pattern, version)
+        for made in self._client().scan_iter(match=match, count=1000):
+            made = made.decode() if isinstance(made, bytes) else made
+            yield made[len(base) :]
+
+    def keys(self, pattern: str = "*", version: Any = None) -> list[str]:
+        """``list(iter_keys(pattern, version))``."""
+        return list(self.iter_keys(pattern, version))
+
+    def delete_pattern(self, pattern: str, version: Any = None) -> int:
+        """Delete every key matching the glob ``pattern`` (SCAN + DEL); returns how many."""
+        return self._run(self._op_delete_pattern(pattern, version))
+
+    def stats(self) -> dict[str, Any]:
+        """L1 hits, L2 hits, misses, ignored errors, the L1 store's and the listener's stats."""
+        l1 = self._h.stats()
+        c = self._counters
+        return {
+            "l1_hits": l1.get("hits", 0),
+            "l2_hits": c.l2_hits,
+            "misses": c.misses,
+            "errors_ignored": c.errors,
+            "bad_signatures": c.bad_signatures,
+            "l1": l1,
+            "listener": dict(self._near.stats()),
+        }
+
+    def invalidate_tags(self, tags: Iterable[str]) -> int:
+        """Not yet: tags across processes are a separate part of issue 9."""
+        _no_tags(tags)
+        return 0  # no tags given
+
+    def snapshot_tags(self, tags: Iterable[str]) -> Any:
+        """Not yet: see ``invalidate_tags``."""
+        return self.invalidate_tags(tags)
+
+    # Async: L1 hits are answered directly; a miss goes to redis.asyncio. -------------------
+
+    async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
+        if self._hot and self._near.fresh():
+            value = self._fast.get(key, _MISS, version)
+            if value is not _MISS:
+                return value
+            made = self.make_key(key, version=version)
+            return await self._arun(self._op_get(made, default, True))
+        made = self.make_and_validate_key(key, version=version)
+        fresh = self._fresh()
+        if fresh:
+            value = self._h.get(made, _MISS)
+            if value is not _MISS:
+                return value
+        return await self._arun(self._op_get(made, default, fresh))
+
+    async def aset(
+        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+    ) -> None:
+        made = self.make_and_validate_key(key, version=version)
+        await self._arun(self._op_set(made, value, timeout, False))
+
+    async def aadd(
+        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+    ) -> bool:
+        made = self.make_and_validate_key(key, version=version)
+        return await self._arun(self._op_set(made, value, timeout, True))
+
+    async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
+        made = self.make_and_validate_key(key, version=version)
+        return await self._arun(self._op_touch(made, timeout))
+
+    async def adelete(self, key: Any, version: Any = None) -> bool:
+        made = self.make_and_validate_key(key, version=version)
+        return bool(await self._arun(self._op_delete([made], "delete")))
+
+    async def ahas_key(self, key: Any, version: Any = None) -> bool:
+        made = self.make_and_validate_key(key, version=version)
+        return bool(await self._arun(self._op_call("has_key", "exists", (made,), 0)))
+
+    async def aincr(self, key: Any, delta: int = 1, version: Any = None) -> Any:
+        made = self.make_and_validate_key(key, version=version)
+        try:
+            return await self._arun(self._op_incr(made, delta))
+        except ValueError:
+            # As Django's BaseCache.aincr: the message names the caller's key.
+            raise ValueError(f"Key '{key}' not found") from None
+
+    async def aget_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
+        key_map, found, lacking, fresh = self._l1_many(keys, version)
+        if lacking:
+            for made, value in (await self._arun(self._op_get_many(lacking, fresh))).items():
+                found[key_map[made]] = value
+        return found
+
+    async def aset_many(
+        self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+    ) -> list[Any]:
+        if not data:
+            return []
+        items = [(self.make_and_validate_key(k, version=version), v) for k, v in data.items()]
+        return [] if await self._arun(self._op_set_many(items, timeout)) else list(data)
+
+    async def adelete_many(self, keys: Iterable[Any], version: Any = None) -> None:
+        made = [self.make_and_validate_key(k, version=version) for k in keys]
+        if made:
+            await self._arun(self._op_delete(made, "delete_many"))
+
+    async def aget_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: Any = DEFAULT_TIMEOUT,
+        version: Any = None,
+        tags: Any = None,
+    ) -> Any:
+        """``get_or_set`` on redis.asyncio (no thread hop): ``aget``, then ``aadd`` on a miss."""
+        _no_tags(tags)
+        value = await self.aget(key, self._missing_key, version=version)
+        if value is self._missing_key:
+            if callable(default):
+                default = default()
+            await self.aadd(key, default, timeout=timeout, version=version)
+            # Whoever added first won: return what Redis holds now.
+            return await self.aget(key, default, version=version)
+        return value
+
+    async def aclear(self) -> None:
+        await self._arun(self._op_clear())
+
+    async def attl(self, key: Any, version: Any = None) -> float | None:
+        made = self.make_and_validate_key(key, version=version)
+        ms = await self._arun(self._op_call("ttl", "pttl", (made,), -2))
+        return None if ms == -1 else max(0, ms) / 1000
+
+    async def adelete_pattern(self, pattern: str, version: Any = None) -> int:
+        return await self._arun(self._op_delete_pattern(pattern, version))
+
+    async def aclose(self, **kwargs: Any) -> None:
+        """Nothing to release (see ``close``)."""
