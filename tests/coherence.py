@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -64,7 +65,10 @@ _mono = time.monotonic
 
 class Proxy:
     """A threaded TCP forwarder to ``target``; ``freeze()`` stops forwarding both ways, keeping
-    every socket open (a stalled link, not a broken one), until ``thaw()``."""
+    every socket open (a stalled link, not a broken one), until ``thaw()``.
+
+    It listens at once (``port`` is known) but starts its threads in ``start()``, which ``run``
+    calls after forking its processes: no thread of ours is running when they fork."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -78,7 +82,12 @@ class Proxy:
         self._server.settimeout(0.1)
         self.port: int = self._server.getsockname()[1]
         self._accepter = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
-        self._accepter.start()
+
+    def start(self) -> Proxy:
+        """Start accepting and forwarding (idempotent)."""
+        if not self._accepter.is_alive() and not self._closed.is_set():
+            self._accepter.start()
+        return self
 
     def freeze(self) -> None:
         """Stop forwarding in both directions (bytes wait in the proxy and the kernel buffers)."""
@@ -97,13 +106,14 @@ class Proxy:
         for s in [self._server, *socks]:
             with contextlib.suppress(OSError):
                 s.close()
-        self._accepter.join(5)
+        if self._accepter.is_alive():
+            self._accepter.join(5)
 
     def _accept(self) -> None:
         while not self._closed.is_set():
             try:
                 client, _ = self._server.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -222,7 +232,8 @@ class Result:
         bars = "ok" if not self.violations() else "FAIL: " + "; ".join(self.violations())
         return (
             f"{self.label:<22} {self.fault:<7} {self.reads:>8} {self.stale_fraction:>8.3%} "
-            f"{self.oldest_stale_ms:>9.1f} {self.stale_in_fault:>7} {self.oldest_in_fault_ms:>9.1f} "
+            f"{self.oldest_stale_ms:>9.1f} {self.stale_in_fault:>7} "
+            f"{self.oldest_in_fault_ms:>9.1f} "
             f"{self.writes_acked:>6}/{self.writes_failed:<4} {self.read_errors:>6} {l1:>5} "
             f"{rec:>7}  {bars}"
         )
@@ -447,6 +458,8 @@ def run(
         )
         for p in procs.values():
             p.start()
+        if proxy is not None:
+            proxy.start()
         waiting = set(procs)
         deadline = _mono() + 60
         while waiting:
@@ -560,7 +573,7 @@ def _l1_recovery(per_reader: list[list[tuple[float, int]]], recovered: float) ->
     worst = 0.0
     for samples in per_reader:
         moved = None
-        for (_, before), (t, hits) in zip(samples, samples[1:]):
+        for (_, before), (t, hits) in itertools.pairwise(samples):
             if t >= recovered and hits > before:
                 moved = t - recovered
                 break
@@ -583,7 +596,9 @@ def rust_hits(cache: Any) -> int:
     return int(cache.stats()["hits"])
 
 
-def near_maker(url: str, lease: float, listener: tuple[str, int] | None = None) -> Callable[[], Any]:
+def near_maker(
+    url: str, lease: float, listener: tuple[str, int] | None = None
+) -> Callable[[], Any]:
     """A ``make`` for ``run``: a NearCache on ``url`` with its own KEY_PREFIX (its own L1), the
     listener optionally connecting to ``listener`` instead (see ``near_listener_via``)."""
     prefix = f"coh{uuid.uuid4().hex[:6]}"
