@@ -77,6 +77,7 @@ class Proxy:
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
+        self._pumps: list[threading.Thread] = []
         self.connections = 0  # accepted so far
         self._server = socket.create_server(("127.0.0.1", 0))
         self._server.settimeout(0.1)
@@ -108,6 +109,8 @@ class Proxy:
                 s.close()
         if self._accepter.is_alive():
             self._accepter.join(5)
+        for pump in self._pumps:  # each wakes within its select() timeout
+            pump.join(5)
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -129,7 +132,9 @@ class Proxy:
                 self.connections += 1
                 self._sockets += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                pump = threading.Thread(target=self._pump, args=(a, b), daemon=True)
+                pump.start()
+                self._pumps.append(pump)
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:

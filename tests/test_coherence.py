@@ -68,7 +68,9 @@ def echo():
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield server.getsockname()[1]
+    server.shutdown(socket.SHUT_RDWR)  # wakes the accept()
     server.close()
+    thread.join(5)
 
 
 def test_the_proxy_forwards_both_ways_and_holds_everything_back_while_frozen(echo):
