@@ -32,6 +32,7 @@ import itertools
 import multiprocessing
 import os
 import pickle
+import queue
 import select
 import signal
 import socket
@@ -469,12 +470,13 @@ def run(
         deadline = _mono() + 60
         while waiting:
             try:
-                waiting.discard(ready.get(timeout=max(0.01, deadline - _mono())))
-            except Exception:
-                dead = [n for n in waiting if not procs[n].is_alive()]
-                raise RuntimeError(
-                    f"not ready within 60 s: {sorted(waiting)} (exited: {dead})"
-                ) from None
+                waiting.discard(ready.get(timeout=0.2))
+            except queue.Empty:
+                dead = {n: procs[n].exitcode for n in waiting if not procs[n].is_alive()}
+                if dead or _mono() > deadline:
+                    raise RuntimeError(
+                        f"not ready: {sorted(waiting)}; exited (name: exit code): {dead}"
+                    ) from None
         start = _mono() + 0.1
         t0.value = start
         go.set()

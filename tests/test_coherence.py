@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -90,6 +91,30 @@ def test_the_proxy_forwards_both_ways_and_holds_everything_back_while_frozen(ech
         assert proxy.connections == 1
     finally:
         proxy.close()
+
+
+class _HangsAfterWarmUp:
+    """A cache whose get() never returns once the run has started (after the warm-up reads)."""
+
+    def __init__(self) -> None:
+        self.gets = 0
+
+    def set(self, key, value, timeout=None):
+        return True
+
+    def get(self, key, default=None):
+        self.gets += 1
+        if self.gets > 3:  # the warm-up reads each of the 3 keys once
+            time.sleep(3600)
+        return default
+
+
+def test_a_reader_that_never_returns_is_reported_hung_and_killed():
+    started = time.monotonic()
+    result = coherence.run(_HangsAfterWarmUp, readers=2, before=0.2, after=0.3, hang_grace=0.5)
+    assert sorted(result.hung) == ["reader0", "reader1"]
+    assert "hung: reader0, reader1" in result.violations()
+    assert time.monotonic() - started < 30  # killed, not waited for
 
 
 # RustCache: the harness must see staleness ----------------------------------------------------
