@@ -604,10 +604,11 @@ def rust_hits(cache: Any) -> int:
 
 
 def near_maker(
-    url: str, lease: float, listener: tuple[str, int] | None = None
+    url: str, lease: float, listener: tuple[str, int] | None = None, **options: Any
 ) -> Callable[[], Any]:
     """A ``make`` for ``run``: a NearCache on ``url`` with its own KEY_PREFIX (its own L1), the
-    listener optionally connecting to ``listener`` instead (see ``near_listener_via``)."""
+    listener optionally connecting to ``listener`` instead (see ``near_listener_via``);
+    ``options`` are more OPTIONS (e.g. ``INVALIDATION="pubsub"``)."""
     prefix = f"coh{uuid.uuid4().hex[:6]}"
 
     def make() -> Any:
@@ -615,7 +616,7 @@ def near_maker(
 
         if listener is not None:
             near_listener_via(*listener)
-        return NearCache(url, {"KEY_PREFIX": prefix, "OPTIONS": {"LEASE": lease}})
+        return NearCache(url, {"KEY_PREFIX": prefix, "OPTIONS": {"LEASE": lease, **options}})
 
     return make
 
@@ -632,7 +633,9 @@ def rust_maker() -> Callable[[], Any]:
     return make
 
 
-def scenarios(kind: str, faults: list[str], lease: float = 0.5) -> Iterator[Result]:
+def scenarios(
+    kind: str, faults: list[str], lease: float = 0.5, invalidation: str = "tracking"
+) -> Iterator[Result]:
     """NearCache on a fresh ``kind`` server (tests/servers.py), one run per fault."""
     from tests import servers
 
@@ -642,9 +645,10 @@ def scenarios(kind: str, faults: list[str], lease: float = 0.5) -> Iterator[Resu
             proxy = Proxy("127.0.0.1", server.port) if fault == "freeze" else None
             try:
                 via = ("127.0.0.1", proxy.port) if proxy else None
+                suffix = "" if invalidation == "tracking" else f"/{invalidation}"
                 yield run(
-                    near_maker(server.url, lease, via),
-                    label=f"NearCache/{kind}",
+                    near_maker(server.url, lease, via, INVALIDATION=invalidation),
+                    label=f"NearCache/{kind}{suffix}",
                     fault=fault,
                     server=server,
                     proxy=proxy,
@@ -665,6 +669,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--servers", default="redis,valkey")
     parser.add_argument("--faults", default="none,pause,kill,freeze")
     parser.add_argument("--lease", type=float, default=0.5)
+    parser.add_argument("--invalidation", default="tracking", choices=["tracking", "pubsub"])
     parser.add_argument("--no-rustcache", action="store_true")
     args = parser.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
@@ -680,7 +685,7 @@ def main(argv: list[str]) -> int:
         print(r.row(), flush=True)
     for kind in args.servers.split(","):
         try:
-            for r in scenarios(kind, args.faults.split(","), args.lease):
+            for r in scenarios(kind, args.faults.split(","), args.lease, args.invalidation):
                 print(r.row(), flush=True)
                 for e in r.errors[:3]:
                     print(f"    {e}", flush=True)
