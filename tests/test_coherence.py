@@ -104,14 +104,16 @@ class _HangsAfterWarmUp:
 
     def get(self, key, default=None):
         self.gets += 1
-        if self.gets > 3:  # the warm-up reads each of the 3 keys once
+        if self.gets > 2:  # the warm-up reads each of the 2 keys once
             time.sleep(3600)
         return default
 
 
 def test_a_reader_that_never_returns_is_reported_hung_and_killed():
     started = time.monotonic()
-    result = coherence.run(_HangsAfterWarmUp, readers=2, before=0.2, after=0.3, hang_grace=0.5)
+    result = coherence.run(
+        _HangsAfterWarmUp, readers=2, keys=2, before=0.2, after=0.3, hang_grace=0.5
+    )
     assert sorted(result.hung) == ["reader0", "reader1"]
     assert "hung: reader0, reader1" in result.violations()
     assert time.monotonic() - started < 30  # killed, not waited for
