@@ -36,7 +36,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_rustcache import _core
 from django_rustcache._core import Handle
 from django_rustcache.backend import _Synced, _warn_key
-from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, _int_option
+from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, int_option
 
 logger = logging.getLogger("django_rustcache.near")
 
@@ -259,11 +259,11 @@ class NearOptions:
                 f"{where}: OPTIONS['EVICTION_POLICY'] must be one of "
                 f"{', '.join(map(repr, EVICTION_POLICIES))}, not {policy!r}."
             )
-        _int_option(where, "MAX_ENTRIES", o["MAX_ENTRIES"], 1)
-        _int_option(where, "CULL_FREQUENCY", o["CULL_FREQUENCY"], 0)
+        int_option(where, "MAX_ENTRIES", o["MAX_ENTRIES"], 1)
+        int_option(where, "CULL_FREQUENCY", o["CULL_FREQUENCY"], 0)
         max_bytes = o["MAX_BYTES"]
         if max_bytes is not None:
-            max_bytes = _int_option(where, "MAX_BYTES", max_bytes, 1)
+            max_bytes = int_option(where, "MAX_BYTES", max_bytes, 1)
         mode = o["INVALIDATION"]
         if mode not in INVALIDATION_MODES:
             raise ImproperlyConfigured(
