@@ -15,14 +15,14 @@ const RECLAIM_PER_OP: usize = 2;
 impl<V: Weigh> Store<V> {
     /// Reclaims a few expired entries of this shard: expiry never needs a scan of the store.
     #[inline]
-    pub(super) fn reclaim(&self, shard: &mut Shard<V>, now: u64, dead: &mut Vec<Entry<V>>) {
+    pub(super) fn reclaim(&self, shard: &mut LockedShard<'_, V>, now: u64) {
         for _ in 0..RECLAIM_PER_OP {
             match shard.pop_expired(now) {
                 Some(e) => {
                     self.len.fetch_sub(1, Relaxed);
                     self.bytes.fetch_sub(Self::charge(&e), Relaxed);
                     Stats::bump(&self.stats.expirations, 1);
-                    dead.push(e);
+                    shard.bury(e);
                 }
                 None => break,
             }
@@ -33,9 +33,8 @@ impl<V: Weigh> Store<V> {
     /// reclaiming each operation does in its own shard, expired entries cannot pile up anywhere.
     pub(super) fn sweep_next(&self, now: u64) {
         let idx = self.sweep.fetch_add(1, Relaxed) & (self.shards.len() - 1);
-        let mut dead = Vec::new();
-        if let Some(mut shard) = self.shards[idx].try_write() {
-            self.reclaim(&mut shard, now, &mut dead);
+        if let Some(shard) = self.shards[idx].try_write() {
+            self.reclaim(&mut Locked::new(shard), now);
         }
     }
 
@@ -45,40 +44,36 @@ impl<V: Weigh> Store<V> {
     /// (the user asked for the whole store to go); with several shards each gives its share
     /// (rounded up) from its own least recently used end.
     pub(super) fn cull(&self, limits: &Limits, now: u64) {
-        let mut dead = Vec::new();
-        {
-            let mut guards = self.lock_all();
-            for g in guards.iter_mut() {
-                while let Some(e) = g.pop_expired(now) {
-                    self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(Self::charge(&e), Relaxed);
-                    Stats::bump(&self.stats.expirations, 1);
-                    dead.push(e);
-                }
+        let mut all = self.lock_all();
+        for g in all.guard.iter_mut() {
+            while let Some(e) = g.pop_expired(now) {
+                self.len.fetch_sub(1, Relaxed);
+                self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                Stats::bump(&self.stats.expirations, 1);
+                all.dead.push(e);
             }
-            let len = self.len();
-            if (len as i64) < limits.max_entries || len == 0 {
-                return;
-            }
-            let count = if limits.cull_frequency == 0 {
-                len
-            } else {
-                len / limits.cull_frequency.unsigned_abs() as usize
-            };
-            let mut culled = 0;
-            for g in guards.iter_mut() {
-                let share = (g.len() * count).div_ceil(len);
-                for _ in 0..share {
-                    let Some(e) = g.pop_oldest() else { break };
-                    self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(Self::charge(&e), Relaxed);
-                    dead.push(e);
-                    culled += 1;
-                }
-            }
-            Stats::bump(&self.stats.evictions, culled as u64);
         }
-        drop(dead);
+        let len = self.len();
+        if (len as i64) < limits.max_entries || len == 0 {
+            return;
+        }
+        let count = if limits.cull_frequency == 0 {
+            len
+        } else {
+            len / limits.cull_frequency.unsigned_abs() as usize
+        };
+        let mut culled = 0;
+        for g in all.guard.iter_mut() {
+            let share = (g.len() * count).div_ceil(len);
+            for _ in 0..share {
+                let Some(e) = g.pop_oldest() else { break };
+                self.len.fetch_sub(1, Relaxed);
+                self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                all.dead.push(e);
+                culled += 1;
+            }
+        }
+        Stats::bump(&self.stats.evictions, culled as u64);
     }
 
     /// "lru" over several shards, at `max_entries`: instead of Django's cull (a third of the store
@@ -98,10 +93,9 @@ impl<V: Weigh> Store<V> {
     pub(super) fn evict_one(&self, idx: usize, now: u64) -> bool {
         let n = self.shards.len();
         for i in 0..n {
-            let mut shard = self.shards[(idx + i) & (n - 1)].write();
+            let mut shard = self.write((idx + i) & (n - 1));
             if let Some(e) = self.evict_locked(&mut shard, now) {
-                drop(shard);
-                drop(e);
+                shard.bury(e);
                 return true;
             }
         }
@@ -109,7 +103,7 @@ impl<V: Weigh> Store<V> {
     }
 
     /// Takes one entry off `shard` and the books, an expired one if any, else the policy's
-    /// victim (the least recently used under "lru"). The caller drops it after unlocking.
+    /// victim (the least recently used under "lru"). The caller buries it (`Locked::bury`).
     pub(super) fn evict_locked(&self, shard: &mut Shard<V>, now: u64) -> Option<Entry<V>> {
         let e = if let Some(e) = shard.pop_expired(now) {
             Stats::bump(&self.stats.expirations, 1);
@@ -186,14 +180,13 @@ impl<V: Weigh> Store<V> {
         let expires = entry.expires();
         let (hash, idx) = self.locate(key);
         let cap = limits.max_entries.max(1) as usize;
-        let mut dead = Vec::new();
         let mut placed = false;
         let mut charged = false;
         let mut replaced = None;
         let mut shard = loop {
-            let mut shard = self.shards[idx].write();
-            self.reclaim(&mut shard, now, &mut dead);
-            if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now, &mut dead) {
+            let mut shard = self.write(idx);
+            self.reclaim(&mut shard, now);
+            if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now) {
                 if only_new {
                     drop(shard);
                     self.give_back(placed, charged, weight);
@@ -207,7 +200,7 @@ impl<V: Weigh> Store<V> {
                 }
                 placed = true;
                 replaced = Some((old.queue(), old.freq().load(Relaxed)));
-                dead.push(old);
+                shard.bury(old);
             }
             if expires <= now {
                 // Django stores an already-expired entry; nobody can ever read it: store nothing
@@ -219,7 +212,7 @@ impl<V: Weigh> Store<V> {
                 if self.take_place(cap) {
                     placed = true;
                 } else if let Some(e) = self.evict_locked(&mut shard, now) {
-                    dead.push(e);
+                    shard.bury(e);
                 } else {
                     stuck = true;
                 }
@@ -232,7 +225,7 @@ impl<V: Weigh> Store<V> {
                     }
                     Some(max) if self.take_bytes(max, weight) => charged = true,
                     Some(_) => match self.evict_locked(&mut shard, now) {
-                        Some(e) => dead.push(e),
+                        Some(e) => shard.bury(e),
                         None => stuck = true,
                     },
                 }
@@ -282,20 +275,18 @@ impl<V: Weigh> Store<V> {
     pub fn purge_expired(&self, now: u64, per_shard: usize) -> usize {
         let mut n = 0;
         for s in self.shards.iter() {
-            let mut dead = Vec::new();
-            let mut shard = s.write();
+            let mut shard = Locked::new(s.write());
             for _ in 0..per_shard {
                 match shard.pop_expired(now) {
                     Some(e) => {
                         self.len.fetch_sub(1, Relaxed);
                         self.bytes.fetch_sub(Self::charge(&e), Relaxed);
-                        dead.push(e);
+                        shard.bury(e);
                     }
                     None => break,
                 }
             }
-            drop(shard);
-            n += dead.len();
+            n += shard.buried();
         }
         Stats::bump(&self.stats.expirations, n as u64);
         n

@@ -8,13 +8,21 @@
 //! shard runs its own queues (`s3fifo.rs`): a hit takes only a read lock, and an insert into a
 //! full store reserves its place first, evicting one entry at a time from its own shard.
 //!
-//! Every method collects the entries it removes and drops them only after the shard locks are
-//! released, so that a value whose destructor runs code (a Python object's `__del__`) never runs
-//! under a lock. The store never calls back into its caller while a lock is held.
+//! Every method takes a shard's write lock as a `Locked` (`Store::write`, `Store::lock_all`), which
+//! keeps the entries removed under it (`bury`) and drops them only after releasing the lock, so
+//! that a value whose destructor runs code (a Python object's `__del__`) never runs under a lock.
+//! The store never calls back into its caller while a lock is held.
+//!
+//! The files: this one holds the struct, its lock helpers and the lookup every operation shares;
+//! `read.rs` the reads, `write.rs` the writes, `evict.rs` eviction and expiry (and S3-FIFO's
+//! insert, which evicts as it goes), `account.rs` the byte accounting, `tags.rs` the tag
+//! bookkeeping.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use ahash::RandomState;
+use std::ops::{Deref, DerefMut};
+
 use parking_lot::{RwLock, RwLockWriteGuard};
 
 use crate::clock::NEVER;
@@ -119,6 +127,60 @@ pub struct Store<V> {
     pub flights: Flights,
 }
 
+/// A write lock (`G`: one shard's guard, or every shard's) together with the entries removed
+/// under it (`bury`). Dropping it releases the lock first, then drops those entries, so a value
+/// whose destructor runs code (a Python object's `__del__`) never runs under a shard lock: the
+/// order is this type's, not each method's (there is no list to declare before the guard).
+pub(super) struct Locked<G, V> {
+    /// Declared first, so dropped first: fields drop in declaration order.
+    guard: G,
+    dead: Vec<Entry<V>>,
+}
+
+/// One shard under its write lock (`Store::write`).
+pub(super) type LockedShard<'a, V> = Locked<RwLockWriteGuard<'a, Shard<V>>, V>;
+
+impl<G, V> Locked<G, V> {
+    fn new(guard: G) -> Self {
+        Locked {
+            guard,
+            dead: Vec::new(),
+        }
+    }
+
+    /// Keeps `e`, removed under the lock, until the lock is released.
+    pub(super) fn bury(&mut self, e: Entry<V>) {
+        self.dead.push(e);
+    }
+
+    /// Entries buried so far.
+    pub(super) fn buried(&self) -> usize {
+        self.dead.len()
+    }
+
+    /// Releases the lock and hands over the entries removed under it, for the caller to drop
+    /// where it may.
+    pub(super) fn unlock(self) -> Vec<Entry<V>> {
+        let Locked { guard, dead } = self;
+        drop(guard);
+        dead
+    }
+}
+
+impl<G, V> Deref for Locked<G, V> {
+    type Target = G;
+
+    fn deref(&self) -> &G {
+        &self.guard
+    }
+}
+
+impl<G, V> DerefMut for Locked<G, V> {
+    fn deref_mut(&mut self) -> &mut G {
+        &mut self.guard
+    }
+}
+
 enum Lookup {
     Live(u32),
     Absent,
@@ -215,14 +277,7 @@ impl<V: Weigh> Store<V> {
     }
 
     /// Finds a live entry, removing it if it has expired or one of its tags moved on.
-    fn lookup(
-        &self,
-        shard: &mut Shard<V>,
-        hash: u64,
-        key: &str,
-        now: u64,
-        dead: &mut Vec<Entry<V>>,
-    ) -> Lookup {
+    fn lookup(&self, shard: &mut LockedShard<'_, V>, hash: u64, key: &str, now: u64) -> Lookup {
         let Some(slot) = shard.find(hash, key) else {
             return Lookup::Absent;
         };
@@ -234,7 +289,8 @@ impl<V: Weigh> Store<V> {
         } else {
             return Lookup::Live(slot);
         }
-        dead.push(self.detach(shard, slot));
+        let e = self.detach(shard, slot);
+        shard.bury(e);
         Lookup::Absent
     }
 
@@ -248,13 +304,20 @@ impl<V: Weigh> Store<V> {
         }
     }
 
-    fn lock_all(&self) -> Vec<RwLockWriteGuard<'_, Shard<V>>> {
-        self.shards.iter().map(|s| s.write()).collect()
+    /// Shard `idx` under its write lock, with a place for the entries removed under it.
+    fn write(&self, idx: usize) -> LockedShard<'_, V> {
+        Locked::new(self.shards[idx].write())
+    }
+
+    /// Every shard under its write lock (in order), with a place for the entries removed.
+    fn lock_all(&self) -> Locked<Vec<RwLockWriteGuard<'_, Shard<V>>>, V> {
+        Locked::new(self.shards.iter().map(|s| s.write()).collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
     use std::sync::OnceLock;
 
     use super::*;
@@ -292,6 +355,62 @@ mod tests {
                 assert!(!store.is_locked(), "a value was dropped under a shard lock");
             }
         }
+    }
+
+    /// A value that counts its drops, and those made while a shard lock of `SEEN` was held.
+    struct Seen;
+
+    static SEEN: OnceLock<Store<Seen>> = OnceLock::new();
+    static DROPS: AtomicUsize = AtomicUsize::new(0);
+    static DROPS_UNDER_LOCK: AtomicUsize = AtomicUsize::new(0);
+
+    impl Weigh for Seen {
+        fn weight(&self) -> usize {
+            0
+        }
+    }
+
+    impl Pack for Seen {
+        fn from_tag(_: u8) -> &'static Self {
+            unreachable!("Seen is never tagged")
+        }
+    }
+
+    impl Drop for Seen {
+        fn drop(&mut self) {
+            DROPS.fetch_add(1, Relaxed);
+            if SEEN.get().is_some_and(|s| s.is_locked()) {
+                DROPS_UNDER_LOCK.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    #[test]
+    fn a_locked_shard_releases_its_lock_before_it_drops_what_it_buried() {
+        let store = SEEN.get_or_init(|| Store::new(2));
+        let mut shard = store.write(1);
+        shard.bury(Entry::new("a", Seen, NEVER, Vec::new()));
+        shard.bury(Entry::new("b", Seen, NEVER, Vec::new()));
+        assert_eq!(shard.buried(), 2);
+        drop(shard);
+        assert_eq!(DROPS.load(Relaxed), 2);
+        let mut all = store.lock_all();
+        all.bury(Entry::new("c", Seen, NEVER, Vec::new()));
+        drop(all);
+        assert_eq!(DROPS.load(Relaxed), 3);
+        // `unlock` hands them over with the lock already released.
+        let mut shard = store.write(0);
+        shard.bury(Entry::new("d", Seen, NEVER, Vec::new()));
+        let dead = shard.unlock();
+        assert!(!store.is_locked());
+        assert_eq!((dead.len(), DROPS.load(Relaxed)), (1, 3));
+        drop(dead);
+        assert_eq!(DROPS.load(Relaxed), 4);
+        assert_eq!(
+            DROPS_UNDER_LOCK.load(Relaxed),
+            0,
+            "dropped under a shard lock"
+        );
     }
 
     #[test]

@@ -38,10 +38,9 @@ impl<V: Weigh> Store<V> {
         now: u64,
         read: impl FnOnce(&Entry<V>) -> R,
     ) -> Option<R> {
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].write();
-        self.reclaim(&mut shard, now, &mut dead);
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+        let mut shard = self.write(idx);
+        self.reclaim(&mut shard, now);
+        let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => {
                 self.used(&mut shard, slot);
                 Stats::bump(&self.stats.hits, 1);
@@ -92,9 +91,8 @@ impl<V: Weigh> Store<V> {
         read: impl FnOnce(&Entry<V>) -> R,
     ) -> Option<(R, u32)> {
         let (hash, idx) = self.locate(key);
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].write();
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+        let mut shard = self.write(idx);
+        let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => {
                 let e = shard.entry(slot);
                 Some((read(e), e.gen()))
@@ -108,12 +106,8 @@ impl<V: Weigh> Store<V> {
     /// Whether a live entry exists; does not change recency (as LocMemCache's `has_key`).
     pub fn contains(&self, key: &str, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].write();
-        let out = matches!(
-            self.lookup(&mut shard, hash, key, now, &mut dead),
-            Lookup::Live(_)
-        );
+        let mut shard = self.write(idx);
+        let out = matches!(self.lookup(&mut shard, hash, key, now), Lookup::Live(_));
         drop(shard);
         out
     }
@@ -121,9 +115,8 @@ impl<V: Weigh> Store<V> {
     /// Seconds-stamp of the live entry's expiry (`Some(NEVER)` for none), `None` if missing.
     pub fn expiry(&self, key: &str, now: u64) -> Option<u64> {
         let (hash, idx) = self.locate(key);
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].write();
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+        let mut shard = self.write(idx);
+        let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => Some(shard.entry(slot).expires()),
             Lookup::Absent => None,
         };

@@ -27,21 +27,19 @@ impl<V: Weigh> Store<V> {
         }
         refs.sort_unstable_by_key(|r| (r.shard, r.slot));
         let mut removed = 0;
-        let mut dead = Vec::new();
         for group in refs.chunk_by(|a, b| a.shard == b.shard) {
-            let mut shard = self.shards[group[0].shard as usize].write();
+            let mut shard = self.write(group[0].shard as usize);
             for r in group {
                 if shard.entry_if(r.slot, r.gen).is_some() {
                     let e = self.detach(&mut shard, r.slot);
                     if !e.is_expired(now) {
                         removed += 1;
                     }
-                    dead.push(e);
+                    shard.bury(e);
                 }
             }
         }
         Stats::bump(&self.stats.invalidations, removed as u64);
-        drop(dead);
         removed
     }
 

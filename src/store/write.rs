@@ -3,8 +3,6 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use parking_lot::RwLockWriteGuard;
-
 use super::*;
 
 impl<V: Weigh> Store<V> {
@@ -20,9 +18,8 @@ impl<V: Weigh> Store<V> {
         now: u64,
     ) -> bool {
         let (hash, idx) = self.locate(key);
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].write();
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+        let mut shard = self.write(idx);
+        let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) if shard.entry(slot).expires() == rounded_deadline(expires) => {
                 let old = Self::charge(shard.entry(slot));
                 shard.replace_with(slot, |e| e.with_delta(delta));
@@ -43,12 +40,12 @@ impl<V: Weigh> Store<V> {
     /// Removes the entry; true if a live one was there.
     pub fn delete(&self, key: &str, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].write();
-        self.reclaim(&mut shard, now, &mut dead);
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+        let mut shard = self.write(idx);
+        self.reclaim(&mut shard, now);
+        let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => {
-                dead.push(self.detach(&mut shard, slot));
+                let e = self.detach(&mut shard, slot);
+                shard.bury(e);
                 Stats::bump(&self.stats.deletes, 1);
                 true
             }
@@ -65,12 +62,12 @@ impl<V: Weigh> Store<V> {
     /// does not, the entry keeps its old charge, short by that share.
     pub fn touch(&self, key: &str, expires: u64, limits: &Limits, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].write();
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+        let mut shard = self.write(idx);
+        let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => {
                 if expires <= now {
-                    dead.push(self.detach(&mut shard, slot));
+                    let e = self.detach(&mut shard, slot);
+                    shard.bury(e);
                 } else {
                     let old = Self::charge(shard.entry(slot));
                     shard.set_expiry(slot, expires);
@@ -110,10 +107,9 @@ impl<V: Weigh> Store<V> {
         update: impl FnOnce(&mut V) -> Option<R>,
     ) -> Result<Option<R>, ()> {
         let (hash, idx) = self.locate(key);
-        let mut dead = Vec::new();
         let mut moved = None;
-        let mut shard = self.shards[idx].write();
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+        let mut shard = self.write(idx);
+        let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => {
                 let r = shard.entry_mut(slot).value_mut().and_then(update);
                 if r.is_some() {
@@ -201,16 +197,16 @@ impl<V: Weigh> Store<V> {
             }
         }
         self.reserve(weight, limits, now, idx);
-        let mut dead = Vec::new();
-        let mut shard = self.shards[idx].write();
-        self.reclaim(&mut shard, now, &mut dead);
-        if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now, &mut dead) {
+        let mut shard = self.write(idx);
+        self.reclaim(&mut shard, now);
+        if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now) {
             if only_new {
                 drop(shard);
                 self.bytes.fetch_sub(weight, Relaxed);
                 return Put::Exists;
             }
-            dead.push(self.detach(&mut shard, slot));
+            let e = self.detach(&mut shard, slot);
+            shard.bury(e);
         }
         Stats::bump(&self.stats.sets, 1);
         if expires <= now {
@@ -231,7 +227,7 @@ impl<V: Weigh> Store<V> {
     /// After an insert: unlocks, sweeps the next shard, and records the entry under its tags.
     pub(super) fn finish_put(
         &self,
-        shard: RwLockWriteGuard<'_, Shard<V>>,
+        shard: LockedShard<'_, V>,
         idx: usize,
         slot: u32,
         gen: u32,
@@ -278,11 +274,10 @@ impl<V: Weigh> Store<V> {
             return Replace::TooLarge;
         }
         self.reserve(weight, limits, now, idx);
-        let mut dead = Vec::new();
         let mut moved = None;
         let mut new = Some(new);
-        let mut shard = self.shards[idx].write();
-        let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
+        let mut shard = self.write(idx);
+        let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) if shard.entry(slot).gen() == gen => {
                 let Some(mut entry) = new.take() else {
                     unreachable!("the new entry is placed once")
@@ -304,7 +299,7 @@ impl<V: Weigh> Store<V> {
                 } else {
                     self.bytes.fetch_sub(weight - exact, Relaxed);
                 }
-                dead.push(old);
+                shard.bury(old);
                 self.used(&mut shard, slot);
                 Replace::Done
             }
@@ -325,15 +320,13 @@ impl<V: Weigh> Store<V> {
 
     /// Empties the store and forgets every tag.
     pub fn clear(&self) {
-        let mut dead = Vec::new();
-        {
-            let mut guards = self.lock_all();
-            for g in guards.iter_mut() {
-                dead.extend(g.drain());
-            }
-            self.len.store(0, Relaxed);
-            self.bytes.store(0, Relaxed);
+        let mut all = self.lock_all();
+        for g in all.guard.iter_mut() {
+            all.dead.extend(g.drain());
         }
+        self.len.store(0, Relaxed);
+        self.bytes.store(0, Relaxed);
+        let dead = all.unlock();
         self.tags.reset();
         drop(dead);
     }
