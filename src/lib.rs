@@ -9,6 +9,7 @@ pub mod fork;
 pub mod ghost;
 pub mod keys;
 pub mod mem;
+pub mod near;
 pub mod policy;
 pub mod s3fifo;
 pub mod shard;

@@ -176,6 +176,7 @@ impl<V: Weigh> Store<V> {
         now: u64,
         only_new: bool,
         weight: u64,
+        fill: Option<u64>,
     ) -> Put {
         let expires = entry.expires();
         let (hash, idx) = self.locate(key);
@@ -186,6 +187,11 @@ impl<V: Weigh> Store<V> {
         let mut shard = loop {
             let mut shard = self.write(idx);
             self.reclaim(&mut shard, now);
+            if !self.fill_holds(idx, key, fill, now) {
+                drop(shard);
+                self.give_back(placed, charged, weight);
+                return Put::Stale;
+            }
             if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now) {
                 if only_new {
                     drop(shard);
@@ -248,6 +254,8 @@ impl<V: Weigh> Store<V> {
                 }
             }
         };
+        // Checked above in this same hold of the lock: consume (or, for a write, cancel) it.
+        self.fill_take(idx, key, fill, now);
         Stats::bump(&self.stats.sets, 1);
         if expires <= now {
             drop(shard);

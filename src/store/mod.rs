@@ -37,6 +37,7 @@ use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
 
 mod account;
 mod evict;
+mod fill;
 mod read;
 mod tags;
 #[cfg(test)]
@@ -44,6 +45,7 @@ mod testing;
 mod write;
 
 pub use account::entry_overhead;
+pub use fill::{placeholder_charge, Fills, FILLS_PER_SHARD, FILL_MAX_AGE};
 
 /// Shards of a store whose `MAX_ENTRIES` is above `ONE_SHARD_MAX`.
 pub const SHARDS: usize = 16;
@@ -125,6 +127,8 @@ pub struct Store<V> {
     pub stats: Stats,
     pub tags: TagTable,
     pub flights: Flights,
+    /// Placeholders of fills in progress (`store/fill.rs`).
+    pub fills: Fills,
 }
 
 /// A write lock (`G`: one shard's guard, or every shard's) together with the entries removed
@@ -208,6 +212,7 @@ impl<V: Weigh> Store<V> {
             stats: Stats::default(),
             tags: TagTable::default(),
             flights: Flights::default(),
+            fills: Fills::new(n),
         }
     }
 

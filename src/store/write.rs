@@ -42,6 +42,7 @@ impl<V: Weigh> Store<V> {
         let (hash, idx) = self.locate(key);
         let mut shard = self.write(idx);
         self.reclaim(&mut shard, now);
+        self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => {
                 let e = self.detach(&mut shard, slot);
@@ -109,6 +110,7 @@ impl<V: Weigh> Store<V> {
         let (hash, idx) = self.locate(key);
         let mut moved = None;
         let mut shard = self.write(idx);
+        self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => {
                 let r = shard.entry_mut(slot).value_mut().and_then(update);
@@ -137,7 +139,7 @@ impl<V: Weigh> Store<V> {
         limits: &Limits,
         now: u64,
     ) -> Put {
-        self.put(key, value, expires, tags, limits, now, false)
+        self.put(key, value, expires, tags, limits, now, false, None)
     }
 
     /// Stores `key` only if no live entry has it.
@@ -150,7 +152,7 @@ impl<V: Weigh> Store<V> {
         limits: &Limits,
         now: u64,
     ) -> Put {
-        self.put(key, value, expires, tags, limits, now, true)
+        self.put(key, value, expires, tags, limits, now, true, None)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -163,6 +165,7 @@ impl<V: Weigh> Store<V> {
         limits: &Limits,
         now: u64,
         only_new: bool,
+        fill: Option<u64>,
     ) -> Put {
         if !all_current(&tags) {
             Stats::bump(&self.stats.invalidations, 1);
@@ -186,7 +189,7 @@ impl<V: Weigh> Store<V> {
         let mut entry = Entry::new(key, value, expires, tags);
         debug_assert_eq!(Self::charge(&entry), weight);
         if self.policy == Policy::S3Fifo {
-            return self.put_s3(key, entry, limits, now, only_new, weight);
+            return self.put_s3(key, entry, limits, now, only_new, weight, fill);
         }
         let (hash, idx) = self.locate(key);
         if self.len() as i64 >= limits.max_entries {
@@ -199,6 +202,12 @@ impl<V: Weigh> Store<V> {
         self.reserve(weight, limits, now, idx);
         let mut shard = self.write(idx);
         self.reclaim(&mut shard, now);
+        if !self.fill_take(idx, key, fill, now) {
+            // A fill whose placeholder a removal, write or flush of the key took away.
+            drop(shard);
+            self.bytes.fetch_sub(weight, Relaxed);
+            return Put::Stale;
+        }
         if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now) {
             if only_new {
                 drop(shard);
@@ -277,6 +286,7 @@ impl<V: Weigh> Store<V> {
         let mut moved = None;
         let mut new = Some(new);
         let mut shard = self.write(idx);
+        self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) if shard.entry(slot).gen() == gen => {
                 let Some(mut entry) = new.take() else {
@@ -320,15 +330,23 @@ impl<V: Weigh> Store<V> {
 
     /// Empties the store and forgets every tag.
     pub fn clear(&self) {
+        let mut dead = Vec::new();
+        self.clear_into(&mut dead);
+        drop(dead);
+    }
+
+    /// `clear`, handing the removed entries to the caller (to drop where it can, see
+    /// `near::Graveyard`) instead of dropping them.
+    pub fn clear_into(&self, dead: &mut Vec<Entry<V>>) {
         let mut all = self.lock_all();
         for g in all.guard.iter_mut() {
             all.dead.extend(g.drain());
         }
+        self.fill_clear();
         self.len.store(0, Relaxed);
         self.bytes.store(0, Relaxed);
-        let dead = all.unlock();
+        dead.append(&mut all.unlock());
         self.tags.reset();
-        drop(dead);
     }
 }
 
