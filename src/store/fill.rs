@@ -239,31 +239,8 @@ mod tests {
 
     use super::*;
     use crate::clock::NEVER;
-    use crate::entry::Pack;
     use crate::policy::Policy;
-
-    /// A value weighing `.0` bytes.
-    struct Val(usize);
-
-    impl Weigh for Val {
-        fn weight(&self) -> usize {
-            self.0
-        }
-    }
-
-    impl Pack for Val {
-        fn from_tag(_: u8) -> &'static Self {
-            unreachable!("Val is never tagged")
-        }
-    }
-
-    fn limits(max_entries: i64, max_bytes: Option<u64>) -> Limits {
-        Limits {
-            max_entries,
-            cull_frequency: 3,
-            max_bytes,
-        }
-    }
+    use crate::store::testing::{limits, Val};
 
     fn fill(store: &Store<Val>, key: &str, token: u64, w: usize) -> Put {
         store.fill_put(key, token, Val(w), NEVER, Vec::new(), &limits(100, None), 1)
