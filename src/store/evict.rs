@@ -518,17 +518,19 @@ mod tests {
         for i in 0..800 {
             store.get(&format!("k{i}"), 1, |_| ());
         }
-        for i in 0..400 {
+        // 100 new keys: ~6 a shard against ~50 unused old ones (the hasher is seeded at random, so
+        // 400 new keys overran one shard's unused keys in ~2% of runs and evicted a used one).
+        for i in 0..100 {
             set(&store, &format!("new{i}"), 1, &lim, 1);
             // The store stays at its bound: no cull of a third, one eviction an insert.
             assert_eq!(store.len(), 1_600);
         }
-        assert_eq!(store.stats.snapshot().evictions, 400);
+        assert_eq!(store.stats.snapshot().evictions, 100);
         assert!(
             (0..800).all(|i| store.contains(&format!("k{i}"), 1)),
             "a used key was evicted"
         );
-        assert!((0..400).all(|i| store.contains(&format!("new{i}"), 1)));
+        assert!((0..100).all(|i| store.contains(&format!("new{i}"), 1)));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 
     python tests/django_suite/run.py [-v 2] [--failfast] [-k PATTERN] [--list] [LABEL ...]
 
-Steps: download the sdist of exactly the installed Django version into ``.cache/`` (once),
+Steps: download the sdist of exactly the installed Django version into ``.work/django-suite/``
+(once; ``$RUSTCACHE_WORK/django-suite/`` when set),
 copy ``tests/cache/`` out of it as the importable package ``cache`` with every LocMemCache
 reference rewritten to ``$RUSTCACHE_SUITE_BACKEND`` (default ``django_rustcache.RustCache``),
 then run the in-process-backend test classes with Django's DiscoverRunner.
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-CACHE_DIR = HERE / ".cache"
+# Under the build directory (.ci/lib.sh exports RUSTCACHE_WORK), not in the source tree.
+CACHE_DIR = Path(os.environ.get("RUSTCACHE_WORK") or HERE.parent.parent / ".work") / "django-suite"
 LOCMEM = "django.core.cache.backends.locmem.LocMemCache"
 LOCMEM_IMPORT = "from django.core.cache.backends.locmem import LocMemCache"
 NEAR = "django_rustcache.NearCache"
