@@ -14,8 +14,8 @@ With ``RUSTCACHE_SUITE_BACKEND=django_rustcache.NearCache`` it instead runs Djan
 class (``BaseCacheTests`` with RedisCacheTests' settings: the culling caches left out, so the
 culling tests skip themselves, exactly as for Django's RedisCache) as ``NearCacheTests``, against
 a server it starts itself (``RUSTCACHE_SUITE_SERVER``: redis (default) or valkey) and stops at exit.
-``--near-listener none`` (the default for now) runs NearCache without its invalidation listener,
-so every read goes to Redis; ``rust`` uses the listener of the native module.
+``--near-listener rust`` (the default) runs NearCache as shipped, with its Rust invalidation
+listener and L1; ``none`` runs it without, so every read goes to Redis.
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--near-listener",
         choices=("none", "rust"),
-        default="none",
-        help="NearCache only: run without the invalidation listener (default) or with it",
+        default="rust",
+        help="NearCache only: with its Rust invalidation listener and L1 (default), or without",
     )
     parser.add_argument(
         "--timeout",
