@@ -16,7 +16,7 @@
 //! 3. its tag table (`TagTable::cells`), then each listed tag cell's `members`
 //!    (`TagTable::reset` nests cells -> members),
 //! 4. its shards, by index (`Store::register` nests members -> shard; `lock_all` goes by index);
-//! 5. last, the instance-class table (`python/instance.rs`, `KNOWN`; never nested).
+//! 5. last, the instance-class table (`python/value/instance.rs`, `KNOWN`; never nested).
 //!
 //! **Why prepare cannot deadlock.** Prepare blocks until each lock is free. A lock held by another
 //! thread is released without that thread waiting for anything else: store operations run with

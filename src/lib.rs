@@ -6,6 +6,7 @@ pub mod early;
 pub mod entry;
 pub mod flight;
 pub mod fork;
+pub mod ghost;
 pub mod keys;
 pub mod mem;
 pub mod near;

@@ -2,7 +2,7 @@
 //! `MAX_BYTES` follow the process's resident memory rather than the payload alone.
 //!
 //! The figures are those of glibc's malloc and of the collections the shards use; the Python layer
-//! adds the sizes of the Python objects it holds (`python/sizes.rs`).
+//! adds the sizes of the Python objects it holds (`python/value/sizes.rs`).
 
 /// The chunk glibc's malloc hands out for a request of `n` bytes: an 8-byte header, rounded up to
 /// 16 bytes, never less than 32. A request of 0 bytes allocates nothing (Rust never asks for it).
@@ -30,7 +30,7 @@ pub const TABLE_CELL: usize = 8;
 /// live ones and usually few) are not charged.
 pub const EXPIRY_SHARE: usize = 8;
 
-/// A record of S3-FIFO's ghost (`s3fifo::Ghost`): a `(hash, seq)` element of its FIFO (16 bytes,
+/// A record of S3-FIFO's ghost (`ghost::Ghost`): a `(hash, seq)` element of its FIFO (16 bytes,
 /// a `VecDeque` that doubles: ~1.5 slots a record) and a cell of its `HashMap<u64, u64>` (16
 /// bytes and a control byte, ~1.6 buckets a record as for `TABLE_CELL`). The ghost holds at most
 /// as many records as its shard holds entries, so it is charged to the store like entries are.

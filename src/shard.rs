@@ -23,7 +23,7 @@ use hashbrown::HashTable;
 use crate::clock::NEVER;
 use crate::entry::second_of;
 pub use crate::entry::{Entry, Queue};
-use crate::s3fifo::Ghost;
+use crate::ghost::Ghost;
 
 const NIL: u32 = u32::MAX;
 

@@ -38,7 +38,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_rustcache import _core
 from django_rustcache._core import Handle
 from django_rustcache.backend import _Synced, _warn_key
-from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS
+from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, int_option
 from django_rustcache.signals import tags_invalidated
 
 logger = logging.getLogger("django_rustcache.near")
@@ -271,17 +271,6 @@ def _number(where: str, name: str, value: Any, *, zero_ok: bool = False) -> floa
     return float(value)
 
 
-def _int_option(where: str, name: str, value: Any, minimum: int | None) -> int:
-    # Here since options.py dropped it (the settings rework); NearCache's checks stay as they were.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ImproperlyConfigured(
-            f"{where}: OPTIONS[{name!r}] must be an integer, not {type(value).__name__} {value!r}."
-        )
-    if minimum is not None and value < minimum:
-        raise ImproperlyConfigured(f"{where}: OPTIONS[{name!r}] must be >= {minimum}, not {value}.")
-    return value
-
-
 def _bool(where: str, name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ImproperlyConfigured(
@@ -382,11 +371,11 @@ class NearOptions:
                 f"{where}: OPTIONS['EVICTION_POLICY'] must be one of "
                 f"{', '.join(map(repr, EVICTION_POLICIES))}, not {policy!r}."
             )
-        _int_option(where, "MAX_ENTRIES", o["MAX_ENTRIES"], 1)
-        _int_option(where, "CULL_FREQUENCY", o["CULL_FREQUENCY"], 0)
+        int_option(where, "MAX_ENTRIES", o["MAX_ENTRIES"], 1)
+        int_option(where, "CULL_FREQUENCY", o["CULL_FREQUENCY"], 0)
         max_bytes = o["MAX_BYTES"]
         if max_bytes is not None:
-            max_bytes = _int_option(where, "MAX_BYTES", max_bytes, 1)
+            max_bytes = int_option(where, "MAX_BYTES", max_bytes, 1)
         mode = o["INVALIDATION"]
         if mode not in INVALIDATION_MODES:
             raise ImproperlyConfigured(

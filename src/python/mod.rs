@@ -3,13 +3,10 @@
 
 mod fast;
 mod handle;
-mod instance;
 mod keys;
 mod made_key;
 mod near;
-mod plain;
 mod registry;
-mod sizes;
 mod value;
 
 use pyo3::prelude::*;
@@ -22,7 +19,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(near::near, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(fork_generation, m)?)?;
-    instance::init(m.py());
+    value::instance::init(m.py());
     crate::fork::install();
     Ok(())
 }
@@ -37,7 +34,7 @@ fn fork_generation() -> u64 {
 /// fork's prepare step (see `crate::fork` for the order): every store's locks, then `KNOWN`'s.
 pub(crate) fn lock_for_fork() {
     registry::lock_for_fork();
-    instance::lock_for_fork();
+    value::instance::lock_for_fork();
 }
 
 /// fork's parent and child steps: releases what `lock_for_fork` took; in the `child`, first
@@ -47,6 +44,6 @@ pub(crate) fn lock_for_fork() {
 /// The calling thread (or the thread of the parent that forked this child) ran `lock_for_fork`
 /// and nothing has released those locks since.
 pub(crate) unsafe fn unlock_after_fork(child: bool) {
-    instance::unlock_after_fork();
+    value::instance::unlock_after_fork();
     registry::unlock_after_fork(child);
 }

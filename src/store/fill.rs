@@ -175,16 +175,16 @@ impl<V: Weigh> Store<V> {
     /// `near::Graveyard`) instead of dropping it.
     pub fn invalidate_key_into(&self, key: &str, dead: &mut Vec<Entry<V>>) -> bool {
         let (hash, idx) = self.locate(key);
-        let mut shard = self.shards[idx].write();
+        let mut shard = self.write(idx);
         self.fill_take(idx, key, None, 0);
-        let found = shard
-            .find(hash, key)
-            .map(|slot| self.detach(&mut shard, slot));
-        drop(shard);
-        let removed = found.is_some();
-        if let Some(e) = found {
+        if let Some(slot) = shard.find(hash, key) {
+            let e = self.detach(&mut shard, slot);
+            shard.bury(e);
+        }
+        let removed = shard.buried() > 0;
+        dead.append(&mut shard.unlock());
+        if removed {
             Stats::bump(&self.stats.invalidations, 1);
-            dead.push(e);
         }
         removed
     }
@@ -239,31 +239,8 @@ mod tests {
 
     use super::*;
     use crate::clock::NEVER;
-    use crate::entry::Pack;
     use crate::policy::Policy;
-
-    /// A value weighing `.0` bytes.
-    struct Val(usize);
-
-    impl Weigh for Val {
-        fn weight(&self) -> usize {
-            self.0
-        }
-    }
-
-    impl Pack for Val {
-        fn from_tag(_: u8) -> &'static Self {
-            unreachable!("Val is never tagged")
-        }
-    }
-
-    fn limits(max_entries: i64, max_bytes: Option<u64>) -> Limits {
-        Limits {
-            max_entries,
-            cull_frequency: 3,
-            max_bytes,
-        }
-    }
+    use crate::store::testing::{limits, Val};
 
     fn fill(store: &Store<Val>, key: &str, token: u64, w: usize) -> Put {
         store.fill_put(key, token, Val(w), NEVER, Vec::new(), &limits(100, None), 1)

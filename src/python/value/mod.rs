@@ -13,6 +13,14 @@
 //! `PyValue` at all: its kind is a tag in the header (`Pack::tag`). That saves the object, its
 //! header and the value's 16 bytes an entry; larger values stay objects, so a big `get` stays a
 //! reference.
+//!
+//! The structural form is a recursive type, so its parts are this module's children: `plain.rs`
+//! (the nodes and their copy), `instance.rs` (plain class instances, which hold nodes and are
+//! held by them) and `sizes.rs` (what a Python object costs in memory).
+
+pub(super) mod instance;
+mod plain;
+mod sizes;
 
 use std::sync::Arc;
 
@@ -21,8 +29,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString};
 
-use super::plain::{self, Node, Plain};
-use super::sizes;
+use self::plain::{Node, Plain};
 use crate::entry::Pack;
 use crate::store::Weigh;
 

@@ -1,0 +1,617 @@
+//! Eviction and expiry: Django's cull, "lru" over shards (`evict_*`), the `MAX_BYTES` reservation,
+//! S3-FIFO's insert (`put_s3`, which evicts under its own shard lock) and the reclaiming of expired
+//! entries (`reclaim`, `sweep_next`, `purge_expired`).
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::*;
+
+/// Entries an insert into a full store of several shards evicts at most under "lru".
+const EVICT_PER_INSERT: usize = 2;
+
+/// Expired entries an operation reclaims in its own shard.
+const RECLAIM_PER_OP: usize = 2;
+
+impl<V: Weigh> Store<V> {
+    /// Reclaims a few expired entries of this shard: expiry never needs a scan of the store.
+    #[inline]
+    pub(super) fn reclaim(&self, shard: &mut LockedShard<'_, V>, now: u64) {
+        for _ in 0..RECLAIM_PER_OP {
+            match shard.pop_expired(now) {
+                Some(e) => {
+                    self.len.fetch_sub(1, Relaxed);
+                    self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                    Stats::bump(&self.stats.expirations, 1);
+                    shard.bury(e);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Reclaims a few expired entries of the next shard in turn, if it is free: with the
+    /// reclaiming each operation does in its own shard, expired entries cannot pile up anywhere.
+    pub(super) fn sweep_next(&self, now: u64) {
+        let idx = self.sweep.fetch_add(1, Relaxed) & (self.shards.len() - 1);
+        if let Some(shard) = self.shards[idx].try_write() {
+            self.reclaim(&mut Locked::new(shard), now);
+        }
+    }
+
+    /// Django's cull: first drop what has expired; if the store is still at `max_entries`, remove
+    /// `len / cull_frequency` least recently used entries (all of them for a frequency of 0).
+    /// Runs on a store of one shard (bounded: at most 65,536 entries), or for a frequency of 0
+    /// (the user asked for the whole store to go); with several shards each gives its share
+    /// (rounded up) from its own least recently used end.
+    pub(super) fn cull(&self, limits: &Limits, now: u64) {
+        let mut all = self.lock_all();
+        for g in all.guard.iter_mut() {
+            while let Some(e) = g.pop_expired(now) {
+                self.len.fetch_sub(1, Relaxed);
+                self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                Stats::bump(&self.stats.expirations, 1);
+                all.dead.push(e);
+            }
+        }
+        let len = self.len();
+        if (len as i64) < limits.max_entries || len == 0 {
+            return;
+        }
+        let count = if limits.cull_frequency == 0 {
+            len
+        } else {
+            len / limits.cull_frequency.unsigned_abs() as usize
+        };
+        let mut culled = 0;
+        for g in all.guard.iter_mut() {
+            let share = (g.len() * count).div_ceil(len);
+            for _ in 0..share {
+                let Some(e) = g.pop_oldest() else { break };
+                self.len.fetch_sub(1, Relaxed);
+                self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                all.dead.push(e);
+                culled += 1;
+            }
+        }
+        Stats::bump(&self.stats.evictions, culled as u64);
+    }
+
+    /// "lru" over several shards, at `max_entries`: instead of Django's cull (a third of the store
+    /// in one insert, a pause that grows with the store), evicts one entry (expired first, else the
+    /// least recently used of the new key's shard), or two while the store is still at the bound
+    /// (an alias with a smaller `MAX_ENTRIES` shares it): every insert does O(1) work.
+    pub(super) fn evict_for_entry(&self, limits: &Limits, now: u64, idx: usize) {
+        for _ in 0..EVICT_PER_INSERT {
+            if (self.len() as i64) < limits.max_entries || !self.evict_one(idx, now) {
+                break;
+            }
+        }
+    }
+
+    /// Removes one entry from shard `idx` (or, if it is empty, the next non-empty one): an
+    /// expired entry if there is one, else the policy's victim. False if every shard is empty.
+    pub(super) fn evict_one(&self, idx: usize, now: u64) -> bool {
+        let n = self.shards.len();
+        for i in 0..n {
+            let mut shard = self.write((idx + i) & (n - 1));
+            if let Some(e) = self.evict_locked(&mut shard, now) {
+                shard.bury(e);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Takes one entry off `shard` and the books, an expired one if any, else the policy's
+    /// victim (the least recently used under "lru"). The caller buries it (`Locked::bury`).
+    pub(super) fn evict_locked(&self, shard: &mut Shard<V>, now: u64) -> Option<Entry<V>> {
+        let e = if let Some(e) = shard.pop_expired(now) {
+            Stats::bump(&self.stats.expirations, 1);
+            e
+        } else {
+            let e = match self.policy {
+                Policy::Lru => shard.pop_oldest()?,
+                Policy::S3Fifo => {
+                    // The ghost may remember the victim's hash (and forget older ones): its
+                    // records are charged like entries, so that MAX_BYTES bounds them too.
+                    let before = shard.ghost.records();
+                    let e = shard.evict_s3()?;
+                    let after = shard.ghost.records();
+                    if after > before {
+                        self.bytes
+                            .fetch_add(((after - before) * GHOST_RECORD) as u64, Relaxed);
+                    } else {
+                        self.bytes
+                            .fetch_sub(((before - after) * GHOST_RECORD) as u64, Relaxed);
+                    }
+                    e
+                }
+            };
+            Stats::bump(&self.stats.evictions, 1);
+            e
+        };
+        self.len.fetch_sub(1, Relaxed);
+        self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+        Some(e)
+    }
+
+    /// Charges `weight` bytes for an entry of shard `idx`, first evicting entries from `idx` on
+    /// (expired ones first, then the policy's victims) while `max_bytes` would be passed.
+    pub(super) fn reserve(&self, weight: u64, limits: &Limits, now: u64, idx: usize) {
+        let Some(max) = limits.max_bytes else {
+            self.bytes.fetch_add(weight, Relaxed);
+            return;
+        };
+        loop {
+            let cur = self.bytes.load(Relaxed);
+            if cur + self.tags.bytes() + weight <= max {
+                if self
+                    .bytes
+                    .compare_exchange(cur, cur + weight, Relaxed, Relaxed)
+                    .is_ok()
+                {
+                    return;
+                }
+                continue;
+            }
+            if !self.evict_one(idx, now) {
+                // Nothing left to evict: the bytes are charged by reservations still in flight.
+                self.bytes.fetch_add(weight, Relaxed);
+                return;
+            }
+        }
+    }
+
+    /// `put` under S3-FIFO, in one hold of the key's shard lock when that shard has entries to
+    /// evict. Overwriting a live key passes the old entry's place to the new one (and counts as
+    /// a use of it); a new key takes a place in the count first, then its bytes, evicting one
+    /// entry at a time (expired ones first) while the store is full. Places and bytes are taken
+    /// with compare-and-swap, so concurrent inserts cannot pass the bounds together.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn put_s3(
+        &self,
+        key: &str,
+        mut entry: Entry<V>,
+        limits: &Limits,
+        now: u64,
+        only_new: bool,
+        weight: u64,
+        fill: Option<u64>,
+    ) -> Put {
+        let expires = entry.expires();
+        let (hash, idx) = self.locate(key);
+        let cap = limits.max_entries.max(1) as usize;
+        let mut placed = false;
+        let mut charged = false;
+        let mut replaced = None;
+        let mut shard = loop {
+            let mut shard = self.write(idx);
+            self.reclaim(&mut shard, now);
+            if !self.fill_holds(idx, key, fill, now) {
+                drop(shard);
+                self.give_back(placed, charged, weight);
+                return Put::Stale;
+            }
+            if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now) {
+                if only_new {
+                    drop(shard);
+                    self.give_back(placed, charged, weight);
+                    return Put::Exists;
+                }
+                // The old entry's place passes to the new one.
+                let old = shard.remove(slot);
+                self.bytes.fetch_sub(Self::charge(&old), Relaxed);
+                if placed {
+                    self.len.fetch_sub(1, Relaxed);
+                }
+                placed = true;
+                replaced = Some((old.queue(), old.freq().load(Relaxed)));
+                shard.bury(old);
+            }
+            if expires <= now {
+                // Django stores an already-expired entry; nobody can ever read it: store nothing
+                // (and evict nothing for it).
+                break shard;
+            }
+            let mut stuck = false;
+            while !placed && !stuck {
+                if self.take_place(cap) {
+                    placed = true;
+                } else if let Some(e) = self.evict_locked(&mut shard, now) {
+                    shard.bury(e);
+                } else {
+                    stuck = true;
+                }
+            }
+            while !charged && !stuck {
+                match limits.max_bytes {
+                    None => {
+                        self.bytes.fetch_add(weight, Relaxed);
+                        charged = true;
+                    }
+                    Some(max) if self.take_bytes(max, weight) => charged = true,
+                    Some(_) => match self.evict_locked(&mut shard, now) {
+                        Some(e) => shard.bury(e),
+                        None => stuck = true,
+                    },
+                }
+            }
+            if !stuck {
+                break shard;
+            }
+            // This shard has nothing left to evict: evict from another one, then look again.
+            drop(shard);
+            if !self.evict_one(idx + 1, now) {
+                if placed {
+                    // Nothing anywhere: the bytes are held by inserts in flight, which never
+                    // wait for bytes (the lru rule too).
+                    self.bytes.fetch_add(weight, Relaxed);
+                    charged = true;
+                } else {
+                    // Every place is held by an insert in flight, which finishes without
+                    // waiting for this one.
+                    std::thread::yield_now();
+                }
+            }
+        };
+        // Checked above in this same hold of the lock: consume (or, for a write, cancel) it.
+        self.fill_take(idx, key, fill, now);
+        Stats::bump(&self.stats.sets, 1);
+        if expires <= now {
+            drop(shard);
+            if placed {
+                // The removed old entry's place.
+                self.len.fetch_sub(1, Relaxed);
+            }
+            return Put::Stored;
+        }
+        let gen = self.next_gen();
+        let has_tags = !entry.tags().is_empty();
+        entry.set_gen(gen);
+        // Overwriting a live key counts as a use of it: it keeps its queue, one hit more.
+        let (queue, freq) = match replaced {
+            Some((queue, freq)) => (queue, (freq + 1).min(MAX_FREQ)),
+            None => (shard.admit(hash), 0),
+        };
+        entry.freq().store(freq, Relaxed);
+        let slot = shard.insert_in(entry, hash, queue);
+        self.finish_put(shard, idx, slot, gen, has_tags, now);
+        Put::Stored
+    }
+
+    /// Removes expired entries across the store, a bounded number per shard; returns how many.
+    pub fn purge_expired(&self, now: u64, per_shard: usize) -> usize {
+        let mut n = 0;
+        for s in self.shards.iter() {
+            let mut shard = Locked::new(s.write());
+            for _ in 0..per_shard {
+                match shard.pop_expired(now) {
+                    Some(e) => {
+                        self.len.fetch_sub(1, Relaxed);
+                        self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                        shard.bury(e);
+                    }
+                    None => break,
+                }
+            }
+            n += shard.buried();
+        }
+        Stats::bump(&self.stats.expirations, n as u64);
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::thread;
+
+    use super::*;
+    use crate::clock::NEVER;
+    use crate::store::testing::*;
+
+    #[test]
+    fn s3_max_entries_is_a_capacity_never_passed() {
+        let store = s3(16);
+        let lim = limits(100, None);
+        for i in 0..5_000 {
+            assert_eq!(set(&store, &format!("k{i}"), 1, &lim, 1), Put::Stored);
+            assert!(
+                store.len() <= 100,
+                "{} entries after insert {i}",
+                store.len()
+            );
+        }
+        assert_eq!(store.len(), 100, "evicts just enough, one at a time");
+        assert_eq!(held(&store), 100);
+        assert_eq!(store.stats.snapshot().evictions, 4_900);
+        // CULL_FREQUENCY plays no part: 0 (clear all under "lru") still evicts one.
+        let zero = Limits {
+            cull_frequency: 0,
+            ..lim
+        };
+        set(&store, "one-more", 1, &zero, 1);
+        assert_eq!(store.len(), 100);
+        // A lowered capacity (another alias, or a live change) is reached at the next insert.
+        set(&store, "smaller", 1, &limits(10, None), 1);
+        assert_eq!(store.len(), 10);
+        // A capacity below one is taken as one.
+        set(&store, "tiny", 1, &limits(-1, None), 1);
+        assert_eq!(held(&store), 1);
+        assert!(store.contains("tiny", 1));
+    }
+
+    #[test]
+    fn s3_bytes_bound_and_a_too_large_value_costs_nothing() {
+        let store = s3(4);
+        let per_entry = Store::<Val>::weigh("k000", &Val(0), 0, NEVER);
+        let max = 20 * (per_entry + 100);
+        let lim = limits(1_000_000, Some(max));
+        for i in 0..500 {
+            set(
+                &store,
+                &format!("k{:03}", i % 200),
+                50 + (i * 37) % 100,
+                &lim,
+                1,
+            );
+            assert!(store.bytes() <= max, "{} > {max} bytes", store.bytes());
+        }
+        let before = held(&store);
+        let bytes = store.bytes();
+        assert_eq!(set(&store, "huge", max as usize, &lim, 1), Put::TooLarge);
+        assert_eq!(held(&store), before, "nothing else was lost for it");
+        assert_eq!(store.bytes(), bytes);
+        assert!(!store.contains("huge", 1));
+        // Accounting is exact: the bytes charged are those of the entries and ghost records held.
+        let sum: u64 = store
+            .shards
+            .iter()
+            .map(|s| {
+                let s = s.read();
+                let ghost = (s.ghost.records() * GHOST_RECORD) as u64;
+                s.iter().map(Store::charge).sum::<u64>() + ghost
+            })
+            .sum();
+        assert!(store.shards.iter().any(|s| s.read().ghost.records() > 0));
+        assert_eq!(sum, store.bytes());
+    }
+
+    #[test]
+    fn s3_ghost_records_are_charged_and_bounded_under_max_bytes() {
+        // Many distinct keys, each used once: every eviction leaves a ghost record behind.
+        let store = s3(1);
+        let per_entry = Store::<Val>::weigh("k00000", &Val(10), 0, NEVER);
+        let max = 100 * per_entry;
+        let lim = limits(1_000_000, Some(max));
+        for i in 0..5_000 {
+            set(&store, &format!("k{i:05}"), 10, &lim, 1);
+            assert!(store.bytes() <= max, "{} > {max} bytes", store.bytes());
+        }
+        let shard = store.shards[0].read();
+        let records = shard.ghost.records();
+        assert!(records > 0, "the ghost remembers evicted keys");
+        let entries: u64 = shard.iter().map(Store::charge).sum();
+        assert_eq!(entries + (records * GHOST_RECORD) as u64, store.bytes());
+        // The ghost's share keeps entries out: fewer than 100 fit.
+        assert!(shard.len() < 100, "{} entries", shard.len());
+        drop(shard);
+        store.clear();
+        assert_eq!(store.bytes(), 0);
+    }
+
+    #[test]
+    fn s3_hot_set_survives_a_scan_across_shards() {
+        let store = s3(16);
+        let lim = limits(1_000, None);
+        let hot: Vec<String> = (0..200).map(|i| format!("hot{i}")).collect();
+        let access = |k: &str| {
+            if store.get(k, 1, |_| ()).is_none() {
+                set(&store, k, 1, &lim, 1);
+            }
+        };
+        for _ in 0..3 {
+            hot.iter().for_each(|k| access(k));
+        }
+        // A crawler requests 50 times as many one-time keys as the store holds.
+        for i in 0..50_000 {
+            access(&format!("scan{i}"));
+        }
+        let kept = hot.iter().filter(|k| store.contains(k, 1)).count();
+        assert_eq!(kept, hot.len(), "the scan evicted hot keys");
+        assert_eq!(store.len(), 1_000);
+
+        // The same traffic through Django's LRU cull keeps none of them.
+        let lru: Store<Val> = Store::new(16);
+        for _ in 0..3 {
+            for k in &hot {
+                if lru.get(k, 1, |_| ()).is_none() {
+                    set(&lru, k, 1, &lim, 1);
+                }
+            }
+        }
+        for i in 0..50_000 {
+            set(&lru, &format!("scan{i}"), 1, &lim, 1);
+        }
+        assert!(!hot.iter().any(|k| lru.contains(k, 1)));
+    }
+
+    #[test]
+    fn s3_expired_entries_are_evicted_first() {
+        let store = s3(1);
+        let lim = limits(10, None);
+        for i in 0..5 {
+            store.set(&format!("old{i}"), Val(1), 100 * SEC, Vec::new(), &lim, 1);
+            set(&store, &format!("live{i}"), 1, &lim, 1);
+            // Hit-free live entries are the policy's first choice, were it not for expiry.
+        }
+        for i in 0..5 {
+            set(&store, &format!("new{i}"), 1, &lim, 200 * SEC);
+        }
+        let s = store.stats.snapshot();
+        assert_eq!((s.evictions, s.expirations), (0, 5));
+        assert!((0..5).all(|i| store.contains(&format!("live{i}"), 200 * SEC)));
+        set(&store, "one-more", 1, &lim, 200 * SEC);
+        assert_eq!(store.stats.snapshot().evictions, 1);
+        assert_eq!(store.len(), 10);
+    }
+
+    #[test]
+    fn s3_add_and_expired_sets_give_back_their_place() {
+        let store = s3(4);
+        let lim = limits(3, None);
+        for k in ["a", "b", "c"] {
+            assert_eq!(
+                store.add(k, Val(1), NEVER, Vec::new(), &lim, 1),
+                Put::Stored
+            );
+        }
+        assert_eq!(
+            store.add("a", Val(1), NEVER, Vec::new(), &lim, 1),
+            Put::Exists
+        );
+        assert_eq!(store.set("d", Val(1), 0, Vec::new(), &lim, 1), Put::Stored);
+        assert!(!store.contains("d", 1));
+        assert!(store.len() <= 3);
+        assert_eq!(held(&store), store.len());
+    }
+
+    #[test]
+    fn s3_overwriting_a_live_key_in_a_full_store_evicts_nothing() {
+        let store = s3(4);
+        let lim = limits(5, None);
+        for i in 0..5 {
+            set(&store, &format!("k{i}"), 1, &lim, 1);
+        }
+        for w in 0..20 {
+            assert_eq!(set(&store, "k0", w, &lim, 1), Put::Stored);
+        }
+        assert_eq!(store.stats.snapshot().evictions, 0);
+        assert_eq!((store.len(), held(&store)), (5, 5));
+        assert_eq!(store.get("k0", 1, |v| v.0), Some(19));
+    }
+
+    #[test]
+    fn lru_keeps_djangos_cull() {
+        let store: Store<Val> = Store::new(shards_for(10));
+        let lim = limits(10, None);
+        for i in 0..10 {
+            set(&store, &format!("k{i}"), 1, &lim, 1);
+        }
+        store.get("k0", 1, |_| ());
+        set(&store, "k10", 1, &lim, 1);
+        // 10 // 3 = 3 least recently used entries go at once, then the new one comes in.
+        assert_eq!(store.len(), 8);
+        assert_eq!(store.stats.snapshot().evictions, 3);
+        assert!(store.contains("k0", 1));
+        assert!(!["k1", "k2", "k3"].iter().any(|k| store.contains(k, 1)));
+    }
+
+    #[test]
+    fn lru_over_shards_evicts_one_of_the_new_keys_shards_oldest_per_insert() {
+        let store: Store<Val> = Store::new(SHARDS);
+        let lim = limits(1_600, None);
+        for i in 0..1_600 {
+            set(&store, &format!("k{i}"), 1, &lim, 1);
+        }
+        // The first 800 keys are used again: each shard's least recently used are the others.
+        for i in 0..800 {
+            store.get(&format!("k{i}"), 1, |_| ());
+        }
+        // 100 new keys: ~6 a shard against ~50 unused old ones (the hasher is seeded at random, so
+        // 400 new keys overran one shard's unused keys in ~2% of runs and evicted a used one).
+        for i in 0..100 {
+            set(&store, &format!("new{i}"), 1, &lim, 1);
+            // The store stays at its bound: no cull of a third, one eviction an insert.
+            assert_eq!(store.len(), 1_600);
+        }
+        assert_eq!(store.stats.snapshot().evictions, 100);
+        assert!(
+            (0..800).all(|i| store.contains(&format!("k{i}"), 1)),
+            "a used key was evicted"
+        );
+        assert!((0..100).all(|i| store.contains(&format!("new{i}"), 1)));
+    }
+
+    #[test]
+    fn lru_over_shards_shrinks_two_an_insert_to_a_smaller_bound_and_keeps_cull_frequency_0() {
+        let store: Store<Val> = Store::new(SHARDS);
+        let big = limits(1_000, None);
+        for i in 0..1_000 {
+            set(&store, &format!("k{i}"), 1, &big, 1);
+        }
+        // An alias with a smaller MAX_ENTRIES shares the store: each insert takes two away.
+        let small = limits(900, None);
+        set(&store, "a", 1, &small, 1);
+        assert_eq!(store.len(), 999);
+        // CULL_FREQUENCY 0 still empties the store (Django's meaning), whatever it costs.
+        let zero = Limits {
+            cull_frequency: 0,
+            ..big
+        };
+        for i in 0..2 {
+            set(&store, &format!("b{i}"), 1, &big, 1);
+        }
+        assert_eq!(store.len(), 1_000);
+        set(&store, "c", 1, &zero, 1);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn lru_max_bytes_evicts_from_the_inserting_shard_first() {
+        let store: Store<Val> = Store::new(1);
+        let per = Store::<Val>::weigh("k00", &Val(10), 0, NEVER);
+        let lim = limits(1_000, Some(10 * per));
+        for i in 0..10 {
+            set(&store, &format!("k{i:02}"), 10, &lim, 1);
+        }
+        store.get("k00", 1, |_| ());
+        set(&store, "k10", 10, &lim, 1);
+        assert!(store.contains("k00", 1) && !store.contains("k01", 1));
+        assert_eq!(store.bytes(), 10 * per);
+    }
+
+    #[test]
+    fn s3_threads_hammering_a_small_store_stay_within_bounds() {
+        hammer(4, 32);
+    }
+
+    #[test]
+    fn s3_threads_on_a_store_of_two_entries_over_eight_shards() {
+        // Most shards are empty: inserts must evict from other shards, and often find every
+        // place taken by an insert in flight.
+        hammer(8, 2);
+    }
+
+    fn hammer(shards: usize, cap: i64) {
+        let store = Arc::new(s3(shards));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let store = store.clone();
+                thread::spawn(move || {
+                    let lim = limits(cap, Some(cap as u64 * 400));
+                    for i in 0..20_000u64 {
+                        let k = format!("k{}", (i * 7 + t * 13) % 300);
+                        match i % 5 {
+                            0 => {
+                                store.delete(&k, 1);
+                            }
+                            1 | 2 => {
+                                store.get(&k, 1, |v| v.0);
+                            }
+                            _ => {
+                                set(&store, &k, (i % 50) as usize, &lim, 1);
+                            }
+                        }
+                        assert!(store.len() <= cap as usize, "{} entries", store.len());
+                        assert!(store.bytes() <= cap as u64 * 400);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(held(&*store), store.len());
+    }
+}

@@ -1,0 +1,453 @@
+//! The store: shards under `parking_lot` read-write locks, expiry, eviction by entry count and by
+//! bytes under the store's policy (see `policy.rs`), tag invalidation, and counters.
+//!
+//! A store has one shard when its `MAX_ENTRIES` is at most `ONE_SHARD_MAX` (so that the small
+//! stores Django's tests and most sites use keep LocMemCache's exact LRU order), else `SHARDS`.
+//! Under "lru" each shard keeps its own recency order and Django's cull rule culls each shard's
+//! share of least recently used entries (with one shard: exactly Django's). Under S3-FIFO each
+//! shard runs its own queues (`s3fifo.rs`): a hit takes only a read lock, and an insert into a
+//! full store reserves its place first, evicting one entry at a time from its own shard.
+//!
+//! Every method takes a shard's write lock as a `Locked` (`Store::write`, `Store::lock_all`), which
+//! keeps the entries removed under it (`bury`) and drops them only after releasing the lock, so
+//! that a value whose destructor runs code (a Python object's `__del__`) never runs under a lock.
+//! The store never calls back into its caller while a lock is held.
+//!
+//! The files: this one holds the struct, its lock helpers and the lookup every operation shares;
+//! `read.rs` the reads, `write.rs` the writes, `evict.rs` eviction and expiry (and S3-FIFO's
+//! insert, which evicts as it goes), `account.rs` the byte accounting, `tags.rs` the tag
+//! bookkeeping.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use ahash::RandomState;
+use std::ops::{Deref, DerefMut};
+
+use parking_lot::{RwLock, RwLockWriteGuard};
+
+use crate::clock::NEVER;
+use crate::entry::{planned_size, rounded_deadline, Pack};
+use crate::flight::Flights;
+use crate::mem::{malloc_chunk, EXPIRY_SHARE, GHOST_RECORD, TABLE_CELL};
+use crate::policy::Policy;
+use crate::s3fifo::MAX_FREQ;
+use crate::shard::{Entry, Shard, MAX_WEIGHT, SLOT_SIZE};
+use crate::stats::Stats;
+use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
+
+mod account;
+mod evict;
+mod fill;
+mod read;
+mod tags;
+#[cfg(test)]
+mod testing;
+mod write;
+
+pub use account::entry_overhead;
+pub use fill::{placeholder_charge, Fills, FILLS_PER_SHARD, FILL_MAX_AGE};
+
+/// Shards of a store whose `MAX_ENTRIES` is above `ONE_SHARD_MAX`.
+pub const SHARDS: usize = 16;
+
+/// The largest `MAX_ENTRIES` for which a store has a single shard (exact LRU across the store).
+pub const ONE_SHARD_MAX: i64 = 65_536;
+
+/// The number of shards for a store created with this `MAX_ENTRIES`.
+pub fn shards_for(max_entries: i64) -> usize {
+    if max_entries <= ONE_SHARD_MAX {
+        1
+    } else {
+        SHARDS
+    }
+}
+
+/// What a stored value costs in bytes (beyond the per-entry overhead the store adds itself); how
+/// it lends itself to the entry's block is `Pack`.
+pub trait Weigh: Pack {
+    /// Bytes the value holds, not counting its payload.
+    fn weight(&self) -> usize;
+}
+
+/// Limits read from the calling backend at each operation: aliases with different limits may
+/// share one store, as with Django's LocMemCache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// "lru": cull when the store holds this many entries or more before an insert. S3-FIFO: the
+    /// capacity (at least 1), never passed.
+    pub max_entries: i64,
+    /// "lru": cull `len / cull_frequency` least recently used entries; 0 clears the store.
+    /// Ignored by S3-FIFO, which evicts one entry at a time.
+    pub cull_frequency: i64,
+    /// Never hold more than this many bytes (keys, values and per-entry overhead).
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_entries: 300,
+            cull_frequency: 3,
+            max_bytes: None,
+        }
+    }
+}
+
+/// The result of `set` and `add`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Stored,
+    /// `add` found a live entry under the key and left it alone.
+    Exists,
+    /// The entry alone is larger than `max_bytes` (or than `MAX_WEIGHT`); nothing was stored.
+    TooLarge,
+    /// A tag was invalidated after its stamp was taken (the value may be stale); nothing stored.
+    Stale,
+}
+
+/// The result of `replace_if`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    Done,
+    /// The entry changed since the snapshot: read it again.
+    Conflict,
+    Missing,
+    TooLarge,
+}
+
+pub struct Store<V> {
+    shards: Box<[RwLock<Shard<V>>]>,
+    policy: Policy,
+    hasher: RandomState,
+    /// The next generation stamp (32 bits, wrapping).
+    gen: AtomicU32,
+    sweep: AtomicUsize,
+    len: AtomicUsize,
+    bytes: AtomicU64,
+    pub stats: Stats,
+    pub tags: TagTable,
+    pub flights: Flights,
+    /// Placeholders of fills in progress (`store/fill.rs`).
+    pub fills: Fills,
+}
+
+/// A write lock (`G`: one shard's guard, or every shard's) together with the entries removed
+/// under it (`bury`). Dropping it releases the lock first, then drops those entries, so a value
+/// whose destructor runs code (a Python object's `__del__`) never runs under a shard lock: the
+/// order is this type's, not each method's (there is no list to declare before the guard).
+pub(super) struct Locked<G, V> {
+    /// Declared first, so dropped first: fields drop in declaration order.
+    guard: G,
+    dead: Vec<Entry<V>>,
+}
+
+/// One shard under its write lock (`Store::write`).
+pub(super) type LockedShard<'a, V> = Locked<RwLockWriteGuard<'a, Shard<V>>, V>;
+
+impl<G, V> Locked<G, V> {
+    fn new(guard: G) -> Self {
+        Locked {
+            guard,
+            dead: Vec::new(),
+        }
+    }
+
+    /// Keeps `e`, removed under the lock, until the lock is released.
+    pub(super) fn bury(&mut self, e: Entry<V>) {
+        self.dead.push(e);
+    }
+
+    /// Entries buried so far.
+    pub(super) fn buried(&self) -> usize {
+        self.dead.len()
+    }
+
+    /// Releases the lock and hands over the entries removed under it, for the caller to drop
+    /// where it may.
+    pub(super) fn unlock(self) -> Vec<Entry<V>> {
+        let Locked { guard, dead } = self;
+        drop(guard);
+        dead
+    }
+}
+
+impl<G, V> Deref for Locked<G, V> {
+    type Target = G;
+
+    fn deref(&self) -> &G {
+        &self.guard
+    }
+}
+
+impl<G, V> DerefMut for Locked<G, V> {
+    fn deref_mut(&mut self) -> &mut G {
+        &mut self.guard
+    }
+}
+
+enum Lookup {
+    Live(u32),
+    Absent,
+}
+
+impl<V: Weigh> Store<V> {
+    /// A store under the "lru" policy.
+    pub fn new(shards: usize) -> Self {
+        Self::with_policy(shards, Policy::Lru)
+    }
+
+    pub fn with_policy(shards: usize, policy: Policy) -> Self {
+        let n = shards.max(1).next_power_of_two();
+        let hasher = RandomState::new();
+        Store {
+            shards: (0..n)
+                .map(|_| RwLock::new(Shard::with_hasher(hasher.clone())))
+                .collect(),
+            policy,
+            hasher,
+            gen: AtomicU32::new(1),
+            sweep: AtomicUsize::new(0),
+            len: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            stats: Stats::default(),
+            tags: TagTable::default(),
+            flights: Flights::default(),
+            fills: Fills::new(n),
+        }
+    }
+
+    /// Entries held (under S3-FIFO, plus places reserved by inserts in progress).
+    pub fn len(&self) -> usize {
+        self.len.load(Relaxed)
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held: entries (and S3-FIFO's ghost records) and the tag table.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Relaxed) + self.tags.bytes()
+    }
+
+    /// Whether any shard lock is held right now (for tests that check nothing runs under a lock).
+    pub fn is_locked(&self) -> bool {
+        self.shards.iter().any(|s| s.is_locked())
+    }
+
+    /// fork's prepare step (see `crate::fork` for the lock order): takes the flight table, the
+    /// tag table with its cells, then every shard, and keeps them locked.
+    #[cfg(not(feature = "shuttle"))]
+    pub fn lock_for_fork(&self) {
+        self.flights.lock_for_fork();
+        self.tags.lock_for_fork();
+        for s in self.shards.iter() {
+            std::mem::forget(s.write());
+        }
+    }
+
+    /// Releases what `lock_for_fork` took; in a forked `child`, then forgets every in-flight record.
+    ///
+    /// # Safety
+    /// `lock_for_fork` ran in this thread (or in the thread of the parent that forked this child)
+    /// and nothing released its locks since.
+    #[cfg(not(feature = "shuttle"))]
+    pub unsafe fn unlock_after_fork(&self, child: bool) {
+        for s in self.shards.iter().rev() {
+            s.force_unlock_write();
+        }
+        self.tags.unlock_after_fork();
+        self.flights.unlock_after_fork();
+        if child {
+            self.flights.clear();
+        }
+    }
+
+    #[inline]
+    fn next_gen(&self) -> u32 {
+        self.gen.fetch_add(1, Relaxed)
+    }
+
+    #[inline]
+    fn locate(&self, key: &str) -> (u64, usize) {
+        let hash = self.hasher.hash_one(key);
+        // hashbrown picks the bucket from the low bits and matches the top 7 bits in its control
+        // bytes: take the shard from the middle so that neither loses entropy within a shard.
+        let idx = (hash >> 32) as usize & (self.shards.len() - 1);
+        (hash, idx)
+    }
+
+    /// Finds a live entry, removing it if it has expired or one of its tags moved on.
+    fn lookup(&self, shard: &mut LockedShard<'_, V>, hash: u64, key: &str, now: u64) -> Lookup {
+        let Some(slot) = shard.find(hash, key) else {
+            return Lookup::Absent;
+        };
+        let e = shard.entry(slot);
+        if e.is_expired(now) {
+            Stats::bump(&self.stats.expirations, 1);
+        } else if !all_current(e.tags()) {
+            Stats::bump(&self.stats.invalidations, 1);
+        } else {
+            return Lookup::Live(slot);
+        }
+        let e = self.detach(shard, slot);
+        shard.bury(e);
+        Lookup::Absent
+    }
+
+    /// Counts a use of `slot` for the policy: "lru" moves it to the recent end (needs the write
+    /// lock); S3-FIFO bumps its counter.
+    #[inline]
+    fn used(&self, shard: &mut Shard<V>, slot: u32) {
+        match self.policy {
+            Policy::Lru => shard.touch(slot),
+            Policy::S3Fifo => shard.entry(slot).hit(),
+        }
+    }
+
+    /// Shard `idx` under its write lock, with a place for the entries removed under it.
+    fn write(&self, idx: usize) -> LockedShard<'_, V> {
+        Locked::new(self.shards[idx].write())
+    }
+
+    /// Every shard under its write lock (in order), with a place for the entries removed.
+    fn lock_all(&self) -> Locked<Vec<RwLockWriteGuard<'_, Shard<V>>>, V> {
+        Locked::new(self.shards.iter().map(|s| s.write()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::OnceLock;
+
+    use super::*;
+    use crate::clock::NEVER;
+    use crate::store::testing::*;
+
+    #[test]
+    fn one_shard_up_to_65536_entries_then_sixteen() {
+        assert_eq!(shards_for(300), 1);
+        assert_eq!(shards_for(-1), 1);
+        assert_eq!(shards_for(ONE_SHARD_MAX), 1);
+        assert_eq!(shards_for(ONE_SHARD_MAX + 1), SHARDS);
+    }
+
+    /// A value that checks, when dropped, that no shard lock of `PROBED` is held.
+    struct Probe;
+
+    static PROBED: OnceLock<Store<Probe>> = OnceLock::new();
+
+    impl Weigh for Probe {
+        fn weight(&self) -> usize {
+            10
+        }
+    }
+
+    impl Pack for Probe {
+        fn from_tag(_: u8) -> &'static Self {
+            unreachable!("Probe is never tagged")
+        }
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            if let Some(store) = PROBED.get() {
+                assert!(!store.is_locked(), "a value was dropped under a shard lock");
+            }
+        }
+    }
+
+    /// A value that counts its drops, and those made while a shard lock of `SEEN` was held.
+    struct Seen;
+
+    static SEEN: OnceLock<Store<Seen>> = OnceLock::new();
+    static DROPS: AtomicUsize = AtomicUsize::new(0);
+    static DROPS_UNDER_LOCK: AtomicUsize = AtomicUsize::new(0);
+
+    impl Weigh for Seen {
+        fn weight(&self) -> usize {
+            0
+        }
+    }
+
+    impl Pack for Seen {
+        fn from_tag(_: u8) -> &'static Self {
+            unreachable!("Seen is never tagged")
+        }
+    }
+
+    impl Drop for Seen {
+        fn drop(&mut self) {
+            DROPS.fetch_add(1, Relaxed);
+            if SEEN.get().is_some_and(|s| s.is_locked()) {
+                DROPS_UNDER_LOCK.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    #[test]
+    fn a_locked_shard_releases_its_lock_before_it_drops_what_it_buried() {
+        let store = SEEN.get_or_init(|| Store::new(2));
+        let mut shard = store.write(1);
+        shard.bury(Entry::new("a", Seen, NEVER, Vec::new()));
+        shard.bury(Entry::new("b", Seen, NEVER, Vec::new()));
+        assert_eq!(shard.buried(), 2);
+        drop(shard);
+        assert_eq!(DROPS.load(Relaxed), 2);
+        let mut all = store.lock_all();
+        all.bury(Entry::new("c", Seen, NEVER, Vec::new()));
+        drop(all);
+        assert_eq!(DROPS.load(Relaxed), 3);
+        // `unlock` hands them over with the lock already released.
+        let mut shard = store.write(0);
+        shard.bury(Entry::new("d", Seen, NEVER, Vec::new()));
+        let dead = shard.unlock();
+        assert!(!store.is_locked());
+        assert_eq!((dead.len(), DROPS.load(Relaxed)), (1, 3));
+        drop(dead);
+        assert_eq!(DROPS.load(Relaxed), 4);
+        assert_eq!(
+            DROPS_UNDER_LOCK.load(Relaxed),
+            0,
+            "dropped under a shard lock"
+        );
+    }
+
+    #[test]
+    fn s3_drops_evicted_replaced_and_deleted_values_after_unlocking() {
+        let store = PROBED.get_or_init(|| Store::with_policy(2, Policy::S3Fifo));
+        let lim = Limits {
+            max_entries: 20,
+            cull_frequency: 3,
+            max_bytes: Some(15 * Store::<Probe>::weigh("k00", &Probe, 1, 5 * SEC)),
+        };
+        // Enough rounds that both evictions and expirations happen whatever the seeded hasher
+        // makes of the two shards (200 rounds missed one of them now and then).
+        for i in 0..2_000 {
+            let stamps = store.tags.stamps(["t"]);
+            let expires = if i % 3 == 0 { 5 * SEC } else { NEVER };
+            let now = i * SEC / 10;
+            store.set(
+                &format!("k{:02}", i % 60),
+                Probe,
+                expires,
+                stamps,
+                &lim,
+                now,
+            );
+            store.get(&format!("k{:02}", (i * 7) % 60), now, |_| ());
+            if i % 10 == 0 {
+                store.delete(&format!("k{:02}", (i * 3) % 60), now);
+            }
+        }
+        let s = store.stats.snapshot();
+        assert!(s.evictions > 0 && s.expirations > 0);
+        store.invalidate_tags(["t"], 300 * SEC);
+        store.clear();
+    }
+}

@@ -1,0 +1,186 @@
+//! Reads: `get` (under S3-FIFO a hit needs only the read lock), `snapshot`, `contains`, `expiry`
+//! and the prefix scan.
+
+use super::*;
+
+impl<V: Weigh> Store<V> {
+    /// Calls `read` on the live value under `key` and counts the use for the policy.
+    #[inline]
+    pub fn get<R>(&self, key: &str, now: u64, read: impl FnOnce(&V) -> R) -> Option<R> {
+        self.get_entry(key, now, |e| read(e.value()))
+    }
+
+    /// Like `get`, but `read` sees the whole live entry (its expiry and recorded compute time, for
+    /// early refresh), not only the value.
+    #[inline]
+    pub fn get_entry<R>(
+        &self,
+        key: &str,
+        now: u64,
+        read: impl FnOnce(&Entry<V>) -> R,
+    ) -> Option<R> {
+        match self.policy {
+            Policy::Lru => {
+                let (hash, idx) = self.locate(key);
+                self.get_locked(hash, idx, key, now, read)
+            }
+            Policy::S3Fifo => self.get_s3(key, now, read),
+        }
+    }
+
+    /// `get` under the write lock: reclaims expired entries of the shard, removes a dead entry
+    /// under `key`, and counts a hit for the policy (`used`). "lru" always reads this way.
+    pub(super) fn get_locked<R>(
+        &self,
+        hash: u64,
+        idx: usize,
+        key: &str,
+        now: u64,
+        read: impl FnOnce(&Entry<V>) -> R,
+    ) -> Option<R> {
+        let mut shard = self.write(idx);
+        self.reclaim(&mut shard, now);
+        let out = match self.lookup(&mut shard, hash, key, now) {
+            Lookup::Live(slot) => {
+                self.used(&mut shard, slot);
+                Stats::bump(&self.stats.hits, 1);
+                Some(read(shard.entry(slot)))
+            }
+            Lookup::Absent => {
+                Stats::bump(&self.stats.misses, 1);
+                None
+            }
+        };
+        drop(shard);
+        out
+    }
+
+    /// `get` under S3-FIFO. A live hit and a miss need only the read lock (a hit bumps the
+    /// entry's counter); an entry to remove, or expired entries to reclaim in this shard, take
+    /// the write lock.
+    pub(super) fn get_s3<R>(
+        &self,
+        key: &str,
+        now: u64,
+        read: impl FnOnce(&Entry<V>) -> R,
+    ) -> Option<R> {
+        let (hash, idx) = self.locate(key);
+        {
+            let shard = self.shards[idx].read();
+            if shard.next_expiry() > now {
+                let Some(slot) = shard.find(hash, key) else {
+                    Stats::bump(&self.stats.misses, 1);
+                    return None;
+                };
+                let e = shard.entry(slot);
+                if !e.is_expired(now) && all_current(e.tags()) {
+                    e.hit();
+                    Stats::bump(&self.stats.hits, 1);
+                    return Some(read(e));
+                }
+            }
+        }
+        self.get_locked(hash, idx, key, now, read)
+    }
+
+    /// Like `get_entry` but also returns the entry's generation, for a later `replace_if`.
+    pub fn snapshot<R>(
+        &self,
+        key: &str,
+        now: u64,
+        read: impl FnOnce(&Entry<V>) -> R,
+    ) -> Option<(R, u32)> {
+        let (hash, idx) = self.locate(key);
+        let mut shard = self.write(idx);
+        let out = match self.lookup(&mut shard, hash, key, now) {
+            Lookup::Live(slot) => {
+                let e = shard.entry(slot);
+                Some((read(e), e.gen()))
+            }
+            Lookup::Absent => None,
+        };
+        drop(shard);
+        out
+    }
+
+    /// Whether a live entry exists; does not change recency (as LocMemCache's `has_key`).
+    pub fn contains(&self, key: &str, now: u64) -> bool {
+        let (hash, idx) = self.locate(key);
+        let mut shard = self.write(idx);
+        let out = matches!(self.lookup(&mut shard, hash, key, now), Lookup::Live(_));
+        drop(shard);
+        out
+    }
+
+    /// Seconds-stamp of the live entry's expiry (`Some(NEVER)` for none), `None` if missing.
+    pub fn expiry(&self, key: &str, now: u64) -> Option<u64> {
+        let (hash, idx) = self.locate(key);
+        let mut shard = self.write(idx);
+        let out = match self.lookup(&mut shard, hash, key, now) {
+            Lookup::Live(slot) => Some(shard.entry(slot).expires()),
+            Lookup::Absent => None,
+        };
+        drop(shard);
+        out
+    }
+
+    /// Live keys whose text starts with `prefix` (a scan of the store: for pattern operations).
+    pub fn keys_with_prefix(&self, prefix: &str, now: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in self.shards.iter() {
+            let shard = s.read();
+            out.extend(
+                shard
+                    .iter()
+                    .filter(|e| {
+                        !e.is_expired(now) && all_current(e.tags()) && e.key().starts_with(prefix)
+                    })
+                    .map(|e| e.key().to_string()),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::testing::*;
+
+    /// Whether `get` of a present key completes while another thread holds its shard's read lock.
+    fn get_completes_beside_a_reader(store: Arc<Store<Val>>) -> bool {
+        let lim = limits(100, None);
+        set(&store, "k", 1, &lim, 1);
+        let idx = store.locate("k").1;
+        let guard = store.shards[idx].read();
+        let (tx, rx) = mpsc::channel();
+        let s = store.clone();
+        let t = thread::spawn(move || tx.send(s.get("k", 1, |v| v.0)).unwrap());
+        let done = rx.recv_timeout(Duration::from_millis(300)).is_ok();
+        drop(guard);
+        t.join().unwrap();
+        done
+    }
+
+    #[test]
+    fn s3_hit_needs_only_a_read_lock_lru_hit_the_write_lock() {
+        assert!(get_completes_beside_a_reader(Arc::new(s3(4))));
+        assert!(!get_completes_beside_a_reader(Arc::new(Store::new(4))));
+    }
+
+    #[test]
+    fn s3_expired_hit_takes_the_write_path_and_removes_it() {
+        let store = s3(1);
+        let lim = limits(100, None);
+        store.set("short", Val(1), 50 * SEC, Vec::new(), &lim, 1);
+        assert_eq!(store.get("short", 10 * SEC, |v| v.0), Some(1));
+        assert_eq!(store.get("short", 60 * SEC, |v| v.0), None);
+        assert_eq!(store.len(), 0);
+        assert_eq!(store.stats.snapshot().expirations, 1);
+    }
+}

@@ -1,0 +1,130 @@
+//! Tag bookkeeping: recording an entry in its tags' member lists (`register`, `moved_on`) and
+//! `invalidate_tags`, which reclaims the entries listed there.
+
+use super::*;
+
+impl<V: Weigh> Store<V> {
+    /// After an entry of shard `idx` got a new generation (`moved`: its slot, the generation and
+    /// its stamps): records it under its tags again, so that invalidating one reclaims it.
+    pub(super) fn moved_on(&self, idx: usize, moved: Option<(u32, u32, Vec<TagStamp>)>) {
+        if let Some((slot, gen, stamps)) = moved.filter(|m| !m.2.is_empty()) {
+            let at = EntryRef {
+                shard: idx as u32,
+                slot,
+                gen,
+            };
+            self.register(at, &stamps);
+        }
+    }
+
+    /// Makes every entry carrying one of `names` a miss and reclaims those entries; returns how
+    /// many live entries it removed. Cost: the number of tags plus the entries that carried them.
+    pub fn invalidate_tags<'a>(&self, names: impl IntoIterator<Item = &'a str>, now: u64) -> usize {
+        let mut refs: Vec<EntryRef> = Vec::new();
+        for cell in self.tags.existing(names) {
+            cell.bump();
+            refs.append(&mut self.tags.take_members(&cell));
+        }
+        refs.sort_unstable_by_key(|r| (r.shard, r.slot));
+        let mut removed = 0;
+        for group in refs.chunk_by(|a, b| a.shard == b.shard) {
+            let mut shard = self.write(group[0].shard as usize);
+            for r in group {
+                if shard.entry_if(r.slot, r.gen).is_some() {
+                    let e = self.detach(&mut shard, r.slot);
+                    if !e.is_expired(now) {
+                        removed += 1;
+                    }
+                    shard.bury(e);
+                }
+            }
+        }
+        Stats::bump(&self.stats.invalidations, removed as u64);
+        removed
+    }
+
+    /// Records `at` in the member lists of its tags, compacting a list that filled with stale refs.
+    pub(super) fn register(&self, at: EntryRef, stamps: &[TagStamp]) {
+        for stamp in stamps {
+            self.tags.add_member(&stamp.cell, at, |r| {
+                let shard = self.shards[r.shard as usize].read();
+                shard.entry_if(r.slot, r.gen).is_some()
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::thread;
+
+    use super::*;
+    use crate::clock::NEVER;
+    use crate::store::testing::*;
+
+    #[test]
+    fn a_tag_per_row_is_forgotten_with_its_rows_and_bounded_by_max_bytes() {
+        for policy in [Policy::Lru, Policy::S3Fifo] {
+            let store: Store<Val> = Store::with_policy(1, policy);
+            let lim = limits(100, Some(40_000));
+            for i in 0..100_000u64 {
+                let key = format!("k{i}");
+                let stamps = store.tags.stamps([format!("row:{i}").as_str()]);
+                let now = i * SEC / 1000;
+                store.set(&key, Val(10), now + SEC / 100, stamps, &lim, now);
+                if i % 7 == 0 {
+                    store.invalidate_tags([format!("row:{}", i - i % 5).as_str()], now);
+                }
+                assert!(
+                    store.bytes() <= 40_000,
+                    "{policy:?}: {} bytes",
+                    store.bytes()
+                );
+            }
+            assert!(
+                store.tags.len() <= 101,
+                "{policy:?}: {} tags",
+                store.tags.len()
+            );
+            let sum: u64 = store.shards[0].read().iter().map(Store::charge).sum();
+            assert_eq!(store.bytes(), sum + store.tags.bytes() + ghost(&store));
+            store.clear();
+            assert_eq!((store.bytes(), store.tags.len()), (0, 0));
+        }
+    }
+
+    #[test]
+    fn threads_sharing_tags_never_see_an_invalidated_entry_and_leave_no_tag_behind() {
+        let store: Store<Val> = Store::new(4);
+        let lim = limits(1_000, Some(200_000));
+        thread::scope(|s| {
+            for t in 0..4u64 {
+                let store = &store;
+                s.spawn(move || {
+                    for i in 0..20_000u64 {
+                        let tag = format!("t{}", i % 16);
+                        let key = format!("k{t}:{}", i % 64);
+                        let stamps = store.tags.stamps([tag.as_str(), "all"]);
+                        store.set(&key, Val(i as usize), NEVER, stamps, &lim, 1);
+                        if i % 5 == 0 {
+                            store.invalidate_tags([tag.as_str()], 1);
+                            // Whatever other threads drop meanwhile, the entry stays invalid.
+                            assert!(store.get(&key, 1, |_| ()).is_none(), "{key} revived");
+                        } else if i % 3 == 0 {
+                            store.delete(&key, 1);
+                        }
+                    }
+                });
+            }
+        });
+        store.invalidate_tags(["all"], 1);
+        assert!(store.is_empty());
+        // Left: only cells whose last two stamps went at once (each saw the other), counted,
+        // until a sweep, which finds nothing else holding them.
+        assert_eq!(store.bytes(), store.tags.bytes());
+        store.tags.sweep();
+        assert_eq!((store.bytes(), store.tags.len()), (0, 0));
+        store.clear();
+        assert_eq!((store.bytes(), store.tags.len()), (0, 0));
+    }
+}

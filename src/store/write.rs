@@ -1,0 +1,424 @@
+//! Writes: `set`/`add` (the "lru" path; S3-FIFO's is `evict.rs`'s `put_s3`), `delete`, `touch`,
+//! `update`, `replace_if`, `set_delta` and `clear`.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::*;
+
+impl<V: Weigh> Store<V> {
+    /// Records that computing the live value under `key` took `delta` nanoseconds, if the entry
+    /// is still the one just stored (same expiry stamp) and the few bytes the record takes fit
+    /// under `limits.max_bytes`; false otherwise.
+    pub fn set_delta(
+        &self,
+        key: &str,
+        expires: u64,
+        delta: u64,
+        limits: &Limits,
+        now: u64,
+    ) -> bool {
+        let (hash, idx) = self.locate(key);
+        let mut shard = self.write(idx);
+        let out = match self.lookup(&mut shard, hash, key, now) {
+            Lookup::Live(slot) if shard.entry(slot).expires() == rounded_deadline(expires) => {
+                let old = Self::charge(shard.entry(slot));
+                shard.replace_with(slot, |e| e.with_delta(delta));
+                let new = Self::charge(shard.entry(slot));
+                if self.recharge(old, new, limits) {
+                    true
+                } else {
+                    shard.replace_with(slot, |e| e.with_delta(0));
+                    false
+                }
+            }
+            _ => false,
+        };
+        drop(shard);
+        out
+    }
+
+    /// Removes the entry; true if a live one was there.
+    pub fn delete(&self, key: &str, now: u64) -> bool {
+        let (hash, idx) = self.locate(key);
+        let mut shard = self.write(idx);
+        self.reclaim(&mut shard, now);
+        self.fill_take(idx, key, None, now);
+        let out = match self.lookup(&mut shard, hash, key, now) {
+            Lookup::Live(slot) => {
+                let e = self.detach(&mut shard, slot);
+                shard.bury(e);
+                Stats::bump(&self.stats.deletes, 1);
+                true
+            }
+            Lookup::Absent => false,
+        };
+        drop(shard);
+        out
+    }
+
+    /// Gives a live entry a new expiry (a past one removes it); false if missing.
+    ///
+    /// Gaining or losing a deadline changes the entry's charge by its share of the expiry index.
+    /// A gain is charged only if it fits under `limits.max_bytes` (touch evicts nothing); if it
+    /// does not, the entry keeps its old charge, short by that share.
+    pub fn touch(&self, key: &str, expires: u64, limits: &Limits, now: u64) -> bool {
+        let (hash, idx) = self.locate(key);
+        let mut shard = self.write(idx);
+        let out = match self.lookup(&mut shard, hash, key, now) {
+            Lookup::Live(slot) => {
+                if expires <= now {
+                    let e = self.detach(&mut shard, slot);
+                    shard.bury(e);
+                } else {
+                    let old = Self::charge(shard.entry(slot));
+                    shard.set_expiry(slot, expires);
+                    if shard.entry(slot).fixed_weight().is_some() {
+                        // A charge fixed by an earlier touch: see whether the derived one fits now.
+                        shard.replace_with(slot, |e| {
+                            let (expires, delta) = (e.expires(), e.delta());
+                            e.reshaped(expires, delta, None)
+                        });
+                    }
+                    let new = Self::charge(shard.entry(slot));
+                    if !self.recharge(old, new, limits) {
+                        // Keep the old charge, recorded with the entry (it no longer follows).
+                        shard.replace_with(slot, |e| {
+                            let (expires, delta) = (e.expires(), e.delta());
+                            e.reshaped(expires, delta, Some(old as u32))
+                        });
+                    }
+                }
+                true
+            }
+            Lookup::Absent => false,
+        };
+        drop(shard);
+        out
+    }
+
+    /// Changes the live value in place when `update` can (it returns `Some`), keeping expiry and
+    /// tags and marking it recently used. `Err(())` if the key is missing; `Ok(None)` if `update`
+    /// declined (the caller then goes through `snapshot` and `replace_if`). The value's weight
+    /// must not change.
+    #[allow(clippy::result_unit_err)]
+    pub fn update<R>(
+        &self,
+        key: &str,
+        now: u64,
+        update: impl FnOnce(&mut V) -> Option<R>,
+    ) -> Result<Option<R>, ()> {
+        let (hash, idx) = self.locate(key);
+        let mut moved = None;
+        let mut shard = self.write(idx);
+        self.fill_take(idx, key, None, now);
+        let out = match self.lookup(&mut shard, hash, key, now) {
+            Lookup::Live(slot) => {
+                let r = shard.entry_mut(slot).value_mut().and_then(update);
+                if r.is_some() {
+                    let gen = self.next_gen();
+                    self.used(&mut shard, slot);
+                    shard.entry_mut(slot).set_gen(gen);
+                    moved = Some((slot, gen, shard.entry(slot).tags().to_vec()));
+                }
+                Ok(r)
+            }
+            Lookup::Absent => Err(()),
+        };
+        drop(shard);
+        self.moved_on(idx, moved);
+        out
+    }
+
+    /// Stores `key`, replacing any entry. A deadline already past removes the key instead.
+    pub fn set(
+        &self,
+        key: &str,
+        value: V,
+        expires: u64,
+        tags: Vec<TagStamp>,
+        limits: &Limits,
+        now: u64,
+    ) -> Put {
+        self.put(key, value, expires, tags, limits, now, false, None)
+    }
+
+    /// Stores `key` only if no live entry has it.
+    pub fn add(
+        &self,
+        key: &str,
+        value: V,
+        expires: u64,
+        tags: Vec<TagStamp>,
+        limits: &Limits,
+        now: u64,
+    ) -> Put {
+        self.put(key, value, expires, tags, limits, now, true, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn put(
+        &self,
+        key: &str,
+        value: V,
+        expires: u64,
+        tags: Vec<TagStamp>,
+        limits: &Limits,
+        now: u64,
+        only_new: bool,
+        fill: Option<u64>,
+    ) -> Put {
+        if !all_current(&tags) {
+            Stats::bump(&self.stats.invalidations, 1);
+            return Put::Stale;
+        }
+        let weight = Self::weigh(key, &value, tags.len(), expires);
+        if weight > MAX_WEIGHT || limits.max_bytes.is_some_and(|max| weight > max) {
+            // Too large to ever fit: store nothing, and do not leave an older value behind.
+            if !only_new || !self.contains(key, now) {
+                self.delete(key, now);
+                return Put::TooLarge;
+            }
+            return Put::Exists;
+        }
+        if only_new && self.contains(key, now) {
+            return Put::Exists;
+        }
+        // The entry's block is built here, outside every lock (the value may let go of an object
+        // whose release must not happen under one); an entry not stored is dropped after
+        // unlocking.
+        let mut entry = Entry::new(key, value, expires, tags);
+        debug_assert_eq!(Self::charge(&entry), weight);
+        if self.policy == Policy::S3Fifo {
+            return self.put_s3(key, entry, limits, now, only_new, weight, fill);
+        }
+        let (hash, idx) = self.locate(key);
+        if self.len() as i64 >= limits.max_entries {
+            if self.shards.len() == 1 || limits.cull_frequency == 0 {
+                self.cull(limits, now);
+            } else {
+                self.evict_for_entry(limits, now, idx);
+            }
+        }
+        self.reserve(weight, limits, now, idx);
+        let mut shard = self.write(idx);
+        self.reclaim(&mut shard, now);
+        if !self.fill_take(idx, key, fill, now) {
+            // A fill whose placeholder a removal, write or flush of the key took away.
+            drop(shard);
+            self.bytes.fetch_sub(weight, Relaxed);
+            return Put::Stale;
+        }
+        if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now) {
+            if only_new {
+                drop(shard);
+                self.bytes.fetch_sub(weight, Relaxed);
+                return Put::Exists;
+            }
+            let e = self.detach(&mut shard, slot);
+            shard.bury(e);
+        }
+        Stats::bump(&self.stats.sets, 1);
+        if expires <= now {
+            // Django stores an already-expired entry; nobody can ever read it, so store nothing.
+            drop(shard);
+            self.bytes.fetch_sub(weight, Relaxed);
+            return Put::Stored;
+        }
+        let gen = self.next_gen();
+        let has_tags = !entry.tags().is_empty();
+        entry.set_gen(gen);
+        let slot = shard.insert(entry, hash);
+        self.len.fetch_add(1, Relaxed);
+        self.finish_put(shard, idx, slot, gen, has_tags, now);
+        Put::Stored
+    }
+
+    /// After an insert: unlocks, sweeps the next shard, and records the entry under its tags.
+    pub(super) fn finish_put(
+        &self,
+        shard: LockedShard<'_, V>,
+        idx: usize,
+        slot: u32,
+        gen: u32,
+        has_tags: bool,
+        now: u64,
+    ) {
+        let stamps = has_tags.then(|| shard.entry(slot).tags().to_vec());
+        drop(shard);
+        self.sweep_next(now);
+        if let Some(stamps) = stamps {
+            self.register(
+                EntryRef {
+                    shard: idx as u32,
+                    slot,
+                    gen,
+                },
+                &stamps,
+            );
+        }
+    }
+
+    /// Replaces the value of the entry under `key` if it still carries generation `gen`, keeping
+    /// its expiry and tags.
+    pub fn replace_if(&self, key: &str, gen: u32, value: V, limits: &Limits, now: u64) -> Replace {
+        let (hash, idx) = self.locate(key);
+        let (stamps, expires, delta) = {
+            let shard = self.shards[idx].read();
+            match shard.find(hash, key) {
+                Some(slot) => {
+                    let e = shard.entry(slot);
+                    (e.tags().to_vec(), e.expires(), e.delta())
+                }
+                None => return Replace::Missing,
+            }
+        };
+        // The new entry is built outside the lock (the value may let go of an object), from the
+        // old one's deadline, stamps and compute time; it takes the old one's place below.
+        let mut new = Entry::new(key, value, expires, stamps);
+        if delta != 0 {
+            new = new.with_delta(delta);
+        }
+        let weight = Self::charge(&new);
+        if weight > MAX_WEIGHT || limits.max_bytes.is_some_and(|max| weight > max) {
+            return Replace::TooLarge;
+        }
+        self.reserve(weight, limits, now, idx);
+        let mut moved = None;
+        let mut new = Some(new);
+        let mut shard = self.write(idx);
+        self.fill_take(idx, key, None, now);
+        let out = match self.lookup(&mut shard, hash, key, now) {
+            Lookup::Live(slot) if shard.entry(slot).gen() == gen => {
+                let Some(mut entry) = new.take() else {
+                    unreachable!("the new entry is placed once")
+                };
+                let old = shard.entry(slot);
+                if (old.expires(), old.delta()) != (entry.expires(), entry.delta()) {
+                    // Touched since it was read (the generation stays): keep the new deadline.
+                    entry = entry.reshaped(old.expires(), old.delta(), None);
+                }
+                entry.take_place_of(old);
+                let gen = self.next_gen();
+                entry.set_gen(gen);
+                moved = Some((slot, gen, entry.tags().to_vec()));
+                let exact = Self::charge(&entry);
+                let old = shard.swap(slot, entry);
+                self.bytes.fetch_sub(Self::charge(&old), Relaxed);
+                if exact >= weight {
+                    self.bytes.fetch_add(exact - weight, Relaxed);
+                } else {
+                    self.bytes.fetch_sub(weight - exact, Relaxed);
+                }
+                shard.bury(old);
+                self.used(&mut shard, slot);
+                Replace::Done
+            }
+            Lookup::Live(_) => {
+                self.bytes.fetch_sub(weight, Relaxed);
+                Replace::Conflict
+            }
+            Lookup::Absent => {
+                self.bytes.fetch_sub(weight, Relaxed);
+                Replace::Missing
+            }
+        };
+        drop(shard);
+        drop(new);
+        self.moved_on(idx, moved);
+        out
+    }
+
+    /// Empties the store and forgets every tag.
+    pub fn clear(&self) {
+        let mut dead = Vec::new();
+        self.clear_into(&mut dead);
+        drop(dead);
+    }
+
+    /// `clear`, handing the removed entries to the caller (to drop where it can, see
+    /// `near::Graveyard`) instead of dropping them.
+    pub fn clear_into(&self, dead: &mut Vec<Entry<V>>) {
+        let mut all = self.lock_all();
+        for g in all.guard.iter_mut() {
+            all.dead.extend(g.drain());
+        }
+        self.fill_clear();
+        self.len.store(0, Relaxed);
+        self.bytes.store(0, Relaxed);
+        dead.append(&mut all.unlock());
+        self.tags.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::NEVER;
+    use crate::shard::Queue;
+    use crate::store::testing::*;
+
+    #[test]
+    fn s3_delete_replace_and_tags_keep_the_queues_sound() {
+        let store = s3(2);
+        let lim = limits(50, None);
+        let tagged = |k: &str, tag: &str| {
+            let stamps = store.tags.stamps([tag]);
+            store.set(k, Val(1), NEVER, stamps, &lim, 1)
+        };
+        for i in 0..40 {
+            tagged(&format!("k{i}"), if i % 2 == 0 { "even" } else { "odd" });
+        }
+        assert_eq!(store.invalidate_tags(["even"], 1), 20);
+        assert_eq!(store.len(), 20);
+        assert!(store.get("k0", 1, |_| ()).is_none());
+        assert!(store.delete("k1", 1));
+        assert!(!store.delete("k1", 1));
+        // Overwriting a live key keeps one entry and counts as a use.
+        set(&store, "k3", 7, &lim, 1);
+        assert_eq!(store.get("k3", 1, |v| v.0), Some(7));
+        assert_eq!(store.len(), 19);
+        for i in 0..500 {
+            set(&store, &format!("n{i}"), 1, &lim, 1);
+            assert!(store.len() <= 50);
+        }
+        assert_eq!(held(&store), store.len());
+        for s in store.shards.iter() {
+            let s = s.read();
+            let q = |q| s.iter().filter(|e| e.queue() == q).count();
+            assert_eq!(q(Queue::Small), s.queue_len(Queue::Small));
+            assert_eq!(q(Queue::Main), s.queue_len(Queue::Main));
+        }
+        store.clear();
+        assert_eq!((store.len(), held(&store), store.bytes()), (0, 0, 0));
+    }
+
+    #[test]
+    fn replace_if_keeps_deadline_tags_and_compute_time_and_the_books_exact() {
+        let store: Store<Val> = Store::new(1);
+        let lim = limits(100, None);
+        let stamps = store.tags.stamps(["t"]);
+        store.set("k", Val(10), 50 * SEC, stamps, &lim, 1);
+        assert!(store.set_delta("k", 50 * SEC, 3_000, &lim, 1));
+        let (_, gen) = store.snapshot("k", 1, |e| e.value().0).unwrap();
+        // A touch in between keeps the generation: the new value takes the newest deadline.
+        assert!(store.touch("k", 80 * SEC, &lim, 1));
+        assert_eq!(store.replace_if("k", gen, Val(500), &lim, 1), Replace::Done);
+        let got = store.get_entry("k", 1, |e| {
+            (e.value().0, e.expires(), e.delta(), e.tags().len())
+        });
+        assert_eq!(got, Some((500, 80 * SEC, 3_000, 1)));
+        let sum: u64 = store.shards[0].read().iter().map(Store::charge).sum();
+        assert_eq!(store.bytes(), sum + store.tags.bytes());
+        // The old generation no longer matches.
+        assert_eq!(
+            store.replace_if("k", gen, Val(1), &lim, 1),
+            Replace::Conflict
+        );
+        assert_eq!(
+            store.replace_if("nope", gen, Val(1), &lim, 1),
+            Replace::Missing
+        );
+        assert_eq!(store.invalidate_tags(["t"], 1), 1);
+        assert_eq!(store.bytes(), 0);
+    }
+}
