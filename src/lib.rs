@@ -8,6 +8,7 @@ pub mod flight;
 pub mod fork;
 pub mod keys;
 pub mod mem;
+pub mod near;
 pub mod policy;
 pub mod s3fifo;
 pub mod shard;

@@ -27,6 +27,9 @@ use crate::shard::{Entry, Shard, MAX_WEIGHT, SLOT_SIZE};
 use crate::stats::Stats;
 use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
 
+mod fill;
+pub use fill::{placeholder_charge, Fills, FILLS_PER_SHARD, FILL_MAX_AGE};
+
 /// Shards of a store whose `MAX_ENTRIES` is above `ONE_SHARD_MAX`.
 pub const SHARDS: usize = 16;
 
@@ -120,6 +123,8 @@ pub struct Store<V> {
     pub stats: Stats,
     pub tags: TagTable,
     pub flights: Flights,
+    /// Placeholders of fills in progress (`store/fill.rs`).
+    pub fills: Fills,
 }
 
 enum Lookup {
@@ -151,6 +156,7 @@ impl<V: Weigh> Store<V> {
             stats: Stats::default(),
             tags: TagTable::default(),
             flights: Flights::default(),
+            fills: Fills::new(n),
         }
     }
 
@@ -473,6 +479,7 @@ impl<V: Weigh> Store<V> {
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
         self.reclaim(&mut shard, now, &mut dead);
+        self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
                 dead.push(self.detach(&mut shard, slot));
@@ -556,6 +563,7 @@ impl<V: Weigh> Store<V> {
         let mut dead = Vec::new();
         let mut moved = None;
         let mut shard = self.shards[idx].write();
+        self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) => {
                 let r = shard.entry_mut(slot).value_mut().and_then(update);
@@ -584,7 +592,7 @@ impl<V: Weigh> Store<V> {
         limits: &Limits,
         now: u64,
     ) -> Put {
-        self.put(key, value, expires, tags, limits, now, false)
+        self.put(key, value, expires, tags, limits, now, false, None)
     }
 
     /// Stores `key` only if no live entry has it.
@@ -597,7 +605,7 @@ impl<V: Weigh> Store<V> {
         limits: &Limits,
         now: u64,
     ) -> Put {
-        self.put(key, value, expires, tags, limits, now, true)
+        self.put(key, value, expires, tags, limits, now, true, None)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -610,6 +618,7 @@ impl<V: Weigh> Store<V> {
         limits: &Limits,
         now: u64,
         only_new: bool,
+        fill: Option<u64>,
     ) -> Put {
         if !all_current(&tags) {
             Stats::bump(&self.stats.invalidations, 1);
@@ -633,7 +642,7 @@ impl<V: Weigh> Store<V> {
         let mut entry = Entry::new(key, value, expires, tags);
         debug_assert_eq!(Self::charge(&entry), weight);
         if self.policy == Policy::S3Fifo {
-            return self.put_s3(key, entry, limits, now, only_new, weight);
+            return self.put_s3(key, entry, limits, now, only_new, weight, fill);
         }
         let (hash, idx) = self.locate(key);
         if self.len() as i64 >= limits.max_entries {
@@ -647,6 +656,12 @@ impl<V: Weigh> Store<V> {
         let mut dead = Vec::new();
         let mut shard = self.shards[idx].write();
         self.reclaim(&mut shard, now, &mut dead);
+        if !self.fill_take(idx, key, fill, now) {
+            // A fill whose placeholder a removal, write or flush of the key took away.
+            drop(shard);
+            self.bytes.fetch_sub(weight, Relaxed);
+            return Put::Stale;
+        }
         if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now, &mut dead) {
             if only_new {
                 drop(shard);
@@ -710,6 +725,7 @@ impl<V: Weigh> Store<V> {
         now: u64,
         only_new: bool,
         weight: u64,
+        fill: Option<u64>,
     ) -> Put {
         let expires = entry.expires();
         let (hash, idx) = self.locate(key);
@@ -721,6 +737,11 @@ impl<V: Weigh> Store<V> {
         let mut shard = loop {
             let mut shard = self.shards[idx].write();
             self.reclaim(&mut shard, now, &mut dead);
+            if !self.fill_holds(idx, key, fill, now) {
+                drop(shard);
+                self.give_back(placed, charged, weight);
+                return Put::Stale;
+            }
             if let Lookup::Live(slot) = self.lookup(&mut shard, hash, key, now, &mut dead) {
                 if only_new {
                     drop(shard);
@@ -783,6 +804,8 @@ impl<V: Weigh> Store<V> {
                 }
             }
         };
+        // Checked above in this same hold of the lock: consume (or, for a write, cancel) it.
+        self.fill_take(idx, key, fill, now);
         Stats::bump(&self.stats.sets, 1);
         if expires <= now {
             drop(shard);
@@ -861,6 +884,7 @@ impl<V: Weigh> Store<V> {
         let mut moved = None;
         let mut new = Some(new);
         let mut shard = self.shards[idx].write();
+        self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now, &mut dead) {
             Lookup::Live(slot) if shard.entry(slot).gen() == gen => {
                 let Some(mut entry) = new.take() else {
@@ -935,16 +959,23 @@ impl<V: Weigh> Store<V> {
     /// Empties the store and forgets every tag.
     pub fn clear(&self) {
         let mut dead = Vec::new();
+        self.clear_into(&mut dead);
+        drop(dead);
+    }
+
+    /// `clear`, handing the removed entries to the caller (to drop where it can, see
+    /// `near::Graveyard`) instead of dropping them.
+    pub fn clear_into(&self, dead: &mut Vec<Entry<V>>) {
         {
             let mut guards = self.lock_all();
             for g in guards.iter_mut() {
                 dead.extend(g.drain());
             }
+            self.fill_clear();
             self.len.store(0, Relaxed);
             self.bytes.store(0, Relaxed);
         }
         self.tags.reset();
-        drop(dead);
     }
 
     /// Makes every entry carrying one of `names` a miss and reclaims those entries; returns how

@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, final
 
-__all__ = ["Handle", "TagSnapshot", "FastMethod", "fork_generation", "__version__"]
+__all__ = ["Handle", "TagSnapshot", "FastMethod", "Near", "near", "fork_generation", "__version__"]
 
 __version__: str
 
@@ -110,6 +110,53 @@ class Handle:
     def keys(self, version: Any = None) -> list[str]: ...
     def expiry(self, key: Any, version: Any = None) -> float | None: ...
     def ttl(self, key: Any, version: Any = None) -> float | None: ...
+    def fill_begin(self, key: Any, version: Any = None) -> int: ...
+    def fill_put(
+        self, key: Any, token: int, value: Any, timeout: Any, version: Any = None
+    ) -> bool: ...
+    def invalidate_made(self, made_keys: Iterable[str]) -> int: ...
     def locked(self) -> bool: ...
     def stats(self) -> dict[str, Any]: ...
     def __len__(self) -> int: ...
+
+@final
+class Near:
+    """The invalidation listener and lease of one L1 store; one per (process, l1_location)."""
+
+    def __new__(
+        cls,
+        l1_location: str,
+        *,
+        host: str | None,
+        port: int,
+        unix_path: str | None,
+        username: str | None,
+        password: str | None,
+        prefix: str,
+        lease: float,
+        mode: str,
+        channel: str,
+        connect_timeout: float,
+    ) -> Near: ...
+    @property
+    def l1_location(self) -> str: ...
+    def ensure_started(self) -> None: ...
+    def fresh(self) -> bool: ...
+    def wait_fresh(self, timeout: float) -> bool: ...
+    def stats(self) -> dict[str, object]: ...
+    def close(self) -> None: ...
+
+def near(
+    l1_location: str,
+    *,
+    host: str | None,
+    port: int,
+    unix_path: str | None,
+    username: str | None,
+    password: str | None,
+    prefix: str,
+    lease: float,
+    mode: str,
+    channel: str,
+    connect_timeout: float,
+) -> Near: ...

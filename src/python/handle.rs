@@ -765,6 +765,55 @@ impl Handle {
         })
     }
 
+    /// Puts a fill placeholder for the key (NearCache: before reading Redis) and returns its
+    /// token for `fill_put`. Any removal, invalidation, local write or flush of the key cancels it.
+    #[pyo3(signature = (key, version = None))]
+    fn fill_begin(
+        &self,
+        key: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        let k = self.key(key, version)?;
+        Ok(self.store.fill_begin(&k, &self.limits, clock::now()))
+    }
+
+    /// Stores the value read by a fill only if its placeholder `token` is still there (nothing
+    /// changed the key since `fill_begin`); True if stored.
+    #[pyo3(signature = (key, token, value, timeout, version = None))]
+    fn fill_put(
+        &self,
+        key: &Bound<'_, PyAny>,
+        token: u64,
+        value: &Bound<'_, PyAny>,
+        timeout: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let k = self.key(key, version)?;
+        let stored = encode(value)?;
+        let now = clock::now();
+        let expires = self.deadline(timeout, now)?;
+        let put = self
+            .store
+            .fill_put(&k, token, stored, expires, Vec::new(), &self.limits, now);
+        Ok(put == Put::Stored)
+    }
+
+    /// Drops the entries and fill placeholders of these made keys (as Redis names them);
+    /// returns how many entries it removed.
+    fn invalidate_made(&self, made_keys: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let mut removed = 0;
+        for k in made_keys.try_iter()? {
+            let k = k?;
+            let k = k.cast::<PyString>().map_err(|_| {
+                PyTypeError::new_err("invalidate_made takes an iterable of str (made keys)")
+            })?;
+            if self.store.invalidate_key(&flight_name(k)?) {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Whether any of the store's locks is held right now.
     fn locked(&self) -> bool {
         self.store.is_locked()

@@ -6,6 +6,7 @@ mod handle;
 mod instance;
 mod keys;
 mod made_key;
+mod near;
 mod plain;
 mod registry;
 mod sizes;
@@ -17,6 +18,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::Handle>()?;
     m.add_class::<handle::TagSnapshot>()?;
     m.add_class::<fast::FastMethod>()?;
+    m.add_class::<near::Near>()?;
+    m.add_function(wrap_pyfunction!(near::near, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(fork_generation, m)?)?;
     instance::init(m.py());

@@ -63,3 +63,9 @@ pub fn store(
         _ => Ok(store),
     }
 }
+
+/// The store named `location` if one was made (the near-cache listener looks its L1 up this way,
+/// so that it never creates one with other settings than the backend's).
+pub fn existing(location: &str) -> Option<Arc<Store<PyValue>>> {
+    registry().lock().get(location).cloned()
+}

@@ -1,0 +1,282 @@
+//! NearCache's Rust half: keeps a process's L1 store coherent with Redis/Valkey.
+//!
+//! - `resp.rs`: RESP3 parsing and command encoding, on bytes.
+//! - `listener.rs`: the thread on its own connection: BCAST tracking (or pub/sub), heartbeats.
+//! - `lease.rs`: until when L1 may serve a hit.
+//! - this file: `Near`, one listener and lease for one L1 store, started lazily and again in a
+//!   forked child (which must not serve what it inherited), and `Sink`, what the listener
+//!   applies invalidations to (the store itself, see `store/fill.rs`: removing a key also
+//!   cancels the fill placeholder of that key).
+//!
+//! Pure Rust (no PyO3): `cargo test --no-default-features` runs it all, against a scripted
+//! server and a real `redis-server`.
+
+pub mod lease;
+pub mod listener;
+pub mod resp;
+
+use std::sync::atomic::AtomicPtr;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::fork;
+use crate::store::{Store, Weigh};
+use lease::Lease;
+use listener::{Config, Counters, Running};
+
+/// What invalidations are applied to. Called on the listener thread, with no lock of its own
+/// held; must not block for long and must not call into Python.
+pub trait Sink: Send + Sync {
+    /// The key (a made key: `prefix:version:key`) changed in Redis: drop it and cancel its fill.
+    fn invalidate(&self, key: &str);
+    /// Everything may have changed: drop it all (and every fill in progress).
+    fn flush(&self);
+}
+
+impl<V: Weigh + Send + Sync> Sink for Store<V> {
+    fn invalidate(&self, key: &str) {
+        self.invalidate_key(key);
+    }
+
+    fn flush(&self) {
+        self.clear();
+    }
+}
+
+/// Values the listener removed, waiting for a thread that may drop them (for Python objects: one
+/// holding the GIL, so that the decref, and any `__del__`, runs there and not on the listener).
+///
+/// A lock-free stack of batches: `bury` links a batch with one compare-and-swap and `take` unlinks
+/// them all with one swap, so a fork at any instant leaves a consistent stack in the child (a
+/// batch being linked at that instant is simply not in it) and no lock that could be inherited
+/// held. (PyO3's own queue for decrefs made without the GIL is a mutex the listener would hold
+/// while pushing: a fork at that instant would leave it locked in the child.)
+pub struct Graveyard<T> {
+    head: AtomicPtr<Grave<T>>,
+}
+
+struct Grave<T> {
+    items: Vec<T>,
+    next: *mut Grave<T>,
+}
+
+// SAFETY: the stack owns its batches; items cross threads only as a whole batch, handed from the
+// thread that buries to the one that takes (as a `Mutex<Vec<T>>` would hand them).
+unsafe impl<T: Send> Send for Graveyard<T> {}
+unsafe impl<T: Send> Sync for Graveyard<T> {}
+
+impl<T> Default for Graveyard<T> {
+    fn default() -> Self {
+        Graveyard {
+            head: AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+}
+
+impl<T> Graveyard<T> {
+    /// Hands `items` over (nothing happens for none).
+    pub fn bury(&self, items: Vec<T>) {
+        if items.is_empty() {
+            return;
+        }
+        let grave = Box::into_raw(Box::new(Grave {
+            items,
+            next: std::ptr::null_mut(),
+        }));
+        let mut head = self.head.load(Acquire);
+        loop {
+            // SAFETY: `grave` is ours until the exchange below publishes it.
+            unsafe { (*grave).next = head };
+            match self
+                .head
+                .compare_exchange_weak(head, grave, AcqRel, Acquire)
+            {
+                Ok(_) => return,
+                Err(now) => head = now,
+            }
+        }
+    }
+
+    /// Whether nothing waits (one relaxed load: for hot paths).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.head.load(Relaxed).is_null()
+    }
+
+    /// Everything buried so far, for the caller to drop.
+    pub fn take(&self) -> Vec<T> {
+        let mut out = Vec::new();
+        let mut p = self.head.swap(std::ptr::null_mut(), AcqRel);
+        while !p.is_null() {
+            // SAFETY: the swap made this chain ours alone; each grave was made by `Box::new`.
+            let grave = unsafe { Box::from_raw(p) };
+            p = grave.next;
+            out.extend(grave.items);
+        }
+        out
+    }
+}
+
+impl<T> Drop for Graveyard<T> {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
+}
+
+/// A snapshot of a listener's state for `stats()`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NearStats {
+    pub invalidations: u64,
+    pub flushes: u64,
+    pub reconnects: u64,
+    pub connected: bool,
+    pub lease_ok: bool,
+    pub last_pong_rtt_ms: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+/// The invalidation listener and lease of one L1 store.
+pub struct Near {
+    config: Mutex<Config>,
+    sink: Arc<dyn Sink>,
+    lease: Arc<Lease>,
+    counters: Arc<Counters>,
+    /// The listener and the fork generation it was started in.
+    running: Mutex<Option<(Running, u64)>>,
+    /// The fork generation + 1 in which the listener runs (0: none), for a lock-free
+    /// `ensure_started` on the hot path.
+    started: AtomicU64,
+}
+
+impl Near {
+    pub fn new(config: Config, sink: Arc<dyn Sink>) -> Self {
+        Near {
+            config: Mutex::new(config),
+            sink,
+            lease: Arc::new(Lease::new()),
+            counters: Arc::new(Counters::default()),
+            running: Mutex::new(None),
+            started: AtomicU64::new(0),
+        }
+    }
+
+    pub fn config(&self) -> Config {
+        self.config.lock().clone()
+    }
+
+    /// Starts the listener unless it runs in this process already (cheap then: one atomic
+    /// load). In a forked child the parent's listener is forgotten and a new one started, which
+    /// flushes L1 before the lease can be fresh again. Also restarts a listener whose thread
+    /// ended (it never should).
+    pub fn ensure_started(&self) -> std::io::Result<()> {
+        let gen = fork::generation();
+        if self.started.load(SeqCst) == gen + 1 {
+            return Ok(());
+        }
+        let mut running = self.running.lock();
+        match running.take() {
+            Some((r, g)) if g != gen => r.abandon(),
+            Some((r, g)) if !r.is_finished() => {
+                *running = Some((r, g));
+                self.started.store(gen + 1, SeqCst);
+                return Ok(());
+            }
+            Some((r, _)) => r.stop(),
+            None => {}
+        }
+        self.lease.revoke();
+        let r = Running::start(
+            self.config(),
+            self.sink.clone(),
+            self.lease.clone(),
+            self.counters.clone(),
+        )?;
+        *running = Some((r, gen));
+        self.started.store(gen + 1, SeqCst);
+        Ok(())
+    }
+
+    /// L1 may serve a hit now.
+    #[inline]
+    pub fn fresh(&self) -> bool {
+        self.lease.fresh()
+    }
+
+    /// Waits until `fresh` (or `timeout`); blocks: call it without the GIL.
+    pub fn wait_fresh(&self, timeout: Duration) -> bool {
+        self.lease.wait_fresh(timeout)
+    }
+
+    /// Takes the listener out (ending the lease) for the caller to `stop` it, which may wait:
+    /// the caller can release the GIL for that. In a forked child it is abandoned instead.
+    pub fn take_running(&self) -> Option<Running> {
+        let taken = self.running.lock().take();
+        self.started.store(0, SeqCst);
+        self.lease.revoke();
+        match taken {
+            Some((r, g)) if g == fork::generation() => {
+                r.signal_stop();
+                Some(r)
+            }
+            Some((r, _)) => {
+                r.abandon();
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Stops the listener and ends the lease (waits for the thread).
+    pub fn close(&self) {
+        if let Some(r) = self.take_running() {
+            r.stop();
+        }
+        self.lease.revoke();
+    }
+
+    /// Replaces the configuration; a running listener is taken out (to be stopped by the
+    /// caller) and the next `ensure_started` starts one with the new settings.
+    pub fn reconfigure(&self, config: Config) -> Option<Running> {
+        let mut current = self.config.lock();
+        if *current == config {
+            return None;
+        }
+        *current = config;
+        drop(current);
+        self.take_running()
+    }
+
+    pub fn stats(&self) -> NearStats {
+        let c = &self.counters;
+        let gen = fork::generation();
+        let (connected, last_error) = match &*self.running.lock() {
+            Some((r, g)) if *g == gen => (c.connected.load(SeqCst), r.shared.last_error()),
+            _ => (false, None),
+        };
+        let rtt = c.last_pong_rtt_ns.load(SeqCst);
+        NearStats {
+            invalidations: c.invalidations.load(SeqCst),
+            flushes: c.flushes.load(SeqCst),
+            reconnects: c.reconnects.load(SeqCst),
+            connected,
+            lease_ok: self.fresh(),
+            last_pong_rtt_ms: (rtt > 0).then(|| rtt as f64 / 1e6),
+            last_error,
+        }
+    }
+}
+
+impl Drop for Near {
+    fn drop(&mut self) {
+        if let Some(r) = self.take_running() {
+            r.signal_stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,320 @@
+//! `Near` for Python: the invalidation listener and lease of one L1 store (`crate::near`), and
+//! `near()`, the process-wide one per L1 location.
+//!
+//! The listener applies invalidations to the L1 `Store<PyValue>` without the GIL. The entries it
+//! removes hold Python objects: it does not drop them (PyO3 0.30 would queue each decref in its
+//! reference pool, whose mutex the listener would then hold at instants a fork could copy it
+//! locked into a child, which would hang at its next call into PyO3). It buries them in a
+//! lock-free `Graveyard` instead, and `Near`'s methods (`fresh` on every L1 read) drop them with
+//! the GIL held and no lock of ours held, so any `__del__` runs there.
+//!
+//! Locks: `Near`'s own mutexes are only taken with the GIL held and never across a GIL release,
+//! so `os.fork()` (which holds the GIL) cannot copy them locked into a child. Joining the
+//! listener thread happens without the GIL, after it was taken out under the lock.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ahash::RandomState;
+use hashbrown::HashMap;
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::registry;
+use super::value::PyValue;
+use crate::near::listener::{Config, Endpoint, Mode};
+use crate::near::{self as rust_near, Graveyard, Sink};
+use crate::shard::Entry;
+use crate::store::Store;
+
+type Dead = Graveyard<Entry<PyValue>>;
+
+/// The L1 store named `location`, found once it exists (a `Handle` creates it with its shards
+/// and policy; the listener must not create it with others). Until then there is nothing in L1
+/// to invalidate or flush.
+struct LazyStore {
+    location: String,
+    store: OnceLock<Arc<Store<PyValue>>>,
+    dead: Arc<Dead>,
+}
+
+impl LazyStore {
+    fn get(&self) -> Option<&Arc<Store<PyValue>>> {
+        if let Some(s) = self.store.get() {
+            return Some(s);
+        }
+        let found = registry::existing(&self.location)?;
+        Some(self.store.get_or_init(|| found))
+    }
+}
+
+impl Sink for LazyStore {
+    fn invalidate(&self, key: &str) {
+        if let Some(s) = self.get() {
+            let mut dead = Vec::new();
+            s.invalidate_key_into(key, &mut dead);
+            self.dead.bury(dead);
+        }
+    }
+
+    fn flush(&self) {
+        if let Some(s) = self.get() {
+            let mut dead = Vec::new();
+            s.clear_into(&mut dead);
+            self.dead.bury(dead);
+        }
+    }
+}
+
+/// The invalidation listener and lease of one L1 store; one per (process, l1_location).
+#[pyclass(module = "django_rustcache._core", frozen)]
+pub struct Near {
+    inner: rust_near::Near,
+    location: String,
+    /// What the listener removed, dropped here with the GIL.
+    dead: Arc<Dead>,
+}
+
+fn seconds(name: &str, s: f64) -> PyResult<Duration> {
+    if !(s.is_finite() && s > 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be a finite number of seconds > 0, not {s}"
+        )));
+    }
+    Duration::try_from_secs_f64(s).map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn make_config(
+    host: Option<String>,
+    port: i64,
+    unix_path: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    prefix: String,
+    lease: f64,
+    mode: &str,
+    channel: String,
+    connect_timeout: f64,
+) -> PyResult<Config> {
+    let endpoint = match (host, unix_path) {
+        (Some(_), Some(_)) => {
+            return Err(PyValueError::new_err(
+                "give either host or unix_path, not both",
+            ))
+        }
+        (None, Some(path)) => Endpoint::Unix(PathBuf::from(path)),
+        (Some(host), None) => {
+            let port = u16::try_from(port)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| PyValueError::new_err(format!("bad port {port}")))?;
+            Endpoint::Tcp { host, port }
+        }
+        (None, None) => return Err(PyValueError::new_err("give a host or a unix_path")),
+    };
+    let mode = match mode {
+        "bcast" => Mode::Bcast,
+        "pubsub" if channel.is_empty() => {
+            return Err(PyValueError::new_err("pubsub mode needs a channel"))
+        }
+        "pubsub" => Mode::Pubsub(channel),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "mode must be 'bcast' or 'pubsub', not {other:?}"
+            )))
+        }
+    };
+    Ok(Config {
+        endpoint,
+        username,
+        password,
+        prefix,
+        lease: seconds("lease", lease)?,
+        mode,
+        connect_timeout: seconds("connect_timeout", connect_timeout)?,
+    })
+}
+
+/// A `Near` for `location`: its listener's sink buries removed entries in `dead`.
+fn make(location: String, config: Config) -> Near {
+    let dead = Arc::new(Dead::default());
+    let sink = Arc::new(LazyStore {
+        location: location.clone(),
+        store: OnceLock::new(),
+        dead: dead.clone(),
+    });
+    Near {
+        inner: rust_near::Near::new(config, sink),
+        location,
+        dead,
+    }
+}
+
+impl Near {
+    /// Drops what the listener removed (the caller holds the GIL: decrefs happen now).
+    #[inline]
+    fn bury_dead(&self) {
+        if !self.dead.is_empty() {
+            drop(self.dead.take());
+        }
+    }
+
+    fn stop_running(&self, py: Python<'_>, running: Option<crate::near::listener::Running>) {
+        if let Some(r) = running {
+            py.detach(move || r.stop());
+        }
+    }
+}
+
+#[pymethods]
+impl Near {
+    #[new]
+    #[pyo3(signature = (l1_location, *, host, port, unix_path, username, password, prefix,
+                        lease, mode, channel, connect_timeout))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        l1_location: String,
+        host: Option<String>,
+        port: i64,
+        unix_path: Option<String>,
+        username: Option<String>,
+        password: Option<String>,
+        prefix: String,
+        lease: f64,
+        mode: &str,
+        channel: String,
+        connect_timeout: f64,
+    ) -> PyResult<Self> {
+        crate::fork::install();
+        let config = make_config(
+            host,
+            port,
+            unix_path,
+            username,
+            password,
+            prefix,
+            lease,
+            mode,
+            channel,
+            connect_timeout,
+        )?;
+        Ok(make(l1_location, config))
+    }
+
+    /// Starts the listener unless it runs in this process already (one atomic load then); in a
+    /// forked child, starts a new one (which flushes L1 before the lease can be fresh).
+    fn ensure_started(&self) -> PyResult<()> {
+        self.bury_dead();
+        self.inner
+            .ensure_started()
+            .map_err(|e| PyOSError::new_err(format!("cannot start the listener thread: {e}")))
+    }
+
+    /// The lease is valid now: L1 may serve a hit.
+    fn fresh(&self) -> bool {
+        self.bury_dead();
+        self.inner.fresh()
+    }
+
+    /// Waits (without the GIL) until the lease is valid or `timeout` seconds pass.
+    fn wait_fresh(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let t = if timeout <= 0.0 {
+            Duration::ZERO
+        } else {
+            seconds("timeout", timeout)?
+        };
+        let fresh = py.detach(|| self.inner.wait_fresh(t));
+        self.bury_dead();
+        Ok(fresh)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.bury_dead();
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("invalidations", s.invalidations)?;
+        d.set_item("flushes", s.flushes)?;
+        d.set_item("reconnects", s.reconnects)?;
+        d.set_item("connected", s.connected)?;
+        d.set_item("lease_ok", s.lease_ok)?;
+        d.set_item("last_pong_rtt_ms", s.last_pong_rtt_ms)?;
+        d.set_item("last_error", s.last_error)?;
+        Ok(d)
+    }
+
+    /// Stops the thread (waiting for it without the GIL) and ends the lease.
+    fn close(&self, py: Python<'_>) {
+        let running = self.inner.take_running();
+        self.stop_running(py, running);
+        self.bury_dead();
+    }
+
+    #[getter]
+    fn l1_location(&self) -> &str {
+        &self.location
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<Near {:?} {:?}>",
+            self.location,
+            self.inner.config().endpoint
+        )
+    }
+}
+
+type Nears = Mutex<HashMap<String, Py<Near>, RandomState>>;
+
+fn nears() -> &'static Nears {
+    static NEARS: OnceLock<Nears> = OnceLock::new();
+    NEARS.get_or_init(Default::default)
+}
+
+/// The process-wide `Near` for `l1_location`, made on first use. Asked again with other
+/// settings, the same object takes them (its listener restarts on the next `ensure_started`).
+#[pyfunction]
+#[pyo3(signature = (l1_location, *, host, port, unix_path, username, password, prefix, lease,
+                    mode, channel, connect_timeout))]
+#[allow(clippy::too_many_arguments)]
+pub fn near(
+    py: Python<'_>,
+    l1_location: String,
+    host: Option<String>,
+    port: i64,
+    unix_path: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    prefix: String,
+    lease: f64,
+    mode: &str,
+    channel: String,
+    connect_timeout: f64,
+) -> PyResult<Py<Near>> {
+    let config = make_config(
+        host,
+        port,
+        unix_path,
+        username,
+        password,
+        prefix,
+        lease,
+        mode,
+        channel,
+        connect_timeout,
+    )?;
+    let existing = nears().lock().get(&l1_location).map(|n| n.clone_ref(py));
+    if let Some(n) = existing {
+        let old = n.get().inner.reconfigure(config);
+        n.get().stop_running(py, old);
+        return Ok(n);
+    }
+    crate::fork::install();
+    let made = Py::new(py, make(l1_location.clone(), config))?;
+    let mut map = nears().lock();
+    let n = map.entry(l1_location).or_insert(made).clone_ref(py);
+    Ok(n)
+}

@@ -1,0 +1,343 @@
+"""The Rust half of NearCache through its binding: ``_core.Near`` (listener and lease) and the
+fill/invalidation methods of ``Handle``, against a real redis-server started here.
+
+A missing ``redis-server`` fails these tests, unless ``RUSTCACHE_NO_REDIS=1`` (then they skip).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from django_rustcache import _core
+
+
+class Server:
+    """A redis-server of our own on a free loopback port and a unix socket."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, unix_path: str) -> None:
+        self.proc = proc
+        self.port = port
+        self.unix_path = unix_path
+
+    def cmd(self, *args: str) -> bytes:
+        """Runs one command on a new plain connection; returns the first reply line."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            out = f"*{len(args)}\r\n".encode()
+            for a in args:
+                b = a.encode()
+                out += b"$%d\r\n%s\r\n" % (len(b), b)
+            s.sendall(out)
+            buf = b""
+            while b"\r\n" not in buf:
+                chunk = s.recv(4096)
+                assert chunk, "redis closed the connection"
+                buf += chunk
+            return buf.split(b"\r\n", 1)[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[Server]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("RUSTCACHE_NO_REDIS") == "1":
+            pytest.skip("redis-server is not on PATH and RUSTCACHE_NO_REDIS=1")
+        pytest.fail("redis-server is not on PATH: install it, or set RUSTCACHE_NO_REDIS=1")
+    port = _free_port()
+    tmp = tempfile.mkdtemp(prefix="rustcache-redis-")
+    unix_path = os.path.join(tmp, "redis.sock")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--unixsocket",
+            unix_path,
+            "--unixsocketperm",
+            "700",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = Server(proc, port, unix_path)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if server.cmd("PING") == b"+PONG":
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.02)
+    try:
+        yield server
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_until(ok: Callable[[], bool], what: str, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while not ok():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def _handle(location: str) -> Any:
+    h = _core.Handle(location, object(), lambda key: None)
+    h.configure("p", 1, 300.0, False)
+    return h
+
+
+def _near(server: Server, location: str, *, lease: float = 0.5, **kw: Any) -> Any:
+    args: dict[str, Any] = dict(
+        host="127.0.0.1",
+        port=server.port,
+        unix_path=None,
+        username=None,
+        password=None,
+        prefix="p:",
+        lease=lease,
+        mode="bcast",
+        channel="",
+        connect_timeout=1.0,
+    )
+    args.update(kw)
+    return _core.Near(location, **args)
+
+
+@pytest.fixture
+def pair(redis_server: Server) -> Iterator[tuple[Any, Any]]:
+    """A fresh L1 store (Handle) and its started listener (Near), on an empty Redis."""
+    redis_server.cmd("FLUSHALL")
+    location = f"near-{uuid.uuid4().hex}"
+    h = _handle(location)
+    n = _near(redis_server, location)
+    n.ensure_started()
+    assert n.wait_fresh(5.0), n.stats()
+    yield h, n
+    n.close()
+
+
+def test_a_set_by_another_client_removes_the_key_from_l1(
+    redis_server: Server, pair: tuple[Any, Any]
+) -> None:
+    h, n = pair
+    h.set("a", 1, None)
+    h.set("other", 1, None)
+    assert redis_server.cmd("SET", "p:1:a", "2") == b"+OK"
+    wait_until(lambda: h.get("a") is None, "the invalidation")
+    assert h.get("other") == 1
+    stats = n.stats()
+    assert stats["invalidations"] >= 1 and stats["connected"] and stats["lease_ok"]
+    assert set(stats) == {
+        "invalidations",
+        "flushes",
+        "reconnects",
+        "connected",
+        "lease_ok",
+        "last_pong_rtt_ms",
+        "last_error",
+    }
+
+
+def test_values_the_listener_removes_are_released_by_near_with_the_gil(
+    redis_server: Server, pair: tuple[Any, Any]
+) -> None:
+    h, n = pair
+    big = b"x" * 4096  # kept as the object itself (not inline): the store holds a reference
+    before = sys.getrefcount(big)
+    h.set("big", big, None)
+    assert sys.getrefcount(big) == before + 1
+    redis_server.cmd("SET", "p:1:big", "1")
+    wait_until(lambda: not h.has_key("big"), "the invalidation")
+    # The listener never drops a Python object: it hands it over, and Near drops it (with the
+    # GIL) on its next call.
+    assert sys.getrefcount(big) == before + 1
+    n.fresh()
+    assert sys.getrefcount(big) == before
+    # A flush too.
+    h.set("big", big, None)
+    redis_server.cmd("FLUSHDB")
+    wait_until(lambda: len(h) == 0, "the flush")
+    assert sys.getrefcount(big) == before + 1
+    n.stats()
+    assert sys.getrefcount(big) == before
+
+
+def test_a_fill_stores_unless_the_key_was_invalidated_written_or_flushed_meanwhile(
+    redis_server: Server, pair: tuple[Any, Any]
+) -> None:
+    h, n = pair
+    token = h.fill_begin("k")
+    assert h.fill_put("k", token, "v", 60) is True
+    assert h.get("k") == "v"
+    # GET returned the old value, then the invalidation came, then the put: nothing stored.
+    token = h.fill_begin("b")
+    seen = n.stats()["invalidations"]
+    redis_server.cmd("SET", "p:1:b", "new")
+    wait_until(lambda: n.stats()["invalidations"] > seen, "the invalidation")
+    assert h.fill_put("b", token, "old", 60) is False
+    assert h.get("b") is None
+    # A local write during the fill wins.
+    token = h.fill_begin("c")
+    h.set("c", "local", None)
+    assert h.fill_put("c", token, "old", 60) is False
+    assert h.get("c") == "local"
+    # Two fills of one key: only the newest may store.
+    first, second = h.fill_begin("d"), h.fill_begin("d")
+    assert h.fill_put("d", first, 1, 60) is False
+    assert h.fill_put("d", second, 2, 60) is True
+    # invalidate_made drops entries and placeholders by made key.
+    token = h.fill_begin("e")
+    assert h.invalidate_made(["p:1:c", "p:1:d", "p:1:nothing"]) == 2
+    assert h.invalidate_made(["p:1:e"]) == 0
+    assert h.fill_put("e", token, 1, 60) is False
+    assert h.get("c") is None and h.get("d") is None
+    with pytest.raises(TypeError):
+        h.invalidate_made([1])
+
+
+def test_flushdb_empties_l1(redis_server: Server, pair: tuple[Any, Any]) -> None:
+    h, n = pair
+    h.set("a", 1, None)
+    flushes = n.stats()["flushes"]
+    redis_server.cmd("FLUSHDB")
+    wait_until(lambda: len(h) == 0, "the flush")
+    assert n.stats()["flushes"] == flushes + 1
+
+
+def test_the_lease_ends_within_lease_of_sigstop_and_comes_back_after_sigcont(
+    redis_server: Server,
+) -> None:
+    location = f"near-{uuid.uuid4().hex}"
+    _handle(location)
+    n = _near(redis_server, location, lease=0.3)
+    n.ensure_started()
+    assert n.wait_fresh(5.0)
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        time.sleep(0.3 + 0.02)
+        assert time.monotonic() - stopped >= 0.3
+        assert not n.fresh(), "L1 would serve after the server stopped for a lease"
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert n.wait_fresh(10.0), n.stats()
+    n.close()
+    assert not n.fresh()
+
+
+def test_pubsub_mode_over_a_unix_socket(redis_server: Server) -> None:
+    location = f"near-{uuid.uuid4().hex}"
+    h = _handle(location)
+    n = _near(
+        redis_server,
+        location,
+        host=None,
+        port=0,
+        unix_path=redis_server.unix_path,
+        mode="pubsub",
+        channel="rustcache:inval",
+    )
+    n.ensure_started()
+    assert n.wait_fresh(5.0), n.stats()
+    h.set("a", 1, None)
+    h.set("b", 1, None)
+    redis_server.cmd("PUBLISH", "rustcache:inval", "p:1:a")
+    wait_until(lambda: h.get("a") is None, "the message")
+    assert h.get("b") == 1
+    redis_server.cmd("PUBLISH", "rustcache:inval", "*")
+    wait_until(lambda: len(h) == 0, "the flush")
+    n.close()
+
+
+def test_a_forked_child_has_no_lease_and_starts_its_own_listener_which_flushes(
+    redis_server: Server, pair: tuple[Any, Any]
+) -> None:
+    h, n = pair
+    h.set("warm", 1, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with a thread (3.12+)
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ok = not n.fresh() and not n.stats()["connected"]
+            n.ensure_started()
+            ok = ok and n.wait_fresh(5.0) and h.get("warm") is None
+            h.set("child", 1, None)
+            redis_server.cmd("SET", "p:1:child", "x")
+            wait_until(lambda: h.get("child") is None, "the child's invalidation")
+            n.close()
+            code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's listener and L1 are untouched.
+    assert n.wait_fresh(5.0)
+    assert h.get("warm") == 1
+
+
+def test_near_returns_one_object_per_location_and_checks_its_arguments(
+    redis_server: Server,
+) -> None:
+    kw: dict[str, Any] = dict(
+        host="127.0.0.1",
+        port=redis_server.port,
+        unix_path=None,
+        username=None,
+        password=None,
+        prefix="p:",
+        lease=0.5,
+        mode="bcast",
+        channel="",
+        connect_timeout=1.0,
+    )
+    location = f"near-{uuid.uuid4().hex}"
+    a = _core.near(location, **kw)
+    assert _core.near(location, **kw) is a
+    assert a.l1_location == location
+    bad: list[dict[str, Any]] = [
+        {"mode": "tracking"},
+        {"mode": "pubsub", "channel": ""},
+        {"lease": 0.0},
+        {"lease": float("nan")},
+        {"connect_timeout": -1.0},
+        {"unix_path": "/tmp/x.sock"},
+        {"host": None},
+        {"port": 70000},
+    ]
+    for change in bad:
+        with pytest.raises(ValueError):
+            _core.Near(location, **{**kw, **change})
+    with pytest.raises(TypeError):
+        _core.Near(location, host="127.0.0.1")  # every setting is required
+    a.close()
