@@ -949,3 +949,12 @@ def test_a_coroutine_follows_another_threads_fill_without_blocking_the_loop(make
         leader.join(10)
     assert value == "leader"  # the follower waited for the leader's value, computing nothing
     assert ticks >= 10  # and the loop kept running meanwhile
+
+
+def test_no_async_method_of_near_cache_is_a_sync_twin_that_would_block_the_loop():
+    from django_rustcache._async import AsyncMixin
+
+    twins = {name for name in vars(AsyncMixin) if name.startswith("a")}
+    assert "aget_or_set" in twins
+    borrowed = {name for name in twins if getattr(NearCache, name, None) is getattr(AsyncMixin, name)}
+    assert borrowed == set()
