@@ -4,6 +4,14 @@
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${RUSTCACHE_WORK:-$ROOT/.work}
 mkdir -p "$WORK"
+# Everything a build or a test run writes goes under $WORK (the README says so): cargo's target
+# dir, ruff's cache, hypothesis' example database and (tests/django_suite/run.py reads
+# RUSTCACHE_WORK) the Django source release for its cache tests. Python's __pycache__ stays where
+# Python puts it: PYTHONPYCACHEPREFIX changed what tests/test_memory.py measures (RSS growth).
+export RUSTCACHE_WORK=$WORK
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$WORK/target}
+export RUFF_CACHE_DIR=$WORK/ruff-cache
+export HYPOTHESIS_STORAGE_DIRECTORY=$WORK/hypothesis
 
 # python_for 3.11 -> newest pyenv 3.11.x interpreter (or python3.11 on PATH).
 python_for() {

@@ -1651,17 +1651,19 @@ mod tests {
         for i in 0..800 {
             store.get(&format!("k{i}"), 1, |_| ());
         }
-        for i in 0..400 {
+        // 100 new keys: ~6 a shard against ~50 unused old ones (the hasher is seeded at random, so
+        // 400 new keys overran one shard's unused keys in ~2% of runs and evicted a used one).
+        for i in 0..100 {
             set(&store, &format!("new{i}"), 1, &lim, 1);
             // The store stays at its bound: no cull of a third, one eviction an insert.
             assert_eq!(store.len(), 1_600);
         }
-        assert_eq!(store.stats.snapshot().evictions, 400);
+        assert_eq!(store.stats.snapshot().evictions, 100);
         assert!(
             (0..800).all(|i| store.contains(&format!("k{i}"), 1)),
             "a used key was evicted"
         );
-        assert!((0..400).all(|i| store.contains(&format!("new{i}"), 1)));
+        assert!((0..100).all(|i| store.contains(&format!("new{i}"), 1)));
     }
 
     #[test]
@@ -1811,7 +1813,9 @@ mod tests {
             cull_frequency: 3,
             max_bytes: Some(15 * Store::<Probe>::weigh("k00", &Probe, 1, 5 * SEC)),
         };
-        for i in 0..200 {
+        // Enough rounds that both evictions and expirations happen whatever the seeded hasher
+        // makes of the two shards (200 rounds missed one of them now and then).
+        for i in 0..2_000 {
             let stamps = store.tags.stamps(["t"]);
             let expires = if i % 3 == 0 { 5 * SEC } else { NEVER };
             let now = i * SEC / 10;
@@ -1830,7 +1834,7 @@ mod tests {
         }
         let s = store.stats.snapshot();
         assert!(s.evictions > 0 && s.expirations > 0);
-        store.invalidate_tags(["t"], 30 * SEC);
+        store.invalidate_tags(["t"], 300 * SEC);
         store.clear();
     }
 }

@@ -308,9 +308,9 @@ def test_bad_timeout_and_tags_raise_type_errors():
     [
         ({"OPTIONS": {"MAX_ENTRYS": 5}}, "MAX_ENTRYS"),
         ({"OPTIONS": {"MAX_BYTES": -1}}, "MAX_BYTES"),
-        ({"OPTIONS": {"MAX_BYTES": 1.5}}, "MAX_BYTES"),
-        ({"OPTIONS": {"MAX_BYTES": "1000"}}, "MAX_BYTES"),
-        ({"OPTIONS": {"MAX_ENTRIES": "300"}}, "MAX_ENTRIES"),
+        ({"OPTIONS": {"MAX_BYTES": 0.5}}, "MAX_BYTES"),
+        ({"OPTIONS": {"MAX_BYTES": "1e3"}}, "MAX_BYTES"),
+        ({"OPTIONS": {"MAX_ENTRIES": "3e2"}}, "MAX_ENTRIES"),
         ({"OPTIONS": {"CULL_FREQUENCY": -1}}, "CULL_FREQUENCY"),
         ({"OPTIONS": ["MAX_ENTRIES"]}, "OPTIONS"),
         ({"KEY_PREFX": "x"}, "KEY_PREFX"),

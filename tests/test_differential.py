@@ -465,7 +465,7 @@ def _instance_params(draw_from: dict[str, Any]) -> dict[str, Any]:
 
 instance_params_st = st.fixed_dictionaries(
     {
-        "TIMEOUT": st.sampled_from([OMIT, 300, None, 3600, 0, -1, "bogus"]),
+        "TIMEOUT": st.sampled_from([OMIT, 300, None, 3600, 0, -1, "60", 7.9]),
         "KEY_PREFIX": st.sampled_from([OMIT, "", "pfx", "sp ace"]),
         "VERSION": st.sampled_from([OMIT, 1, 2]),
         "KEY_FUNCTION": st.sampled_from([OMIT, None, custom_key_func]),

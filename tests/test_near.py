@@ -956,5 +956,5 @@ def test_no_async_method_of_near_cache_is_a_sync_twin_that_would_block_the_loop(
 
     twins = {name for name in vars(AsyncMixin) if name.startswith("a")}
     assert "aget_or_set" in twins
-    borrowed = {name for name in twins if getattr(NearCache, name, None) is getattr(AsyncMixin, name)}
+    borrowed = {n for n in twins if getattr(NearCache, n, None) is getattr(AsyncMixin, n)}
     assert borrowed == set()

@@ -710,14 +710,17 @@ def machine_info() -> list[str]:
 
 
 def keep_hitratio_section(out: Path, report: str) -> str:
-    """``report`` with the hit-ratio section that benchmarks/hitratio_optimum.py wrote into
-    ``out`` (between its markers) carried over, so that rewriting the file does not lose it."""
-    begin, end = "<!-- hitratio_optimum:begin -->", "<!-- hitratio_optimum:end -->"
+    """``report`` with the sections that other scripts wrote into ``out`` (between their markers)
+    carried over, so that rewriting the file does not lose them: benchmarks/hitratio_optimum.py's
+    hit ratios and benchmarks/near.py's NearCache figures."""
     old = out.read_text() if out.exists() else ""
-    if begin not in old or end not in old or begin in report:
-        return report
-    section = old[old.index(begin) : old.index(end) + len(end)]
-    return report.rstrip("\n") + "\n\n" + section + "\n"
+    for owner in ("hitratio_optimum", "near_bench"):
+        begin, end = f"<!-- {owner}:begin -->", f"<!-- {owner}:end -->"
+        if begin not in old or end not in old or begin in report:
+            continue
+        section = old[old.index(begin) : old.index(end) + len(end)]
+        report = report.rstrip("\n") + "\n\n" + section + "\n"
+    return report
 
 
 def fmt_ns(ns: float | None) -> str:

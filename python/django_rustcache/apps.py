@@ -10,6 +10,10 @@ class RustCacheConfig(AppConfig):
     verbose_name = "RustCache"
 
     def ready(self) -> None:
+        from django.core import checks
+
+        from django_rustcache.checks import check_auto_invalidate
         from django_rustcache.invalidation import configure_auto_invalidation
 
+        checks.register(check_auto_invalidate)
         configure_auto_invalidation()

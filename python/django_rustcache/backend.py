@@ -26,7 +26,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django_rustcache._async import AsyncMixin
 from django_rustcache._core import FastMethod, Handle
 from django_rustcache._fill import FillMixin, Tags
-from django_rustcache.options import RustCacheOptions
+from django_rustcache.checks import warn_if_app_missing
+from django_rustcache.options import RustCacheOptions, clamp_store_int
 from django_rustcache.signals import tags_invalidated
 
 logger = logging.getLogger("django_rustcache")
@@ -103,7 +104,7 @@ class RustCache(FillMixin, AsyncMixin, BaseCache):
                 DEFAULT_TIMEOUT,
                 _warn_key,
                 policy=self._options.eviction_policy,
-                max_entries=self._max_entries,
+                max_entries=clamp_store_int(self._max_entries),
             )
         except ValueError as e:
             # Another alias created this LOCATION's store with another EVICTION_POLICY.
@@ -112,6 +113,7 @@ class RustCache(FillMixin, AsyncMixin, BaseCache):
                 f"{self._options.eviction_policy!r}, but {e}."
             ) from None
         self._sync()
+        warn_if_app_missing()
         # LocMemCache's introspection points, which Django's own tests use: `_cache` is the store,
         # `_lock.locked()` tells whether a store lock is held, `_expire_info[made_key]` the expiry.
         self._cache = self._h
@@ -147,7 +149,11 @@ class RustCache(FillMixin, AsyncMixin, BaseCache):
         self._direct = not raw and own["get"]
         self._own_writes = own["add"] and own["set"]
         self._h.configure(self.key_prefix, self.version, self.default_timeout, raw)
-        self._h.set_limits(self._max_entries, self._cull_frequency, self._options.max_bytes)
+        self._h.set_limits(
+            clamp_store_int(self._max_entries),
+            clamp_store_int(self._cull_frequency),
+            self._options.max_bytes,
+        )
         # With Django's key function, `get` and `set` are the handle's methods themselves (no
         # Python frame per call; see `FastMethod`); in raw mode, the Python methods below.
         if raw:
@@ -269,10 +275,15 @@ class RustCache(FillMixin, AsyncMixin, BaseCache):
         Tags are namespaced by KEY_PREFIX, like keys.
         """
         tags = (tags,) if isinstance(tags, str) else tuple(tags)
-        count = self._h.invalidate_tags(tags)
+        count = self._invalidate_tags(tags)
         logger.debug(
             "invalidated tags %s in %r: %d entries", ", ".join(tags), self._options.location, count
         )
+        return count
+
+    def _invalidate_tags(self, tags: tuple[str, ...]) -> int:
+        """``invalidate_tags`` without its log line (model invalidation logs its own line)."""
+        count = self._h.invalidate_tags(tags)
         tags_invalidated.send(sender=type(self), cache=self, tags=tags, count=count)
         return count
 

@@ -258,7 +258,8 @@ def _invalidate(alias: str, tags: list[str], keys: list[str], what: dict, using:
     def run(when: str) -> None:
         cache = caches[alias]
         if tags:
-            cache.invalidate_tags(tags)
+            # Not `invalidate_tags`, which logs a line of its own: one DEBUG line per event.
+            cache._invalidate_tags(tuple(tags))
         if keys:
             cache.delete_many(keys)
         logger.debug(

@@ -38,7 +38,7 @@ from django_rustcache._async import AsyncFillMixin
 from django_rustcache._core import Handle
 from django_rustcache._fill import FillMixin
 from django_rustcache.backend import _Synced, _warn_key
-from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, _int_option
+from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS
 
 logger = logging.getLogger("django_rustcache.near")
 
@@ -160,6 +160,17 @@ def _number(where: str, name: str, value: Any, *, zero_ok: bool = False) -> floa
             f"{where}: OPTIONS[{name!r}] must be a finite number {bound}, not {value!r}."
         )
     return float(value)
+
+
+def _int_option(where: str, name: str, value: Any, minimum: int | None) -> int:
+    # Here since options.py dropped it (the settings rework); NearCache's checks stay as they were.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS[{name!r}] must be an integer, not {type(value).__name__} {value!r}."
+        )
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{where}: OPTIONS[{name!r}] must be >= {minimum}, not {value}.")
+    return value
 
 
 def _bool(where: str, name: str, value: Any) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -40,14 +41,74 @@ TOP_LEVEL_KEYS = frozenset(
 )
 
 
-def _int_option(where: str, name: str, value: Any, minimum: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+_INF = float("inf")
+
+#: Real numbers of seconds or betas: ``numbers.Real`` (int, float, Fraction) and Decimal.
+_REALS = (numbers.Real, Decimal)
+
+#: The largest MAX_ENTRIES / MAX_BYTES the store takes (a signed 64-bit count); a larger setting
+#: means "no bound" and is clamped to it.
+STORE_INT_MAX = 2**63 - 1
+
+#: The longest STAMPEDE_WAIT, in seconds (a year): a larger one, ``inf`` included, is clamped to it.
+STAMPEDE_WAIT_MAX = 365 * 24 * 3600.0
+
+
+def _django_int(where: str, name: str, value: Any, fallback: int | None) -> int:
+    """``int(value)``, as Django's BaseCache parses MAX_ENTRIES, CULL_FREQUENCY and TIMEOUT.
+
+    Where ``int()`` raises ValueError or TypeError, Django silently uses ``fallback`` (None: not
+    a Django setting); where it raises OverflowError (``inf``), Django raises it. Both are
+    ImproperlyConfigured here.
+    """
+    try:
+        return int(value)
+    except (ValueError, TypeError):
+        django = "" if fallback is None else f" (Django would silently use {fallback})"
         raise ImproperlyConfigured(
-            f"{where}: OPTIONS[{name!r}] must be an integer, not {type(value).__name__} {value!r}."
+            f"{where}: {name} must be an integer (anything int() accepts, as Django reads it), "
+            f"not {type(value).__name__} {value!r}{django}."
+        ) from None
+    except OverflowError:
+        raise ImproperlyConfigured(f"{where}: {name} must be finite, not {value!r}.") from None
+
+
+def _read(
+    params: dict[str, Any], options: dict[str, Any], name: str, default: Any
+) -> tuple[str, Any]:
+    """Where Django's BaseCache reads a setting from, and its value: the top-level lowercase key
+    (``max_entries``, ``cull_frequency``, ``timeout``) wins over ``OPTIONS`` (or top-level TIMEOUT).
+    """
+    lower = name.lower()
+    if lower in params:
+        return lower, params[lower]
+    where = name if options is params else f"OPTIONS[{name!r}]"
+    return where, options.get(name, default)
+
+
+def clamp_store_int(value: int) -> int:
+    """MAX_ENTRIES or CULL_FREQUENCY as Django parsed it, clamped to what the store takes."""
+    return max(-STORE_INT_MAX - 1, min(value, STORE_INT_MAX))
+
+
+def _seconds(where: str, name: str, value: Any) -> float:
+    """A real number of seconds >= 0 (not bool, not NaN) as a float, at most STAMPEDE_WAIT_MAX."""
+    if isinstance(value, bool) or not isinstance(value, _REALS):
+        raise ImproperlyConfigured(
+            f"{where}: {name} must be a number of seconds >= 0, not {type(value).__name__} "
+            f"{value!r}."
         )
-    if minimum is not None and value < minimum:
-        raise ImproperlyConfigured(f"{where}: OPTIONS[{name!r}] must be >= {minimum}, not {value}.")
-    return value
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = _INF  # an int past a float's range
+    except ValueError:
+        seconds = float("nan")  # Decimal('sNaN')
+    if not seconds >= 0:
+        raise ImproperlyConfigured(
+            f"{where}: {name} must be a number of seconds >= 0, not {value!r}."
+        )
+    return min(seconds, STAMPEDE_WAIT_MAX)
 
 
 @dataclass(frozen=True)
@@ -92,20 +153,42 @@ class RustCacheOptions:
                 f"{where}: OPTIONS['EVICTION_POLICY'] must be one of "
                 f"{', '.join(map(repr, EVICTION_POLICIES))}, not {policy!r}."
             )
-        if "MAX_ENTRIES" in options:
-            # S3-FIFO takes MAX_ENTRIES as the capacity: it must hold at least one entry.
-            minimum = 1 if policy == "s3fifo" else None
-            _int_option(where, "MAX_ENTRIES", options["MAX_ENTRIES"], minimum)
-        if "CULL_FREQUENCY" in options:
-            _int_option(where, "CULL_FREQUENCY", options["CULL_FREQUENCY"], 0)
+        # What Django's BaseCache reads: a top-level lowercase key wins over the OPTIONS one.
+        name, max_entries = _read(params, options, "MAX_ENTRIES", 300)
+        max_entries = _django_int(where, name, max_entries, 300)
+        # S3-FIFO takes MAX_ENTRIES as the capacity: it must hold at least one entry.
+        if policy == "s3fifo" and max_entries < 1:
+            raise ImproperlyConfigured(
+                f"{where}: {name} must be >= 1 under EVICTION_POLICY 's3fifo', not {max_entries}."
+            )
+        name, cull = _read(params, options, "CULL_FREQUENCY", 3)
+        cull = _django_int(where, name, cull, 3)
+        if cull < 0:
+            # LocMemCache would never cull (a negative count): the store would grow unbounded.
+            raise ImproperlyConfigured(f"{where}: {name} must be >= 0, not {cull}.")
+        name, timeout = _read(params, params, "TIMEOUT", 300)
+        if timeout is not None:
+            timeout = _django_int(where, name, timeout, 300)
+            try:
+                float(timeout)
+            except OverflowError:
+                # LocMemCache would raise OverflowError from every set using the default.
+                raise ImproperlyConfigured(
+                    f"{where}: TIMEOUT {timeout} is past a float's range; use None for never."
+                ) from None
         max_bytes = options.get("MAX_BYTES")
         if max_bytes is not None:
-            max_bytes = _int_option(where, "MAX_BYTES", max_bytes, 1)
-        wait = options.get("STAMPEDE_WAIT", OPTION_DEFAULTS["STAMPEDE_WAIT"])
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
-            raise ImproperlyConfigured(
-                f"{where}: OPTIONS['STAMPEDE_WAIT'] must be a number of seconds >= 0, not {wait!r}."
-            )
+            max_bytes = _django_int(where, "OPTIONS['MAX_BYTES']", max_bytes, None)
+            if max_bytes < 1:
+                raise ImproperlyConfigured(
+                    f"{where}: OPTIONS['MAX_BYTES'] must be >= 1 (or None), not {max_bytes}."
+                )
+            max_bytes = min(max_bytes, STORE_INT_MAX)
+        wait = _seconds(
+            where,
+            "OPTIONS['STAMPEDE_WAIT']",
+            options.get("STAMPEDE_WAIT", OPTION_DEFAULTS["STAMPEDE_WAIT"]),
+        )
         try:
             early = check_early_refresh(options.get("EARLY_REFRESH", 0.0))
         except (TypeError, ValueError) as exc:
@@ -113,13 +196,10 @@ class RustCacheOptions:
         return cls(
             location=location,
             max_bytes=max_bytes,
-            stampede_wait=float(wait),
+            stampede_wait=wait,
             eviction_policy=policy,
             early_refresh=early,
         )
-
-
-_INF = float("inf")
 
 
 def check_early_refresh(beta: Any) -> float:
@@ -129,9 +209,12 @@ def check_early_refresh(beta: Any) -> float:
     """
     if type(beta) is float and 0.0 <= beta < _INF:
         return beta  # the common case, without the slower ABC check below
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+    if isinstance(beta, bool) or not isinstance(beta, _REALS):
         raise TypeError(f"early refresh beta must be a number >= 0, not {type(beta).__name__}")
-    beta = float(beta)
+    try:
+        beta = float(beta)
+    except OverflowError:
+        beta = _INF  # an int past a float's range
     if not 0.0 <= beta < _INF:
         raise ValueError(f"early refresh beta must be a finite number >= 0, not {beta!r}")
     return beta

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyInt, PyList, PyString};
+use pyo3::types::{PyDict, PyFloat, PyInt, PyList, PyString};
 
 use super::fast::TimeoutArg;
 use super::keys::{push_part, push_part_escaped, store_text, unescape};
@@ -73,6 +73,37 @@ fn wall_epoch() -> f64 {
 /// A made key as the flight table's text: the store's text of it (see `crate::keys`).
 fn flight_name<'a>(key: &'a Bound<'_, PyString>) -> PyResult<std::borrow::Cow<'a, str>> {
     store_text(key)
+}
+
+/// Seconds of a per-call timeout, accepted exactly as LocMemCache's `time.time() + timeout`:
+/// int (bool included; OverflowError past a float's range) and float as they are; any other type
+/// through Python's `float + timeout` (so `Fraction` works and `Decimal` or `str` raise TypeError),
+/// after Django's own `timeout == 0` check (which lets `Decimal(0)` through as "expired").
+fn timeout_seconds(timeout: &Bound<'_, PyAny>) -> PyResult<f64> {
+    if let Ok(f) = timeout.cast::<PyFloat>() {
+        return Ok(f.value());
+    }
+    if timeout.is_instance_of::<PyInt>() {
+        return timeout.extract::<f64>();
+    }
+    let py = timeout.py();
+    if timeout.eq(0)? {
+        return Ok(-1.0);
+    }
+    let not_real = || {
+        PyTypeError::new_err(format!(
+            "timeout must be a real number or None, not {}",
+            timeout
+                .get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string())
+        ))
+    };
+    match PyFloat::new(py, 0.0).add(timeout) {
+        Ok(sum) => sum.extract::<f64>().map_err(|_| not_real()),
+        Err(e) if e.is_instance_of::<PyTypeError>(py) => Err(not_real()),
+        Err(e) => Err(e),
+    }
 }
 
 fn not_found(key: &str) -> PyErr {
@@ -195,17 +226,10 @@ impl Handle {
         } else if timeout.is_none() {
             None
         } else {
-            match timeout.extract::<f64>() {
-                Ok(s) => Some(s),
-                Err(_) => {
-                    return Err(PyTypeError::new_err(format!(
-                        "timeout must be a number or None, not {}",
-                        timeout.get_type().name()?
-                    )))
-                }
-            }
+            Some(timeout_seconds(timeout)?)
         };
-        Ok(clock::deadline(now, seconds))
+        // LocMemCache's expiry `time.time() + nan` compares false with every time: never expires.
+        Ok(clock::deadline(now, seconds.filter(|s| !s.is_nan())))
     }
 
     /// Tag stamps for `tags` (an iterable of str), namespaced by the key prefix.

@@ -2,7 +2,8 @@
 
     python tests/django_suite/run.py [-v 2] [--failfast] [-k PATTERN] [--list] [LABEL ...]
 
-Steps: download the sdist of exactly the installed Django version into ``.cache/`` (once),
+Steps: download the sdist of exactly the installed Django version into ``.work/django-suite/``
+(once; ``$RUSTCACHE_WORK/django-suite/`` when set),
 copy ``tests/cache/`` out of it as the importable package ``cache`` with every LocMemCache
 reference rewritten to ``$RUSTCACHE_SUITE_BACKEND`` (default ``django_rustcache.RustCache``),
 then run the in-process-backend test classes with Django's DiscoverRunner.
@@ -13,8 +14,8 @@ With ``RUSTCACHE_SUITE_BACKEND=django_rustcache.NearCache`` it instead runs Djan
 class (``BaseCacheTests`` with RedisCacheTests' settings: the culling caches left out, so the
 culling tests skip themselves, exactly as for Django's RedisCache) as ``NearCacheTests``, against
 a server it starts itself (``RUSTCACHE_SUITE_SERVER``: redis (default) or valkey) and stops at exit.
-``--near-listener none`` (the default for now) runs NearCache without its invalidation listener,
-so every read goes to Redis; ``rust`` uses the listener of the native module.
+``--near-listener rust`` (the default) runs NearCache as shipped, with its Rust invalidation
+listener and L1; ``none`` runs it without, so every read goes to Redis.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-CACHE_DIR = HERE / ".cache"
+# Under the build directory (.ci/lib.sh exports RUSTCACHE_WORK), not in the source tree.
+CACHE_DIR = Path(os.environ.get("RUSTCACHE_WORK") or HERE.parent.parent / ".work") / "django-suite"
 LOCMEM = "django.core.cache.backends.locmem.LocMemCache"
 LOCMEM_IMPORT = "from django.core.cache.backends.locmem import LocMemCache"
 NEAR = "django_rustcache.NearCache"
@@ -154,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--near-listener",
         choices=("none", "rust"),
-        default="none",
-        help="NearCache only: run without the invalidation listener (default) or with it",
+        default="rust",
+        help="NearCache only: with its Rust invalidation listener and L1 (default), or without",
     )
     parser.add_argument(
         "--timeout",

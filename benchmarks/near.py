@@ -1,0 +1,502 @@
+"""NearCache against RustCache, Django's RedisCache, django-redis and bare redis-py, in one run.
+
+    python benchmarks/near.py [--quick] [--write-results]
+
+Needs Django, django-rustcache (with ``_core.near``), redis-py (hiredis if installed) and a
+``redis-server`` on PATH; django-redis is an extra column when it is installed. The script starts
+its own redis-server on a free loopback port (``tests/servers.py``) and stops it by PID.
+
+Measured against the bars of issue 9 ("Performance"), PASS/FAIL printed for each:
+
+* L1 hit of the small dict: NearCache ``get`` <= 1.5x RustCache ``get``; >= 500x faster than
+  Django's RedisCache ``get``.
+* Miss served from Redis (L1 dropped before every timed loop, each key read once per loop):
+  <= 0.6x RedisCache ``get``; <= 1.2x a bare redis-py ``GET`` + ``pickle.loads``.
+* ``set`` (overwrite): <= 0.7x RedisCache ``set``.
+* Invalidation delivery between processes: a writer process (this one) sets a key; a receiver
+  process, whose main thread spins in a pure-Python loop the whole time, notices from a side
+  thread that the key left its L1. p99 <= 2 ms.
+
+Timing: ``timeit.Timer(...).repeat`` (gc off during a loop, as timeit does); the figure is the
+best (minimum) of the repeats, divided by the operations in one loop. Each backend has its own
+KEY_PREFIX of the same length, so the backends never read each other's keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import platform
+import subprocess
+import sys
+import time
+import timeit
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import servers  # noqa: E402  (tests/servers.py: our own redis-server, stopped by PID)
+
+SMALL_DICT = {"id": 42, "name": "apple", "price": 1.2}  # benchmarks/peers/bench.py's small dict
+POOL = 1000  # keys read and overwritten by the hit and set loops
+MISS_POOL = 4000  # keys in Redis for the miss loops (a loop reads each at most once)
+TIMEOUT = 3600
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+SECTION_BEGIN, SECTION_END = "<!-- near_bench:begin -->", "<!-- near_bench:end -->"
+
+
+def setup_django(url: str) -> None:
+    """Configure Django with one alias per column (all Redis ones on the same server)."""
+    import django
+    from django.conf import settings
+
+    l1 = {"MAX_ENTRIES": 100_000}
+    caches: dict[str, dict[str, Any]] = {
+        "rust": {
+            "BACKEND": "django_rustcache.RustCache",
+            "LOCATION": "near-bench-rust",
+            "KEY_PREFIX": "rc",
+            "TIMEOUT": TIMEOUT,
+            "OPTIONS": {"MAX_ENTRIES": 100_000},
+        },
+        "near": {
+            "BACKEND": "django_rustcache.NearCache",
+            "LOCATION": url,
+            "KEY_PREFIX": "nc",
+            "TIMEOUT": TIMEOUT,
+            "OPTIONS": l1,
+        },
+        # The same without signing: what SIGNED costs on a miss and a set.
+        "near_unsigned": {
+            "BACKEND": "django_rustcache.NearCache",
+            "LOCATION": url,
+            "KEY_PREFIX": "nu",
+            "TIMEOUT": TIMEOUT,
+            "OPTIONS": {**l1, "SIGNED": False},
+        },
+        "redis": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": url,
+            "KEY_PREFIX": "dj",
+            "TIMEOUT": TIMEOUT,
+        },
+    }
+    try:
+        import django_redis  # noqa: F401
+
+        caches["django_redis"] = {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": url,
+            "KEY_PREFIX": "dr",
+            "TIMEOUT": TIMEOUT,
+        }
+    except ImportError:
+        pass
+    settings.configure(
+        CACHES=caches, SECRET_KEY="near-bench-" + "x" * 40, USE_TZ=True, INSTALLED_APPS=[]
+    )
+    django.setup()
+
+
+def best_ns(stmt: str, ns: dict[str, Any], ops: int, repeats: int, setup: str = "pass") -> float:
+    """Best of ``repeats`` loops of ``stmt`` (which does ``ops`` operations), ns per operation."""
+    timer = timeit.Timer(stmt, setup=setup, globals=ns)
+    return min(timer.repeat(repeat=repeats, number=1)) * 1e9 / ops
+
+
+def fmt(ns: float | None) -> str:
+    if ns is None:
+        return "—"
+    return f"{ns / 1000:,.1f} µs" if ns >= 10_000 else f"{ns:,.0f} ns"
+
+
+# Micro benchmarks ----------------------------------------------------------------------------
+
+
+def micro(repeats: int, quick: bool) -> dict[str, dict[str, float]]:
+    """{operation: {column: ns per op}}."""
+    import redis
+    from django.core.cache import caches
+
+    rust = caches["rust"]
+    cols = [c for c in ("near", "near_unsigned", "redis", "django_redis") if c in caches.settings]
+    backends = {c: caches[c] for c in cols}
+    keys = [f"k{i}" for i in range(POOL)]
+    miss_keys = [f"m{i}" for i in range(MISS_POOL)]
+    hit_loop = keys * (5 if quick else 20)
+    remote_loop = keys[: 200 if quick else 500]
+    miss_n = 200 if quick else 500
+    bare = redis.Redis.from_url(_url())
+    res: dict[str, dict[str, float]] = {"get (L1 hit)": {}, "get (miss)": {}, "set": {}}
+
+    for cache in backends.values():
+        cache.set_many(dict.fromkeys(keys, SMALL_DICT), TIMEOUT)
+        for i in range(0, MISS_POOL, 500):
+            cache.set_many(dict.fromkeys(miss_keys[i : i + 500], SMALL_DICT), TIMEOUT)
+    rust.set_many(dict.fromkeys(keys, SMALL_DICT), TIMEOUT)
+    blob = pickle.dumps(SMALL_DICT, pickle.HIGHEST_PROTOCOL)
+    bare.mset({f"rp:{k}": blob for k in keys + miss_keys})
+    for c in ("near", "near_unsigned"):
+        backends[c]._near.ensure_started()
+        assert backends[c]._near.wait_fresh(10), f"{c}: the listener's lease never became fresh"
+        for k in keys:  # into L1
+            assert backends[c].get(k) == SMALL_DICT
+
+    # Hits: RustCache, NearCache's L1, and (served by Redis) the Redis columns.
+    ns = {"get": rust.get, "ks": hit_loop}
+    res["get (L1 hit)"]["rust"] = best_ns("for k in ks: get(k)", ns, len(hit_loop), repeats)
+    for c in ("near", "near_unsigned"):
+        before = backends[c].stats()
+        ns = {"get": backends[c].get, "ks": hit_loop}
+        res["get (L1 hit)"][c] = best_ns("for k in ks: get(k)", ns, len(hit_loop), repeats)
+        after = backends[c].stats()
+        served_remote = after["l2_hits"] - before["l2_hits"] + after["misses"] - before["misses"]
+        if served_remote:
+            print(f"  note: {c}: {served_remote} of the 'L1 hit' reads went to Redis (lease out)")
+    for c in ("redis", "django_redis"):
+        if c in backends:
+            ns = {"get": backends[c].get, "ks": remote_loop}
+            res["get (L1 hit)"][c] = best_ns("for k in ks: get(k)", ns, len(remote_loop), repeats)
+
+    # Misses: every key once per loop, NearCache's L1 dropped before each loop.
+    offset = [0]
+
+    def next_keys() -> list[str]:
+        start = offset[0]
+        offset[0] = (start + miss_n) % (MISS_POOL - miss_n + 1)
+        return miss_keys[start : start + miss_n]
+
+    for c, cache in backends.items():
+        ns = {"get": cache.get, "next_keys": next_keys, "clear_l1": _l1_clear(cache)}
+        res["get (miss)"][c] = best_ns(
+            "for k in ks: get(k)", ns, miss_n, repeats, setup="clear_l1(); ks = next_keys()"
+        )
+    loads, bget = pickle.loads, bare.get
+    ns = {"loads": loads, "bget": bget, "next_keys": lambda: ["rp:" + k for k in next_keys()]}
+    res["get (miss)"]["redis_py"] = best_ns(
+        "for k in ks: loads(bget(k))", ns, miss_n, repeats, setup="ks = next_keys()"
+    )
+    for c in ("near", "near_unsigned"):
+        stats = backends[c].stats()
+        assert stats["misses"] == 0, f"{c}: a miss loop read a key Redis did not have"
+
+    # set (overwrite).
+    for c, cache in backends.items():
+        ns = {"set": cache.set, "ks": remote_loop, "v": SMALL_DICT}
+        res["set"][c] = best_ns("for k in ks: set(k, v)", ns, len(remote_loop), repeats)
+    ns = {"set": rust.set, "ks": hit_loop, "v": SMALL_DICT}
+    res["set"]["rust"] = best_ns("for k in ks: set(k, v)", ns, len(hit_loop), repeats)
+    bare.close()
+    return res
+
+
+def _l1_clear(cache: Any) -> Any:
+    """Drops this process's L1 of a NearCache (Redis untouched); nothing for the other columns."""
+    h = getattr(cache, "_h", None)
+    return h.clear if h is not None else (lambda: None)
+
+
+_URL = [""]
+
+
+def _url() -> str:
+    return _URL[0]
+
+
+# Invalidation delivery -------------------------------------------------------------------------
+
+RECEIVER = r"""
+import os, sys, threading, time
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {bench!r})
+import near as bench
+bench.setup_django({url!r})
+from django.core.cache import caches
+cache = caches["near"]
+switch = float(sys.argv[1])
+poll = float(sys.argv[2])
+mode = sys.argv[3]
+busy = mode == "busy"
+if switch:
+    sys.setswitchinterval(switch)
+done = threading.Event()
+spins = [0]
+
+def watcher():
+    # Side thread: (re)load the key into L1, say READY, wait until it leaves L1, report when.
+    fast, key, out = cache._fast, "inval", sys.stdout
+    cache._near.ensure_started()
+    assert cache._near.wait_fresh(10)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        while not (cache.get(key) is not None and fast.has_key(key) and cache._near.fresh()):
+            time.sleep(0.0005)
+        out.write("READY\n"); out.flush()
+        lo = time.monotonic_ns()  # the key was in L1 at some moment after this
+        while True:
+            t = time.monotonic_ns()
+            if not fast.has_key(key):
+                break
+            lo = t
+            time.sleep(poll)  # releases the GIL; not runnable meanwhile
+        t1 = time.monotonic_ns()  # ... and had left it before this
+        out.write(f"GONE {{lo}} {{t1}}\n"); out.flush()
+    done.set()
+
+threading.Thread(target=watcher, daemon=True).start()
+# The main thread runs pure Python the whole time (never releases the GIL on its own).
+x = 0
+if mode == "cbusy":  # busy in C with the GIL released (hashlib drops it for big buffers)
+    import hashlib
+    blob = bytes(1 << 20)
+    while not done.is_set():
+        hashlib.sha256(blob).digest()
+while mode == "idle" and not done.wait(1):
+    pass
+while busy and not done.is_set():
+    for i in range(1000):
+        x = (x * 31 + i) % 1000003
+    spins[0] += 1
+print("SPINS", spins[0], flush=True)
+"""
+
+
+def delivery(
+    url: str, rounds: int, switch: float, poll: float, mode: str = "busy"
+) -> tuple[list[float], ...]:
+    """Latencies (µs) from just before, and just after, the writer's ``set`` to the receiver
+    seeing the key gone (its side thread checks every ``poll`` s; switch interval ``switch``),
+    and the lower bounds: from before and after ``set`` to the receiver's last check that still
+    saw it."""
+    from django.core.cache import caches
+
+    writer = caches["near"]
+    writer.set("inval", {"v": 0}, TIMEOUT)
+    code = RECEIVER.format(tests=str(REPO / "tests"), bench=str(REPO / "benchmarks"), url=url)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(switch), str(poll), mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    lat, lat_after, lat_lo, lat_lo_after = [], [], [], []
+    try:
+        for i in range(rounds):
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            assert line.strip() == "READY", line
+            t0 = time.monotonic_ns()
+            writer.set("inval", {"v": i + 1}, TIMEOUT)
+            t_set = time.monotonic_ns()
+            line = proc.stdout.readline()
+            assert line.startswith("GONE"), line
+            lo, t1 = map(int, line.split()[1:])
+            lat.append((t1 - t0) / 1000)
+            lat_after.append((t1 - t_set) / 1000)
+            lat_lo.append(max(0, lo - t0) / 1000)
+            lat_lo_after.append(max(0, lo - t_set) / 1000)
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return lat, lat_after, lat_lo, lat_lo_after
+
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+# Report ----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and rounds (~20 s)")
+    ap.add_argument(
+        "--write-results",
+        action="store_true",
+        help="put the tables into benchmarks/RESULTS.md (between the near_bench markers)",
+    )
+    args = ap.parse_args()
+    repeats = 5 if args.quick else 15
+    rounds = 300 if args.quick else 2000
+    started = time.monotonic()
+    load = os.getloadavg()
+    server = servers.start("redis")
+    try:
+        _URL[0] = server.url
+        setup_django(server.url)
+        res = micro(repeats, args.quick)
+        lat = {
+            "busy": delivery(server.url, rounds, 0.00005, 0.00005),
+            "default": delivery(server.url, max(rounds // 4, 100), 0, 0.00005),
+            "idle": delivery(server.url, max(rounds // 4, 100), 0.00005, 0.00005, "idle"),
+            "cbusy": delivery(server.url, max(rounds // 4, 100), 0, 0.00005, "cbusy"),
+        }
+        redis_v = subprocess.run(
+            [server.binary, "--version"], capture_output=True, text=True
+        ).stdout.strip()
+    finally:
+        server.cleanup()
+    wall = time.monotonic() - started
+    lines = report(res, lat, args, repeats, rounds, load, wall, redis_v)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write_results:
+        write_results(text)
+    return 0
+
+
+def report(res, lat, args, repeats, rounds, load, wall, redis_v) -> list[str]:
+    import django
+    import redis
+
+    try:
+        import hiredis
+
+        hi = f"hiredis {hiredis.__version__}"
+    except ImportError:
+        hi = "no hiredis"
+    try:
+        import django_redis
+
+        dr = f"django-redis {'.'.join(map(str, django_redis.VERSION))}"
+    except ImportError:
+        dr = "django-redis not installed"
+    hit, miss, st = res["get (L1 hit)"], res["get (miss)"], res["set"]
+    checks = []
+
+    def check(what: str, ratio: float, bar: str, ok: bool) -> None:
+        checks.append(f"| {what} | {ratio:.2f}x | {bar} | {'PASS' if ok else '**FAIL**'} |")
+
+    r = hit["near"] / hit["rust"]
+    check("L1 hit: NearCache / RustCache `get`", r, "≤ 1.5x", r <= 1.5)
+    r = hit["redis"] / hit["near"]
+    check("L1 hit: RedisCache `get` / NearCache `get`", r, "≥ 500x", r >= 500)
+    r = hit["redis"] / hit["rust"]
+    checks.append(f"| (context) RedisCache `get` / RustCache `get` | {r:,.0f}x | | |")
+    r = miss["near"] / miss["redis"]
+    check("miss: NearCache / RedisCache `get`", r, "≤ 0.6x", r <= 0.6)
+    r = miss["near"] / miss["redis_py"]
+    check("miss: NearCache `get` / redis-py GET + pickle.loads", r, "≤ 1.2x", r <= 1.2)
+    r = st["near"] / st["redis"]
+    check("`set`: NearCache / RedisCache", r, "≤ 0.7x", r <= 0.7)
+    lat_fast = lat["busy"][0]
+    p50, p99 = pct(lat_fast, 50), pct(lat_fast, 99)
+    checks.append(
+        f"| invalidation delivery p99 (p50 {p50:,.0f} µs; lower bound p99 "
+        f"{pct(lat['busy'][2], 99):,.0f} µs) | {p99:,.0f} µs | ≤ 2 ms | "
+        f"{'PASS' if p99 <= 2000 else '**FAIL**'} |"
+    )
+    names = {
+        "near": "NearCache",
+        "near_unsigned": "NearCache SIGNED=False",
+        "rust": "RustCache",
+        "redis": "RedisCache",
+        "django_redis": "django-redis",
+        "redis_py": "redis-py GET + loads",
+    }
+    cols = [c for c in names if any(c in row for row in res.values())]
+    cmd = "python benchmarks/near.py" + (" --quick" if args.quick else "")
+    out = [
+        SECTION_BEGIN,
+        "## NearCache (`benchmarks/near.py`)",
+        "",
+        "Command (starts and stops its own redis-server on a free loopback port):",
+        "",
+        f"    {cmd}",
+        "",
+        f"Wall time {wall:.0f} s. **The machine is shared and loaded** (2 cores, other jobs "
+        f"compiling; load average at start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}): the "
+        "absolute figures are noisy, the ratios (measured side by side in one run) are what "
+        "counts. "
+        f"Each figure is the best of {repeats} timeit repeats, per operation, of the small dict "
+        f"`{SMALL_DICT!r}`. Python {platform.python_version()}, Django {django.__version__}, "
+        f"redis-py {redis.__version__}, {hi}, {dr}; {redis_v.split(' sha=')[0]}.",
+        "",
+        "| bar (issue 9) | measured | bar | |",
+        "|---|---|---|---|",
+        *checks,
+        "",
+        "| operation | " + " | ".join(names[c] for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for op, row in res.items():
+        out.append(f"| {op} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
+
+    def dist(xs: list[float]) -> str:
+        return (
+            f"p50 {pct(xs, 50):,.0f} µs, p90 {pct(xs, 90):,.0f} µs, p99 {pct(xs, 99):,.0f} µs, "
+            f"max {max(xs):,.0f} µs"
+        )
+
+    runs = [
+        ("busy", "main thread busy, `sys.setswitchinterval(50 µs)` (**the bar**)"),
+        ("default", "main thread busy, default switch interval (5 ms)"),
+        ("idle", "main thread idle (waiting on an Event), switch interval 50 µs: the control"),
+        (
+            "cbusy",
+            "main thread busy in C with the GIL released (sha256 of 1 MB buffers), default "
+            "switch interval: the CPU is as busy, the GIL is free",
+        ),
+    ]
+    lat_lines = [
+        f"  - {what}, {len(lat[k][0])} rounds: from before `set` {dist(lat[k][0])}; "
+        f"lower bound (the last check that still saw the key) {dist(lat[k][2])}; "
+        f"from after `set` returned {dist(lat[k][1])} (lower bound {dist(lat[k][3])})"
+        for k, what in runs
+    ]
+    out += [
+        "",
+        "- `get (L1 hit)`: RustCache and NearCache answer from the in-process store; RedisCache "
+        "and django-redis have no L1, so theirs is a Redis round trip (the ≥ 500x bar).",
+        "- `get (miss)`: NearCache's L1 is dropped before each timed loop and each loop reads "
+        "distinct keys that are in Redis, so every read is one round trip (NearCache: `EVALSHA` "
+        "of GET + PTTL, then the L1 fill); `redis-py GET + loads` is `pickle.loads(r.get(k))` "
+        f"on one `redis.Redis` ({hi}).",
+        "- `set`: overwrites of keys that exist (NearCache: Redis `SET PX`, then its own L1).",
+        "- Invalidation delivery: a second process (the receiver) holds the key in L1; its main "
+        "thread spins in a pure-Python loop for the whole run, a side thread checks `has_key` "
+        "every 50 µs (sleeping in between, so it does not compete for the CPU) until the key "
+        "leaves L1. This process sets the key through its own "
+        "NearCache; latency = receiver's `time.monotonic_ns()` on seeing it gone minus this "
+        "process's just before `set` (CLOCK_MONOTONIC is system-wide on Linux), so it includes "
+        "the writer's `set`, Redis's push, the Rust listener applying it, and the side thread "
+        "getting the GIL to notice. The listener itself needs no GIL; the small switch interval "
+        "keeps the noticing side thread's GIL wait short (with the default 5 ms, that wait is "
+        "what the second line measures). The key left L1 between the receiver's last check "
+        "that saw it (the lower bound) and its first that did not (the figure the bar is "
+        "judged on). After `set` returned: the writer's round trip taken out (negative when "
+        "the receiver noticed before the writer's reply came):",
+        *lat_lines,
+        SECTION_END,
+    ]
+    return out
+
+
+def write_results(section: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the near_bench section of ``path``, nothing else; benchmarks/peers/
+    bench.py carries the section over when it rewrites the file."""
+    old = path.read_text() if path.exists() else ""
+    if SECTION_BEGIN in old and SECTION_END in old:
+        head, rest = old.split(SECTION_BEGIN, 1)
+        tail = rest.split(SECTION_END, 1)[1]
+        new = head + section.rstrip("\n") + tail
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    path.write_text(new)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
