@@ -38,7 +38,7 @@ from django_rustcache._async import AsyncFillMixin
 from django_rustcache._core import Handle
 from django_rustcache._fill import FillMixin
 from django_rustcache.backend import _Synced, _warn_key
-from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS
+from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, _seconds, int_option
 
 logger = logging.getLogger("django_rustcache.near")
 
@@ -162,17 +162,6 @@ def _number(where: str, name: str, value: Any, *, zero_ok: bool = False) -> floa
     return float(value)
 
 
-def _int_option(where: str, name: str, value: Any, minimum: int | None) -> int:
-    # Here since options.py dropped it (the settings rework); NearCache's checks stay as they were.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ImproperlyConfigured(
-            f"{where}: OPTIONS[{name!r}] must be an integer, not {type(value).__name__} {value!r}."
-        )
-    if minimum is not None and value < minimum:
-        raise ImproperlyConfigured(f"{where}: OPTIONS[{name!r}] must be >= {minimum}, not {value}.")
-    return value
-
-
 def _bool(where: str, name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ImproperlyConfigured(
@@ -275,11 +264,11 @@ class NearOptions:
                 f"{where}: OPTIONS['EVICTION_POLICY'] must be one of "
                 f"{', '.join(map(repr, EVICTION_POLICIES))}, not {policy!r}."
             )
-        _int_option(where, "MAX_ENTRIES", o["MAX_ENTRIES"], 1)
-        _int_option(where, "CULL_FREQUENCY", o["CULL_FREQUENCY"], 0)
+        int_option(where, "MAX_ENTRIES", o["MAX_ENTRIES"], 1)
+        int_option(where, "CULL_FREQUENCY", o["CULL_FREQUENCY"], 0)
         max_bytes = o["MAX_BYTES"]
         if max_bytes is not None:
-            max_bytes = _int_option(where, "MAX_BYTES", max_bytes, 1)
+            max_bytes = int_option(where, "MAX_BYTES", max_bytes, 1)
         mode = o["INVALIDATION"]
         if mode not in INVALIDATION_MODES:
             raise ImproperlyConfigured(
@@ -300,7 +289,8 @@ class NearOptions:
             ignore_exceptions=_bool(where, "IGNORE_EXCEPTIONS", o["IGNORE_EXCEPTIONS"]),
             stale_if_error=stale,
             redis_options=theirs,
-            stampede_wait=_number(where, "STAMPEDE_WAIT", o["STAMPEDE_WAIT"], zero_ok=True),
+            # Checked as RustCache's STAMPEDE_WAIT is.
+            stampede_wait=_seconds(where, "OPTIONS['STAMPEDE_WAIT']", o["STAMPEDE_WAIT"]),
         )
 
 

@@ -91,6 +91,17 @@ def clamp_store_int(value: int) -> int:
     return max(-STORE_INT_MAX - 1, min(value, STORE_INT_MAX))
 
 
+def int_option(where: str, name: str, value: Any, minimum: int) -> int:
+    """``OPTIONS[name]`` read as Django reads MAX_ENTRIES (anything ``int()`` takes), at least
+    ``minimum``, clamped to what the store takes (NearCache's L1 options)."""
+    number = _django_int(where, f"OPTIONS[{name!r}]", value, None)
+    if number < minimum:
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS[{name!r}] must be >= {minimum}, not {number}."
+        )
+    return clamp_store_int(number)
+
+
 def _seconds(where: str, name: str, value: Any) -> float:
     """A real number of seconds >= 0 (not bool, not NaN) as a float, at most STAMPEDE_WAIT_MAX."""
     if isinstance(value, bool) or not isinstance(value, _REALS):
