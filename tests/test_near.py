@@ -409,6 +409,8 @@ def test_a_pickling_error_is_raised_before_redis_is_touched(cache, raw):
         ({"SIGNED": "yes"}, "SIGNED"),
         ({"IGNORE_EXCEPTIONS": 1}, "IGNORE_EXCEPTIONS"),
         ({"STALE_IF_ERROR": -1}, "STALE_IF_ERROR"),
+        ({"STAMPEDE_WAIT": -1}, "STAMPEDE_WAIT"),
+        ({"STAMPEDE_WAIT": "10"}, "STAMPEDE_WAIT"),
         ({"MAX_ENTRIE": 10}, "MAX_ENTRIE"),
         ({"socket_timout": 1}, "socket_timout"),
         ({"ssl_certfile": "x"}, "TLS"),
@@ -857,3 +859,89 @@ def test_incr_and_add_are_atomic_across_threads(make):
     assert sorted(v for _, got in results for v in got) == list(range(1, 401))
     added = run_threads(8, lambda: cache.add("once", object()))
     assert sorted(got for _, got in added) == [False] * 7 + [True]
+
+
+# Single-flight: get_or_set and aget_or_set come from FillMixin / AsyncFillMixin --------------
+
+
+def test_threads_missing_one_key_compute_it_once_and_redis_decides_the_add(make, raw):
+    from tests.threads import run_threads
+
+    cache = make()
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.3)
+        return {"value": 42}
+
+    results = run_threads(16, lambda: cache.get_or_set("hot", slow, timeout=60))
+    assert len(calls) == 1
+    assert results == [("ok", {"value": 42})] * 16
+    assert raw.exists(f"{cache.key_prefix}:1:hot") == 1
+
+
+def test_stampede_wait_zero_turns_single_flight_off(make):
+    from tests.threads import run_threads
+
+    cache = make(OPTIONS={"STAMPEDE_WAIT": 0})
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.3)
+        return len(calls)
+
+    results = run_threads(4, lambda: cache.get_or_set("hot", slow))
+    assert len(calls) == 4
+    # Redis decided: every caller got the one value that SET NX stored first.
+    assert len({got for _, got in results}) == 1
+
+
+def test_a_coroutine_follows_another_threads_fill_without_blocking_the_loop(make):
+    import threading
+
+    cache = make(OPTIONS={"STAMPEDE_WAIT": 30})
+    inside, release = threading.Event(), threading.Event()
+
+    def lead_value():
+        inside.set()
+        release.wait(30)
+        return "leader"
+
+    leader = threading.Thread(target=lambda: cache.get_or_set("k", lead_value))
+    leader.start()
+    assert inside.wait(10)
+
+    async def follow():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick = asyncio.create_task(ticker())
+        asyncio.get_running_loop().call_later(0.5, release.set)
+        try:
+            return await cache.aget_or_set("k", lambda: "follower"), ticks
+        finally:
+            tick.cancel()
+
+    try:
+        value, ticks = asyncio.run(follow())
+    finally:
+        release.set()
+        leader.join(10)
+    assert value == "leader"  # the follower waited for the leader's value, computing nothing
+    assert ticks >= 10  # and the loop kept running meanwhile
+
+
+def test_no_async_method_of_near_cache_is_a_sync_twin_that_would_block_the_loop():
+    from django_rustcache._async import AsyncMixin
+
+    twins = {name for name in vars(AsyncMixin) if name.startswith("a")}
+    assert "aget_or_set" in twins
+    borrowed = {n for n in twins if getattr(NearCache, n, None) is getattr(AsyncMixin, n)}
+    assert borrowed == set()

@@ -7,14 +7,11 @@ switches the instance to *raw* mode, where Python makes the key as Django does a
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import logging
 import pickle
-import random
-import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from django.core.cache.backends.base import (
@@ -26,18 +23,14 @@ from django.core.cache.backends.base import (
 )
 from django.core.exceptions import ImproperlyConfigured
 
+from django_rustcache._async import AsyncMixin
 from django_rustcache._core import FastMethod, Handle
+from django_rustcache._fill import FillMixin, Tags
 from django_rustcache.checks import warn_if_app_missing
-from django_rustcache.options import RustCacheOptions, check_early_refresh, clamp_store_int
+from django_rustcache.options import RustCacheOptions, clamp_store_int
 from django_rustcache.signals import tags_invalidated
 
-Tags = Iterable[str] | None
-
 logger = logging.getLogger("django_rustcache")
-
-#: ``aget_or_set``'s poll of a flight led by another thread: first and longest sleep (seconds).
-_POLL_FIRST = 0.001
-_POLL_MAX = 0.02
 
 
 def _warn_key(key: str) -> None:
@@ -85,8 +78,11 @@ class _ExpiryView(Mapping[str, float | None]):
         return len(self._h)
 
 
-class RustCache(BaseCache):
-    """An in-process cache with LocMemCache's semantics and a Rust store shared per LOCATION."""
+class RustCache(FillMixin, AsyncMixin, BaseCache):
+    """An in-process cache with LocMemCache's semantics and a Rust store shared per LOCATION.
+
+    ``get_or_set`` and its fills come from ``FillMixin``, the ``a*`` twins from ``AsyncMixin``.
+    """
 
     pickle_protocol = pickle.HIGHEST_PROTOCOL
 
@@ -263,125 +259,6 @@ class RustCache(BaseCache):
             return
         self._h.delete_many(keys, version)
 
-    def get_or_set(
-        self,
-        key: Any,
-        default: Any,
-        timeout: Any = DEFAULT_TIMEOUT,
-        version: Any = None,
-        tags: Tags = None,
-        *,
-        early_refresh: float | None = None,
-    ) -> Any:
-        """Return the value; on a miss store ``default`` (called if callable) and return it.
-
-        When many threads miss the same key at once, one calls ``default`` and the others wait
-        (without the GIL, at most ``OPTIONS["STAMPEDE_WAIT"]`` seconds) and then read its value;
-        if it raised, each waiter calls ``default`` itself.
-
-        With ``early_refresh`` (XFetch's beta; default ``OPTIONS["EARLY_REFRESH"]``, 0 = off) and
-        a callable ``default``, a hit may be recomputed shortly before it expires by one caller
-        (see ``_refresh_early``); everyone else keeps getting the cached value meanwhile.
-        """
-        val = self._get_or_refresh(key, default, timeout, version, tags, early_refresh)
-        if val is not self._missing_key:
-            return val
-        wait = self._options.stampede_wait
-        flight = self.make_key(key, version) if callable(default) and wait > 0 else None
-        if flight is not None and not self._h.flight_begin(flight, wait):
-            val = self.get(key, self._missing_key, version=version)
-            if val is not self._missing_key:
-                return val
-            flight = None  # the leader failed or is too slow: compute here
-        try:
-            return self._fill(key, default, timeout, version, tags, replace=False)
-        finally:
-            if flight is not None:
-                self._h.flight_end(flight)
-
-    def _get_or_refresh(
-        self,
-        key: Any,
-        default: Any,
-        timeout: Any,
-        version: Any,
-        tags: Tags,
-        early_refresh: float | None,
-    ) -> Any:
-        """``get_or_set``'s read: the cached (or early-refreshed) value, or ``_missing_key``."""
-        if early_refresh is None:
-            beta = self._options.early_refresh
-        else:
-            beta = check_early_refresh(early_refresh)
-        if not beta or not callable(default):
-            # The ordinary hit path. Reading through the handle (what `get` does) rather than
-            # `self.get` saves about what looking up `beta` costs.
-            if self._direct:
-                return self._h.get(key, self._missing_key, version)
-            return self.get(key, self._missing_key, version=version)
-        # One uniform draw in (0, 1]; `_early_random` is injectable for seeded tests.
-        val, refresh = self._h.get_early(
-            self._k(key, version), self._missing_key, version, beta, 1.0 - self._early_random()
-        )
-        if refresh:
-            return self._refresh_early(key, val, default, timeout, version, tags)
-        return val
-
-    #: Uniform random source in [0, 1) for early refresh; replace it on an instance to seed it.
-    _early_random: Callable[[], float] = staticmethod(random.random)
-    #: Clock (seconds) timing ``default()`` for early refresh; replaceable for tests.
-    _early_clock: Callable[[], float] = staticmethod(time.perf_counter)
-
-    def _refresh_early(
-        self,
-        key: Any,
-        cached: Any,
-        default: Callable[[], Any],
-        timeout: Any,
-        version: Any,
-        tags: Tags,
-    ) -> Any:
-        """Recompute a live value before it expires, unless another caller already is.
-
-        The refresher takes the key's single-flight without waiting; if someone holds it, the
-        cached value is returned at once. The new value replaces the old one as ``set`` does (new
-        timeout). If ``default()`` raises, the exception reaches this caller and the old value
-        stays in place.
-        """
-        flight = self.make_key(key, version)
-        if not self._h.flight_try(flight):
-            return cached
-        try:
-            return self._fill(key, default, timeout, version, tags, replace=True)
-        finally:
-            self._h.flight_end(flight)
-
-    def _fill(
-        self, key: Any, default: Any, timeout: Any, version: Any, tags: Tags, replace: bool
-    ) -> Any:
-        """Compute ``default`` (timing it, for early refresh) and store it: ``add``, or ``set``."""
-        if tags is not None:
-            # Take the tag versions before computing: if one of the tags is invalidated while
-            # `default()` runs, the value may be stale and storing it stores nothing.
-            tags = self._h.snapshot_tags(tags)
-        if not callable(default):
-            self.add(key, default, timeout=timeout, version=version, tags=tags)
-        else:
-            clock = self._early_clock
-            start = clock()
-            default = default()
-            delta = clock() - start
-            if self._own_writes:
-                self._h.put_computed(
-                    self._k(key, version), default, timeout, version, tags, delta, replace
-                )
-            else:
-                extra = {} if tags is None else {"tags": tags}
-                store = self.set if replace else self.add
-                store(key, default, timeout=timeout, version=version, **extra)
-        # A racing caller may have added first: return what the cache holds now.
-        return self.get(key, default, version=version)
-
     def clear(self) -> None:
         """Empty the whole store (every prefix and version sharing this LOCATION)."""
         self._h.clear()
@@ -440,136 +317,3 @@ class RustCache(BaseCache):
     def stats(self) -> dict[str, Any]:
         """Counters and sizes: hits, misses, sets, deletes, evictions, expirations, entries, ..."""
         return self._h.stats()
-
-    # Async twins: no store operation blocks, so they run the store directly (aget_or_set's wait
-    # for another thread's value polls instead of blocking). --------------------------------------
-
-    async def aadd(
-        self,
-        key: Any,
-        value: Any,
-        timeout: Any = DEFAULT_TIMEOUT,
-        version: Any = None,
-        tags: Tags = None,
-    ) -> bool:
-        return self.add(key, value, timeout, version, tags)
-
-    async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
-        return self.get(key, default, version)
-
-    async def aset(
-        self,
-        key: Any,
-        value: Any,
-        timeout: Any = DEFAULT_TIMEOUT,
-        version: Any = None,
-        tags: Tags = None,
-    ) -> None:
-        self.set(key, value, timeout, version, tags)
-
-    async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
-        return self.touch(key, timeout, version)
-
-    async def adelete(self, key: Any, version: Any = None) -> bool:
-        return self.delete(key, version)
-
-    async def ahas_key(self, key: Any, version: Any = None) -> bool:
-        return self.has_key(key, version)
-
-    async def aincr(self, key: Any, delta: Any = 1, version: Any = None) -> Any:
-        try:
-            return self.incr(key, delta, version)
-        except ValueError:
-            # Django's BaseCache.aincr names the caller's key, not the made key, when it is missing.
-            raise ValueError(f"Key '{key}' not found") from None
-
-    async def adecr(self, key: Any, delta: Any = 1, version: Any = None) -> Any:
-        return await self.aincr(key, -delta, version)
-
-    async def aget_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
-        return self.get_many(keys, version)
-
-    async def aset_many(
-        self,
-        data: Mapping[Any, Any],
-        timeout: Any = DEFAULT_TIMEOUT,
-        version: Any = None,
-        tags: Tags = None,
-    ) -> list[Any]:
-        return self.set_many(data, timeout, version, tags)
-
-    async def adelete_many(self, keys: Iterable[Any], version: Any = None) -> None:
-        self.delete_many(keys, version)
-
-    async def aget_or_set(
-        self,
-        key: Any,
-        default: Any | Callable[[], Any],
-        timeout: Any = DEFAULT_TIMEOUT,
-        version: Any = None,
-        tags: Tags = None,
-        *,
-        early_refresh: float | None = None,
-    ) -> Any:
-        """``get_or_set`` that never blocks the event loop.
-
-        A miss of a key another thread is computing waits for that value as ``get_or_set`` does,
-        at most ``STAMPEDE_WAIT`` seconds, but by polling the key's single-flight between
-        ``asyncio.sleep`` steps (1 ms, doubling up to 20 ms) instead of blocking the thread.
-        Like Django's, it calls ``default`` directly (a ``default`` that blocks, blocks the loop).
-        """
-        val = self._get_or_refresh(key, default, timeout, version, tags, early_refresh)
-        if val is not self._missing_key:
-            return val
-        wait = self._options.stampede_wait
-        flight = self.make_key(key, version) if callable(default) and wait > 0 else None
-        # `flight_begin(flight, 0)` joins without waiting: True if this caller leads the key.
-        followed = flight is not None and not self._h.flight_begin(flight, 0)
-        if followed and not await self._follow(flight, wait):
-            flight = None  # the leader is too slow: compute here, as get_or_set does
-        try:
-            if followed:
-                # The leader is done (or too slow): its value, if it stored one.
-                val = self.get(key, self._missing_key, version=version)
-                if val is not self._missing_key:
-                    return val
-            return self._fill(key, default, timeout, version, tags, replace=False)
-        finally:
-            if flight is not None:
-                self._h.flight_end(flight)
-
-    async def _follow(self, flight: str, wait: float) -> bool:
-        """Await the end of another thread's fill of ``flight`` without blocking the loop: True
-        once this caller leads the key (the other one finished), False if ``wait`` passed first.
-        Holds nothing while it sleeps, so cancelling it leaves no flight behind."""
-        deadline = time.monotonic() + wait
-        step = _POLL_FIRST
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            await asyncio.sleep(min(step, left))
-            step = min(step * 2, _POLL_MAX)
-            if self._h.flight_begin(flight, 0):
-                return True
-
-    async def aincr_version(self, key: Any, delta: int = 1, version: Any = None) -> int:
-        return self.incr_version(key, delta, version)
-
-    async def adecr_version(self, key: Any, delta: int = 1, version: Any = None) -> int:
-        return self.decr_version(key, delta, version)
-
-    async def ainvalidate_tags(self, tags: Iterable[str]) -> int:
-        return self.invalidate_tags(tags)
-
-    async def adelete_pattern(self, pattern: str, version: Any = None) -> int:
-        return self.delete_pattern(pattern, version)
-
-    async def attl(self, key: Any, version: Any = None) -> float | None:
-        return self.ttl(key, version)
-
-    async def aclear(self) -> None:
-        self.clear()
-
-    async def aclose(self, **kwargs: Any) -> None:
-        self.close(**kwargs)

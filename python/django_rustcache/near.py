@@ -36,9 +36,11 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, default_
 from django.core.exceptions import ImproperlyConfigured
 
 from django_rustcache import _core
+from django_rustcache._async import AsyncFillMixin
 from django_rustcache._core import Handle
+from django_rustcache._fill import FillMixin
 from django_rustcache.backend import _Synced, _warn_key
-from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, int_option
+from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, _seconds, int_option
 from django_rustcache.signals import tags_invalidated
 
 logger = logging.getLogger("django_rustcache.near")
@@ -57,6 +59,7 @@ NEAR_OPTION_DEFAULTS: dict[str, Any] = {
     "SIGNED": True,
     "IGNORE_EXCEPTIONS": False,
     "STALE_IF_ERROR": None,
+    "STAMPEDE_WAIT": 10.0,
 }
 INVALIDATION_MODES = {"tracking": "bcast", "pubsub": "pubsub"}
 
@@ -294,6 +297,8 @@ class NearOptions:
     ignore_exceptions: bool
     stale_if_error: float | None
     redis_options: dict[str, Any]
+    #: Seconds a get_or_set caller waits for another thread's fill of the same key (0: off).
+    stampede_wait: float = 10.0
 
     @classmethod
     def from_params(cls, location: Any, params: dict[str, Any]) -> NearOptions:
@@ -396,6 +401,8 @@ class NearOptions:
             ignore_exceptions=_bool(where, "IGNORE_EXCEPTIONS", o["IGNORE_EXCEPTIONS"]),
             stale_if_error=stale,
             redis_options=theirs,
+            # Checked as RustCache's STAMPEDE_WAIT is.
+            stampede_wait=_seconds(where, "OPTIONS['STAMPEDE_WAIT']", o["STAMPEDE_WAIT"]),
         )
 
 
@@ -570,8 +577,12 @@ def _pipe(client: Any, cmds: list[tuple[str, tuple[Any, ...], dict[str, Any]]], 
 _Op = Generator[Callable[[Any], Any], Any, Any]
 
 
-class NearCache(BaseCache):
-    """Django's cache API over Redis/Valkey, with the Rust store as a per-process near cache."""
+class NearCache(FillMixin, AsyncFillMixin, BaseCache):
+    """Django's cache API over Redis/Valkey, with the Rust store as a per-process near cache.
+
+    ``get_or_set`` and its single-flight come from ``FillMixin`` (its ``add`` is Redis's SET NX),
+    the follower wait of ``aget_or_set`` from ``AsyncFillMixin``.
+    """
 
     pickle_protocol = pickle.HIGHEST_PROTOCOL
 
@@ -650,6 +661,10 @@ class NearCache(BaseCache):
         self._counters = _counters_for(self._l1_location)
         self._errors = _conn_errors()
         self._generation = _STATE.generation
+
+    def _k(self, key: Any, version: Any) -> str:
+        """The key as the L1 handle ``_h`` wants it: the made key (FillMixin's hook)."""
+        return self.make_and_validate_key(key, version=version)
 
     def _client(self) -> Any:
         if self._generation != _STATE.generation:
@@ -1300,21 +1315,12 @@ class NearCache(BaseCache):
         version: Any = None,
         tags: Any = None,
     ) -> Any:
-        """Django's get_or_set: a miss is filled with ``add`` (Redis decides who stores). With
-        ``tags``, they are snapshotted before ``default`` is computed and the result is stored only
-        if none of them was invalidated meanwhile (it is returned either way)."""
-        if tags is None:
-            return super().get_or_set(key, default, timeout, version)
-        value = self.get(key, _MISS, version=version)
-        if value is not _MISS:
-            return value
-        snapshot = tags if isinstance(tags, NearTagSnapshot) else self.snapshot_tags(tags)
-        if callable(default):
-            default = default()
-        if self.add(key, default, timeout, version, tags=snapshot):
-            return default
-        # Someone else stored first (or a tag moved): return what Redis holds now, if valid.
-        return self.get(key, default, version=version)
+        """``FillMixin.get_or_set``: a miss is filled with ``add`` (Redis decides who stores),
+        one thread of this process computing it while the others wait (``STAMPEDE_WAIT``). With
+        ``tags``, they are snapshotted before ``default`` is computed and the result is stored
+        only if none of them was invalidated meanwhile (it is returned either way)."""
+        # No early refresh: L1's expiry is not Redis's, so XFetch would judge the wrong TTL.
+        return super().get_or_set(key, default, timeout, version, tags, early_refresh=0.0)
 
     def delete_many(self, keys: Iterable[Any], version: Any = None) -> None:
         """One DEL for every key."""
@@ -1395,6 +1401,8 @@ class NearCache(BaseCache):
 
     def snapshot_tags(self, tags: Iterable[str]) -> NearTagSnapshot:
         """Current versions of ``tags``; pass it as ``tags=`` to store only if none moved since."""
+        if isinstance(tags, NearTagSnapshot):
+            return tags
         return self._run(self._op_snapshot(tags))
 
     # Async: L1 hits are answered directly; a miss goes to redis.asyncio. -------------------
@@ -1502,17 +1510,27 @@ class NearCache(BaseCache):
         version: Any = None,
         tags: Any = None,
     ) -> Any:
-        """``get_or_set`` on redis.asyncio (no thread hop): ``aget``, then ``aadd`` on a miss."""
+        """``get_or_set`` on redis.asyncio (no thread hop): ``aget``, then on a miss
+        ``AsyncFillMixin``'s single-flight around ``_afill`` (``aadd``, then ``aget``)."""
         value = await self.aget(key, self._missing_key, version=version)
         if value is self._missing_key:
-            if tags is not None and not isinstance(tags, NearTagSnapshot):
-                tags = await self._arun(self._op_snapshot(tags))
-            if callable(default):
-                default = default()
-            await self.aadd(key, default, timeout=timeout, version=version, tags=tags)
-            # Whoever added first won: return what Redis holds now.
-            return await self.aget(key, default, version=version)
+            return await self._afill_missed(key, default, timeout, version, tags)
         return value
+
+    # AsyncFillMixin's hooks, on redis.asyncio: the sync ones would block the event loop.
+
+    async def _aread(self, key: Any, version: Any) -> Any:
+        return await self.aget(key, self._missing_key, version=version)
+
+    async def _afill(self, key: Any, default: Any, timeout: Any, version: Any, tags: Any) -> Any:
+        if tags is not None and not isinstance(tags, NearTagSnapshot):
+            # The race guard: the versions are taken before computing (see get_or_set).
+            tags = await self._arun(self._op_snapshot(tags))
+        if callable(default):
+            default = default()
+        await self.aadd(key, default, timeout=timeout, version=version, tags=tags)
+        # Whoever added first won: return what Redis holds now.
+        return await self.aget(key, default, version=version)
 
     async def aclear(self) -> None:
         await self._arun(self._op_clear())
