@@ -183,6 +183,8 @@ def test_async_tags(cache):
     asyncio.run(run())
 
 
+# Forking while the listener thread runs is what this tests (gunicorn --preload does it).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("mode", ["tracking", "pubsub"])
 def test_a_bump_in_a_forked_process_is_seen_by_the_parent(make, mode):
     cache = make(OPTIONS={"INVALIDATION": mode})
