@@ -68,6 +68,7 @@ extern "C" fn parent() {
 
 extern "C" fn child() {
     GENERATION.fetch_add(1, Ordering::AcqRel);
+    crate::near::inherited::close_all_in_child();
     // SAFETY: the child's only thread is the one that ran `prepare`; it holds the locks.
     #[cfg(feature = "python")]
     unsafe {

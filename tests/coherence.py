@@ -47,6 +47,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -463,6 +464,9 @@ def run(
     total = before + length + after + (0.5 if fault == "kill" else 0.0)
     run_id = uuid.uuid4().hex[:8]
     key_names = [f"coherence:{run_id}:{i}" for i in range(keys)]
+    # fork on purpose, with this process's listener thread running: what gunicorn --preload and
+    # Celery prefork do (Python 3.12+ warns about forking a multi-threaded process).
+    warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
     ctx = multiprocessing.get_context("fork")
     ready, go, t0 = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
     tmp = Path(tempfile.mkdtemp(prefix="coherence-"))

@@ -12,6 +12,7 @@ to install: the tests that need the server then fail (they are never skipped).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -124,7 +125,9 @@ class Server:
             if self.unix:
                 cmd += ["--unixsocket", str(self.unix_path), "--unixsocketperm", "700"]
             cmd += self.args
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=self.dir)
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, cwd=self.dir, preexec_fn=_die_with_parent
+            )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if ping(port):
@@ -172,6 +175,20 @@ class Server:
 
 
 _RUNNING: set[Server] = set()
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the forked child before exec: SIGKILL this server when the test process dies.
+
+    ``atexit`` does not run when the test process is killed (a CI timeout, ``kill -9`` of a
+    hung pytest); without this its servers would outlive it and hold their ports. Linux only
+    (the kernel sends the signal when the thread that started the server exits: servers are
+    started from the main thread).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def start(kind: str, *args: str, unix: bool = False) -> Server:

@@ -11,6 +11,7 @@ from decimal import Decimal
 
 import pytest
 from django.core.cache import cache, caches
+from django.core.cache.backends.locmem import LocMemCache
 from django.db import transaction
 
 from django_rustcache.invalidation import (
@@ -452,3 +453,31 @@ def test_get_or_set_fill_overlapping_an_invalidation_is_not_stored(apple):
     thread.join(5)
     assert results == ["computed before the write"]  # returned to its caller...
     assert cache.get("k") is None  # ...but not stored
+
+
+class PublicTagsOnlyCache(LocMemCache):
+    """A third-party backend that offers ``invalidate_tags`` but not our private quiet variant
+    (the system check accepts any backend with ``invalidate_tags``)."""
+
+    calls: list[list[str]] = []
+
+    def invalidate_tags(self, tags):
+        PublicTagsOnlyCache.calls.append(list(tags))
+        return 0
+
+
+def test_rules_work_with_a_backend_that_has_only_a_public_invalidate_tags(
+    settings, django_capture_on_commit_callbacks
+):
+    settings.CACHES = {
+        **settings.CACHES,
+        "public-tags": {"BACKEND": "tests.test_invalidation.PublicTagsOnlyCache"},
+    }
+    supplier = Supplier.objects.create(name="s")  # before the rule exists: nothing to run
+    settings.RUSTCACHE_AUTO_INVALIDATE = "public-tags"
+    PublicTagsOnlyCache.calls.clear()
+    # Run the on-commit invalidation inside the test, while the alias still exists.
+    with django_capture_on_commit_callbacks(execute=True):
+        supplier.save()
+    assert len(PublicTagsOnlyCache.calls) == 2, "now and at commit"
+    assert all(model_tag(Supplier) in tags for tags in PublicTagsOnlyCache.calls)

@@ -341,3 +341,49 @@ def test_near_returns_one_object_per_location_and_checks_its_arguments(
     with pytest.raises(TypeError):
         _core.Near(location, host="127.0.0.1")  # every setting is required
     a.close()
+
+
+def test_a_forked_child_does_not_keep_the_parents_listener_connection_open(
+    redis_server: Server,
+) -> None:
+    # A child inherits the listener's descriptors but not its thread. Were they kept open, the
+    # connection would outlive the parent (its exit, or a reconnect) for as long as the child
+    # lives, and the server would keep pushing invalidations into a socket nobody reads.
+    import redis
+
+    script = f"""
+import os, time, uuid
+from django_rustcache import _core
+loc = "near-" + uuid.uuid4().hex
+h = _core.Handle(loc, object(), lambda key: None)
+n = _core.near(loc, host="127.0.0.1", port={redis_server.port}, unix_path=None, username=None,
+               password=None, prefix="p:", lease=0.5, mode="bcast", channel="",
+               connect_timeout=1.0)
+n.ensure_started()
+assert n.wait_fresh(5.0)
+pid = os.fork()
+if pid == 0:
+    time.sleep(20)  # alive, touching nothing, after its parent is gone
+    os._exit(0)
+print(pid, flush=True)
+os._exit(0)  # the parent dies without closing its listener
+"""
+    r = redis.Redis(port=redis_server.port)
+
+    def trackers() -> int:
+        return sum(1 for c in r.client_list() if "t" in c["flags"])
+
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.wait(10)
+        wait_until(lambda: trackers() == 0, "the dead parent's listener connection to close")
+        os.kill(child, 0)  # the child is still alive: it did not keep the connection open
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+        r.close()

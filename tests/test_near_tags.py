@@ -183,6 +183,8 @@ def test_async_tags(cache):
     asyncio.run(run())
 
 
+# Forking while the listener thread runs is what this tests (gunicorn --preload does it).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("mode", ["tracking", "pubsub"])
 def test_a_bump_in_a_forked_process_is_seen_by_the_parent(make, mode):
     cache = make(OPTIONS={"INVALIDATION": mode})
@@ -272,3 +274,44 @@ def test_get_many_answers_tagged_l1_hits_from_l1_and_rereads_moved_ones(l1cache,
     assert cache.get_many(["a", "b", "c", "plain"]) == {"c": 3, "plain": 4}
     cache.set("a", 5, tags=["ta"])
     assert asyncio.run(cache.aget_many(["a", "b", "c"])) == {"a": 5, "c": 3}
+
+
+def test_has_key_touch_ttl_and_incr_see_an_entry_whose_tag_moved_as_missing(cache, raw):
+    # RustCache drops such an entry at once; in Redis it stays until overwritten or expired, so
+    # every operation that answers from Redis must check its versions, not just get().
+    cache.set("k", {"v": 1}, timeout=100, tags=["t"])
+    cache.set("n", 5, timeout=100, tags=["t"])
+    assert cache.has_key("k") and 99 < cache.ttl("k") <= 100
+    cache.invalidate_tags(["t"])
+    assert cache.get("k") is None
+    assert cache.has_key("k") is False
+    assert cache.ttl("k") == 0
+    assert cache.touch("k", 500) is False
+    with pytest.raises(ValueError):
+        cache.incr("n")
+    with pytest.raises(ValueError):
+        cache.decr("n")
+    assert raw.pttl(cache.make_key("k")) <= 100_000  # touch left it alone
+
+
+def test_incr_of_a_tagged_integer_keeps_its_tags_and_ttl(cache, raw):
+    cache.set("n", 5, timeout=100, tags=["t"])
+    assert cache.incr("n") == 6
+    assert cache.decr("n", 10) == -4
+    assert cache.get("n") == -4
+    assert 99 < cache.ttl("n") <= 100
+    cache.invalidate_tags(["t"])
+    assert cache.get("n") is None  # still carries the tag
+
+
+def test_incr_of_a_tagged_non_integer_raises_and_changes_nothing(cache, raw):
+    cache.set("s", "text", tags=["t"])
+    before = raw.get(cache.make_key("s"))
+    with pytest.raises(Exception):  # noqa: B017 (Django's RedisCache raises redis' error too)
+        cache.incr("s")
+    assert raw.get(cache.make_key("s")) == before and cache.get("s") == "text"
+
+
+def test_has_key_of_a_key_holding_another_redis_type_is_true(cache, raw):
+    raw.hset(cache.make_key("h"), "f", "v")  # written by another client
+    assert cache.has_key("h") is True

@@ -189,6 +189,8 @@ def _eventually(predicate, seconds=2.0):
     return predicate()
 
 
+# Forking while the listener thread runs is what this tests (gunicorn --preload does it).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.django_db(transaction=True)
 def test_a_save_in_another_process_is_seen_by_this_one(near, apple):
     key = _cache_product(apple)

@@ -78,22 +78,6 @@ local t = {}
 for i = 1, #KEYS do t[i] = redis.call('PTTL', KEYS[i]) end
 return {v, t}
 """
-_LUA_INCR = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local v = redis.call('INCRBY', KEYS[1], ARGV[1])
-if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
-return v
-"""
-_LUA_TOUCH = """
-if ARGV[1] == '' then
-  if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-  redis.call('PERSIST', KEYS[1])
-elseif redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then
-  return 0
-end
-if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
-return 1
-"""
 # Tagged entries: TAGGED_MAGIC, 8 hex digits giving the header's length, the header (a JSON list
 # [tag key, version, tag key, version, ...]), then the value in the untagged format. `stale(v)`
 # tells whether such an entry was built against a tag version that has since moved (or gone).
@@ -165,6 +149,62 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+# `live(k)`: the key exists and, if it is a tagged entry, none of its tags moved (RustCache has
+# dropped an entry whose tags moved; here it stays in Redis until overwritten or expired, so
+# has_key, ttl, touch and incr must not see it). Only a tagged entry is read whole.
+_LUA_LIVE = (
+    _LUA_STALE
+    + r"""
+local function tagged(k)
+  return redis.call('TYPE', k).ok == 'string' and redis.call('GETRANGE', k, 0, 4) == '\0rct1'
+end
+local function live(k)
+  if redis.call('EXISTS', k) == 0 then return false end
+  return not (tagged(k) and stale(redis.call('GET', k)))
+end
+"""
+)
+_LUA_HAS = _LUA_LIVE + "return live(KEYS[1]) and 1 or 0"
+_LUA_TTL = _LUA_LIVE + "if not live(KEYS[1]) then return -2 end return redis.call('PTTL', KEYS[1])"
+# incr of a tagged integer rewrites the value behind its header (KEEPTTL), so it keeps its tags,
+# as RustCache's does; Lua's numbers are doubles, so past 2**53 it refuses rather than round.
+_LUA_INCR = (
+    _LUA_LIVE
+    + r"""
+if not live(KEYS[1]) then return false end
+local v
+if tagged(KEYS[1]) then
+  local cur = redis.call('GET', KEYS[1])
+  local n = tonumber(string.sub(cur, 6, 13), 16)
+  local body = string.sub(cur, 14 + n)
+  if not string.match(body, '^-?%d+$') then
+    return redis.error_reply('ERR value is not an integer or out of range')
+  end
+  v = tonumber(body) + tonumber(ARGV[1])
+  if math.abs(tonumber(body)) >= 2^53 or math.abs(v) >= 2^53 then
+    return redis.error_reply('ERR a tagged integer past 2**53 cannot be incremented')
+  end
+  redis.call('SET', KEYS[1], string.sub(cur, 1, 13 + n) .. string.format('%d', v), 'KEEPTTL')
+else
+  v = redis.call('INCRBY', KEYS[1], ARGV[1])
+end
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+return v
+"""
+)
+_LUA_TOUCH = (
+    _LUA_LIVE
+    + """
+if not live(KEYS[1]) then return 0 end
+if ARGV[1] == '' then
+  redis.call('PERSIST', KEYS[1])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+return 1
+"""
+)
 TAGGED_MAGIC = b"\x00rct1"
 _MGET_CHUNK = 1000  # Lua's unpack() has a stack limit; get_many reads in chunks this size
 
@@ -180,6 +220,7 @@ class _Script:
 
 _GET, _MGET, _INCR, _TOUCH = (_Script(s) for s in (_LUA_GET, _LUA_MGET, _LUA_INCR, _LUA_TOUCH))
 _SET, _TAG_VERSIONS, _BUMP = (_Script(s) for s in (_LUA_SET, _LUA_TAG_VERSIONS, _LUA_BUMP))
+_HAS, _TTL = _Script(_LUA_HAS), _Script(_LUA_TTL)
 
 
 def _seed() -> str:
@@ -1108,9 +1149,10 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             self._l1_drop(made_keys)
         return count
 
-    def _op_call(self, what: str, name: str, args: tuple[Any, ...], failed: Any) -> _Op:
+    def _op_script(self, what: str, script: _Script, made: str, failed: Any) -> _Op:
+        """A read-only script on ``made`` (has_key, ttl); ``failed`` under IGNORE_EXCEPTIONS."""
         try:
-            return (yield lambda c: getattr(c, name)(*args))
+            return (yield from self._script(script, [made]))
         except self._errors as e:
             return self._failed(what, e, failed)
 
@@ -1232,7 +1274,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     def has_key(self, key: Any, version: Any = None) -> bool:
         """Whether Redis has the key (never answered by L1)."""
         made = self.make_and_validate_key(key, version=version)
-        return bool(self._run(self._op_call("has_key", "exists", (made,), 0)))
+        return bool(self._run(self._op_script("has_key", _HAS, made, 0)))
 
     def incr(self, key: Any, delta: int = 1, version: Any = None) -> Any:
         """INCRBY in Redis, only if the key exists (ValueError if not)."""
@@ -1340,7 +1382,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     def ttl(self, key: Any, version: Any = None) -> float | None:
         """Seconds left in Redis: None for no expiry, 0 for a missing key (as django-redis)."""
         made = self.make_and_validate_key(key, version=version)
-        ms = self._run(self._op_call("ttl", "pttl", (made,), -2))
+        ms = self._run(self._op_script("ttl", _TTL, made, -2))
         return None if ms == -1 else max(0, ms) / 1000
 
     def iter_keys(self, pattern: str = "*", version: Any = None) -> Iterator[str]:
@@ -1461,7 +1503,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     async def ahas_key(self, key: Any, version: Any = None) -> bool:
         made = self.make_and_validate_key(key, version=version)
-        return bool(await self._arun(self._op_call("has_key", "exists", (made,), 0)))
+        return bool(await self._arun(self._op_script("has_key", _HAS, made, 0)))
 
     async def aincr(self, key: Any, delta: int = 1, version: Any = None) -> Any:
         made = self.make_and_validate_key(key, version=version)
@@ -1537,7 +1579,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     async def attl(self, key: Any, version: Any = None) -> float | None:
         made = self.make_and_validate_key(key, version=version)
-        ms = await self._arun(self._op_call("ttl", "pttl", (made,), -2))
+        ms = await self._arun(self._op_script("ttl", _TTL, made, -2))
         return None if ms == -1 else max(0, ms) / 1000
 
     async def adelete_pattern(self, pattern: str, version: Any = None) -> int:

@@ -16,6 +16,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 #[cfg(unix)]
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use super::inherited;
 use super::lease::Lease;
 use super::resp::{self, Value};
 use super::Sink;
@@ -85,14 +87,41 @@ pub struct Counters {
     pub last_pong_rtt_ns: AtomicU64,
 }
 
-/// The connection, TCP or unix socket.
-enum Conn {
+/// A socket, TCP or unix.
+enum Stream {
     Tcp(TcpStream),
     #[cfg(unix)]
     Unix(UnixStream),
 }
 
+/// The connection: its socket, whose descriptor a forked child closes at once (`inherited`).
+struct Conn {
+    // Declared first, so dropped first: deregistered before the socket closes its descriptor.
+    inherited: inherited::Registered,
+    stream: Stream,
+}
+
 impl Conn {
+    fn new(stream: Stream) -> Conn {
+        let fd = match &stream {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            #[cfg(unix)]
+            Stream::Unix(s) => s.as_raw_fd(),
+        };
+        Conn {
+            inherited: inherited::register(fd),
+            stream,
+        }
+    }
+
+    /// In a forked child: forget this copy without closing its descriptor, which the fork
+    /// handler already closed (closing it again could close a descriptor the child reused).
+    fn forget_in_child(self) {
+        if self.inherited.is_registered() {
+            std::mem::forget(self);
+        }
+    }
+
     fn connect(cfg: &Config) -> io::Result<Conn> {
         match &cfg.endpoint {
             Endpoint::Tcp { host, port } => {
@@ -101,7 +130,7 @@ impl Conn {
                     match TcpStream::connect_timeout(&addr, cfg.connect_timeout) {
                         Ok(s) => {
                             s.set_nodelay(true)?;
-                            return Ok(Conn::Tcp(s));
+                            return Ok(Conn::new(Stream::Tcp(s)));
                         }
                         Err(e) => last = Some(e),
                     }
@@ -111,7 +140,7 @@ impl Conn {
                 }))
             }
             #[cfg(unix)]
-            Endpoint::Unix(path) => UnixStream::connect(path).map(Conn::Unix),
+            Endpoint::Unix(path) => UnixStream::connect(path).map(|s| Conn::new(Stream::Unix(s))),
             #[cfg(not(unix))]
             Endpoint::Unix(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -121,56 +150,56 @@ impl Conn {
     }
 
     fn try_clone(&self) -> io::Result<Conn> {
-        match self {
-            Conn::Tcp(s) => s.try_clone().map(Conn::Tcp),
+        match &self.stream {
+            Stream::Tcp(s) => s.try_clone().map(|s| Conn::new(Stream::Tcp(s))),
             #[cfg(unix)]
-            Conn::Unix(s) => s.try_clone().map(Conn::Unix),
+            Stream::Unix(s) => s.try_clone().map(|s| Conn::new(Stream::Unix(s))),
         }
     }
 
     fn set_read_timeout(&self, t: Duration) -> io::Result<()> {
         let t = Some(t.max(Duration::from_millis(1)));
-        match self {
-            Conn::Tcp(s) => s.set_read_timeout(t),
+        match &self.stream {
+            Stream::Tcp(s) => s.set_read_timeout(t),
             #[cfg(unix)]
-            Conn::Unix(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
         }
     }
 
     fn set_write_timeout(&self, t: Duration) -> io::Result<()> {
         let t = Some(t.max(Duration::from_millis(1)));
-        match self {
-            Conn::Tcp(s) => s.set_write_timeout(t),
+        match &self.stream {
+            Stream::Tcp(s) => s.set_write_timeout(t),
             #[cfg(unix)]
-            Conn::Unix(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
         }
     }
 
     fn shutdown(&self) {
-        let _ = match self {
-            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
+        let _ = match &self.stream {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             #[cfg(unix)]
-            Conn::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
         };
     }
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Conn::Tcp(s) => s.read(buf),
+        match &mut self.stream {
+            Stream::Tcp(s) => s.read(buf),
             #[cfg(unix)]
-            Conn::Unix(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
         }
     }
 }
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Conn::Tcp(s) => s.write(buf),
+        match &mut self.stream {
+            Stream::Tcp(s) => s.write(buf),
             #[cfg(unix)]
-            Conn::Unix(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
         }
     }
 
@@ -248,14 +277,16 @@ impl Running {
     }
 
     /// In a forked child: the thread does not exist here. Forget it without touching its locks
-    /// (one may have been held at the fork); close our copy of its socket if we can (closing a
-    /// descriptor, never `shutdown`, which would cut the parent's connection).
+    /// (one may have been held at the fork). The fork handler closed this process's copies of
+    /// its sockets (`inherited`; never `shutdown`, which would cut the parent's connection).
     pub fn abandon(mut self) {
         if let Some(t) = self.thread.take() {
             std::mem::forget(t);
         }
         if let Some(mut slot) = self.shared.socket.try_lock() {
-            drop(slot.take());
+            if let Some(conn) = slot.take() {
+                conn.forget_in_child();
+            }
         }
         std::mem::forget(self.shared);
     }

@@ -11,6 +11,7 @@
 //! Pure Rust (no PyO3): `cargo test --no-default-features` runs it all, against a scripted
 //! server and a real `redis-server`.
 
+pub mod inherited;
 pub mod lease;
 pub mod listener;
 pub mod resp;
