@@ -226,6 +226,28 @@ def test_stats_count_redis_hits_and_misses(cache):
     assert {"connected", "lease_ok", "invalidations"} <= set(after["listener"])
 
 
+def test_stats_give_the_lag_of_the_invalidation_of_this_process_own_write(cache, listener):
+    stats = cache.stats()["listener"]
+    assert stats["last_invalidation_lag_ms"] is None
+    assert stats["invalidation_lags_measured"] == 0
+    cache._near.ensure_started()
+    assert cache._near.wait_fresh(5.0) == (listener == "rust")
+    t0 = time.monotonic()
+    cache.set("k", {"v": 1})
+    cache.set_many({"a": 1, "b": 2})
+    if listener == "none":
+        assert cache.stats()["listener"]["last_invalidation_lag_ms"] is None
+        return
+    deadline = time.monotonic() + 5
+    while cache.stats()["listener"]["invalidation_lags_measured"] < 3:
+        assert time.monotonic() < deadline, cache.stats()
+        time.sleep(0.002)
+    stats = cache.stats()["listener"]
+    assert 0 < stats["last_invalidation_lag_ms"] <= (time.monotonic() - t0) * 1000
+    assert 0 <= stats["last_invalidation_age_ms"] <= (time.monotonic() - t0) * 1000
+    assert cache._near.applied_ns(cache.make_key("k")) is not None
+
+
 # keys / iter_keys / delete_pattern: SCAN, never KEYS ----------------------------------------
 
 

@@ -44,3 +44,42 @@ def test_the_near_section_is_replaced_in_place_and_survives_a_peers_rewrite(
     assert rewritten.startswith("# Peers\n\nnew tables\n\n" + hit_ratio)
     assert rewritten.endswith(section("second"))
     assert "old tables" not in rewritten
+
+
+def test_the_e2e_section_reports_the_paired_ratio_and_is_replaced_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    e2e = _load("e2e_bench", BENCHMARKS / "e2e.py", monkeypatch)
+    which = {
+        "near": ("NearCache", {}),
+        "redis": ("RedisCache", {}),
+        "locmem": ("LocMemCache", {}),
+    }
+    # Paired rounds: the ratio is the median of the per-round ratios (4x, 2x, 3.5x), not the
+    # ratio of the medians (the rounds ran under different load).
+    rps = {"near": [400.0, 100.0, 700.0], "redis": [100.0, 50.0, 200.0], "locmem": [1.0] * 3}
+    bad = {k: [0, 0, 0] for k in rps}
+    args = e2e.argparse.Namespace(quick=False, procs=2, threads=4)
+    monkeypatch.setattr(sys, "argv", ["e2e.py", "--rounds", "3", "--write-results"])
+    lines = e2e.report(which, rps, bad, [], args, 3, 5.0, (1.0,) * 3, (2.0,) * 3, 10.0)
+    text = "\n".join(lines)
+    assert "| 3.50x | ≥ 3x | PASS |" in text
+    assert "range 2.00x-4.00x" in text
+    assert "    python benchmarks/e2e.py --rounds 3\n" in text
+    assert "| LocMemCache | 1 | 1, 1, 1 | 0.01x |" in text
+    rps["near"] = [250.0, 100.0, 500.0]  # 2.5x, 2x, 2.5x
+    assert "| 2.50x | ≥ 3x | **FAIL** |" in "\n".join(
+        e2e.report(which, rps, bad, [], args, 3, 5.0, (1.0,) * 3, (2.0,) * 3, 10.0)
+    )
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Peers\n\nold tables\n")
+    e2e.write_results(text + "\n", results)
+    e2e.write_results(text.replace("3.50x", "9.99x") + "\n", results)
+    out = results.read_text()
+    assert out.startswith("# Peers\n\nold tables\n\n" + e2e.SECTION_BEGIN)
+    assert out.count(e2e.SECTION_BEGIN) == 1 and "9.99x" in out and "3.50x" not in out
+
+    bench = _load("peers_bench", BENCHMARKS / "peers" / "bench.py", monkeypatch)
+    rewritten = bench.keep_hitratio_section(results, "# Peers\n\nnew tables\n")
+    assert rewritten.rstrip("\n").endswith(e2e.SECTION_END) and "9.99x" in rewritten

@@ -164,7 +164,53 @@ def test_a_set_by_another_client_removes_the_key_from_l1(
         "lease_ok",
         "last_pong_rtt_ms",
         "last_error",
+        "last_invalidation_age_ms",
+        "last_invalidation_lag_ms",
+        "invalidation_lags_measured",
     }
+
+
+def test_the_listener_records_when_it_applied_each_invalidation_on_clock_monotonic(
+    redis_server: Server, pair: tuple[Any, Any]
+) -> None:
+    _h, n = pair
+    assert n.applied_ns("p:1:a") is None
+    s = n.stats()
+    assert s["last_invalidation_age_ms"] is None and s["last_invalidation_lag_ms"] is None
+    t0 = time.monotonic_ns()  # the same clock as the listener's, in any process on Linux
+    assert redis_server.cmd("SET", "p:1:a", "1") == b"+OK"
+    wait_until(lambda: n.applied_ns("p:1:a") is not None, "the invalidation of a")
+    t1 = time.monotonic_ns()
+    a = n.applied_ns("p:1:a")
+    assert t0 < a <= t1
+    redis_server.cmd("SET", "p:1:b", "1")
+    wait_until(lambda: n.applied_ns("p:1:b") is not None, "the invalidation of b")
+    b = n.applied_ns("p:1:b")
+    assert a <= b <= time.monotonic_ns()
+    assert n.applied_ns("p:1:a") == a and n.applied_ns("p:1:never") is None
+    redis_server.cmd("SET", "p:1:a", "2")
+    wait_until(lambda: n.applied_ns("p:1:a") != a, "the second invalidation of a")
+    assert n.applied_ns("p:1:a") > b
+    s = n.stats()
+    age = s["last_invalidation_age_ms"]
+    assert 0 <= age <= (time.monotonic_ns() - t0) / 1e6
+    assert s["last_invalidation_lag_ms"] is None, "no write of this process was noted"
+    assert s["invalidation_lags_measured"] == 0
+    # A write noted as this process's: its invalidation, by another connection, gives the lag.
+    before = time.monotonic_ns()
+    n.note_writes(["p:1:c"])
+    redis_server.cmd("SET", "p:1:c", "1")
+    wait_until(lambda: n.applied_ns("p:1:c") is not None, "the invalidation of c")
+    after = time.monotonic_ns()
+    s = n.stats()
+    assert s["invalidation_lags_measured"] == 1
+    assert 0 < s["last_invalidation_lag_ms"] <= (after - before) / 1e6
+    assert s["last_invalidation_lag_ms"] <= (n.applied_ns("p:1:c") - before) / 1e6
+    # Not noted again: a later change of c by someone else is no lag of ours.
+    c = n.applied_ns("p:1:c")
+    redis_server.cmd("SET", "p:1:c", "2")
+    wait_until(lambda: n.applied_ns("p:1:c") != c, "the second invalidation of c")
+    assert n.stats()["invalidation_lags_measured"] == 1
 
 
 def test_values_the_listener_removes_are_released_by_near_with_the_gil(
@@ -283,6 +329,12 @@ def test_a_forked_child_has_no_lease_and_starts_its_own_listener_which_flushes(
 ) -> None:
     h, n = pair
     h.set("warm", 1, None)
+    # Something in the parent's record, to be left behind by the child.
+    n.note_writes(["p:1:warm"])
+    redis_server.cmd("SET", "p:1:warm", "0")
+    wait_until(lambda: n.applied_ns("p:1:warm") is not None, "the parent's invalidation")
+    assert n.stats()["invalidation_lags_measured"] == 1
+    h.set("warm", 1, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with a thread (3.12+)
         pid = os.fork()
@@ -290,20 +342,31 @@ def test_a_forked_child_has_no_lease_and_starts_its_own_listener_which_flushes(
         code = 1
         try:
             ok = not n.fresh() and not n.stats()["connected"]
+            # The parent's record of applied invalidations is not the child's.
+            s = n.stats()
+            ok = ok and n.applied_ns("p:1:warm") is None and s["last_invalidation_age_ms"] is None
+            ok = ok and s["last_invalidation_lag_ms"] is None
+            ok = ok and s["invalidation_lags_measured"] == 0
             n.ensure_started()
             ok = ok and n.wait_fresh(5.0) and h.get("warm") is None
+            ok = ok and n.applied_ns("p:1:warm") is None
             h.set("child", 1, None)
             redis_server.cmd("SET", "p:1:child", "x")
             wait_until(lambda: h.get("child") is None, "the child's invalidation")
+            wait_until(lambda: n.applied_ns("p:1:child") is not None, "the child's record")
+            ok = ok and n.stats()["last_invalidation_age_ms"] is not None
             n.close()
             code = 0 if ok else 1
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    # The parent's listener and L1 are untouched.
+    # The parent's listener, L1 and record are untouched.
     assert n.wait_fresh(5.0)
     assert h.get("warm") == 1
+    assert n.applied_ns("p:1:warm") is not None
+    wait_until(lambda: n.applied_ns("p:1:child") is not None, "the child's write, here")
+    assert n.stats()["invalidation_lags_measured"] == 1
 
 
 def test_near_returns_one_object_per_location_and_checks_its_arguments(

@@ -582,7 +582,17 @@ class _NoListener:
             "lease_ok": False,
             "last_pong_rtt_ms": None,
             "last_error": None,
+            "last_invalidation_age_ms": None,
+            "last_invalidation_lag_ms": None,
+            "invalidation_lags_measured": 0,
         }
+
+    def note_writes(self, keys: Iterable[str]) -> None:
+        """Nothing listens, so no lag is measured."""
+
+    def applied_ns(self, key: str) -> int | None:
+        """No invalidation is ever applied."""
+        return None
 
     def close(self) -> None:
         """Nothing to close."""
@@ -892,7 +902,11 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         self, cmds: list[tuple[str, tuple[Any, ...], dict[str, Any]]], publish: Iterable[str] = ()
     ) -> _Op:
         """Run write commands: one as is, several pipelined; in pubsub mode MULTI + PUBLISH."""
-        publish = list(publish) if self._pubsub else []
+        publish = list(publish)
+        # The write starts now: its invalidation, back at this process's listener, gives
+        # stats()["listener"]["last_invalidation_lag_ms"].
+        self._near.note_writes(publish)
+        publish = publish if self._pubsub else []
         if publish:
             calls = cmds + [("publish", (self._channel, m), {}) for m in publish]
             res = yield lambda c: _pipe(c, calls, True)
@@ -1401,7 +1415,14 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         return self._run(self._op_delete_pattern(pattern, version))
 
     def stats(self) -> dict[str, Any]:
-        """L1 hits, L2 hits, misses, ignored errors, the L1 store's and the listener's stats."""
+        """L1 hits, L2 hits, misses, ignored errors, the L1 store's and the listener's stats.
+
+        The listener's include when it last applied an invalidation (``last_invalidation_age_ms``
+        ago) and ``last_invalidation_lag_ms``: for the last invalidation of a write this process
+        made, the time from just before the write was sent to this process's listener applying
+        its invalidation (what other processes' listeners see too, give or take their own
+        connection), ``invalidation_lags_measured`` such lags so far.
+        """
         l1 = self._h.stats()
         c = self._counters
         return {

@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 
 use super::inherited;
 use super::lease::Lease;
+use super::record::{self, Record};
 use super::resp::{self, Value};
 use super::Sink;
 use crate::clock;
@@ -85,6 +86,8 @@ pub struct Counters {
     pub sessions: AtomicU64,
     pub connected: AtomicBool,
     pub last_pong_rtt_ns: AtomicU64,
+    /// When invalidations were applied (`record.rs`).
+    pub record: Record,
 }
 
 /// A socket, TCP or unix.
@@ -448,6 +451,9 @@ fn apply_push(items: &[Value], sink: &dyn Sink, counters: &Counters) {
                     // A key that is not UTF-8 cannot be an L1 key.
                     if let Some(k) = key.as_bytes().and_then(|b| std::str::from_utf8(b).ok()) {
                         sink.invalidate(k);
+                        counters
+                            .record
+                            .applied(k.as_bytes(), record::monotonic_ns());
                         counters.invalidations.fetch_add(1, SeqCst);
                     }
                 }
@@ -467,6 +473,9 @@ fn apply_push(items: &[Value], sink: &dyn Sink, counters: &Counters) {
             Some(payload) => {
                 if let Ok(k) = std::str::from_utf8(payload) {
                     sink.invalidate(k);
+                    counters
+                        .record
+                        .applied(k.as_bytes(), record::monotonic_ns());
                     counters.invalidations.fetch_add(1, SeqCst);
                 }
             }

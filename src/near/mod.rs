@@ -3,6 +3,8 @@
 //! - `resp.rs`: RESP3 parsing and command encoding, on bytes.
 //! - `listener.rs`: the thread on its own connection: BCAST tracking (or pub/sub), heartbeats.
 //! - `lease.rs`: until when L1 may serve a hit.
+//! - `record.rs`: when the listener applied invalidations (CLOCK_MONOTONIC), for `stats()` and
+//!   the delivery benchmark.
 //! - this file: `Near`, one listener and lease for one L1 store, started lazily and again in a
 //!   forked child (which must not serve what it inherited), and `Sink`, what the listener
 //!   applies invalidations to (the store itself, see `store/fill.rs`: removing a key also
@@ -14,6 +16,7 @@
 pub mod inherited;
 pub mod lease;
 pub mod listener;
+pub mod record;
 pub mod resp;
 
 use std::sync::atomic::AtomicPtr;
@@ -138,6 +141,13 @@ pub struct NearStats {
     pub lease_ok: bool,
     pub last_pong_rtt_ms: Option<f64>,
     pub last_error: Option<String>,
+    /// CLOCK_MONOTONIC ns when the listener last applied an invalidation (of a key).
+    pub last_invalidation_ns: Option<u64>,
+    /// Write start → applied by this process's listener, ns, for the last invalidation of one
+    /// of this process's own noted writes (`note_writes`).
+    pub last_lag_ns: Option<u64>,
+    /// How many such lags were measured.
+    pub lag_samples: u64,
 }
 
 /// The invalidation listener and lease of one L1 store.
@@ -190,6 +200,8 @@ impl Near {
             None => {}
         }
         self.lease.revoke();
+        // In a forked child: the record inherited from the parent is forgotten first.
+        self.counters.record.renew();
         let r = Running::start(
             self.config(),
             self.sink.clone(),
@@ -251,6 +263,21 @@ impl Near {
         self.take_running()
     }
 
+    /// This process is about to send writes of `keys` (made keys): when the listener applies
+    /// the first invalidation of one of them, write start → applied is `stats().last_lag_ns`.
+    pub fn note_writes<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        let now = record::monotonic_ns();
+        for k in keys {
+            self.counters.record.wrote(k.as_bytes(), now);
+        }
+    }
+
+    /// CLOCK_MONOTONIC ns when this process's listener last applied an invalidation of `key` (a
+    /// made key), if its record still holds it (a direct-mapped table of 1024 slots).
+    pub fn applied_ns(&self, key: &str) -> Option<u64> {
+        self.counters.record.applied_ns(key.as_bytes())
+    }
+
     pub fn stats(&self) -> NearStats {
         let c = &self.counters;
         let gen = fork::generation();
@@ -267,6 +294,9 @@ impl Near {
             lease_ok: self.fresh(),
             last_pong_rtt_ms: (rtt > 0).then(|| rtt as f64 / 1e6),
             last_error,
+            last_invalidation_ns: c.record.last_applied(),
+            last_lag_ns: c.record.last_lag().map(|(ns, _)| ns),
+            lag_samples: c.record.last_lag().map_or(0, |(_, n)| n),
         }
     }
 }

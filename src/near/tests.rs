@@ -229,6 +229,50 @@ fn fake_server_pubsub_messages_invalidate_a_key_or_flush_on_star() {
 }
 
 #[test]
+fn fake_server_the_record_stamps_applied_invalidations_and_own_write_lag() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let rec = Arc::new(Rec::default());
+    let near = Near::new(config(port, 500, Mode::Bcast), rec.clone());
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let server = thread::spawn(move || {
+        let mut p = Peer::accept(&l);
+        p.handshake(&Mode::Bcast);
+        p.expect_ping();
+        p.send(b"+PONG\r\n");
+        go_rx.recv().unwrap();
+        p.send(&push_invalidate(&["p:1:mine", "p:1:other"]));
+        let mut rest = Vec::new();
+        let _ = p.s.read_to_end(&mut rest);
+    });
+    near.ensure_started().unwrap();
+    assert!(near.wait_fresh(Duration::from_secs(5)));
+    let s = near.stats();
+    assert_eq!(
+        (s.last_invalidation_ns, s.last_lag_ns, s.lag_samples),
+        (None, None, 0)
+    );
+    let before = super::record::monotonic_ns();
+    near.note_writes(["p:1:mine"]);
+    go_tx.send(()).unwrap();
+    wait_until("the pushes", Duration::from_secs(5), || {
+        near.applied_ns("p:1:other").is_some()
+    });
+    let after = super::record::monotonic_ns();
+    let mine = near.applied_ns("p:1:mine").unwrap();
+    let other = near.applied_ns("p:1:other").unwrap();
+    assert!(before <= mine && mine <= other && other <= after);
+    assert_eq!(near.applied_ns("p:1:never"), None);
+    let s = near.stats();
+    assert_eq!(s.last_invalidation_ns, Some(other));
+    assert_eq!(s.lag_samples, 1, "only the noted key has a write start");
+    let lag = s.last_lag_ns.unwrap();
+    assert!(lag <= after - before && lag <= mine - before, "{lag}");
+    near.close();
+    server.join().unwrap();
+}
+
+#[test]
 fn fake_server_a_refused_hello_is_reported_and_retried() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();

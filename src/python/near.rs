@@ -243,7 +243,36 @@ impl Near {
         d.set_item("lease_ok", s.lease_ok)?;
         d.set_item("last_pong_rtt_ms", s.last_pong_rtt_ms)?;
         d.set_item("last_error", s.last_error)?;
+        let now = crate::near::record::monotonic_ns();
+        d.set_item(
+            "last_invalidation_age_ms",
+            s.last_invalidation_ns
+                .map(|t| now.saturating_sub(t) as f64 / 1e6),
+        )?;
+        d.set_item(
+            "last_invalidation_lag_ms",
+            s.last_lag_ns.map(|ns| ns as f64 / 1e6),
+        )?;
+        d.set_item("invalidation_lags_measured", s.lag_samples)?;
         Ok(d)
+    }
+
+    /// This process is about to send writes of `keys` (made keys): the first invalidation of
+    /// each that the listener applies gives `stats()["last_invalidation_lag_ms"]`.
+    fn note_writes(&self, keys: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut noted = Vec::new();
+        for k in keys.try_iter()? {
+            noted.push(k?.extract::<String>()?);
+        }
+        self.inner.note_writes(noted.iter().map(String::as_str));
+        Ok(())
+    }
+
+    /// CLOCK_MONOTONIC ns (Python's `time.monotonic_ns()` on Linux) when this process's
+    /// listener last applied an invalidation of the made key `key`, or None (none seen, or its
+    /// slot in the record was taken by a later key).
+    fn applied_ns(&self, key: &str) -> Option<u64> {
+        self.inner.applied_ns(key)
     }
 
     /// Stops the thread (waiting for it without the GIL) and ends the lease.
