@@ -431,9 +431,15 @@ def report(
     wall: float,
 ) -> list[str]:
     """The section for benchmarks/RESULTS.md (also printed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import django
-    import gunicorn
     import redis
+
+    try:
+        gunicorn_version = version("gunicorn")
+    except PackageNotFoundError:  # report() is also tested without gunicorn installed
+        gunicorn_version = "(not installed)"
 
     try:
         import hiredis
@@ -472,7 +478,7 @@ def report(
         "the load generator runs on the same cores as the servers: the ratio, measured side by "
         "side, is what counts. "
         f"Python {platform.python_version()}, Django {django.__version__}, gunicorn "
-        f"{gunicorn.__version__} (`gunicorn --preload -w {WORKERS} -k sync`), "
+        f"{gunicorn_version} (`gunicorn --preload -w {WORKERS} -k sync`), "
         f"redis-py {redis.__version__}, {hi}.",
         "",
         "| bar (issue 9) | measured | bar | |",
