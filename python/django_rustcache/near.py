@@ -15,6 +15,7 @@ Redis, which is correct on its own.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import hmac
 import inspect
@@ -441,6 +442,7 @@ class _Conn:
         self._pool = pool
         self._wires: list[_Wire] = []
         self._response_error = redis.exceptions.ResponseError
+        self._pack = _hiredis_packer(pool.connection_kwargs)
         self._async_options = {k: v for k, v in options.items() if k not in _SYNC_ONLY}
         self._async_pool_class = getattr(
             redis.asyncio, getattr(pool_class, "__name__", ""), redis.asyncio.ConnectionPool
@@ -475,7 +477,13 @@ class _Conn:
         conn = wire.conn
         if conn._sock is not None and wire.stale():
             conn.disconnect()  # send_packed_command connects again
-        if len(commands) == 1:
+        pack = self._pack
+        if pack is not None:
+            if len(commands) == 1:
+                conn.send_packed_command([pack(commands[0])])
+            else:
+                conn.send_packed_command([b"".join(map(pack, commands))])
+        elif len(commands) == 1:
             conn.send_packed_command(conn.pack_command(*commands[0]))
         else:
             conn.send_packed_command(conn.pack_commands(commands))
@@ -506,6 +514,28 @@ class _Conn:
 
 
 _NO_POLL = not hasattr(select, "poll")  # Windows
+
+
+def _hiredis_packer(kwargs: dict[str, Any]) -> Callable[[tuple[Any, ...]], bytes] | None:
+    """hiredis's ``pack_command`` (one C call, where redis-py's packer runs Python for every
+    argument), if hiredis is there and str arguments are to be UTF-8, as hiredis encodes them.
+    ``_Conn.call`` passes only str, bytes and int arguments."""
+    try:
+        from hiredis import pack_command
+    except ImportError:
+        return None
+    encoding = kwargs.get("encoding", "utf-8")
+    try:
+        utf8 = codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        utf8 = False
+    if not utf8 or kwargs.get("encoding_errors", "strict") != "strict":
+        return None
+    return pack_command
+
+
+#: django.conf.settings's own __dict__ (see ``NearCache._signing_keys``).
+_SETTINGS_DICT: dict[str, Any] = object.__getattribute__(settings, "__dict__")
 
 
 class _Wire:
@@ -568,6 +598,11 @@ class _Counters:
             self.misses += misses
             self.errors += errors
             self.bad_signatures += bad
+
+    def l2_hit(self) -> None:
+        """``add(l2_hits=1)``, for the miss path (no keyword arguments to parse)."""
+        with self.lock:
+            self.l2_hits += 1
 
 
 class _State:
@@ -756,6 +791,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             and cls.make_key is BaseCache.make_key
             and cls.make_and_validate_key is BaseCache.make_and_validate_key
         )
+        self._rust_keys = rust_keys  # _fast.make_key is make_and_validate_key
         self._hot = rust_keys and not self._options.stale_if_error
         self._fast.configure(self.key_prefix, self.version, None, False)
 
@@ -819,7 +855,16 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     def _signing_keys(self) -> list[_MacKey]:
         """HMAC-SHA256 keys derived from SECRET_KEY, then from each of SECRET_KEY_FALLBACKS."""
-        secrets = (settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ()))
+        # LazySettings caches a setting it has read in its __dict__ and drops it when the
+        # setting (or the whole settings object, as override_settings does) changes: reading
+        # it there skips its Python attribute hooks. Not cached yet: read it the usual way.
+        cached = _SETTINGS_DICT
+        secret = cached.get("SECRET_KEY", _MISS)
+        fallbacks = cached.get("SECRET_KEY_FALLBACKS", _MISS)
+        if secret is _MISS or fallbacks is _MISS:
+            secret = settings.SECRET_KEY
+            fallbacks = getattr(settings, "SECRET_KEY_FALLBACKS", ())
+        secrets = (secret, *fallbacks)
         if getattr(self, "_keys_for", None) != secrets:
             self._keys = [
                 _MacKey(
@@ -914,6 +959,8 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             timeout = self.default_timeout
         if timeout is None:
             return None
+        if type(timeout) is int and 0 <= timeout < 1 << 40:
+            return timeout * 1000  # what the float arithmetic below gives, exactly
         if isinstance(timeout, (str, bytes)) or not hasattr(timeout, "__float__"):
             raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
         seconds = float(timeout)
@@ -1172,7 +1219,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         if entry is _MISS:
             self._counters.add(misses=1)
             return default
-        self._counters.add(l2_hits=1)
+        self._counters.l2_hit()
         self._l1_put(made, token, entry, None if pttl == -1 else pttl / 1000, pickled)
         return entry
 
@@ -1391,7 +1438,10 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     ) -> None:
         """Store in Redis, then in this process's L1. With ``tags``, the entry carries their
         versions (with a snapshot: stored only if none of its tags moved since)."""
-        made = self.make_and_validate_key(key, version=version)
+        if self._rust_keys:
+            made = self._fast.make_key(key, version)  # Rust makes and validates the key
+        else:
+            made = self.make_and_validate_key(key, version=version)
         if tags is None:
             self._set(made, value, timeout)
         else:
