@@ -17,9 +17,12 @@ Measured against the bars of issue 9 ("Performance"), PASS/FAIL printed for each
   process, whose main thread spins in a pure-Python loop the whole time, notices from a side
   thread that the key left its L1. p99 <= 2 ms.
 
-Timing: ``timeit.Timer(...).repeat`` (gc off during a loop, as timeit does); the figure is the
-best (minimum) of the repeats, divided by the operations in one loop. Each backend has its own
-KEY_PREFIX of the same length, so the backends never read each other's keys.
+Timing: the columns of one row are measured interleaved: each repeat runs every column's loop
+once, in an order rotated by one per repeat, so that every column sees the same machine state
+(on a small VM the loopback round trip alone varies 30-100 µs with the CPUs' idle and frequency
+states, and other jobs come and go); the figure is each column's best (minimum) loop, divided by
+the operations in it (gc off during a loop, as timeit does). Each backend has its own KEY_PREFIX
+of the same length, so the backends never read each other's keys.
 """
 
 from __future__ import annotations
@@ -456,8 +459,8 @@ def report(res, lat, args, repeats, rounds, load, wall, redis_v) -> list[str]:
         f"compiling; load average at start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}): the "
         "absolute figures are noisy, the ratios (measured side by side in one run) are what "
         "counts. "
-        f"Each figure is the best of {repeats} timeit repeats, per operation, of the small dict "
-        f"`{SMALL_DICT!r}`. Python {platform.python_version()}, Django {django.__version__}, "
+        f"Each figure is the best of {repeats} interleaved repeats, per operation, of the small "
+        f"dict `{SMALL_DICT!r}`. Python {platform.python_version()}, Django {django.__version__}, "
         f"redis-py {redis.__version__}, {hi}, {dr}; {redis_v.split(' sha=')[0]}.",
         "",
         "| bar (issue 9) | measured | bar | |",
@@ -497,10 +500,14 @@ def report(res, lat, args, repeats, rounds, load, wall, redis_v) -> list[str]:
         "- `get (L1 hit)`: RustCache and NearCache answer from the in-process store; RedisCache "
         "and django-redis have no L1, so theirs is a Redis round trip (the ≥ 500x bar).",
         "- `get (miss)`: NearCache's L1 is dropped before each timed loop and each loop reads "
-        "distinct keys that are in Redis, so every read is one round trip (NearCache: `EVALSHA` "
-        "of GET + PTTL, then the L1 fill); `redis-py GET + loads` is `pickle.loads(r.get(k))` "
+        "distinct keys that are in Redis, so every read is one round trip (NearCache: GET and "
+        "PTTL pipelined, then the L1 fill); `bare redis-py` is `pickle.loads(r.get(k))` "
         f"on one `redis.Redis` ({hi}).",
-        "- `set`: overwrites of keys that exist (NearCache: Redis `SET PX`, then its own L1).",
+        "- `set`: overwrites of keys that exist (NearCache: Redis `SET PX`, then its own L1); "
+        "`bare redis-py` is `r.set(k, pickle.dumps(v), ex=timeout)`.",
+        "- The columns of a row run interleaved (each repeat runs every column once, in a "
+        "rotated order; the figure is each column's best), so that a ratio compares loops run "
+        "under the same conditions.",
         "- Invalidation delivery: a second process (the receiver) holds the key in L1; its main "
         "thread spins in a pure-Python loop for the whole run, a side thread checks `has_key` "
         "every 50 µs (sleeping in between, so it does not compete for the CPU) until the key "
