@@ -214,3 +214,74 @@ def test_set_makes_the_same_keys_as_django_in_rust(make, raw, version, recwarn):
     # Django's memcached-safety warnings, as make_and_validate_key gives them: a space, a
     # tab, a key over 250 characters.
     assert sum("memcached" in str(w.message) for w in recwarn.list) == 3
+
+
+def test_a_non_utf8_encoding_keeps_redis_pys_packer(make, near_server):
+    cache = make(OPTIONS={"encoding": "latin-1"})
+    assert cache._conn.direct and cache._conn._pack is None
+    assert make()._conn._pack is not None  # hiredis packs for the default UTF-8
+    cache.set("clé", "v")
+    raw = redis.Redis.from_url(near_server.url)
+    assert raw.exists(f"{cache.key_prefix}:1:clé".encode("latin-1"))
+    cache._h.clear()
+    assert cache.get("clé") == "v"
+    raw.close()
+
+
+def test_threads_never_share_a_connection(make):
+    import threading
+
+    cache = make()
+    errors = []
+
+    def work(n):
+        try:
+            for i in range(200):
+                cache.set(f"t{n}", (n, i))
+                cache._h.invalidate_made([f"{cache.key_prefix}:1:t{n}"])
+                assert cache.get(f"t{n}") == (n, i)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert 1 <= len(cache._conn._wires) <= 8
+    assert len({id(w.conn) for w in cache._conn._wires}) == len(cache._conn._wires)
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_uses_connections_of_its_own(make):
+    import os
+
+    cache = make()
+    cache.set("k", "parent")
+    parent_conn = cache._conn
+    wire = parent_conn._wires[-1]  # the one set used (the next to be used)
+    sock = wire.conn._sock
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running pytest's teardown
+        code = 1
+        try:
+            cache._h.clear()  # (a child's L1 starts empty with the Rust listener)
+            ok = cache.get("k") == "parent" and cache._conn is not parent_conn
+            cache.set("k", "child")
+            ok = ok and wire not in cache._conn._wires
+            os.write(w, str(int(ok)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    report = os.read(r, 10).decode()
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and report == "1"
+    assert cache._conn is parent_conn and wire.conn._sock is sock
+    assert not wire.stale()  # the child left the parent's socket open
+    cache._h.clear()
+    assert cache.get("k") == "child"
+    assert wire.conn._sock is sock
