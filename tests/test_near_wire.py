@@ -193,7 +193,12 @@ def test_errors_and_ignore_exceptions_on_the_direct_path(make, monkeypatch):
 
 @pytest.mark.parametrize(
     "options",
-    [{"max_connections": 7}, {"pool_class": "redis.BlockingConnectionPool"}],
+    [
+        {"max_connections": 7},
+        {"pool_class": "redis.BlockingConnectionPool"},
+        {"protocol": 3},
+        {"credential_provider": redis.UsernamePasswordCredentialProvider()},
+    ],
 )
 def test_a_bounded_or_other_pool_keeps_redis_pys_path(make, options, monkeypatch):
     cache = make(OPTIONS=options)

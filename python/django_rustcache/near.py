@@ -432,12 +432,17 @@ class _Conn:
         # The hot commands (a miss's GET + PTTL, a set's SET) skip redis-py's client and pool
         # layers, which cost more than the round trip itself on loopback, and run on
         # connections of our own made as the pool makes its own (see ``call``). Only for the
-        # plain pool without a connection limit: a BlockingConnectionPool's wait, a
-        # max_connections bound or redis-py's client-side cache keep the pool path.
+        # plain pool without a connection limit, and without what the pool does to its own
+        # connections behind their backs: a BlockingConnectionPool's wait, a max_connections
+        # bound, redis-py's client-side cache, RESP3 (maintenance push notifications) and a
+        # credential_provider (re-authentication) keep the pool path.
+        kwargs = pool.connection_kwargs
         self.direct = (
             type(pool) is redis.ConnectionPool
             and "max_connections" not in opts
             and getattr(pool, "cache", None) is None
+            and str(kwargs.get("protocol") or 2) == "2"
+            and kwargs.get("credential_provider") is None
         )
         self._pool = pool
         self._wires: list[_Wire] = []
