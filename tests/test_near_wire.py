@@ -292,3 +292,22 @@ def test_a_forked_child_uses_connections_of_its_own(make):
     cache._h.clear()
     assert cache.get("k") == "child"
     assert wire.conn._sock is sock
+
+
+def test_signing_follows_secret_key_assigned_on_django_settings(make, raw):
+    from django.conf import settings
+
+    cache = make()
+    made = f"{cache.key_prefix}:1:k"
+    cache.set("k", "v")
+    old = settings.SECRET_KEY
+    try:
+        settings.SECRET_KEY = "another-secret-key"  # LazySettings drops its cached copy
+        cache._h.clear()
+        assert cache.get("k", "miss") == "miss"  # signed with the old key: not loaded
+        raw.set(made, cache._encode(made, "w"))
+        assert cache.get("k") == "w"
+    finally:
+        settings.SECRET_KEY = old
+    cache._h.clear()
+    assert cache.get("k", "miss") == "miss"
