@@ -619,7 +619,7 @@ class FakeFillHandle:
         self._h.delete(made)
         return self._next
 
-    def fill_put(self, made, token, value, timeout, version=None):
+    def fill_put(self, made, token, value, timeout, version=None, *, pickled=None):
         if self._tokens.get(made) != token:
             return False
         del self._tokens[made]

@@ -15,6 +15,7 @@ Redis, which is correct on its own.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import hmac
 import inspect
@@ -24,6 +25,7 @@ import os
 import pickle
 import re
 import secrets
+import select
 import threading
 import time
 import weakref
@@ -467,12 +469,81 @@ class _Conn:
             opts["parser_class"] = import_string(opts["parser_class"])
         self.location = location
         self.client = redis.Redis(connection_pool=pool_class.from_url(location, **opts))
+        pool = self.client.connection_pool
+        # The hot commands (a miss's GET + PTTL, a set's SET) skip redis-py's client and pool
+        # layers, which cost more than the round trip itself on loopback, and run on
+        # connections of our own made as the pool makes its own (see ``call``). Only for the
+        # plain pool without a connection limit, and without what the pool does to its own
+        # connections behind their backs: a BlockingConnectionPool's wait, a max_connections
+        # bound, redis-py's client-side cache, RESP3 (maintenance push notifications) and a
+        # credential_provider (re-authentication) keep the pool path.
+        kwargs = pool.connection_kwargs
+        self.direct = (
+            type(pool) is redis.ConnectionPool
+            and "max_connections" not in opts
+            and getattr(pool, "cache", None) is None
+            and str(kwargs.get("protocol") or 2) == "2"
+            and kwargs.get("credential_provider") is None
+        )
+        self._pool = pool
+        self._wires: list[_Wire] = []
+        self._response_error = redis.exceptions.ResponseError
+        self._pack = _hiredis_packer(pool.connection_kwargs)
         self._async_options = {k: v for k, v in options.items() if k not in _SYNC_ONLY}
         self._async_pool_class = getattr(
             redis.asyncio, getattr(pool_class, "__name__", ""), redis.asyncio.ConnectionPool
         )
         self._aclients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+
+    def call(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """The raw replies of ``commands``, sent in one write on a connection of our own.
+
+        What redis-py's client does around a command, minus its layers: the connection is one
+        the pool would make (same class and options: timeouts, health checks, credentials),
+        used by one thread at a time; one that the server closed while idle, or that holds
+        unread data, is reconnected first (the pool's ``ensure_connection``); errors are
+        retried under the connection's own ``retry`` policy, disconnecting after each failure
+        (as ``Redis._execute_command``), then raised. A Redis error reply is raised after every
+        reply has been read, so the connection stays in step.
+        """
+        try:
+            wire = self._wires.pop()
+        except IndexError:
+            wire = _Wire(self._pool.connection_class(**self._pool.connection_kwargs))
+        try:
+            conn = wire.conn
+            return conn.retry.call_with_retry(
+                lambda: self._round_trip(wire, commands), lambda e: conn.disconnect()
+            )
+        finally:
+            self._wires.append(wire)
+
+    def _round_trip(self, wire: _Wire, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
+        conn = wire.conn
+        if conn._sock is not None and wire.stale():
+            conn.disconnect()  # send_packed_command connects again
+        pack = self._pack
+        if pack is not None:
+            if len(commands) == 1:
+                conn.send_packed_command([pack(commands[0])])
+            else:
+                conn.send_packed_command([b"".join(map(pack, commands))])
+        elif len(commands) == 1:
+            conn.send_packed_command(conn.pack_command(*commands[0]))
+        else:
+            conn.send_packed_command(conn.pack_commands(commands))
+        replies = []
+        error = None
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except self._response_error as e:  # the reply was read whole: go on reading
+                error = error or e
+                replies.append(None)
+        if error is not None:
+            raise error
+        return replies
 
     def aclient(self) -> Any:
         """The redis.asyncio client bound to the running event loop (one per loop)."""
@@ -486,6 +557,74 @@ class _Conn:
                     client = _redis().asyncio.Redis(connection_pool=pool)
                     self._aclients[loop] = client
         return client
+
+
+_NO_POLL = not hasattr(select, "poll")  # Windows
+
+
+def _hiredis_packer(kwargs: dict[str, Any]) -> Callable[[tuple[Any, ...]], bytes] | None:
+    """hiredis's ``pack_command`` (one C call, where redis-py's packer runs Python for every
+    argument), if hiredis is there and str arguments are to be UTF-8, as hiredis encodes them.
+    ``_Conn.call`` passes only str, bytes and int arguments."""
+    try:
+        from hiredis import pack_command
+    except ImportError:
+        return None
+    encoding = kwargs.get("encoding", "utf-8")
+    try:
+        utf8 = codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        utf8 = False
+    if not utf8 or kwargs.get("encoding_errors", "strict") != "strict":
+        return None
+    return pack_command
+
+
+#: django.conf.settings's own __dict__ (see ``NearCache._signing_keys``).
+_SETTINGS_DICT: dict[str, Any] = object.__getattribute__(settings, "__dict__")
+
+
+class _Wire:
+    """A redis-py connection of ``_Conn.call``'s, with a poller on its current socket."""
+
+    __slots__ = ("conn", "sock", "poller")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.sock: Any = None
+        self.poller: Any = None
+
+    def stale(self) -> bool:
+        """Whether the idle connection's socket is readable: the server closed it, or a reply
+        is pending that nobody read. (``can_read()`` without its layers: one ``poll``.)"""
+        sock = self.conn._sock
+        if _NO_POLL:
+            return bool(self.conn.can_read())
+        if sock is not self.sock:
+            self.poller = select.poll()
+            self.poller.register(sock, select.POLLIN)
+            self.sock = sock
+        return bool(self.poller.poll(0))
+
+
+class _MacKey:
+    """An HMAC-SHA256 key as its two padded SHA-256 states (RFC 2104): a MAC copies and feeds
+    them, cheaper than copying an ``hmac.HMAC`` (whose ``copy`` is Python code)."""
+
+    __slots__ = ("inner", "outer")
+
+    def __init__(self, key: bytes) -> None:
+        key = key.ljust(64, b"\0")  # 32 bytes (a SHA-256 digest) within the 64-byte block
+        self.inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self.outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def mac(self, msg: bytes) -> bytes:
+        """``hmac.digest(key, msg, "sha256")``."""
+        inner = self.inner.copy()
+        inner.update(msg)
+        outer = self.outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 class _Counters:
@@ -505,6 +644,11 @@ class _Counters:
             self.misses += misses
             self.errors += errors
             self.bad_signatures += bad
+
+    def l2_hit(self) -> None:
+        """``add(l2_hits=1)``, for the miss path (no keyword arguments to parse)."""
+        with self.lock:
+            self.l2_hits += 1
 
 
 class _State:
@@ -703,6 +847,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             and cls.make_key is BaseCache.make_key
             and cls.make_and_validate_key is BaseCache.make_and_validate_key
         )
+        self._rust_keys = rust_keys  # _fast.make_key is make_and_validate_key
         self._hot = rust_keys and not self._options.stale_if_error
         self._fast.configure(self.key_prefix, self.version, None, False)
 
@@ -744,12 +889,18 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             return None
         return self._h.fill_begin(made)
 
-    def _l1_put(self, made: str, token: Any, value: Any, ttl: float | None) -> None:
-        """Store ``value`` in L1 for ``ttl`` s (at most L1_MAX_TTL) if the placeholder survived."""
+    def _l1_put(
+        self, made: str, token: Any, value: Any, ttl: float | None, pickled: bytes | None = None
+    ) -> None:
+        """Store ``value`` in L1 for ``ttl`` s (at most L1_MAX_TTL) if the placeholder survived;
+        ``pickled``, a pickle of ``value`` at hand, is kept rather than pickling it again."""
         if token is None or (ttl is not None and ttl <= 0):
             return
         ttl = self._options.l1_max_ttl if ttl is None else min(ttl, self._options.l1_max_ttl)
-        self._h.fill_put(made, token, value, ttl)
+        if pickled is None:
+            self._h.fill_put(made, token, value, ttl)
+        else:
+            self._h.fill_put(made, token, value, ttl, pickled=pickled)
 
     def _l1_drop(self, made_keys: list[str]) -> None:
         """Remove ``made_keys`` (entries or placeholders) from this process's L1."""
@@ -758,38 +909,44 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     # Storage format -------------------------------------------------------------------------
 
-    def _signing_keys(self) -> list[Any]:
-        """HMAC-SHA256 states keyed from SECRET_KEY, then each of SECRET_KEY_FALLBACKS."""
-        secrets = (settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ()))
+    def _signing_keys(self) -> list[_MacKey]:
+        """HMAC-SHA256 keys derived from SECRET_KEY, then from each of SECRET_KEY_FALLBACKS."""
+        # LazySettings caches a setting it has read in its __dict__ and drops it when the
+        # setting (or the whole settings object, as override_settings does) changes: reading
+        # it there skips its Python attribute hooks. Not cached yet: read it the usual way.
+        cached = _SETTINGS_DICT
+        secret = cached.get("SECRET_KEY", _MISS)
+        fallbacks = cached.get("SECRET_KEY_FALLBACKS", _MISS)
+        if secret is _MISS or fallbacks is _MISS:
+            secret = settings.SECRET_KEY
+            fallbacks = getattr(settings, "SECRET_KEY_FALLBACKS", ())
+        secrets = (secret, *fallbacks)
         if getattr(self, "_keys_for", None) != secrets:
             self._keys = [
-                hmac.new(
+                _MacKey(
                     hashlib.sha256(
                         _SIGNING_SALT + (s.encode() if isinstance(s, str) else s)
-                    ).digest(),
-                    digestmod=hashlib.sha256,
+                    ).digest()
                 )
                 for s in secrets
             ]
             self._keys_for = secrets
         return self._keys
 
-    @staticmethod
-    def _mac(state: Any, msg: bytes) -> bytes:
-        # Copying a keyed state is about half the cost of hmac.digest(key, ...) on small values.
-        h = state.copy()
-        h.update(msg)
-        return h.digest()
-
     def _encode(self, made: str, value: Any) -> int | bytes:
         """Django RedisSerializer's format (ints raw), the pickle signed if SIGNED."""
+        return self._encode_pickled(made, value)[0]
+
+    def _encode_pickled(self, made: str, value: Any) -> tuple[int | bytes, bytes | None]:
+        """``_encode``'s result and the pickle inside it (None for an int), which L1 can keep
+        instead of pickling the value again."""
         if type(value) is int:
-            return value
+            return value, None
         data = pickle.dumps(value, self.pickle_protocol)
         if not self._options.signed:
-            return data
-        mac = self._mac(self._signing_keys()[0], made.encode() + b"\0" + data)
-        return SIGNED_MAGIC + mac + data
+            return data, data
+        mac = self._signing_keys()[0].mac(made.encode() + b"\0" + data)
+        return SIGNED_MAGIC + mac + data, data
 
     def _encode_tagged(self, inner: int | bytes, versions: tuple[tuple[str, str], ...]) -> bytes:
         """A tagged entry: the versions it was built against in front of the untagged format."""
@@ -800,6 +957,31 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     def _decode(self, made: str, raw: bytes) -> Any:
         """The value (a ``_Tagged`` for a tagged entry), or ``_MISS`` for one that must not be
         unpickled (logged)."""
+        return self._unpack(made, raw)[0]
+
+    def _unpack(self, made: str, raw: bytes) -> tuple[Any, bytes | None]:
+        """``_decode``'s result and the pickle it was loaded from (None for an int or a tagged
+        entry), which L1 can keep instead of pickling the value again."""
+        first = raw[0] if raw else -1
+        if first == 0x80:  # a pickle (protocol 2 or later): never an int's digits
+            if self._options.signed:
+                return self._unsigned(made, "it is not signed (SIGNED=True)")
+            return pickle.loads(raw), raw
+        if first != 0:  # 0 starts SIGNED_MAGIC and TAGGED_MAGIC, never an int
+            try:
+                return int(raw), None
+            except ValueError:
+                pass
+        if raw.startswith(SIGNED_MAGIC):
+            start = len(SIGNED_MAGIC)
+            mac, data = raw[start : start + _MAC_LEN], raw[start + _MAC_LEN :]
+            msg = made.encode() + b"\0" + data
+            for key in self._signing_keys():
+                if hmac.compare_digest(key.mac(msg), mac):
+                    return pickle.loads(data), data
+            return self._unsigned(
+                made, "its signature does not verify with SECRET_KEY or SECRET_KEY_FALLBACKS"
+            )
         if raw.startswith(TAGGED_MAGIC):
             start = len(TAGGED_MAGIC) + 8
             try:
@@ -810,30 +992,20 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
                 logger.warning(
                     "NearCache %r: key %r has a bad tag header", self._options.location, made
                 )
-                return _MISS
+                return _MISS, None
             value = self._decode(made, raw[end:])
-            return value if value is _MISS else _Tagged(value, versions)
-        try:
-            return int(raw)
-        except ValueError:
-            pass
-        if raw.startswith(SIGNED_MAGIC):
-            start = len(SIGNED_MAGIC)
-            mac, data = raw[start : start + _MAC_LEN], raw[start + _MAC_LEN :]
-            msg = made.encode() + b"\0" + data
-            for key in self._signing_keys():
-                if hmac.compare_digest(self._mac(key, msg), mac):
-                    return pickle.loads(data)
-            reason = "its signature does not verify with SECRET_KEY or SECRET_KEY_FALLBACKS"
-        elif self._options.signed:
-            reason = "it is not signed (SIGNED=True)"
-        else:
-            return pickle.loads(raw)
+            return (value if value is _MISS else _Tagged(value, versions)), None
+        if self._options.signed:
+            return self._unsigned(made, "it is not signed (SIGNED=True)")
+        return pickle.loads(raw), raw
+
+    def _unsigned(self, made: str, reason: str) -> tuple[Any, None]:
+        """A value that must not be unpickled: counted, logged, a miss."""
         self._counters.add(bad=1)
         logger.warning(
             "NearCache %r: treating key %r as a miss: %s", self._options.location, made, reason
         )
-        return _MISS
+        return _MISS, None
 
     # Helpers --------------------------------------------------------------------------------
 
@@ -843,6 +1015,8 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             timeout = self.default_timeout
         if timeout is None:
             return None
+        if type(timeout) is int and 0 <= timeout < 1 << 40:
+            return timeout * 1000  # what the float arithmetic below gives, exactly
         if isinstance(timeout, (str, bytes)) or not hasattr(timeout, "__float__"):
             raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
         seconds = float(timeout)
@@ -978,7 +1152,8 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     def _op_set_tagged(self, made: str, value: Any, timeout: Any, nx: bool, tags: Any) -> _Op:
         """``set``/``add`` with tags (names, or a snapshot that must still hold), and every
         ``add``: one script, in which an entry whose tags moved does not block NX."""
-        inner = self._encode(made, value)  # a pickling error is raised before anything changes
+        # A pickling error is raised before anything changes.
+        inner, pickled = self._encode_pickled(made, value)
         ms = self._ms(timeout)
         check: tuple[tuple[str, str], ...] = ()
         try:
@@ -1011,8 +1186,11 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             self._l1_drop([made])
             return self._failed("add" if nx else "set", e, False)
         if stored == 1:
-            entry = _Tagged(value, versions) if versions else value
-            self._l1_put(made, token, entry, None if ms is None else ms / 1000)
+            ttl = None if ms is None else ms / 1000
+            if versions:
+                self._l1_put(made, token, _Tagged(value, versions), ttl)
+            else:
+                self._l1_put(made, token, value, ttl, pickled)
         else:
             self._l1_drop([made])
         return stored == 1
@@ -1050,19 +1228,60 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         if raw is None:
             self._counters.add(misses=1)
             return default
-        value = entry = self._decode(made, raw)
+        entry, pickled = self._unpack(made, raw)
         if type(entry) is _Tagged:
-            try:
-                (ok,) = yield from self._op_valid([entry], fresh)
-            except self._errors as e:
-                return self._failed("get", e, default)
-            value = entry.value if ok else _MISS
-        if value is _MISS:
+            return (yield from self._op_got_tagged(made, default, fresh, token, entry, pttl))
+        if entry is _MISS:
             self._counters.add(misses=1)
             return default
         self._counters.add(l2_hits=1)
-        self._l1_put(made, token, entry, None if pttl < 0 else pttl / 1000)
-        return value
+        self._l1_put(made, token, entry, None if pttl == -1 else pttl / 1000, pickled)
+        return entry
+
+    def _op_got_tagged(
+        self, made: str, default: Any, fresh: bool, token: Any, entry: _Tagged, pttl: int
+    ) -> _Op:
+        """The rest of a read from Redis that found a tagged entry: its value if its versions
+        still hold (then into L1), else ``default``."""
+        try:
+            (ok,) = yield from self._op_valid([entry], fresh)
+        except self._errors as e:
+            return self._failed("get", e, default)
+        if not ok:
+            self._counters.add(misses=1)
+            return default
+        self._counters.add(l2_hits=1)
+        self._l1_put(made, token, entry, None if pttl == -1 else pttl / 1000)
+        return entry.value
+
+    def _get_remote(self, made: str, default: Any, fresh: bool) -> Any:
+        """``get``'s read from Redis: ``_op_get`` on ``_Conn.call`` when it can (the same steps,
+        with GET and PTTL pipelined rather than in a script)."""
+        if self._generation != _STATE.generation:
+            self._bind()
+        conn = self._conn
+        if not conn.direct or (not fresh and self._options.stale_if_error):
+            return self._run(self._op_get(made, default, fresh))
+        token = self._h.fill_begin(made) if self._fills else None
+        try:
+            # Not atomic, unlike _GET: a change between the two (new value or TTL, expiry,
+            # delete) invalidates the key, which kills the placeholder or drops what it stored
+            # (the fill race of any read); a key gone by PTTL (-2) is not stored.
+            raw, pttl = conn.call(("GET", made), ("PTTL", made))
+        except self._errors as e:
+            return self._failed("get", e, default)
+        if raw is None:
+            self._counters.add(misses=1)
+            return default
+        entry, pickled = self._unpack(made, raw)
+        if type(entry) is _Tagged:
+            return self._run(self._op_got_tagged(made, default, fresh, token, entry, pttl))
+        if entry is _MISS:
+            self._counters.add(misses=1)
+            return default
+        self._counters.l2_hit()
+        self._l1_put(made, token, entry, None if pttl == -1 else pttl / 1000, pickled)
+        return entry
 
     def _stale_ok(self) -> bool:
         window = self._options.stale_if_error
@@ -1113,8 +1332,28 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             self._counters.add(l2_hits=hits, misses=misses)
         return found
 
+    def _set(self, made: str, value: Any, timeout: Any) -> bool:
+        """``set``: ``_op_set`` on ``_Conn.call`` when it can (one SET, no MULTI)."""
+        if self._generation != _STATE.generation:
+            self._bind()
+        conn = self._conn
+        if not conn.direct or self._pubsub:
+            return self._run(self._op_set(made, value, timeout, False))
+        data, pickled = self._encode_pickled(made, value)  # a pickling error comes first
+        ms = self._ms(timeout)
+        if ms == 0:
+            return self._run(self._op_set(made, value, timeout, False))
+        token = self._h.fill_begin(made) if self._fills else None  # kills older fills
+        try:
+            conn.call(("SET", made, data) if ms is None else ("SET", made, data, "PX", ms))
+        except self._errors as e:
+            self._l1_drop([made])
+            return self._failed("set", e, False)
+        self._l1_put(made, token, value, None if ms is None else ms / 1000, pickled)
+        return True
+
     def _op_set(self, made: str, value: Any, timeout: Any, nx: bool) -> _Op:
-        data = self._encode(made, value)  # a pickling error is raised before anything changes
+        data, pickled = self._encode_pickled(made, value)  # a pickling error comes first
         ms = self._ms(timeout)
         token = self._l1_begin(made)  # before the write: kills in-flight fills of older values
         try:
@@ -1131,27 +1370,31 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             self._l1_drop([made])
             return self._failed("add" if nx else "set", e, False)
         if stored:
-            self._l1_put(made, token, value, None if ms is None else ms / 1000)
+            self._l1_put(made, token, value, None if ms is None else ms / 1000, pickled)
         else:
             self._l1_drop([made])
         return bool(stored)
 
     def _op_set_many(self, items: list[tuple[str, Any]], timeout: Any) -> _Op:
         ms = self._ms(timeout)
-        encoded = [(made, self._encode(made, value)) for made, value in items]
+        encoded = [self._encode_pickled(made, value) for made, value in items]
         tokens = [self._l1_begin(made) for made, _ in items]
         if ms == 0:
             cmds = [("delete", tuple(made for made, _ in items), {})]
         else:
-            cmds = [self._set_cmd(made, data, ms) for made, data in encoded]
+            cmds = [
+                self._set_cmd(made, data, ms)
+                for (made, _), (data, _) in zip(items, encoded, strict=True)
+            ]
         try:
             yield from self._exec(cmds, [made for made, _ in items])
         except self._errors as e:
             self._l1_drop([made for made, _ in items])
             return self._failed("set_many", e, False)
         if ms != 0:
-            for (made, value), token in zip(items, tokens, strict=True):
-                self._l1_put(made, token, value, None if ms is None else ms / 1000)
+            ttl = None if ms is None else ms / 1000
+            for (made, value), token, (_, pickled) in zip(items, tokens, encoded, strict=True):
+                self._l1_put(made, token, value, ttl, pickled)
         return True
 
     def _op_delete(self, made_keys: list[str], what: str) -> _Op:
@@ -1235,7 +1478,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             made = self.make_key(key, version=version)
             if value is not _MISS:
                 return self._run(self._op_l1_tagged(made, value, default))
-            return self._run(self._op_get(made, default, True))
+            return self._get_remote(made, default, True)
         made = self.make_and_validate_key(key, version=version)
         fresh = self._fresh()
         if fresh:
@@ -1244,7 +1487,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
                 return self._run(self._op_l1_tagged(made, value, default))
             if value is not _MISS:
                 return value
-        return self._run(self._op_get(made, default, fresh))
+        return self._get_remote(made, default, fresh)
 
     def set(
         self,
@@ -1256,9 +1499,12 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     ) -> None:
         """Store in Redis, then in this process's L1. With ``tags``, the entry carries their
         versions (with a snapshot: stored only if none of its tags moved since)."""
-        made = self.make_and_validate_key(key, version=version)
+        if self._rust_keys:
+            made = self._fast.make_key(key, version)  # Rust makes and validates the key
+        else:
+            made = self.make_and_validate_key(key, version=version)
         if tags is None:
-            self._run(self._op_set(made, value, timeout, False))
+            self._set(made, value, timeout)
         else:
             self._run(self._op_set_tagged(made, value, timeout, False, tags))
 

@@ -9,13 +9,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyFloat, PyInt, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyList, PyString};
 
 use super::fast::TimeoutArg;
 use super::keys::{push_part, push_part_escaped, store_text, unescape};
 use super::made_key::MadeKey;
 use super::registry;
-use super::value::{decode, encode, PyValue};
+use super::value::{decode, encode, encode_with, PyValue};
 use crate::clock::{self, NEVER};
 use crate::flight::Role;
 use crate::keys::{check, Check};
@@ -802,8 +802,10 @@ impl Handle {
     }
 
     /// Stores the value read by a fill only if its placeholder `token` is still there (nothing
-    /// changed the key since `fill_begin`); True if stored.
-    #[pyo3(signature = (key, token, value, timeout, version = None))]
+    /// changed the key since `fill_begin`); True if stored. `pickled`, a pickle of `value` the
+    /// caller already has, is stored instead of pickling `value` again when `value` is not plain.
+    #[pyo3(signature = (key, token, value, timeout, version = None, *, pickled = None))]
+    #[allow(clippy::too_many_arguments)]
     fn fill_put(
         &self,
         key: &Bound<'_, PyAny>,
@@ -811,9 +813,10 @@ impl Handle {
         value: &Bound<'_, PyAny>,
         timeout: &Bound<'_, PyAny>,
         version: Option<&Bound<'_, PyAny>>,
+        pickled: Option<&Bound<'_, PyBytes>>,
     ) -> PyResult<bool> {
         let k = self.key(key, version)?;
-        let stored = encode(value)?;
+        let stored = encode_with(value, pickled)?;
         let now = clock::now();
         let expires = self.deadline(timeout, now)?;
         let put = self

@@ -219,6 +219,16 @@ fn pickle(py: Python<'_>) -> PyResult<&Pickle> {
 
 /// Turns a Python value into its stored form. Runs Python (pickling): call it outside every lock.
 pub fn encode(v: &Bound<'_, PyAny>) -> PyResult<PyValue> {
+    encode_with(v, None)
+}
+
+/// As `encode`, but a value that would be pickled is stored as `pickled`, a pickle of it the
+/// caller already made (NearCache: the bytes it sent to or read from Redis), instead of pickling
+/// it again. Plain values keep their structural form: `pickled` is then unused.
+pub fn encode_with(
+    v: &Bound<'_, PyAny>,
+    pickled: Option<&Bound<'_, PyBytes>>,
+) -> PyResult<PyValue> {
     match plain::classify(v) {
         Plain::Int(n) => Ok(PyValue::Int(n)),
         Plain::Atom(weight) => {
@@ -243,10 +253,15 @@ pub fn encode(v: &Bound<'_, PyAny>) -> PyResult<PyValue> {
         Plain::Dict(d, weight) => Ok(PyValue::Dict(d, weight32(weight))),
         Plain::Tree(node, weight) => Ok(PyValue::Tree(Arc::new(node), weight32(weight))),
         Plain::No => {
-            let py = v.py();
-            let p = pickle(py)?;
-            let pickled = p.dumps.bind(py).call1((v, p.protocol))?;
-            let bytes = pickled.cast_into::<PyBytes>().map_err(PyErr::from)?;
+            let bytes = match pickled {
+                Some(b) => b.clone(),
+                None => {
+                    let py = v.py();
+                    let p = pickle(py)?;
+                    let made = p.dumps.bind(py).call1((v, p.protocol))?;
+                    made.cast_into::<PyBytes>().map_err(PyErr::from)?
+                }
+            };
             let n = bytes.as_bytes().len();
             if n <= INLINE_MAX {
                 return Ok(PyValue::Pending(bytes.into_any().unbind(), Kind::Pickled));
