@@ -1344,6 +1344,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         if ms == 0:
             return self._run(self._op_set(made, value, timeout, False))
         token = self._h.fill_begin(made) if self._fills else None  # kills older fills
+        self._near.note_writes((made,))  # as _exec does: the write starts now
         try:
             conn.call(("SET", made, data) if ms is None else ("SET", made, data, "PX", ms))
         except self._errors as e:
