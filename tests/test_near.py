@@ -967,3 +967,23 @@ def test_no_async_method_of_near_cache_is_a_sync_twin_that_would_block_the_loop(
     assert "aget_or_set" in twins
     borrowed = {n for n in twins if getattr(NearCache, n, None) is getattr(AsyncMixin, n)}
     assert borrowed == set()
+
+
+def test_every_socket_operation_has_a_timeout_by_default(make, own_server):
+    # redis-py waits forever by default: a stalled server (SIGSTOP, a partition) would hang the
+    # worker. NearCache gives its connections a 5 s socket timeout unless told otherwise.
+    cache = make(own_server.url)
+    cache.set("warm", "v")
+    kwargs = cache._conn.client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == 5.0 and kwargs["socket_connect_timeout"] == 2.0
+    assert make(own_server.url, OPTIONS={"socket_timeout": 1})._options.redis_options[
+        "socket_timeout"
+    ] == 1
+    own_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(redis.exceptions.TimeoutError):
+            cache.get("k")  # not in L1: a read from the stalled server
+        assert time.monotonic() - started < 30
+    finally:
+        own_server.resume()

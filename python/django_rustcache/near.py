@@ -64,6 +64,8 @@ NEAR_OPTION_DEFAULTS: dict[str, Any] = {
     "STAMPEDE_WAIT": 10.0,
 }
 INVALIDATION_MODES = {"tracking": "bcast", "pubsub": "pubsub"}
+#: redis-py options NearCache sets when neither OPTIONS nor LOCATION's query gives them.
+_DEFAULT_SOCKET_TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
 
 #: Signed values: this marker (neither an int's digits nor a pickle's first byte), the
 #: HMAC-SHA256 of ``made key + NUL + pickle``, then the pickle.
@@ -413,6 +415,10 @@ class NearOptions:
                     f"{where}: unknown OPTIONS key {name!r}: neither a NearCache option "
                     f"({', '.join(NEAR_OPTION_DEFAULTS)}) nor a redis-py connection option."
                 )
+        # A worker must never hang on a stalled server (redis-py waits forever by default): a
+        # timeout for every socket operation, unless the OPTIONS or the URL's query give one.
+        for name, seconds in _DEFAULT_SOCKET_TIMEOUTS.items():
+            theirs.setdefault(name, seconds)
         policy = o["EVICTION_POLICY"]
         if not isinstance(policy, str) or policy not in EVICTION_POLICIES:
             raise ImproperlyConfigured(
