@@ -37,7 +37,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from django_rustcache import _core
 from django_rustcache._async import AsyncFillMixin
-from django_rustcache._core import Handle
+from django_rustcache._core import FastMethod, Handle
 from django_rustcache._fill import FillMixin
 from django_rustcache.backend import _Synced, _warn_key
 from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, _seconds, int_option
@@ -46,6 +46,8 @@ from django_rustcache.signals import tags_invalidated
 logger = logging.getLogger("django_rustcache.near")
 
 _MISS = object()
+#: What an L1 read gives when the lease was not fresh (L1 not read): ``_get_rest`` starts over.
+_STALE = object()
 
 #: Our OPTIONS keys (upper case) and their defaults; lower-case keys go to redis-py.
 NEAR_OPTION_DEFAULTS: dict[str, Any] = {
@@ -637,6 +639,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         self._fills = getattr(self._near, "fills", True) and hasattr(self._h, "fill_begin")
         self._generation = -1
         self._bind()
+        self._arm()
 
     def _sync(self) -> None:
         """Decide whether L1 hits may be looked up by Rust-made keys, and configure that view."""
@@ -654,6 +657,30 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         )
         self._hot = rust_keys and not self._options.stale_if_error
         self._fast.configure(self.key_prefix, self.version, None, False)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Let Rust answer L1 hits when the hot path holds (``_hot``) and the listener is the Rust
+        one: ``get`` is then the handle's ``near_get`` (see ``FastMethod``), ``_probe`` its
+        ``near_peek``; what L1 cannot answer goes to ``_get_rest``. Otherwise both are the Python
+        methods below, which do the same."""
+        d = self.__dict__
+        near = d.get("_near")
+        near_type = getattr(_core, "Near", None)
+        if (
+            d.get("_hot")
+            and near_type is not None
+            and isinstance(near, near_type)
+            and hasattr(self._fast, "near_get")
+        ):
+            self._fast.near_attach(near, _Tagged, _MISS, _STALE, self._get_rest)
+            d["_fast_get"] = self._fast.near_get
+            d["_probe"] = self._fast.near_peek
+        else:
+            d.pop("_fast_get", None)
+            d.pop("_probe", None)
+            if "_fast" in d and hasattr(self._fast, "near_detach"):
+                self._fast.near_detach()
 
     def _bind(self) -> None:
         """(Re)attach to this process's client and counters (again after a fork)."""
@@ -1170,15 +1197,32 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     # Django's cache API -------------------------------------------------------------------
 
-    def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
-        """The value (from L1 while the lease is fresh, else from Redis), or ``default``."""
+    def _probe(self, key: Any, version: Any) -> Any:
+        """L1's answer on the hot path: the value of a plain hit, else ``_get_rest``'s ``found``
+        (``_STALE`` when not on the hot path or the lease is not fresh, ``_MISS``, or the
+        ``_Tagged`` entry). When armed (``_arm``), the handle's ``near_peek`` instead."""
         if self._hot and self._near.fresh():
-            value = self._fast.get(key, _MISS, version)  # Rust makes and validates the key
-            if value is not _MISS and type(value) is not _Tagged:
-                return value
+            return self._fast.get(key, _MISS, version)  # Rust makes and validates the key
+        return _STALE
+
+    def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
+        """The value (from L1 while the lease is fresh, else from Redis), or ``default``.
+
+        When armed (``_arm``), the handle's ``near_get``: the same, with an L1 hit answered in
+        Rust and the rest by ``_get_rest``."""
+        found = self._probe(key, version)
+        if found is _STALE or found is _MISS or type(found) is _Tagged:
+            return self._get_rest(key, default, version, found)
+        return found
+
+    get = FastMethod(get, "_fast_get")  # type: ignore[assignment]
+
+    def _get_rest(self, key: Any, default: Any, version: Any, found: Any) -> Any:
+        """``get`` when L1 gave no plain hit; ``found`` as ``_probe`` returns it."""
+        if found is not _STALE:  # the key was made and validated in Rust, the lease was fresh
             made = self.make_key(key, version=version)
-            if value is not _MISS:
-                return self._run(self._op_l1_tagged(made, value, default))
+            if found is not _MISS:
+                return self._run(self._op_l1_tagged(made, found, default))
             return self._run(self._op_get(made, default, True))
         made = self.make_and_validate_key(key, version=version)
         fresh = self._fresh()
@@ -1408,13 +1452,14 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     # Async: L1 hits are answered directly; a miss goes to redis.asyncio. -------------------
 
     async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
-        if self._hot and self._near.fresh():
-            value = self._fast.get(key, _MISS, version)
-            if value is not _MISS and type(value) is not _Tagged:
-                return value
+        """``get`` on redis.asyncio; an L1 hit is answered by one call into Rust (``_probe``)."""
+        found = self._probe(key, version)
+        if found is not _STALE and found is not _MISS and type(found) is not _Tagged:
+            return found
+        if found is not _STALE:
             made = self.make_key(key, version=version)
-            if value is not _MISS:
-                return await self._arun(self._op_l1_tagged(made, value, default))
+            if found is not _MISS:
+                return await self._arun(self._op_l1_tagged(made, found, default))
             return await self._arun(self._op_get(made, default, True))
         made = self.make_and_validate_key(key, version=version)
         fresh = self._fresh()
