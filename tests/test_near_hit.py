@@ -250,6 +250,52 @@ def test_aget_answers_an_l1_hit_with_one_call_into_rust(make):
     assert cache.stats()["l1_hits"] == hits + 1
 
 
+def test_get_many_reads_l1_with_one_call_into_rust(make, raw):
+    cache = make()
+    warm(cache)
+    put(cache, "a", 1)
+    put(cache, "b", {"x": 1})
+    put(cache, "t", "tagged", tags=["tag"])
+    made = f"{cache.key_prefix}:1:r"
+    raw.set(made, cache._encode(made, "from redis"))  # in Redis only
+    before = cache.stats()
+    got, calls = python_calls(cache.get_many, ["a", "b"])
+    assert got == {"a": 1, "b": {"x": 1}}
+    # No key made in Python, no per-key L1 read from Python.
+    assert not {"make_key", "make_and_validate_key", "get"} & set(calls), calls
+    assert cache.stats()["l1_hits"] == before["l1_hits"] + 2
+    # A miss (from Redis), a tagged hit (checked), a key nowhere.
+    got = cache.get_many(["r", "a", "t", "nowhere", "b"])
+    assert got == {"r": "from redis", "a": 1, "t": "tagged", "b": {"x": 1}}
+    cache.invalidate_tags(["tag"])
+    assert cache.get_many(["t", "a"]) == {"a": 1}
+    # Keys that make the same made key count once, under the last (as Django's RedisCache).
+    put(cache, 1, "one")
+    assert cache.get_many([1, "1"]) == {"1": "one"}
+    assert cache.get_many(["1", 1]) == {1: "one"}
+    # A generator, another version, nothing at all.
+    assert cache.get_many(k for k in ("a", "b")) == {"a": 1, "b": {"x": 1}}
+    assert cache.get_many(["a"], version=2) == {}
+    assert cache.get_many([]) == {}
+
+    async def amany() -> Any:
+        return await cache.aget_many(["a", "nowhere"])
+
+    assert asyncio.run(amany()) == {"a": 1}
+
+
+def test_get_many_with_the_lease_out_reads_redis(make, raw):
+    cache = make()
+    warm(cache)
+    put(cache, "a", "v1")
+    cache._near.close()
+    made = f"{cache.key_prefix}:1:a"
+    raw.set(made, cache._encode(made, "v2"))  # unheard: no listener
+    hits = cache.stats()["l1_hits"]
+    assert cache.get_many(k for k in ["a"]) == {"a": "v2"}
+    assert cache.stats()["l1_hits"] == hits
+
+
 def test_key_warnings_and_errors_are_djangos(make):
     cache = make()
     warm(cache)
@@ -257,10 +303,13 @@ def test_key_warnings_and_errors_are_djangos(make):
         assert cache.get("a b", "d") == "d"
     with pytest.warns(CacheKeyWarning, match="longer than"):
         cache.get("x" * 300)
+    with pytest.warns(CacheKeyWarning, match="characters that will cause errors"):
+        assert cache.get_many(["a b"]) == {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cache.set("ok", 1)
         assert cache.get("ok") == 1
+        assert cache.get_many(["ok"]) == {"ok": 1}
 
 
 def test_key_prefix_version_and_key_func_assigned_on_a_live_instance(make):

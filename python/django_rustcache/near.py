@@ -592,6 +592,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     key_func = _Synced()
     key_prefix = _Synced()
     version = _Synced()
+    _armed = False  # whether L1 hits are answered in Rust (``_arm``)
 
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         self._options = o = NearOptions.from_params(server, params)
@@ -676,9 +677,11 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             self._fast.near_attach(near, _Tagged, _MISS, _STALE, self._get_rest)
             d["_fast_get"] = self._fast.near_get
             d["_probe"] = self._fast.near_peek
+            self._armed = True
         else:
             d.pop("_fast_get", None)
             d.pop("_probe", None)
+            self._armed = False
             if "_fast" in d and hasattr(self._fast, "near_detach"):
                 self._fast.near_detach()
 
@@ -1286,6 +1289,14 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     def _l1_many(
         self, keys: Iterable[Any], version: Any
     ) -> tuple[dict[str, Any], dict[Any, Any], list[str], bool]:
+        """``(key_map, found, lacking, fresh)``: ``found`` L1's hits (tagged ones unchecked),
+        ``lacking`` the made keys L1 does not hold, ``key_map`` ``{made: key}`` for at least
+        those and the tagged hits. Armed (``_arm``), one call into Rust while the lease is fresh."""
+        if self._armed:
+            l1 = self._fast.near_many(keys, version)
+            if l1 is not None:
+                found, rest, lacking = l1
+                return rest, found, lacking, True
         key_map = {self.make_and_validate_key(k, version=version): k for k in keys}
         found: dict[Any, Any] = {}
         fresh = self._fresh()
@@ -1325,7 +1336,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     def get_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
         """L1's hits, plus one MGET (per 1000 keys) for the keys L1 lacks."""
         key_map, found, lacking, fresh = self._l1_many(keys, version)
-        if lacking or any(type(v) is _Tagged for v in found.values()):
+        if lacking or (key_map and any(type(v) is _Tagged for v in found.values())):
             return self._run(self._op_many_rest(key_map, found, lacking, fresh))
         return found
 
@@ -1518,7 +1529,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     async def aget_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
         key_map, found, lacking, fresh = self._l1_many(keys, version)
-        if lacking or any(type(v) is _Tagged for v in found.values()):
+        if lacking or (key_map and any(type(v) is _Tagged for v in found.values())):
             return await self._arun(self._op_many_rest(key_map, found, lacking, fresh))
         return found
 

@@ -5,6 +5,9 @@
 //! the key and passes it in; `version` is then ignored.
 
 use std::sync::{Arc, OnceLock};
+
+use ahash::RandomState;
+use hashbrown::hash_map::{Entry, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError, PyValueError};
@@ -455,6 +458,58 @@ impl Handle {
         match self.near_probe(py, self.near_hit()?, key, version)? {
             Probe::Hit(v) | Probe::Rest(v) => Ok(v),
         }
+    }
+
+    /// The L1 part of NearCache's `get_many`: None if the attached lease is not fresh (L1 not
+    /// read, `keys` not consumed); else `(found, rest, lacking)`: `found` maps each key L1 holds
+    /// to its value (a tagged entry as it is, for Python to check), `rest` maps the made key (as
+    /// Django makes it) of every key that is not a plain hit to that key, `lacking` lists the made
+    /// keys L1 does not hold. Keys making the same made key count once, under the last of them
+    /// (as the `{made: key}` map of Django's RedisCache).
+    #[pyo3(signature = (keys, version = None))]
+    #[allow(clippy::type_complexity)]
+    fn near_many<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+        version: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Option<(Bound<'py, PyDict>, Bound<'py, PyDict>, Bound<'py, PyList>)>> {
+        let hit = self.near_hit()?;
+        let now = clock::now();
+        if !hit.fresh_at(now) {
+            return Ok(None);
+        }
+        let mut made: Vec<(MadeKey, Bound<'py, PyAny>)> = Vec::new();
+        let mut seen: HashMap<String, usize, RandomState> = HashMap::default();
+        for key in keys.try_iter()? {
+            let key = key?;
+            let k = self.key(&key, version)?;
+            match seen.entry(k.to_string()) {
+                Entry::Occupied(at) => made[*at.get()].1 = key,
+                Entry::Vacant(at) => {
+                    at.insert(made.len());
+                    made.push((k, key));
+                }
+            }
+        }
+        let found = PyDict::new(py);
+        let rest = PyDict::new(py);
+        let lacking = PyList::empty(py);
+        for (k, key) in &made {
+            match self.read(py, k, now)? {
+                Some(v) if hit.is_tagged(v.bind(py)) => {
+                    found.set_item(key, v)?;
+                    rest.set_item(unescape(py, k)?, key)?;
+                }
+                Some(v) => found.set_item(key, v)?,
+                None => {
+                    let m = unescape(py, k)?;
+                    rest.set_item(&m, key)?;
+                    lacking.append(m)?;
+                }
+            }
+        }
+        Ok(Some((found, rest, lacking)))
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
