@@ -343,6 +343,36 @@ def test_key_prefix_version_and_key_func_assigned_on_a_live_instance(make):
     assert is_rust_get(cache)
 
 
+def test_a_key_prefix_or_key_function_outside_what_the_listener_tracks_reads_redis(make, raw):
+    """The listener tracks the KEY_PREFIX of the instance's setup: assigned another on a live
+    instance, its keys' changes are not heard of, so L1 must not serve them (it did, for up to
+    L1_MAX_TTL)."""
+    cache = make()
+    warm(cache)
+    old = cache.key_prefix
+    cache.key_prefix = old + "-other"
+    assert "_fast_get" not in cache.__dict__
+    cache.set("k", "v1")
+    assert cache.get("k") == "v1" and cache.get("k") == "v1"
+    made = f"{old}-other:1:k"
+    raw.set(made, cache._encode(made, "v2"))  # not under the tracked prefix: never heard of
+    assert cache.get("k") == "v2"
+    assert cache.get_many(["k"]) == {"k": "v2"}
+    assert cache.stats()["l1_hits"] == 0
+    cache.key_prefix = old + ":sub"  # still inside the tracked namespace
+    assert is_rust_get(cache)
+    cache.key_prefix = old
+    assert is_rust_get(cache)
+
+    def custom(key: Any, key_prefix: str, version: Any) -> str:
+        return f"elsewhere:{key}"
+
+    cache.key_func = custom
+    cache.set("k", "v3")
+    raw.set("elsewhere:k", cache._encode("elsewhere:k", "v4"))
+    assert cache.get("k") == "v4" and cache.stats()["l1_hits"] == 0
+
+
 def test_mocks_and_subclasses_still_win(make):
     cache = make()
     warm(cache)
@@ -385,7 +415,14 @@ def test_a_nearcache_is_collected(make):
     assert cache.get("k") == 1 and cache.get("missing") is None
     assert is_rust_get(cache)
     ref = weakref.ref(cache)
-    del cache
+    gc.disable()
+    try:
+        del cache
+        # The cycle instance -> near_get -> handle -> _get_rest -> instance is real...
+        assert ref() is not None
+    finally:
+        gc.enable()
+    # ...and the collector breaks it (Handle traverses and clears what it holds).
     gc.collect()
     assert ref() is None
 

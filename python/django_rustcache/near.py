@@ -593,6 +593,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     key_prefix = _Synced()
     version = _Synced()
     _armed = False  # whether L1 hits are answered in Rust (``_arm``)
+    _tracked = False  # whether the listener hears of changes to this instance's keys (``_sync``)
 
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         self._options = o = NearOptions.from_params(server, params)
@@ -640,7 +641,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         self._fills = getattr(self._near, "fills", True) and hasattr(self._h, "fill_begin")
         self._generation = -1
         self._bind()
-        self._arm()
+        self._sync()
 
     def _sync(self) -> None:
         """Decide whether L1 hits may be looked up by Rust-made keys, and configure that view."""
@@ -656,7 +657,16 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             and cls.make_key is BaseCache.make_key
             and cls.make_and_validate_key is BaseCache.make_and_validate_key
         )
-        self._hot = rust_keys and not self._options.stale_if_error
+        # L1 may serve only keys the listener hears about: those under the prefix it tracks,
+        # fixed when it was set up (KEY_PREFIX or the key function assigned on a live instance
+        # may leave it; then every read goes to Redis).
+        track = d.get("_track_prefix")
+        self._tracked = track == "" or (
+            track is not None
+            and self.key_func is default_key_func
+            and f"{self.key_prefix}:".startswith(track)
+        )
+        self._hot = rust_keys and self._tracked and not self._options.stale_if_error
         self._fast.configure(self.key_prefix, self.version, None, False)
         self._arm()
 
@@ -710,7 +720,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     def _fresh(self) -> bool:
         """Whether L1 may serve a hit now (starting the listener if it is not running)."""
-        if self._near.fresh():
+        if self._tracked and self._near.fresh():
             if self._options.stale_if_error:
                 self._counters.last_fresh = time.monotonic()
             return True
