@@ -39,7 +39,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from django_rustcache import _core
 from django_rustcache._async import AsyncFillMixin
-from django_rustcache._core import Handle
+from django_rustcache._core import FastMethod, Handle
 from django_rustcache._fill import FillMixin
 from django_rustcache.backend import _Synced, _warn_key
 from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, _seconds, int_option
@@ -48,6 +48,8 @@ from django_rustcache.signals import tags_invalidated
 logger = logging.getLogger("django_rustcache.near")
 
 _MISS = object()
+#: What an L1 read gives when the lease was not fresh (L1 not read): ``_get_rest`` starts over.
+_STALE = object()
 
 #: Our OPTIONS keys (upper case) and their defaults; lower-case keys go to redis-py.
 NEAR_OPTION_DEFAULTS: dict[str, Any] = {
@@ -791,6 +793,8 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     key_func = _Synced()
     key_prefix = _Synced()
     version = _Synced()
+    _armed = False  # whether L1 hits are answered in Rust (``_arm``)
+    _tracked = False  # whether the listener hears of changes to this instance's keys (``_sync``)
 
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         self._options = o = NearOptions.from_params(server, params)
@@ -838,6 +842,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         self._fills = getattr(self._near, "fills", True) and hasattr(self._h, "fill_begin")
         self._generation = -1
         self._bind()
+        self._sync()
 
     def _sync(self) -> None:
         """Decide whether L1 hits may be looked up by Rust-made keys, and configure that view."""
@@ -854,8 +859,43 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             and cls.make_and_validate_key is BaseCache.make_and_validate_key
         )
         self._rust_keys = rust_keys  # _fast.make_key is make_and_validate_key
-        self._hot = rust_keys and not self._options.stale_if_error
+        # L1 may serve only keys the listener hears about: those under the prefix it tracks,
+        # fixed when it was set up (KEY_PREFIX or the key function assigned on a live instance
+        # may leave it; then every read goes to Redis).
+        track = d.get("_track_prefix")
+        self._tracked = track == "" or (
+            track is not None
+            and self.key_func is default_key_func
+            and f"{self.key_prefix}:".startswith(track)
+        )
+        self._hot = rust_keys and self._tracked and not self._options.stale_if_error
         self._fast.configure(self.key_prefix, self.version, None, False)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Let Rust answer L1 hits when the hot path holds (``_hot``) and the listener is the Rust
+        one: ``get`` is then the handle's ``near_get`` (see ``FastMethod``), ``_probe`` its
+        ``near_peek``; what L1 cannot answer goes to ``_get_rest``. Otherwise both are the Python
+        methods below, which do the same."""
+        d = self.__dict__
+        near = d.get("_near")
+        near_type = getattr(_core, "Near", None)
+        if (
+            d.get("_hot")
+            and near_type is not None
+            and isinstance(near, near_type)
+            and hasattr(self._fast, "near_get")
+        ):
+            self._fast.near_attach(near, _Tagged, _MISS, _STALE, self._get_rest)
+            d["_fast_get"] = self._fast.near_get
+            d["_probe"] = self._fast.near_peek
+            self._armed = True
+        else:
+            d.pop("_fast_get", None)
+            d.pop("_probe", None)
+            self._armed = False
+            if "_fast" in d and hasattr(self._fast, "near_detach"):
+                self._fast.near_detach()
 
     def _bind(self) -> None:
         """(Re)attach to this process's client and counters (again after a fork)."""
@@ -882,7 +922,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     def _fresh(self) -> bool:
         """Whether L1 may serve a hit now (starting the listener if it is not running)."""
-        if self._near.fresh():
+        if self._tracked and self._near.fresh():
             if self._options.stale_if_error:
                 self._counters.last_fresh = time.monotonic()
             return True
@@ -1476,15 +1516,32 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     # Django's cache API -------------------------------------------------------------------
 
-    def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
-        """The value (from L1 while the lease is fresh, else from Redis), or ``default``."""
+    def _probe(self, key: Any, version: Any) -> Any:
+        """L1's answer on the hot path: the value of a plain hit, else ``_get_rest``'s ``found``
+        (``_STALE`` when not on the hot path or the lease is not fresh, ``_MISS``, or the
+        ``_Tagged`` entry). When armed (``_arm``), the handle's ``near_peek`` instead."""
         if self._hot and self._near.fresh():
-            value = self._fast.get(key, _MISS, version)  # Rust makes and validates the key
-            if value is not _MISS and type(value) is not _Tagged:
-                return value
+            return self._fast.get(key, _MISS, version)  # Rust makes and validates the key
+        return _STALE
+
+    def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
+        """The value (from L1 while the lease is fresh, else from Redis), or ``default``.
+
+        When armed (``_arm``), the handle's ``near_get``: the same, with an L1 hit answered in
+        Rust and the rest by ``_get_rest``."""
+        found = self._probe(key, version)
+        if found is _STALE or found is _MISS or type(found) is _Tagged:
+            return self._get_rest(key, default, version, found)
+        return found
+
+    get = FastMethod(get, "_fast_get")  # type: ignore[assignment]
+
+    def _get_rest(self, key: Any, default: Any, version: Any, found: Any) -> Any:
+        """``get`` when L1 gave no plain hit; ``found`` as ``_probe`` returns it."""
+        if found is not _STALE:  # the key was made and validated in Rust, the lease was fresh
             made = self.make_key(key, version=version)
-            if value is not _MISS:
-                return self._run(self._op_l1_tagged(made, value, default))
+            if found is not _MISS:
+                return self._run(self._op_l1_tagged(made, found, default))
             return self._get_remote(made, default, True)
         made = self.make_and_validate_key(key, version=version)
         fresh = self._fresh()
@@ -1551,6 +1608,14 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     def _l1_many(
         self, keys: Iterable[Any], version: Any
     ) -> tuple[dict[str, Any], dict[Any, Any], list[str], bool]:
+        """``(key_map, found, lacking, fresh)``: ``found`` L1's hits (tagged ones unchecked),
+        ``lacking`` the made keys L1 does not hold, ``key_map`` ``{made: key}`` for at least
+        those and the tagged hits. Armed (``_arm``), one call into Rust while the lease is fresh."""
+        if self._armed:
+            l1 = self._fast.near_many(keys, version)
+            if l1 is not None:
+                found, rest, lacking = l1
+                return rest, found, lacking, True
         key_map = {self.make_and_validate_key(k, version=version): k for k in keys}
         found: dict[Any, Any] = {}
         fresh = self._fresh()
@@ -1590,7 +1655,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     def get_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
         """L1's hits, plus one MGET (per 1000 keys) for the keys L1 lacks."""
         key_map, found, lacking, fresh = self._l1_many(keys, version)
-        if lacking or any(type(v) is _Tagged for v in found.values()):
+        if lacking or (key_map and any(type(v) is _Tagged for v in found.values())):
             return self._run(self._op_many_rest(key_map, found, lacking, fresh))
         return found
 
@@ -1724,13 +1789,14 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     # Async: L1 hits are answered directly; a miss goes to redis.asyncio. -------------------
 
     async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
-        if self._hot and self._near.fresh():
-            value = self._fast.get(key, _MISS, version)
-            if value is not _MISS and type(value) is not _Tagged:
-                return value
+        """``get`` on redis.asyncio; an L1 hit is answered by one call into Rust (``_probe``)."""
+        found = self._probe(key, version)
+        if found is not _STALE and found is not _MISS and type(found) is not _Tagged:
+            return found
+        if found is not _STALE:
             made = self.make_key(key, version=version)
-            if value is not _MISS:
-                return await self._arun(self._op_l1_tagged(made, value, default))
+            if found is not _MISS:
+                return await self._arun(self._op_l1_tagged(made, found, default))
             return await self._arun(self._op_get(made, default, True))
         made = self.make_and_validate_key(key, version=version)
         fresh = self._fresh()
@@ -1789,7 +1855,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     async def aget_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
         key_map, found, lacking, fresh = self._l1_many(keys, version)
-        if lacking or any(type(v) is _Tagged for v in found.values()):
+        if lacking or (key_map and any(type(v) is _Tagged for v in found.values())):
             return await self._arun(self._op_many_rest(key_map, found, lacking, fresh))
         return found
 

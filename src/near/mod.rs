@@ -219,6 +219,12 @@ impl Near {
         self.lease.fresh()
     }
 
+    /// `fresh` at clock time `now` (a caller that reads the clock anyway passes its reading).
+    #[inline]
+    pub fn fresh_at(&self, now: u64) -> bool {
+        self.lease.fresh_at(now)
+    }
+
     /// Waits until `fresh` (or `timeout`); blocks: call it without the GIL.
     pub fn wait_fresh(&self, timeout: Duration) -> bool {
         self.lease.wait_fresh(timeout)

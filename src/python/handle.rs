@@ -5,15 +5,20 @@
 //! the key and passes it in; `version` is then ignored.
 
 use std::sync::{Arc, OnceLock};
+
+use ahash::RandomState;
+use hashbrown::hash_map::{Entry, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
+use pyo3::{PyTraverseError, PyVisit};
 
 use super::fast::TimeoutArg;
 use super::keys::{push_part, push_part_escaped, store_text, unescape};
 use super::made_key::MadeKey;
+use super::near::{Near, NearHit, Probe};
 use super::registry;
 use super::value::{decode, encode, encode_with, PyValue};
 use crate::clock::{self, NEVER};
@@ -38,6 +43,8 @@ pub struct Handle {
     limits: Limits,
     sentinel: Py<PyAny>,
     warn: Py<PyAny>,
+    /// Set by `near_attach`: what `near_get`/`near_peek` need to answer NearCache's reads.
+    near_hit: Option<NearHit>,
 }
 
 /// Tag versions taken before computing a value: storing with it stores nothing if any of those
@@ -303,6 +310,32 @@ impl Handle {
         Ok((put, k, expires))
     }
 
+    /// NearCache's L1 read of `key`: a plain hit only while the attached lease is fresh.
+    fn near_probe(
+        &self,
+        py: Python<'_>,
+        hit: &NearHit,
+        key: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Probe> {
+        let now = clock::now();
+        if !hit.fresh_at(now) {
+            return Ok(Probe::Rest(hit.stale.clone_ref(py)));
+        }
+        let k = self.key(key, version)?;
+        Ok(match self.read(py, &k, now)? {
+            Some(v) if hit.is_tagged(v.bind(py)) => Probe::Rest(v),
+            Some(v) => Probe::Hit(v),
+            None => Probe::Rest(hit.miss.clone_ref(py)),
+        })
+    }
+
+    fn near_hit(&self) -> PyResult<&NearHit> {
+        self.near_hit
+            .as_ref()
+            .ok_or_else(|| PyTypeError::new_err("no NearCache is attached to this handle"))
+    }
+
     fn read(&self, py: Python<'_>, k: &str, now: u64) -> PyResult<Option<Py<PyAny>>> {
         match self
             .store
@@ -354,7 +387,145 @@ impl Handle {
             limits: Limits::default(),
             sentinel,
             warn,
+            near_hit: None,
         })
+    }
+
+    /// Makes `near_get`/`near_peek` answer for a NearCache: L1 may serve while `near`'s lease
+    /// is fresh; an entry of type `tagged`, a miss (`miss`) or a lease that is not fresh
+    /// (`stale`) goes to `fallback(key, default, version, found)`.
+    fn near_attach(
+        &mut self,
+        near: Py<Near>,
+        tagged: Py<PyType>,
+        miss: Py<PyAny>,
+        stale: Py<PyAny>,
+        fallback: Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        if !fallback.is_callable() {
+            return Err(PyTypeError::new_err("the fallback must be callable"));
+        }
+        self.near_hit = Some(NearHit::new(near, tagged, miss, stale, fallback.unbind()));
+        Ok(())
+    }
+
+    /// Undoes `near_attach`.
+    fn near_detach(&mut self) {
+        self.near_hit = None;
+    }
+
+    /// NearCache's `get`: an L1 hit (lease fresh, key present, not a tagged entry) answered here,
+    /// as `get` answers it (the isolated copy); anything else is the fallback's result, called
+    /// with no borrow of this handle held.
+    #[pyo3(signature = (key, default = None, version = None))]
+    fn near_get(
+        slf: &Bound<'_, Self>,
+        key: &Bound<'_, PyAny>,
+        default: Option<Bound<'_, PyAny>>,
+        version: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let (fallback, found) = {
+            let this = slf.try_borrow()?;
+            let hit = this.near_hit()?;
+            match this.near_probe(py, hit, key, version.as_ref())? {
+                Probe::Hit(v) => return Ok(v),
+                Probe::Rest(found) => (hit.fallback.clone_ref(py), found),
+            }
+        };
+        let none = || py.None().into_bound(py);
+        let args = PyTuple::new(
+            py,
+            [
+                key.clone(),
+                default.unwrap_or_else(none),
+                version.unwrap_or_else(none),
+                found.into_bound(py),
+            ],
+        )?;
+        Ok(fallback.bind(py).call1(args)?.unbind())
+    }
+
+    /// NearCache's L1 read without the fallback (for `aget`): the value of a plain hit, else
+    /// what `near_get` would hand its fallback (the `stale` or `miss` marker, or the tagged entry).
+    #[pyo3(signature = (key, version = None))]
+    fn near_peek(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        match self.near_probe(py, self.near_hit()?, key, version)? {
+            Probe::Hit(v) | Probe::Rest(v) => Ok(v),
+        }
+    }
+
+    /// The L1 part of NearCache's `get_many`: None if the attached lease is not fresh (L1 not
+    /// read, `keys` not consumed); else `(found, rest, lacking)`: `found` maps each key L1 holds
+    /// to its value (a tagged entry as it is, for Python to check), `rest` maps the made key (as
+    /// Django makes it) of every key that is not a plain hit to that key, `lacking` lists the made
+    /// keys L1 does not hold. Keys making the same made key count once, under the last of them
+    /// (as the `{made: key}` map of Django's RedisCache).
+    #[pyo3(signature = (keys, version = None))]
+    #[allow(clippy::type_complexity)]
+    fn near_many<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+        version: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Option<(Bound<'py, PyDict>, Bound<'py, PyDict>, Bound<'py, PyList>)>> {
+        let hit = self.near_hit()?;
+        let now = clock::now();
+        if !hit.fresh_at(now) {
+            return Ok(None);
+        }
+        let mut made: Vec<(MadeKey, Bound<'py, PyAny>)> = Vec::new();
+        let mut seen: HashMap<String, usize, RandomState> = HashMap::default();
+        for key in keys.try_iter()? {
+            let key = key?;
+            let k = self.key(&key, version)?;
+            match seen.entry(k.to_string()) {
+                Entry::Occupied(at) => made[*at.get()].1 = key,
+                Entry::Vacant(at) => {
+                    at.insert(made.len());
+                    made.push((k, key));
+                }
+            }
+        }
+        let found = PyDict::new(py);
+        let rest = PyDict::new(py);
+        let lacking = PyList::empty(py);
+        for (k, key) in &made {
+            match self.read(py, k, now)? {
+                Some(v) if hit.is_tagged(v.bind(py)) => {
+                    found.set_item(key, v)?;
+                    rest.set_item(unescape(py, k)?, key)?;
+                }
+                Some(v) => found.set_item(key, v)?,
+                None => {
+                    let m = unescape(py, k)?;
+                    rest.set_item(&m, key)?;
+                    lacking.append(m)?;
+                }
+            }
+        }
+        Ok(Some((found, rest, lacking)))
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.sentinel)?;
+        visit.call(&self.warn)?;
+        visit.call(&self.prefix_obj)?;
+        visit.call(&self.version_obj)?;
+        match &self.near_hit {
+            Some(hit) => hit.traverse(&visit),
+            None => Ok(()),
+        }
+    }
+
+    fn __clear__(&mut self) {
+        // The fallback (a NearCache's bound method) is what closes a reference cycle.
+        self.near_hit = None;
     }
 
     /// Sets the key prefix, default version, default timeout (seconds, None for never) and mode.

@@ -21,7 +21,8 @@ use hashbrown::HashMap;
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyType};
+use pyo3::{PyTraverseError, PyVisit};
 
 use super::registry;
 use super::value::PyValue;
@@ -293,6 +294,69 @@ impl Near {
             self.location,
             self.inner.config().endpoint
         )
+    }
+}
+
+/// What a `Handle` needs to answer NearCache's `get` itself (`Handle.near_get`): the `Near`
+/// whose lease says whether L1 may serve, the type of tagged entries (which Python checks), the
+/// two markers handed to the fallback, and the fallback: NearCache's Python rest of `get`.
+pub(super) struct NearHit {
+    near: Py<Near>,
+    tagged: Py<PyType>,
+    /// Given to the fallback when the key is not in L1 (the lease was fresh).
+    pub(super) miss: Py<PyAny>,
+    /// Given to the fallback when the lease was not fresh (L1 was not read).
+    pub(super) stale: Py<PyAny>,
+    /// Called as `fallback(key, default, version, found)` when L1 has no plain hit.
+    pub(super) fallback: Py<PyAny>,
+}
+
+/// What L1 answers a NearCache read.
+pub(super) enum Probe {
+    /// A plain (untagged) hit: the value's isolated copy.
+    Hit(Py<PyAny>),
+    /// Anything else: what the fallback gets as `found` (`stale`, `miss` or the tagged entry).
+    Rest(Py<PyAny>),
+}
+
+impl NearHit {
+    pub(super) fn new(
+        near: Py<Near>,
+        tagged: Py<PyType>,
+        miss: Py<PyAny>,
+        stale: Py<PyAny>,
+        fallback: Py<PyAny>,
+    ) -> Self {
+        NearHit {
+            near,
+            tagged,
+            miss,
+            stale,
+            fallback,
+        }
+    }
+
+    /// Whether L1 may serve at clock time `now` (the lease, in this fork generation), after
+    /// dropping what the listener buried (the caller holds the GIL and none of our locks).
+    #[inline]
+    pub(super) fn fresh_at(&self, now: u64) -> bool {
+        let near = self.near.get();
+        near.bury_dead();
+        near.inner.fresh_at(now)
+    }
+
+    /// Whether an L1 value is a tagged entry (its tags' versions are checked by Python).
+    #[inline]
+    pub(super) fn is_tagged(&self, value: &Bound<'_, PyAny>) -> bool {
+        value.get_type().is(self.tagged.bind(value.py()))
+    }
+
+    pub(super) fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.near)?;
+        visit.call(&self.tagged)?;
+        visit.call(&self.miss)?;
+        visit.call(&self.stale)?;
+        visit.call(&self.fallback)
     }
 }
 
