@@ -139,6 +139,28 @@ impl Sketch {
             .store(self.added.load(Relaxed).saturating_add(1), Relaxed);
     }
 
+    /// Records one request of a key that is in the cache (a hit): its counters only. The
+    /// doorkeeper took the key's first request when it was inserted; if aging emptied the
+    /// doorkeeper since, this request counts in the counters where `record` would have set the
+    /// doorkeeper's bits, which gives the same estimate. Skipping the doorkeeper saves a hit a
+    /// cache line.
+    #[inline]
+    pub fn record_hit(&self, hash: u64) {
+        if self.words.is_empty() {
+            return;
+        }
+        let h = spread(hash);
+        for i in 0..4 {
+            let (w, nibble) = self.counter(h, i);
+            let word = self.words[w].load(Relaxed);
+            if (word >> (nibble * 4)) & MAX_COUNT < MAX_COUNT {
+                self.words[w].store(word + (1 << (nibble * 4)), Relaxed);
+            }
+        }
+        self.added
+            .store(self.added.load(Relaxed).saturating_add(1), Relaxed);
+    }
+
     /// The estimated requests of a key since the last aging (halved at each aging): the least of
     /// its four counters, plus one if the doorkeeper has seen it.
     #[inline]
@@ -245,6 +267,21 @@ mod tests {
             5,
             "the doorkeeper took the request after aging"
         );
+    }
+
+    #[test]
+    fn a_hit_counts_like_any_request_of_a_key_already_seen() {
+        let mut s = Sketch::with_capacity(256);
+        s.record(key(5));
+        for n in 2..=6 {
+            s.record_hit(key(5));
+            assert_eq!(s.frequency(key(5)), n);
+        }
+        // After aging the doorkeeper is empty: a hit still counts one.
+        s.age();
+        assert_eq!(s.frequency(key(5)), 2);
+        s.record_hit(key(5));
+        assert_eq!(s.frequency(key(5)), 3);
     }
 
     #[test]

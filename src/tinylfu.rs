@@ -140,7 +140,7 @@ impl<V> Shard<V> {
     #[inline]
     pub fn tiny_hit(&self, slot: u32, hash: u64) {
         self.entry(slot).hit();
-        self.tiny.sketch.record(hash);
+        self.tiny.sketch.record_hit(hash);
         let hits = &self.tiny.hits;
         hits.store(hits.load(Relaxed).saturating_add(1), Relaxed);
     }
