@@ -111,6 +111,7 @@ impl<V: Weigh> Store<V> {
         } else {
             let e = match self.policy {
                 Policy::Lru => shard.pop_oldest()?,
+                Policy::TinyLfu => shard.evict_tiny()?,
                 Policy::S3Fifo => {
                     // The ghost may remember the victim's hash (and forget older ones): its
                     // records are charged like entries, so that MAX_BYTES bounds them too.
@@ -270,7 +271,15 @@ impl<V: Weigh> Store<V> {
         entry.set_gen(gen);
         // Overwriting a live key counts as a use of it: it keeps its queue, one hit more.
         let (queue, freq) = match replaced {
-            Some((queue, freq)) => (queue, (freq + 1).min(MAX_FREQ)),
+            Some((queue, freq)) => {
+                if self.policy == Policy::TinyLfu {
+                    shard.tiny.sketch.record(hash);
+                }
+                (queue, (freq + 1).min(MAX_FREQ))
+            }
+            None if self.policy == Policy::TinyLfu => {
+                (shard.tiny_admit(hash, cap.div_ceil(self.shards.len())), 0)
+            }
             None => (shard.admit(hash), 0),
         };
         entry.freq().store(freq, Relaxed);
@@ -577,6 +586,34 @@ mod tests {
     }
 
     #[test]
+    fn tinylfu_threads_hammering_a_small_store_stay_within_bounds() {
+        hammer_under(Policy::TinyLfu, 4, 32);
+        hammer_under(Policy::TinyLfu, 8, 2);
+    }
+
+    #[test]
+    fn tinylfu_max_entries_is_a_capacity_and_a_loop_keeps_hitting_across_shards() {
+        let store: Store<Val> = Store::with_policy(16, Policy::TinyLfu);
+        let lim = limits(1_600, None);
+        let mut hits = 0;
+        for pass in 0..20 {
+            for i in 0..2_000 {
+                let k = format!("loop{i}");
+                if store.get(&k, 1, |_| ()).is_some() {
+                    hits += usize::from(pass > 0);
+                } else {
+                    set(&store, &k, 1, &lim, 1);
+                }
+                assert!(store.len() <= 1_600);
+            }
+        }
+        assert_eq!(held(&store), 1_600);
+        // Belady keeps 1,600 of the 2,000 keys (80%); LRU would hit nothing.
+        let ratio = hits as f64 / (19.0 * 2_000.0);
+        assert!(ratio > 0.7, "hit ratio {ratio:.3}");
+    }
+
+    #[test]
     fn s3_threads_on_a_store_of_two_entries_over_eight_shards() {
         // Most shards are empty: inserts must evict from other shards, and often find every
         // place taken by an insert in flight.
@@ -584,7 +621,11 @@ mod tests {
     }
 
     fn hammer(shards: usize, cap: i64) {
-        let store = Arc::new(s3(shards));
+        hammer_under(Policy::S3Fifo, shards, cap);
+    }
+
+    fn hammer_under(policy: Policy, shards: usize, cap: i64) {
+        let store: Arc<Store<Val>> = Arc::new(Store::with_policy(shards, policy));
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let store = store.clone();

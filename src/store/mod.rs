@@ -299,13 +299,15 @@ impl<V: Weigh> Store<V> {
         Lookup::Absent
     }
 
-    /// Counts a use of `slot` for the policy: "lru" moves it to the recent end (needs the write
-    /// lock); S3-FIFO bumps its counter.
+    /// Counts a use of `slot` (whose key hashes to `hash`) for the policy: "lru" moves it to the
+    /// recent end (needs the write lock); S3-FIFO bumps its counter; W-TinyLFU also records the
+    /// request in its sketch.
     #[inline]
-    fn used(&self, shard: &mut Shard<V>, slot: u32) {
+    fn used(&self, shard: &mut Shard<V>, slot: u32, hash: u64) {
         match self.policy {
             Policy::Lru => shard.touch(slot),
             Policy::S3Fifo => shard.entry(slot).hit(),
+            Policy::TinyLfu => shard.tiny_hit(slot, hash),
         }
     }
 

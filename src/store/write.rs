@@ -116,7 +116,7 @@ impl<V: Weigh> Store<V> {
                 let r = shard.entry_mut(slot).value_mut().and_then(update);
                 if r.is_some() {
                     let gen = self.next_gen();
-                    self.used(&mut shard, slot);
+                    self.used(&mut shard, slot, hash);
                     shard.entry_mut(slot).set_gen(gen);
                     moved = Some((slot, gen, shard.entry(slot).tags().to_vec()));
                 }
@@ -188,7 +188,7 @@ impl<V: Weigh> Store<V> {
         // unlocking.
         let mut entry = Entry::new(key, value, expires, tags);
         debug_assert_eq!(Self::charge(&entry), weight);
-        if self.policy == Policy::S3Fifo {
+        if self.policy != Policy::Lru {
             return self.put_s3(key, entry, limits, now, only_new, weight, fill);
         }
         let (hash, idx) = self.locate(key);
@@ -310,7 +310,7 @@ impl<V: Weigh> Store<V> {
                     self.bytes.fetch_sub(weight - exact, Relaxed);
                 }
                 shard.bury(old);
-                self.used(&mut shard, slot);
+                self.used(&mut shard, slot, hash);
                 Replace::Done
             }
             Lookup::Live(_) => {
