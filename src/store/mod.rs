@@ -190,6 +190,26 @@ enum Lookup {
     Absent,
 }
 
+/// The store's key hasher: seeded at random per process (a site's visitors choose keys, so a
+/// fixed seed would let them aim collisions), unless `RUSTCACHE_HASH_SEED` holds a u64, as
+/// `PYTHONHASHSEED` does for Python: then runs are reproducible (hash-dependent choices such as
+/// the shard of a key or TinyLFU's sketch counters come out the same), which the hit-ratio guard
+/// needs. Read when a store is made.
+fn key_hasher() -> RandomState {
+    let seed = std::env::var("RUSTCACHE_HASH_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match seed {
+        Some(seed) => RandomState::with_seeds(
+            seed,
+            seed ^ 0x9e37_79b9_7f4a_7c15,
+            seed.rotate_left(21),
+            !seed,
+        ),
+        None => RandomState::new(),
+    }
+}
+
 impl<V: Weigh> Store<V> {
     /// A store under the "lru" policy.
     pub fn new(shards: usize) -> Self {
@@ -198,7 +218,7 @@ impl<V: Weigh> Store<V> {
 
     pub fn with_policy(shards: usize, policy: Policy) -> Self {
         let n = shards.max(1).next_power_of_two();
-        let hasher = RandomState::new();
+        let hasher = key_hasher();
         Store {
             shards: (0..n)
                 .map(|_| RwLock::new(Shard::with_hasher(hasher.clone())))
