@@ -8,7 +8,8 @@
 //! - *parent* releases them;
 //! - *child* releases them, forgets every in-flight record (`Flights`: their leaders are threads
 //!   the child does not have, and would keep each follower waiting `STAMPEDE_WAIT`), and bumps
-//!   `generation`, so per-process state kept elsewhere can tell it is in a new process.
+//!   `generation`, so per-process state kept elsewhere can tell it is in a new process (a
+//!   `store::Fill` begun in the parent is inert in the child: it compares its generation).
 //!
 //! **Lock order** (prepare takes them in this order; every nesting in the code follows it):
 //! 1. the store registry (`python/registry.rs`); then, store by store, in registry order:
