@@ -72,15 +72,25 @@ class FillMixin:
         if not callable(default):
             return self._fill(key, default, timeout, version, tags, replace=False)
         wait = self._options.stampede_wait
-        fill = self._begin_fill(key, version, tags, wait=wait if wait > 0 else None)
+        # `_begin_fill`, inlined on this hot path (a miss of every cold key).
+        fill = self._h.fill(
+            self.make_key(key, version),
+            wait if wait > 0 else None,
+            False,
+            tags if self._own_writes else None,
+        )
         if fill is None:
             # Another thread's fill led the key and ended (or is too slow): its value, if any.
             val = self.get(key, self._missing_key, version=version)
             if val is not self._missing_key:
                 return val
             fill = self._begin_fill(key, version, tags)  # compute here, without the flight
-        with fill:
+        # `with fill:` ends it too; `release()` is one call where `with` makes two. Ended here,
+        # not when a traceback holding it is cleared: the callers waiting for the key wake now.
+        try:
             return self._fill(key, default, timeout, version, tags, replace=False, fill=fill)
+        finally:
+            fill.release()
 
     def _begin_fill(
         self,
@@ -96,12 +106,8 @@ class FillMixin:
         The fill takes the tag versions only when it is what stores (``_own_writes``); otherwise
         ``_fill`` snapshots them for the backend's own ``add``/``set``.
         """
-        return self._h.fill(
-            self.make_key(key, version),
-            wait=wait,
-            exclusive=exclusive,
-            tags=tags if self._own_writes else None,
-        )
+        made = self.make_key(key, version)
+        return self._h.fill(made, wait, exclusive, tags if self._own_writes else None)
 
     def _get_or_refresh(
         self,
@@ -187,9 +193,7 @@ class FillMixin:
             default = default()
             delta = clock() - start
             if own:
-                fill.put(
-                    self._k(key, version), default, timeout, version, delta=delta, replace=replace
-                )
+                fill.put(self._k(key, version), default, timeout, version, delta, replace)
             else:
                 extra = {} if tags is None else {"tags": tags}
                 store = self.set if replace else self.add

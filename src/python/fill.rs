@@ -37,7 +37,7 @@ impl Fill {
     /// `timeout`: as `set`, or with `replace=False` as `add`. `delta` is how long computing it
     /// took (seconds), recorded for early refresh. True if stored; False if the fill was
     /// cancelled, already put or released, or (for `add`) the key is there. Ends the fill.
-    #[pyo3(signature = (key, value, timeout, version = None, *, delta = 0.0, replace = true))]
+    #[pyo3(signature = (key, value, timeout, version = None, delta = 0.0, replace = true))]
     #[allow(clippy::too_many_arguments)]
     fn put(
         &mut self,

@@ -757,7 +757,7 @@ impl Handle {
     /// waiting, without the GIL, until that fill ends or `wait` passes (at once for a `wait` of 0
     /// or less: `aget_or_set` polls instead of blocking its loop); read the key again then. With
     /// `exclusive`, None at once if any fill leads the key, even this thread's (early refresh).
-    #[pyo3(signature = (key, *, wait = None, exclusive = false, tags = None))]
+    #[pyo3(signature = (key, wait = None, exclusive = false, tags = None))]
     fn fill(
         slf: &Bound<'_, Self>,
         key: &Bound<'_, PyString>,
