@@ -37,7 +37,6 @@ class Fill:
         value: Any,
         timeout: Any,
         version: Any = None,
-        *,
         delta: float = 0.0,
         replace: bool = True,
     ) -> bool: ...
@@ -132,7 +131,6 @@ class Handle:
     def fill(
         self,
         key: str,
-        *,
         wait: float | None = None,
         exclusive: bool = False,
         tags: Iterable[str] | TagSnapshot | None = None,
