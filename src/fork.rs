@@ -8,7 +8,8 @@
 //! - *parent* releases them;
 //! - *child* releases them, forgets every in-flight record (`Flights`: their leaders are threads
 //!   the child does not have, and would keep each follower waiting `STAMPEDE_WAIT`), and bumps
-//!   `generation`, so per-process state kept elsewhere can tell it is in a new process.
+//!   `generation`, so per-process state kept elsewhere can tell it is in a new process (a
+//!   `store::Fill` begun in the parent is inert in the child: it compares its generation).
 //!
 //! **Lock order** (prepare takes them in this order; every nesting in the code follows it):
 //! 1. the store registry (`python/registry.rs`); then, store by store, in registry order:
@@ -22,7 +23,7 @@
 //! thread is released without that thread waiting for anything else: store operations run with
 //! the GIL held from start to end and never release it, nor run Python code, under a store lock
 //! (values are dropped after unlocking; the only GIL release, a single-flight follower's wait in
-//! `Handle::flight_begin`, holds no store lock). So when the forking thread holds the GIL
+//! `Handle::fill`, holds no store lock). So when the forking thread holds the GIL
 //! (`os.fork`, `multiprocessing`), no store lock is held by anyone and prepare takes them at once;
 //! when a C extension forks without the GIL, the holders finish and let go.
 //!
@@ -147,7 +148,7 @@ mod tests {
         if store.invalidate_tags(["t"], 2) != 2 {
             return 5;
         }
-        if !matches!(store.flights.begin("k"), Role::Leader) {
+        if !matches!(store.flights.begin("k", 2), Role::Leader) {
             return 6;
         }
         0
@@ -166,11 +167,11 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let leader = std::thread::spawn(move || {
             assert!(matches!(
-                STORE.get().unwrap().flights.begin("k"),
+                STORE.get().unwrap().flights.begin("k", 1),
                 Role::Leader
             ));
             rx.recv().unwrap();
-            STORE.get().unwrap().flights.finish("k");
+            STORE.get().unwrap().flights.finish("k", 1);
         });
         while store.flights.is_empty() {
             std::thread::yield_now();

@@ -241,30 +241,30 @@ def test_a_fill_stores_unless_the_key_was_invalidated_written_or_flushed_meanwhi
     redis_server: Server, pair: tuple[Any, Any]
 ) -> None:
     h, n = pair
-    token = h.fill_begin("k")
-    assert h.fill_put("k", token, "v", 60) is True
+    fill = h.fill("p:1:k")
+    assert fill.put("k", "v", 60) is True
     assert h.get("k") == "v"
     # GET returned the old value, then the invalidation came, then the put: nothing stored.
-    token = h.fill_begin("b")
+    fill = h.fill("p:1:b")
     seen = n.stats()["invalidations"]
     redis_server.cmd("SET", "p:1:b", "new")
     wait_until(lambda: n.stats()["invalidations"] > seen, "the invalidation")
-    assert h.fill_put("b", token, "old", 60) is False
+    assert fill.put("b", "old", 60) is False
     assert h.get("b") is None
     # A local write during the fill wins.
-    token = h.fill_begin("c")
+    fill = h.fill("p:1:c")
     h.set("c", "local", None)
-    assert h.fill_put("c", token, "old", 60) is False
+    assert fill.put("c", "old", 60) is False
     assert h.get("c") == "local"
     # Two fills of one key: only the newest may store.
-    first, second = h.fill_begin("d"), h.fill_begin("d")
-    assert h.fill_put("d", first, 1, 60) is False
-    assert h.fill_put("d", second, 2, 60) is True
+    first, second = h.fill("p:1:d"), h.fill("p:1:d")
+    assert first.put("d", 1, 60) is False
+    assert second.put("d", 2, 60) is True
     # invalidate_made drops entries and placeholders by made key.
-    token = h.fill_begin("e")
+    fill = h.fill("p:1:e")
     assert h.invalidate_made(["p:1:c", "p:1:d", "p:1:nothing"]) == 2
     assert h.invalidate_made(["p:1:e"]) == 0
-    assert h.fill_put("e", token, 1, 60) is False
+    assert fill.put("e", 1, 60) is False
     assert h.get("c") is None and h.get("d") is None
     with pytest.raises(TypeError):
         h.invalidate_made([1])

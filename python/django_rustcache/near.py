@@ -6,7 +6,7 @@ first, then update this process's L1. Everything atomic (``add``, ``incr``, ``to
 of ``delete``/``has_key``) is decided by Redis. Values use Django's ``RedisCache`` format (ints
 raw, the rest pickled); by default pickles are signed with a key derived from ``SECRET_KEY``.
 
-Every use of the Rust listener (``_core.near``) and of the placeholder fill (``Handle.fill_*``)
+Every use of the Rust listener (``_core.near``) and of the placeholder fill (``Handle.fill``)
 sits in ``_start_listener`` and the three ``_l1_*`` methods: without them (an older native
 module, or tests that replace ``LISTENER_FACTORY``) L1 is never served and every read goes to
 Redis, which is correct on its own.
@@ -839,7 +839,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             channel=self._channel,
             connect_timeout=float(o.redis_options.get("socket_connect_timeout") or 2.0),
         )
-        self._fills = getattr(self._near, "fills", True) and hasattr(self._h, "fill_begin")
+        self._fills = getattr(self._near, "fills", True) and hasattr(self._h, "fill")
         self._generation = -1
         self._bind()
         self._sync()
@@ -930,23 +930,26 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         return False
 
     def _l1_begin(self, made: str) -> Any:
-        """Put a placeholder in ``made``'s L1 slot (dropping what was there); its token or None."""
+        """Begin a fill of ``made``'s L1 slot: a ``_core.Fill`` (its placeholder cancels older
+        fills of the key; any invalidation, write or flush of the key cancels it), or None. It
+        ends when put (``_l1_put``) or dropped."""
         if not self._fills:
             return None
-        return self._h.fill_begin(made)
+        return self._h.fill(made)
 
     def _l1_put(
         self, made: str, token: Any, value: Any, ttl: float | None, pickled: bytes | None = None
     ) -> None:
-        """Store ``value`` in L1 for ``ttl`` s (at most L1_MAX_TTL) if the placeholder survived;
-        ``pickled``, a pickle of ``value`` at hand, is kept rather than pickling it again."""
+        """Store ``value`` in L1 for ``ttl`` s (at most L1_MAX_TTL) if the fill ``token`` from
+        ``_l1_begin`` was not cancelled; ``pickled``, a pickle of ``value`` at hand, is kept
+        rather than pickling it again."""
         if token is None or (ttl is not None and ttl <= 0):
             return
         ttl = self._options.l1_max_ttl if ttl is None else min(ttl, self._options.l1_max_ttl)
         if pickled is None:
-            self._h.fill_put(made, token, value, ttl)
+            token.put(made, value, ttl)
         else:
-            self._h.fill_put(made, token, value, ttl, pickled=pickled)
+            token.put(made, value, ttl, pickled=pickled)
 
     def _l1_drop(self, made_keys: list[str]) -> None:
         """Remove ``made_keys`` (entries or placeholders) from this process's L1."""
@@ -1308,7 +1311,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         conn = self._conn
         if not conn.direct or (not fresh and self._options.stale_if_error):
             return self._run(self._op_get(made, default, fresh))
-        token = self._h.fill_begin(made) if self._fills else None
+        token = self._l1_begin(made)
         try:
             # Not atomic, unlike _GET: a change between the two (new value or TTL, expiry,
             # delete) invalidates the key, which kills the placeholder or drops what it stored
@@ -1389,7 +1392,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         ms = self._ms(timeout)
         if ms == 0:
             return self._run(self._op_set(made, value, timeout, False))
-        token = self._h.fill_begin(made) if self._fills else None  # kills older fills
+        token = self._l1_begin(made)  # kills older fills
         self._near.note_writes((made,))  # as _exec does: the write starts now
         try:
             conn.call(("SET", made, data) if ms is None else ("SET", made, data, "PX", ms))
@@ -1904,7 +1907,10 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     async def _aread(self, key: Any, version: Any) -> Any:
         return await self.aget(key, self._missing_key, version=version)
 
-    async def _afill(self, key: Any, default: Any, timeout: Any, version: Any, tags: Any) -> Any:
+    async def _afill(
+        self, key: Any, default: Any, timeout: Any, version: Any, tags: Any, fill: Any = None
+    ) -> Any:
+        # `fill` holds the key's single-flight in this process; Redis's SET NX decides who stores.
         if tags is not None and not isinstance(tags, NearTagSnapshot):
             # The race guard: the versions are taken before computing (see get_or_set).
             tags = await self._arun(self._op_snapshot(tags))

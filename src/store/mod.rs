@@ -45,7 +45,7 @@ mod testing;
 mod write;
 
 pub use account::entry_overhead;
-pub use fill::{placeholder_charge, Fills, FILLS_PER_SHARD, FILL_MAX_AGE};
+pub use fill::{placeholder_charge, Begun, Fill, Fills, Lead, FILLS_PER_SHARD, FILL_MAX_AGE};
 
 /// Shards of a store whose `MAX_ENTRIES` is above `ONE_SHARD_MAX`.
 pub const SHARDS: usize = 16;
