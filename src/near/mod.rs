@@ -278,5 +278,6 @@ impl Drop for Near {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests;

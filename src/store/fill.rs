@@ -20,11 +20,11 @@
 //! then its table), so the check in `put` is atomic with the insert. While no placeholder exists
 //! anywhere, the hooks cost one relaxed load.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-
 use ahash::RandomState;
 use hashbrown::HashMap;
-use parking_lot::Mutex;
+
+use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use crate::sync::Mutex;
 
 use super::{Entry, Limits, Put, Store, Weigh};
 use crate::mem::malloc_chunk;
@@ -232,7 +232,8 @@ impl<V: Weigh> Store<V> {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use std::sync::{Arc, Barrier};
     use std::thread;

@@ -1,4 +1,4 @@
-//! The store: shards under `parking_lot` read-write locks, expiry, eviction by entry count and by
+//! The store: shards under read-write locks (`parking_lot`'s, through `crate::sync`), expiry, eviction by entry count and by
 //! bytes under the store's policy (see `policy.rs`), tag invalidation, and counters.
 //!
 //! A store has one shard when its `MAX_ENTRIES` is at most `ONE_SHARD_MAX` (so that the small
@@ -18,12 +18,12 @@
 //! insert, which evicts as it goes), `account.rs` the byte accounting, `tags.rs` the tag
 //! bookkeeping.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
-
-use ahash::RandomState;
 use std::ops::{Deref, DerefMut};
 
-use parking_lot::{RwLock, RwLockWriteGuard};
+use ahash::RandomState;
+
+use crate::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use crate::sync::{random_state, RwLock, RwLockWriteGuard};
 
 use crate::clock::NEVER;
 use crate::entry::{planned_size, rounded_deadline, Pack};
@@ -41,6 +41,8 @@ mod fill;
 mod read;
 mod tags;
 #[cfg(test)]
+// Under `shuttle` only the models are built, and they use a part of it.
+#[cfg_attr(feature = "shuttle", allow(dead_code))]
 mod testing;
 mod write;
 
@@ -198,7 +200,7 @@ impl<V: Weigh> Store<V> {
 
     pub fn with_policy(shards: usize, policy: Policy) -> Self {
         let n = shards.max(1).next_power_of_two();
-        let hasher = RandomState::new();
+        let hasher = random_state();
         Store {
             shards: (0..n)
                 .map(|_| RwLock::new(Shard::with_hasher(hasher.clone())))
@@ -320,7 +322,8 @@ impl<V: Weigh> Store<V> {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::OnceLock;
