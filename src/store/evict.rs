@@ -105,33 +105,30 @@ impl<V: Weigh> Store<V> {
     /// Takes one entry off `shard` and the books, an expired one if any, else the policy's
     /// victim (the least recently used under "lru"). The caller buries it (`Locked::bury`).
     pub(super) fn evict_locked(&self, shard: &mut Shard<V>, now: u64) -> Option<Entry<V>> {
+        // Ghost records before and after (S3-FIFO's ghost may remember the victim's hash and
+        // forget older ones): they are charged like entries, so that MAX_BYTES bounds them too.
+        let before = shard.ghost.records();
         let e = if let Some(e) = shard.pop_expired(now) {
             Stats::bump(&self.stats.expirations, 1);
             e
         } else {
             let e = match self.policy {
                 Policy::Lru => shard.pop_oldest()?,
-                Policy::S3Fifo => {
-                    // The ghost may remember the victim's hash (and forget older ones): its
-                    // records are charged like entries, so that MAX_BYTES bounds them too.
-                    let before = shard.ghost.records();
-                    let e = shard.evict_s3()?;
-                    let after = shard.ghost.records();
-                    if after > before {
-                        self.bytes
-                            .fetch_add(((after - before) * GHOST_RECORD) as u64, Relaxed);
-                    } else {
-                        self.bytes
-                            .fetch_sub(((before - after) * GHOST_RECORD) as u64, Relaxed);
-                    }
-                    e
-                }
+                Policy::S3Fifo => shard.evict_s3()?,
             };
             Stats::bump(&self.stats.evictions, 1);
             e
         };
         self.len.fetch_sub(1, Relaxed);
-        self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+        // One change to the books, the victim's charge off and the new records on (fewer bytes:
+        // a record is smaller than any entry), so that no reader ever sees them pass the bound.
+        let off = Self::charge(&e) + (before * GHOST_RECORD) as u64;
+        let on = (shard.ghost.records() * GHOST_RECORD) as u64;
+        if on > off {
+            self.bytes.fetch_add(on - off, Relaxed);
+        } else {
+            self.bytes.fetch_sub(off - on, Relaxed);
+        }
         Some(e)
     }
 

@@ -118,13 +118,18 @@ pub(super) mod model {
     }
 
     /// Bytes the store's books must show: its entries' charges, S3-FIFO's ghost records and the
-    /// tag table.
+    /// tag table. Each shard is read under one hold of its lock: in a store of one shard, this
+    /// is what the store held at one moment.
     pub(in crate::store) fn books<V: Weigh>(store: &Store<V>) -> u64 {
-        let entries: u64 = store
+        let shards: u64 = store
             .shards
             .iter()
-            .map(|s| s.read().iter().map(Store::charge).sum::<u64>())
+            .map(|s| {
+                let s = s.read();
+                let entries: u64 = s.iter().map(Store::charge).sum();
+                entries + (s.ghost.records() * GHOST_RECORD) as u64
+            })
             .sum();
-        entries + ghost(store) + store.tags.bytes()
+        shards + store.tags.bytes()
     }
 }
