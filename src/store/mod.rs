@@ -38,6 +38,8 @@ use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
 mod account;
 mod evict;
 mod fill;
+#[cfg(all(test, feature = "shuttle"))]
+mod fill_shuttle;
 mod read;
 mod tags;
 #[cfg(test)]
