@@ -626,7 +626,7 @@ mod shuttle_tests {
     use crate::sync::atomic::AtomicBool;
     use crate::sync::{scope, yield_now};
 
-    const ITERATIONS: usize = 1_000;
+    const ITERATIONS: usize = 3_000;
 
     /// Into a store of `shards` shards holding `cap` entries at most, `cap - 1` already: three
     /// threads inserting two new keys each, and one watching the entry count. The count stays

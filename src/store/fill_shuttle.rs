@@ -10,7 +10,7 @@ use crate::store::testing::*;
 use crate::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use crate::sync::scope;
 
-const ITERATIONS: usize = 1_000;
+const ITERATIONS: usize = 3_000;
 
 /// "Redis" holds version 1 of `k`. Two fills of `k` (placeholder, GET from Redis, put) run
 /// while another client writes version 2 to Redis, after which the listener delivers the

@@ -141,7 +141,7 @@ mod shuttle_tests {
     use crate::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use crate::sync::{scope, yield_now};
 
-    const ITERATIONS: usize = 1_000;
+    const ITERATIONS: usize = 3_000;
 
     /// A writer stores `k` under a stamp of tag `t` taken before the invalidation starts, while
     /// another thread takes and drops stamps of `t` (so the table may forget the tag's cell and

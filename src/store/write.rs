@@ -436,7 +436,7 @@ mod shuttle_tests {
     use crate::store::testing::*;
     use crate::sync::scope;
 
-    const ITERATIONS: usize = 1_000;
+    const ITERATIONS: usize = 3_000;
 
     /// Adds one to `key` the way `incr` does for a value it cannot change in place: read it with
     /// its generation, store the sum only if the entry is still that one, else read again.
