@@ -1,9 +1,10 @@
 //! The synchronisation primitives of the store, from one place, so that its concurrency can be
 //! checked under a randomized scheduler.
 //!
-//! Every module of the store (`store/`, `shard.rs`, `tags.rs`, `flight.rs`, `stats.rs`) takes its
-//! locks, atomics, `Arc`, thread handles and hasher seeds from here. Normal builds re-export
-//! `parking_lot`, `std` and `ahash` as they are: the same types, no wrapper, no cost. With the
+//! Every module of the store (`store/`, `shard.rs`, `tags.rs`, `flight.rs`, `stats.rs`, and
+//! NearCache's `Graveyard`) takes its locks, atomics, `Arc`, thread handles and hasher seeds from
+//! here. Normal builds re-export `parking_lot`, `std` and `ahash` as they are: the same types, no
+//! wrapper, no cost. With the
 //! `shuttle` cargo feature (tests only, never in the wheel) they come from the `shuttle` crate,
 //! wrapped to keep `parking_lot`'s API, so the same store code runs under `shuttle::check_*`: each
 //! lock, atomic operation and yield is a point where shuttle's scheduler may switch threads.
@@ -13,8 +14,8 @@
 //! an entry's S3-FIFO hit counter (a `std` `AtomicU8` inside the entry's packed 22-byte header: a
 //! racy increment under the read lock loses a hit at worst, nothing a schedule could break); the
 //! PyO3 layer (`python/`, which cannot be built with `shuttle`); and NearCache's listener and lease
-//! (`near/`: an OS thread on a socket and real clocks; what it does to the store is
-//! `invalidate_key` and `clear`, which the models cover). The store reads no clock: every
+//! (`near/` but its graveyard: an OS thread on a socket and real clocks; what it does to the store
+//! is `invalidate_key` and `clear`, which the models cover). The store reads no clock: every
 //! operation takes `now` from its caller, so a model chooses time itself.
 
 pub use std::sync::{Arc, Weak};
