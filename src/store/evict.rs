@@ -12,6 +12,10 @@ const EVICT_PER_INSERT: usize = 2;
 /// Expired entries an operation reclaims in its own shard.
 const RECLAIM_PER_OP: usize = 2;
 
+/// Times a `MAX_BYTES` reservation looks again for a victim when its scan of the shards found
+/// none but entries came in behind it (see `reserve`).
+const LOOKS_AGAIN: usize = 100;
+
 impl<V: Weigh> Store<V> {
     /// Reclaims a few expired entries of this shard: expiry never needs a scan of the store.
     #[inline]
@@ -139,6 +143,7 @@ impl<V: Weigh> Store<V> {
             self.bytes.fetch_add(weight, Relaxed);
             return;
         };
+        let mut looks = 0;
         loop {
             let cur = self.bytes.load(Relaxed);
             if cur + self.tags.bytes() + weight <= max {
@@ -152,6 +157,15 @@ impl<V: Weigh> Store<V> {
                 continue;
             }
             if !self.evict_one(idx, now) {
+                if !self.is_empty() && looks < LOOKS_AGAIN {
+                    // The scan is not atomic across shards: entries (or places of S3-FIFO
+                    // inserts in flight) came in behind it. Charging now could pass the bound
+                    // by them; look again once they have landed (a bounded number of times,
+                    // so that nothing here can wait for ever).
+                    looks += 1;
+                    crate::sync::yield_now();
+                    continue;
+                }
                 // Nothing left to evict: the bytes are charged by reservations still in flight.
                 self.bytes.fetch_add(weight, Relaxed);
                 return;
