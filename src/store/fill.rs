@@ -28,11 +28,11 @@
 //! `put` stores nothing, its drop touches nothing): the child has forgotten the flight, and the
 //! parent's fill is not the child's to finish.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-
 use ahash::RandomState;
 use hashbrown::HashMap;
-use parking_lot::Mutex;
+
+use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use crate::sync::Mutex;
 
 use super::{Entry, Limits, Put, Store, Weigh};
 use crate::flight::{Flight, Role};
@@ -430,7 +430,8 @@ impl<V: Weigh> Drop for Fill<V> {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use std::sync::{Arc, Barrier};
     use std::thread;

@@ -1,4 +1,4 @@
-//! The store: shards under `parking_lot` read-write locks, expiry, eviction by entry count and by
+//! The store: shards under read-write locks (`parking_lot`'s, through `crate::sync`), expiry, eviction by entry count and by
 //! bytes under the store's policy (see `policy.rs`), tag invalidation, and counters.
 //!
 //! A store has one shard when its `MAX_ENTRIES` is at most `ONE_SHARD_MAX` (so that the small
@@ -18,12 +18,12 @@
 //! insert, which evicts as it goes), `account.rs` the byte accounting, `tags.rs` the tag
 //! bookkeeping.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
-
-use ahash::RandomState;
 use std::ops::{Deref, DerefMut};
 
-use parking_lot::{RwLock, RwLockWriteGuard};
+use ahash::RandomState;
+
+use crate::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use crate::sync::{random_state, RwLock, RwLockWriteGuard};
 
 use crate::clock::NEVER;
 use crate::entry::{planned_size, rounded_deadline, Pack};
@@ -38,9 +38,13 @@ use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
 mod account;
 mod evict;
 mod fill;
+#[cfg(all(test, feature = "shuttle"))]
+mod fill_shuttle;
 mod read;
 mod tags;
 #[cfg(test)]
+// Under `shuttle` only the models are built, and they use a part of it.
+#[cfg_attr(feature = "shuttle", allow(dead_code))]
 mod testing;
 mod write;
 
@@ -206,7 +210,7 @@ fn key_hasher() -> RandomState {
             seed.rotate_left(21),
             !seed,
         ),
-        None => RandomState::new(),
+        None => random_state(),
     }
 }
 
@@ -342,7 +346,8 @@ impl<V: Weigh> Store<V> {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::OnceLock;

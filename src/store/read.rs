@@ -146,7 +146,8 @@ impl<V: Weigh> Store<V> {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use std::sync::mpsc;
     use std::sync::Arc;
