@@ -53,7 +53,10 @@ impl LazyStore {
 }
 
 impl Sink for LazyStore {
+    // Both take store locks (and the registry's) without the GIL: in a `Quiet` section, so that
+    // a fork never finds this thread parked on a lock its prepare step holds (`crate::fork`).
     fn invalidate(&self, key: &str) {
+        let _quiet = crate::fork::quiet();
         if let Some(s) = self.get() {
             let mut dead = Vec::new();
             s.invalidate_key_into(key, &mut dead);
@@ -62,6 +65,7 @@ impl Sink for LazyStore {
     }
 
     fn flush(&self) {
+        let _quiet = crate::fork::quiet();
         if let Some(s) = self.get() {
             let mut dead = Vec::new();
             s.clear_into(&mut dead);

@@ -745,6 +745,7 @@ mod tests {
     #[test]
     fn a_fill_begun_before_a_fork_is_inert_in_the_child() {
         crate::fork::install();
+        let _serial = crate::fork::serial();
         let store = Arc::new(Store::<Val>::new(1));
         let mut f = lead(&store, "k", Lead::Join, Vec::new());
         // SAFETY: the child only reads atomics, takes this test's own store's locks (no other
