@@ -351,3 +351,54 @@ def test_ca_data_and_ca_path_are_trusted_like_ca_certs(tls_server, pki, tmp_path
     by_path.set("k", 2)
     assert by_path.get("k") == 2
     assert fresh(by_path), by_path.stats()["listener"]
+
+
+def test_a_forked_child_closes_the_tls_connection_it_inherited_and_makes_its_own(tls_server, pki):
+    # The listener's TLS connection is registered for closing in a forked child (its TCP
+    # socket's descriptor), as a plaintext one is: once the parent is gone, only the child's own
+    # listener connection (a new TLS session) remains.
+    import signal
+    import subprocess
+    import sys
+
+    tls = {"ca_certs": str(pki.ca), "cert_reqs": "required", "check_hostname": True}
+    script = f"""
+import os, sys, time, uuid
+from django_rustcache import _core
+loc = "near-" + uuid.uuid4().hex
+h = _core.Handle(loc, object(), lambda key: None)
+n = _core.near(loc, host="127.0.0.1", port={tls_server.port}, unix_path=None, username=None,
+               password=None, prefix="p:", lease=0.5, mode="bcast", channel="",
+               connect_timeout=2.0, tls={tls!r})
+n.ensure_started()
+assert n.wait_fresh(10.0), n.stats()
+pid = os.fork()
+if pid == 0:
+    n.ensure_started()
+    print("child", n.wait_fresh(10.0), n.stats()["last_error"], flush=True)
+    time.sleep(20)  # alive, after its parent is gone
+    os._exit(0)
+print(pid, flush=True)
+os._exit(0)  # the parent dies without closing its listener
+"""
+    r = tls_client(tls_server, pki)
+
+    def trackers() -> int:
+        return sum(1 for c in r.client_list() if "t" in c["flags"])
+
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert parent.stdout is not None
+        lines = [parent.stdout.readline().strip() for _ in range(2)]
+        child = int(next(line for line in lines if line.isdigit()))
+        assert "child True None" in lines, lines
+        parent.wait(10)
+        wait_until(lambda: trackers() == 1, "only the child's own listener connection")
+        os.kill(child, 0)  # the child is alive: it did not keep the parent's connection open
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+        r.close()
