@@ -109,11 +109,13 @@ def tls_client(server: servers.Server, pki: servers.Pki) -> redis.Redis:
 # It works ----------------------------------------------------------------------------------
 
 
-def test_get_set_and_invalidation_between_two_l1s_over_tls(tls_server, pki):
+@pytest.mark.parametrize("mode", ["tracking", "pubsub"])
+def test_get_set_and_invalidation_between_two_l1s_over_tls(tls_server, pki, mode):
     # Two L1 stores (two LOCATIONs naming one server: its IP address, then its DNS name, both
     # in its certificate), as two processes would have.
     prefix = f"tls{next(_prefixes)}"
-    params = {"KEY_PREFIX": prefix, "OPTIONS": {"LEASE": 0.25, "ssl_ca_certs": str(pki.ca)}}
+    options = {"LEASE": 0.25, "INVALIDATION": mode, "ssl_ca_certs": str(pki.ca)}
+    params = {"KEY_PREFIX": prefix, "OPTIONS": options}
     a = NearCache(f"rediss://127.0.0.1:{tls_server.port}/0", params)
     b = NearCache(f"rediss://localhost:{tls_server.port}/0", params)
     assert a._l1_location != b._l1_location
@@ -353,7 +355,17 @@ def test_ca_data_and_ca_path_are_trusted_like_ca_certs(tls_server, pki, tmp_path
     assert fresh(by_path), by_path.stats()["listener"]
 
 
-def test_a_forked_child_closes_the_tls_connection_it_inherited_and_makes_its_own(tls_server, pki):
+@pytest.fixture
+def own_tls_server(pki: servers.Pki) -> Iterator[servers.Server]:
+    """A TLS server of this test's alone (no other test's listener connected to it)."""
+    server = _start(tls=pki)
+    yield server
+    server.cleanup()
+
+
+def test_a_forked_child_closes_the_tls_connection_it_inherited_and_makes_its_own(
+    own_tls_server, pki
+):
     # The listener's TLS connection is registered for closing in a forked child (its TCP
     # socket's descriptor), as a plaintext one is: once the parent is gone, only the child's own
     # listener connection (a new TLS session) remains.
@@ -367,7 +379,7 @@ import os, sys, time, uuid
 from django_rustcache import _core
 loc = "near-" + uuid.uuid4().hex
 h = _core.Handle(loc, object(), lambda key: None)
-n = _core.near(loc, host="127.0.0.1", port={tls_server.port}, unix_path=None, username=None,
+n = _core.near(loc, host="127.0.0.1", port={own_tls_server.port}, unix_path=None, username=None,
                password=None, prefix="p:", lease=0.5, mode="bcast", channel="",
                connect_timeout=2.0, tls={tls!r})
 n.ensure_started()
@@ -381,7 +393,7 @@ if pid == 0:
 print(pid, flush=True)
 os._exit(0)  # the parent dies without closing its listener
 """
-    r = tls_client(tls_server, pki)
+    r = tls_client(own_tls_server, pki)
 
     def trackers() -> int:
         return sum(1 for c in r.client_list() if "t" in c["flags"])

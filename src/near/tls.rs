@@ -174,11 +174,11 @@ pub fn client_config(t: &Tls) -> Result<Arc<ClientConfig>, String> {
     };
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|e| e.to_string())?;
     let verifier: Arc<dyn ServerCertVerifier> = if t.verify {
         let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(t)?), provider)
             .build()
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(|e| e.to_string())?;
         if t.check_hostname {
             webpki
         } else {
