@@ -26,9 +26,9 @@ from tests import servers
 _prefixes = itertools.count()
 
 
-def _start(**kw: Any) -> servers.Server:
+def _start(*args: str, **kw: Any) -> servers.Server:
     try:
-        return servers.start("redis", **kw)
+        return servers.start("redis", *args, **kw)
     except servers.ServerUnavailable as e:
         pytest.fail(f"the TLS tests need Debian's redis-server (with TLS): {e}", pytrace=False)
 
@@ -154,6 +154,26 @@ def test_the_data_path_speaks_tls_on_the_pool_and_on_direct_connections(tls_serv
     # readable with nothing for the application: session tickets).
     assert check.info("stats")["total_connections_received"] - received <= 4
     check.close()
+    assert cache._conn.direct and cache._conn._wires
+    for wire in cache._conn._wires:  # made with the pool's class and options
+        assert isinstance(wire.conn, redis.SSLConnection)
+        assert isinstance(wire.conn._sock, ssl.SSLSocket)
+
+
+def test_ssl_min_version_is_honoured_by_both_paths(pki):
+    server = _start("--tls-protocols", "TLSv1.2", tls=pki)  # a server that stops at TLS 1.2
+    try:
+        tls12 = make(server.url, ssl_ca_certs=str(pki.ca), ssl_min_version=ssl.TLSVersion.TLSv1_2)
+        tls12.set("k", 1)
+        assert tls12.get("k") == 1
+        assert fresh(tls12), tls12.stats()["listener"]
+        tls13 = make(server.url, ssl_ca_certs=str(pki.ca), ssl_min_version=ssl.TLSVersion.TLSv1_3)
+        with pytest.raises(redis.ConnectionError):
+            tls13.get("k")
+        error = listener_error(tls13)
+        assert "TLS handshake" in error and "ProtocolVersion" in error, error
+    finally:
+        server.cleanup()
 
 
 def test_async_methods_work_over_tls(tls_server, pki):
