@@ -320,6 +320,7 @@ def test_the_listener_gets_the_ssl_options_and_the_url_query_wins(monkeypatch, p
         ("rediss://127.0.0.1:1/0", {"ssl_password": "pw"}, "ssl_password"),
         ("rediss://127.0.0.1:1/0", {"ssl_ciphers": "HIGH"}, "ssl_ciphers"),
         ("rediss://127.0.0.1:1/0", {"ssl_validate_ocsp": True}, "ssl_validate_ocsp"),
+        ("rediss://127.0.0.1:1/0?ssl_validate_ocsp=true", {}, "ssl_validate_ocsp in LOCATION"),
         ("rediss://127.0.0.1:1/0", {"ssl_cert_reqs": "always"}, "ssl_cert_reqs"),
         ("rediss://127.0.0.1:1/0", {"ssl_check_hostname": "yes"}, "ssl_check_hostname"),
         ("rediss://127.0.0.1:1/0", {"ssl_min_version": "TLSv1_3"}, "ssl_min_version"),

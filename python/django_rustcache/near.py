@@ -439,6 +439,11 @@ class NearOptions:
             theirs.setdefault(name, seconds)
         tls = None
         if scheme == "rediss":
+            for name in sorted(k for k in url if k.startswith("ssl") and k not in _TLS_OPTIONS):
+                raise ImproperlyConfigured(
+                    f"{where}: {name} in LOCATION's query is not supported by NearCache: its "
+                    f"invalidation listener honours only {', '.join(sorted(_TLS_OPTIONS))}."
+                )
             tls = _tls_settings(where, {**theirs, **url})
             if tls["check_hostname"]:
                 # Host names are verified, as redis-py 6+ does by default (5.x did not): said
