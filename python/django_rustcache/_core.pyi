@@ -174,6 +174,7 @@ class Near:
         mode: str,
         channel: str,
         connect_timeout: float,
+        tls: dict[str, Any] | None = None,
     ) -> Near: ...
     @property
     def l1_location(self) -> str: ...
@@ -198,4 +199,5 @@ def near(
     mode: str,
     channel: str,
     connect_timeout: float,
+    tls: dict[str, Any] | None = None,
 ) -> Near: ...

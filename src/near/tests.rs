@@ -51,6 +51,7 @@ fn config(port: u16, lease_ms: u64, mode: Mode) -> Config {
         lease: Duration::from_millis(lease_ms),
         mode,
         connect_timeout: Duration::from_millis(500),
+        tls: None,
     }
 }
 
