@@ -3,12 +3,28 @@
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, final
 
-__all__ = ["Handle", "TagSnapshot", "FastMethod", "Near", "near", "fork_generation", "__version__"]
+__all__ = [
+    "Handle",
+    "TagSnapshot",
+    "FastMethod",
+    "Near",
+    "near",
+    "compress",
+    "decompress",
+    "fork_generation",
+    "__version__",
+]
 
 __version__: str
 
 def fork_generation() -> int:
     """How many fork()s separate this process from the one that loaded the module."""
+
+def compress(data: bytes, codec: str) -> bytes:
+    """``data`` compressed with ``codec`` ("zstd" or "lz4") as a frame naming its codec."""
+
+def decompress(frame: bytes, max_size: int) -> bytes:
+    """A frame's content; ValueError if malformed or above ``max_size`` bytes (bounded)."""
 
 @final
 class TagSnapshot:
