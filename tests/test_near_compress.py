@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import pickle
+import sys
 
 import pytest
 import redis
@@ -95,6 +96,7 @@ def test_compress_options_are_read_and_checked(make):
     assert make("lz4")._options.compress == "lz4"
     o = make("lz4", COMPRESS_MIN_SIZE=0, COMPRESS_MAX_SIZE=10)._options
     assert (o.compress_min_size, o.compress_max_size) == (0, 10)
+    assert make(COMPRESS_MAX_SIZE=2**80)._options.compress_max_size == sys.maxsize
     defaults = make()._options
     assert (defaults.compress_min_size, defaults.compress_max_size) == (1024, 64 * 2**20)
     for bad in ("zlib", "ZSTD", 1, "", ["zstd"]):
@@ -184,6 +186,18 @@ def test_the_threshold_and_incompressible_values(make, raw):
     assert body(capped, raw.get(made(capped, "page"))) == pickle.dumps(PAGE, 5)
     capped._h.clear()
     assert capped.get("page") == PAGE
+
+
+def test_a_value_the_codec_refuses_is_stored_as_it_is(make, raw, monkeypatch):
+    cache = make("lz4")
+
+    def refuse(data, codec):
+        raise ValueError("4294967296 bytes are too many for one frame")  # as LZ4 past 4 GiB
+
+    monkeypatch.setattr(near_mod._core, "compress", refuse)
+    cache.set("page", PAGE)
+    assert body(cache, raw.get(made(cache, "page"))) == pickle.dumps(PAGE, 5)
+    assert make("lz4", key_prefix=cache.key_prefix).get("page") == PAGE
 
 
 def test_ints_stay_raw_for_incr_whatever_their_size(make, raw):

@@ -27,6 +27,7 @@ import pickle
 import re
 import secrets
 import select
+import sys
 import threading
 import time
 import weakref
@@ -506,7 +507,8 @@ def _compress_options(where: str, o: dict[str, Any]) -> tuple[str | None, int, i
             "rebuild django-rustcache."
         )
     min_size = _size(where, "COMPRESS_MIN_SIZE", o["COMPRESS_MIN_SIZE"], 0)
-    max_size = _size(where, "COMPRESS_MAX_SIZE", o["COMPRESS_MAX_SIZE"], 1)
+    # Anything past a machine word means "no bound" (Redis holds at most 512 MB a value anyway).
+    max_size = min(_size(where, "COMPRESS_MAX_SIZE", o["COMPRESS_MAX_SIZE"], 1), sys.maxsize)
     if codec is not None and min_size > max_size:
         raise ImproperlyConfigured(
             f"{where}: OPTIONS['COMPRESS_MIN_SIZE'] ({min_size}) is above "
@@ -1055,7 +1057,10 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         o = self._options
         body = data
         if o.compress is not None and o.compress_min_size <= len(data) <= o.compress_max_size:
-            frame = _core.compress(data, o.compress)
+            try:
+                frame = _core.compress(data, o.compress)
+            except ValueError:  # past what one frame holds (LZ4: 4 GiB): stored as it is
+                frame = data
             if len(frame) < len(data):  # incompressible data (a JPEG, random bytes) stays as is
                 body = frame
         if not o.signed:
