@@ -342,6 +342,43 @@ def _bool(where: str, name: str, value: Any) -> bool:
     return value
 
 
+def _size(where: str, name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS[{name!r}] must be a whole number of bytes >= {minimum}, "
+            f"not {value!r}."
+        )
+    return value
+
+
+def _compress_options(where: str, o: dict[str, Any]) -> tuple[str | None, int, int]:
+    """``COMPRESS`` (the codec or None), ``COMPRESS_MIN_SIZE`` and ``COMPRESS_MAX_SIZE``."""
+    setting = o["COMPRESS"]
+    if setting is False or setting is None:
+        codec = None
+    elif isinstance(setting, (bool, str)) and setting in _CODECS:
+        codec = _CODECS[setting]
+    else:
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['COMPRESS'] must be False, True (zstd), 'zstd' or 'lz4', "
+            f"not {setting!r}."
+        )
+    if codec is not None and not hasattr(_core, "compress"):  # pragma: no cover - old build
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['COMPRESS'] needs a native module with compression; "
+            "rebuild django-rustcache."
+        )
+    min_size = _size(where, "COMPRESS_MIN_SIZE", o["COMPRESS_MIN_SIZE"], 0)
+    # Anything past a machine word means "no bound" (Redis holds at most 512 MB a value anyway).
+    max_size = min(_size(where, "COMPRESS_MAX_SIZE", o["COMPRESS_MAX_SIZE"], 1), sys.maxsize)
+    if codec is not None and min_size > max_size:
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['COMPRESS_MIN_SIZE'] ({min_size}) is above "
+            f"OPTIONS['COMPRESS_MAX_SIZE'] ({max_size}): nothing would be compressed."
+        )
+    return codec, min_size, max_size
+
+
 @dataclass(frozen=True)
 class NearOptions:
     """The validated settings of a NearCache alias."""
@@ -354,17 +391,17 @@ class NearOptions:
     l1_max_ttl: float
     invalidation: str
     signed: bool
+    #: The codec pickles of ``compress_min_size`` bytes up to ``compress_max_size`` are
+    #: compressed with ("zstd", "lz4"; None: off). Reads decode by marker, whatever this says.
+    compress: str | None
+    compress_min_size: int
+    #: The most bytes a compressed value may inflate to on a read (larger: a logged miss).
+    compress_max_size: int
     ignore_exceptions: bool
     stale_if_error: float | None
     redis_options: dict[str, Any]
     #: Seconds a get_or_set caller waits for another thread's fill of the same key (0: off).
     stampede_wait: float = 10.0
-    #: The codec pickles of ``compress_min_size`` bytes up to ``compress_max_size`` are
-    #: compressed with ("zstd", "lz4"; None: off). Reads decode by marker, whatever this says.
-    compress: str | None = None
-    compress_min_size: int = 1024
-    #: The most bytes a compressed value may inflate to on a read (larger: a logged miss).
-    compress_max_size: int = 64 * 2**20
 
     @classmethod
     def from_params(cls, location: Any, params: dict[str, Any]) -> NearOptions:
@@ -469,52 +506,15 @@ class NearOptions:
             l1_max_ttl=_number(where, "L1_MAX_TTL", o["L1_MAX_TTL"]),
             invalidation=mode,
             signed=_bool(where, "SIGNED", o["SIGNED"]),
+            compress=compress,
+            compress_min_size=min_size,
+            compress_max_size=max_size,
             ignore_exceptions=_bool(where, "IGNORE_EXCEPTIONS", o["IGNORE_EXCEPTIONS"]),
             stale_if_error=stale,
             redis_options=theirs,
             # Checked as RustCache's STAMPEDE_WAIT is.
             stampede_wait=_seconds(where, "OPTIONS['STAMPEDE_WAIT']", o["STAMPEDE_WAIT"]),
-            compress=compress,
-            compress_min_size=min_size,
-            compress_max_size=max_size,
         )
-
-
-def _size(where: str, name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ImproperlyConfigured(
-            f"{where}: OPTIONS[{name!r}] must be a whole number of bytes >= {minimum}, "
-            f"not {value!r}."
-        )
-    return value
-
-
-def _compress_options(where: str, o: dict[str, Any]) -> tuple[str | None, int, int]:
-    """``COMPRESS`` (the codec or None), ``COMPRESS_MIN_SIZE`` and ``COMPRESS_MAX_SIZE``."""
-    setting = o["COMPRESS"]
-    if setting is False or setting is None:
-        codec = None
-    elif isinstance(setting, (bool, str)) and setting in _CODECS:
-        codec = _CODECS[setting]
-    else:
-        raise ImproperlyConfigured(
-            f"{where}: OPTIONS['COMPRESS'] must be False, True (zstd), 'zstd' or 'lz4', "
-            f"not {setting!r}."
-        )
-    if codec is not None and not hasattr(_core, "compress"):  # pragma: no cover - old build
-        raise ImproperlyConfigured(
-            f"{where}: OPTIONS['COMPRESS'] needs a native module with compression; "
-            "rebuild django-rustcache."
-        )
-    min_size = _size(where, "COMPRESS_MIN_SIZE", o["COMPRESS_MIN_SIZE"], 0)
-    # Anything past a machine word means "no bound" (Redis holds at most 512 MB a value anyway).
-    max_size = min(_size(where, "COMPRESS_MAX_SIZE", o["COMPRESS_MAX_SIZE"], 1), sys.maxsize)
-    if codec is not None and min_size > max_size:
-        raise ImproperlyConfigured(
-            f"{where}: OPTIONS['COMPRESS_MIN_SIZE'] ({min_size}) is above "
-            f"OPTIONS['COMPRESS_MAX_SIZE'] ({max_size}): nothing would be compressed."
-        )
-    return codec, min_size, max_size
 
 
 # Process-wide state: one client (and pool) per (process, LOCATION + redis options) ------------
