@@ -712,19 +712,22 @@ impl<V> Drop for Entry<V> {
     }
 }
 
+/// A value for the tests of the shard and the policies (also built under `shuttle`).
 #[cfg(test)]
+impl Pack for u32 {
+    fn from_tag(_: u8) -> &'static u32 {
+        unreachable!("u32 values are never tagged")
+    }
+}
+
+// Under `shuttle` the tag table's locks work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
     use crate::tags::TagTable;
 
     const SEC: u64 = 1_000_000_000;
     use std::sync::atomic::Ordering::Relaxed;
-
-    impl Pack for u32 {
-        fn from_tag(_: u8) -> &'static u32 {
-            unreachable!("u32 values are never tagged")
-        }
-    }
 
     thread_local! {
         /// Drops of `Counted::Big` on this thread (tests run in parallel threads).

@@ -2,6 +2,12 @@
 //! others wait for it (a bounded wait) instead of all computing it.
 //!
 //! Pure Rust; the Python layer releases the GIL before `wait` so the leader can run.
+//!
+//! A flight belongs to the fill that started it (`crate::store::Fill`, identified by its token),
+//! not to a thread: only that fill's `finish` ends it, from whichever thread drops the fill. A
+//! thread that already leads a key and asks for it again (a computation that reads its own key)
+//! is told `Nested`: it computes too, without waiting on itself, but the flight stays its outer
+//! fill's.
 
 use std::time::Duration;
 
@@ -20,14 +26,19 @@ enum State {
 
 pub struct Flight {
     leader: ThreadId,
+    /// The token of the fill that owns the flight: only its `finish` ends it.
+    owner: u64,
     state: Mutex<State>,
     cv: Condvar,
 }
 
 /// What `Flights::begin` made of the caller.
 pub enum Role {
-    /// Compute the value, then call `finish`.
+    /// Compute the value, then call `finish` with the token given to `begin`.
     Leader,
+    /// This thread already leads the key (re-entry): compute without waiting on itself; the
+    /// flight stays the outer fill's (do not `finish` it).
+    Nested,
     /// Someone else is computing: `wait` on this flight.
     Follower(Arc<Flight>),
 }
@@ -47,17 +58,19 @@ pub struct Flights {
 }
 
 impl Flights {
-    /// Joins or starts the flight for `key`. A thread that already leads `key` (its computation
-    /// asks for the same key again) is made a leader again rather than waiting on itself.
-    pub fn begin(&self, key: &str) -> Role {
+    /// Joins or starts the flight for `key`, owned by `owner` (a fill's token) if it starts. A
+    /// thread that already leads `key` (its computation asks for the same key again) is told
+    /// `Nested` rather than made to wait on itself.
+    pub fn begin(&self, key: &str, owner: u64) -> Role {
         let me = current().id();
         let mut map = self.map.lock();
         match map.get(key) {
             Some(f) if f.leader != me => Role::Follower(f.clone()),
-            Some(_) => Role::Leader,
+            Some(_) => Role::Nested,
             None => {
                 let flight = Flight {
                     leader: me,
+                    owner,
                     state: Mutex::new(State::Running),
                     cv: Condvar::new(),
                 };
@@ -69,14 +82,15 @@ impl Flights {
 
     /// Starts the flight for `key` only if none is in progress, not even one led by this thread
     /// (an early refresh whose computation reads its own key must not refresh it again); true if
-    /// the caller now leads it. Never waits.
-    pub fn try_begin(&self, key: &str) -> bool {
+    /// the caller now leads it, owned by `owner`. Never waits.
+    pub fn try_begin(&self, key: &str, owner: u64) -> bool {
         let mut map = self.map.lock();
         if map.contains_key(key) {
             return false;
         }
         let flight = Flight {
             leader: current().id(),
+            owner,
             state: Mutex::new(State::Running),
             cv: Condvar::new(),
         };
@@ -84,11 +98,11 @@ impl Flights {
         true
     }
 
-    /// Ends the flight for `key` led by this thread and wakes its waiters.
-    pub fn finish(&self, key: &str) {
-        let me = current().id();
+    /// Ends the flight for `key` owned by `owner` and wakes its waiters; any other flight of the
+    /// key (a later one, after this one ended) is left alone.
+    pub fn finish(&self, key: &str, owner: u64) {
         let mut map = self.map.lock();
-        if map.get(key).is_some_and(|f| f.leader == me) {
+        if map.get(key).is_some_and(|f| f.owner == owner) {
             if let Some(f) = map.remove(key) {
                 drop(map);
                 *f.state.lock() = State::Done;
@@ -163,21 +177,22 @@ mod tests {
         let flights = Arc::new(Flights::default());
         let computed = Arc::new(AtomicUsize::new(0));
         let barrier = Arc::new(Barrier::new(16));
-        let handles: Vec<_> = (0..16)
-            .map(|_| {
+        let handles: Vec<_> = (0..16u64)
+            .map(|i| {
                 let (flights, computed, barrier) =
                     (flights.clone(), computed.clone(), barrier.clone());
                 thread::spawn(move || {
                     barrier.wait();
-                    match flights.begin("k") {
+                    match flights.begin("k", i) {
                         Role::Leader => {
                             computed.fetch_add(1, Ordering::SeqCst);
                             thread::sleep(Duration::from_millis(100));
-                            flights.finish("k");
+                            flights.finish("k", i);
                         }
                         Role::Follower(f) => {
                             assert_eq!(f.wait(Duration::from_secs(10)), Waited::Finished)
                         }
+                        Role::Nested => panic!("no thread re-enters"),
                     }
                 })
             })
@@ -192,43 +207,46 @@ mod tests {
     #[test]
     fn waits_are_bounded_and_reentry_does_not_self_wait() {
         let flights = Arc::new(Flights::default());
-        assert!(matches!(flights.begin("k"), Role::Leader));
+        assert!(matches!(flights.begin("k", 1), Role::Leader));
         assert!(
-            matches!(flights.begin("k"), Role::Leader),
-            "same thread leads again"
+            matches!(flights.begin("k", 2), Role::Nested),
+            "same thread computes again, without waiting on itself"
         );
+        // The nested fill's finish does not end the outer fill's flight.
+        flights.finish("k", 2);
+        assert_eq!(flights.len(), 1);
         let f2 = flights.clone();
-        let waited = thread::spawn(move || match f2.begin("k") {
+        let waited = thread::spawn(move || match f2.begin("k", 3) {
             Role::Follower(f) => f.wait(Duration::from_millis(50)),
-            Role::Leader => panic!("a second thread must follow"),
+            _ => panic!("a second thread must follow"),
         })
         .join()
         .unwrap();
         assert_eq!(waited, Waited::TimedOut);
-        flights.finish("k");
+        flights.finish("k", 1);
         assert!(flights.is_empty());
     }
 
     #[test]
     fn try_begin_takes_only_a_free_flight() {
         let flights = Arc::new(Flights::default());
-        assert!(flights.try_begin("k"));
-        assert!(!flights.try_begin("k"), "not even its own leader");
+        assert!(flights.try_begin("k", 1));
+        assert!(!flights.try_begin("k", 2), "not even its own leader");
         let f2 = flights.clone();
-        let other = thread::spawn(move || (f2.try_begin("k"), f2.try_begin("j")))
+        let other = thread::spawn(move || (f2.try_begin("k", 3), f2.try_begin("j", 4)))
             .join()
             .unwrap();
         assert_eq!(other, (false, true));
         // A miss-path follower waits on a flight taken by `try_begin`, and is woken by `finish`.
         let f3 = flights.clone();
-        let waiter = thread::spawn(move || match f3.begin("k") {
+        let waiter = thread::spawn(move || match f3.begin("k", 5) {
             Role::Follower(f) => f.wait(Duration::from_secs(10)),
-            Role::Leader => panic!("the flight is taken"),
+            _ => panic!("the flight is taken"),
         });
         thread::sleep(Duration::from_millis(20));
-        flights.finish("k");
+        flights.finish("k", 1);
         assert_eq!(waiter.join().unwrap(), Waited::Finished);
-        assert!(flights.try_begin("k"), "free again after finish");
+        assert!(flights.try_begin("k", 6), "free again after finish");
     }
 
     #[test]
@@ -236,25 +254,30 @@ mod tests {
         let flights = Arc::new(Flights::default());
         let f2 = flights.clone();
         // A leader that never finishes (as a thread the forked child does not have).
-        thread::spawn(move || assert!(matches!(f2.begin("k"), Role::Leader)))
+        thread::spawn(move || assert!(matches!(f2.begin("k", 1), Role::Leader)))
             .join()
             .unwrap();
-        assert!(matches!(flights.begin("k"), Role::Follower(_)));
+        assert!(matches!(flights.begin("k", 2), Role::Follower(_)));
         flights.clear();
         assert!(flights.is_empty());
-        assert!(matches!(flights.begin("k"), Role::Leader));
-        flights.finish("k");
+        assert!(matches!(flights.begin("k", 3), Role::Leader));
+        // The gone leader's finish (a fill inherited across fork) ends nothing.
+        flights.finish("k", 1);
+        assert_eq!(flights.len(), 1);
+        flights.finish("k", 3);
         assert!(flights.is_empty());
     }
 
     #[test]
-    fn finish_by_another_thread_is_ignored() {
+    fn only_the_owners_finish_ends_a_flight_from_whichever_thread() {
         let flights = Arc::new(Flights::default());
-        assert!(matches!(flights.begin("k"), Role::Leader));
+        assert!(matches!(flights.begin("k", 1), Role::Leader));
         let f2 = flights.clone();
-        thread::spawn(move || f2.finish("k")).join().unwrap();
-        assert_eq!(flights.len(), 1);
-        flights.finish("k");
+        thread::spawn(move || f2.finish("k", 2)).join().unwrap();
+        assert_eq!(flights.len(), 1, "a finish by another fill is ignored");
+        // The owner's fill may be dropped on another thread: its finish still ends the flight.
+        let f3 = flights.clone();
+        thread::spawn(move || f3.finish("k", 1)).join().unwrap();
         assert!(flights.is_empty());
     }
 }
@@ -268,7 +291,7 @@ mod tests {
 mod shuttle_tests {
     use super::*;
     use crate::sync::spawn;
-    use shuttle::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use shuttle::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     use shuttle::thread::yield_now;
 
     const ITERATIONS: usize = 5000;
@@ -285,9 +308,16 @@ mod shuttle_tests {
         stored: AtomicBool,
         leading: AtomicUsize,
         computed: AtomicUsize,
+        /// The next fill token (a flight's owner).
+        next: AtomicU64,
     }
 
     impl World {
+        /// A fresh token, as each `store::Fill` gets one.
+        fn token(&self) -> u64 {
+            self.next.fetch_add(1, Ordering::SeqCst) + 1
+        }
+
         /// A leader's critical section: asserts it is the only one, and yields inside it so
         /// shuttle can schedule anyone else there.
         fn lead(&self, store: bool) {
@@ -312,16 +342,21 @@ mod shuttle_tests {
             if self.stored.load(Ordering::SeqCst) {
                 return None;
             }
-            match self.flights.begin("k") {
+            let me = self.token();
+            match self.flights.begin("k", me) {
                 Role::Leader => {
+                    let inner = self.token();
                     assert!(
-                        matches!(self.flights.begin("k"), Role::Leader),
+                        matches!(self.flights.begin("k", inner), Role::Nested),
                         "a leader re-entering its key must not follow itself"
                     );
+                    // The nested fill ends: the flight stays the outer one's.
+                    self.flights.finish("k", inner);
                     self.lead(!fail);
-                    self.flights.finish("k");
+                    self.flights.finish("k", me);
                     None
                 }
+                Role::Nested => panic!("this thread leads nothing yet"),
                 Role::Follower(flight) => {
                     let waited = flight.wait(limit);
                     if waited == Waited::Finished {
@@ -399,35 +434,40 @@ mod shuttle_tests {
     }
 
     #[test]
-    fn finish_by_a_non_leader_is_ignored() {
+    fn finish_by_a_non_owner_is_ignored() {
         shuttle::check_random(
             || {
                 let world = Arc::new(World::default());
                 let finished = Arc::new(AtomicBool::new(false));
-                assert!(matches!(world.flights.begin("k"), Role::Leader));
-                // An intruder that never led "k" finishes it, concurrently with a follower.
+                let owner = world.token();
+                assert!(matches!(world.flights.begin("k", owner), Role::Leader));
+                // An intruder whose fill never led "k" finishes it, concurrently with a follower.
                 let intruder = {
                     let world = world.clone();
-                    spawn(move || world.flights.finish("k"))
+                    spawn(move || world.flights.finish("k", world.token()))
                 };
                 let follower = {
                     let (world, finished) = (world.clone(), finished.clone());
-                    spawn(move || match world.flights.begin("k") {
-                        Role::Follower(f) => {
-                            assert_eq!(f.wait(FOREVER), Waited::Finished);
-                            assert!(finished.load(Ordering::SeqCst), "woken by a non-leader");
-                        }
-                        Role::Leader => {
-                            assert!(finished.load(Ordering::SeqCst), "led while another leads");
-                            world.flights.finish("k");
+                    spawn(move || {
+                        let me = world.token();
+                        match world.flights.begin("k", me) {
+                            Role::Follower(f) => {
+                                assert_eq!(f.wait(FOREVER), Waited::Finished);
+                                assert!(finished.load(Ordering::SeqCst), "woken by a non-owner");
+                            }
+                            Role::Leader => {
+                                assert!(finished.load(Ordering::SeqCst), "led while another leads");
+                                world.flights.finish("k", me);
+                            }
+                            Role::Nested => panic!("another thread leads"),
                         }
                     })
                 };
                 intruder.join().unwrap();
-                assert_eq!(world.flights.len(), 1, "a non-leader ended the flight");
+                assert_eq!(world.flights.len(), 1, "a non-owner ended the flight");
                 yield_now();
                 finished.store(true, Ordering::SeqCst);
-                world.flights.finish("k");
+                world.flights.finish("k", owner);
                 follower.join().unwrap();
                 assert!(world.flights.is_empty());
             },
@@ -439,22 +479,27 @@ mod shuttle_tests {
     fn a_stale_finish_does_not_end_the_next_leaders_flight() {
         shuttle::check_random(
             || {
-                // Each thread leads, then finishes twice (as a re-entered leader's inner and outer
-                // fills do): the second finish may land after another thread took the key, and
-                // must leave that flight alone, or a third thread would lead alongside it.
-                let (world, _) = run(3, |w, _| match w.flights.begin("k") {
-                    Role::Leader => {
-                        w.lead(false);
-                        w.flights.finish("k");
-                        yield_now();
-                        w.flights.finish("k");
-                    }
-                    Role::Follower(f) => {
-                        f.wait(FOREVER);
-                        if let Role::Leader = w.flights.begin("k") {
+                // Each thread leads, then finishes twice (as a fill's `put` and then its drop
+                // do): the second finish may land after another thread took the key, and must
+                // leave that flight alone, or a third thread would lead alongside it.
+                let (world, _) = run(3, |w, _| {
+                    let me = w.token();
+                    match w.flights.begin("k", me) {
+                        Role::Leader => {
                             w.lead(false);
-                            w.flights.finish("k");
+                            w.flights.finish("k", me);
+                            yield_now();
+                            w.flights.finish("k", me);
                         }
+                        Role::Follower(f) => {
+                            f.wait(FOREVER);
+                            let again = w.token();
+                            if let Role::Leader = w.flights.begin("k", again) {
+                                w.lead(false);
+                                w.flights.finish("k", again);
+                            }
+                        }
+                        Role::Nested => panic!("this thread leads nothing yet"),
                     }
                 });
                 assert!(world.flights.is_empty());
@@ -470,10 +515,14 @@ mod shuttle_tests {
                 // Early refreshes (`try_begin`) race misses (`begin`) on one key.
                 let (world, _) = run(4, |w, i| {
                     if i % 2 == 0 {
-                        if w.flights.try_begin("k") {
-                            assert!(!w.flights.try_begin("k"), "not even its own leader");
+                        let me = w.token();
+                        if w.flights.try_begin("k", me) {
+                            assert!(
+                                !w.flights.try_begin("k", w.token()),
+                                "not even its own leader"
+                            );
                             w.lead(true);
-                            w.flights.finish("k");
+                            w.flights.finish("k", me);
                         }
                     } else {
                         w.get_or_set(FOREVER, false);

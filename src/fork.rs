@@ -8,7 +8,8 @@
 //! - *parent* releases them;
 //! - *child* releases them, forgets every in-flight record (`Flights`: their leaders are threads
 //!   the child does not have, and would keep each follower waiting `STAMPEDE_WAIT`), and bumps
-//!   `generation`, so per-process state kept elsewhere can tell it is in a new process.
+//!   `generation`, so per-process state kept elsewhere can tell it is in a new process (a
+//!   `store::Fill` begun in the parent is inert in the child: it compares its generation).
 //!
 //! **Lock order** (prepare takes them in this order; every nesting in the code follows it):
 //! 1. the store registry (`python/registry.rs`); then, store by store, in registry order:
@@ -22,23 +23,71 @@
 //! thread is released without that thread waiting for anything else: store operations run with
 //! the GIL held from start to end and never release it, nor run Python code, under a store lock
 //! (values are dropped after unlocking; the only GIL release, a single-flight follower's wait in
-//! `Handle::flight_begin`, holds no store lock). So when the forking thread holds the GIL
+//! `Handle::fill`, holds no store lock). So when the forking thread holds the GIL
 //! (`os.fork`, `multiprocessing`), no store lock is held by anyone and prepare takes them at once;
 //! when a C extension forks without the GIL, the holders finish and let go.
+//!
+//! **Threads without the GIL.** The NearCache listener thread applies invalidations to a store
+//! without the GIL, so it may be waiting for a store lock that prepare holds. It does so inside a
+//! `Quiet` section: prepare first waits until no section is open and holds new ones back until
+//! the fork is done, so no thread is ever parked on a lock prepare holds (see `Quiet`).
 //!
 //! Not covered: a flight's own state lock and condvar (a follower may be inside its wait at the
 //! fork; the child drops those flights unread), and `parking_lot`'s global queue of parked threads
 //! (a thread parking at the very instant of the fork could leave one of its buckets locked in the
 //! child). Both need another thread to be inside a wait at the fork.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Once;
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
+/// A fork is between its prepare and parent/child steps.
+static FORKING: AtomicBool = AtomicBool::new(false);
+/// Threads inside a `Quiet` section now.
+static QUIET: AtomicUsize = AtomicUsize::new(0);
+
+/// A section of a thread that takes store locks without the GIL (the NearCache listener applying
+/// an invalidation or a flush). *prepare* waits until none is open and keeps new ones from
+/// opening until the fork is done, so that no such thread is parked on a store lock that
+/// *prepare* holds: a parked waiter sets the lock's "parked" bit, and releasing such a lock in
+/// the child goes through `parking_lot`'s queue of parked threads, whose bucket locks a thread of
+/// the parent may have held at the fork (the child hung there, in `unlock_after_fork`). Python
+/// threads need no section: they take store locks only with the GIL, which the forking thread
+/// holds (or, forking without the GIL, prepare just waits for them to let go, as before).
+#[must_use = "the section ends when the guard is dropped"]
+pub struct Quiet(());
+
+/// Opens a `Quiet` section, first waiting out a fork under way (microseconds).
+pub fn quiet() -> Quiet {
+    loop {
+        if !FORKING.load(Ordering::SeqCst) {
+            QUIET.fetch_add(1, Ordering::SeqCst);
+            if !FORKING.load(Ordering::SeqCst) {
+                return Quiet(());
+            }
+            QUIET.fetch_sub(1, Ordering::SeqCst);
+        }
+        std::thread::yield_now();
+    }
+}
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        QUIET.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Incremented in the child after every fork() (pthread_atfork child handler, installed once).
 pub fn generation() -> u64 {
     GENERATION.load(Ordering::Acquire)
+}
+
+/// Tests that fork, or call the handlers, take this: the handlers' state is process-wide.
+#[cfg(test)]
+pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Installs the atfork handlers (idempotent); called from the module init.
@@ -54,6 +103,12 @@ pub fn install() {
 }
 
 extern "C" fn prepare() {
+    // A `Quiet` section never waits for this thread (it needs no GIL and no lock this thread
+    // holds), so the wait ends once the open sections finish their one invalidation or flush.
+    FORKING.store(true, Ordering::SeqCst);
+    while QUIET.load(Ordering::SeqCst) != 0 {
+        std::thread::yield_now();
+    }
     #[cfg(feature = "python")]
     crate::python::lock_for_fork();
 }
@@ -64,6 +119,7 @@ extern "C" fn parent() {
     unsafe {
         crate::python::unlock_after_fork(false)
     };
+    FORKING.store(false, Ordering::SeqCst);
 }
 
 extern "C" fn child() {
@@ -74,15 +130,62 @@ extern "C" fn child() {
     unsafe {
         crate::python::unlock_after_fork(true)
     };
+    // No thread of the parent exists here, so no section is open.
+    QUIET.store(0, Ordering::SeqCst);
+    FORKING.store(false, Ordering::SeqCst);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// `prepare` waits for an open `Quiet` section, and no section opens until the fork is
+    /// over (`parent`); run without the `python` feature, where prepare takes no store lock.
+    #[cfg(not(feature = "python"))]
+    #[test]
+    fn prepare_waits_for_quiet_sections_and_holds_new_ones_back_until_the_fork_is_over() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{mpsc, Arc};
+        use std::thread;
+        use std::time::Duration;
+
+        let _serial = serial();
+        let section = quiet();
+        let prepared = Arc::new(AtomicBool::new(false));
+        let p = prepared.clone();
+        let forker = thread::spawn(move || {
+            prepare();
+            p.store(true, Ordering::SeqCst);
+        });
+        thread::sleep(Duration::from_millis(50));
+        assert!(
+            !prepared.load(Ordering::SeqCst),
+            "prepare ran past an open section"
+        );
+        drop(section);
+        forker.join().unwrap();
+        assert!(prepared.load(Ordering::SeqCst));
+        // Between prepare and parent, a new section waits.
+        let (tx, rx) = mpsc::channel();
+        let opener = thread::spawn(move || {
+            let _s = quiet();
+            tx.send(()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(50)).is_err(),
+            "opened during a fork"
+        );
+        parent();
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the section opens after the fork");
+        opener.join().unwrap();
+        assert_eq!(QUIET.load(Ordering::SeqCst), 0);
+    }
+
     /// Forks (the test harness is multi-threaded: the child only reads an atomic and exits)
     /// and returns the child's exit status.
     fn in_child(check: fn() -> bool) -> i32 {
+        let _serial = serial();
         // SAFETY: the child runs only `check` (no locks, no allocation) and `_exit`.
         unsafe {
             match libc::fork() {
@@ -147,7 +250,7 @@ mod tests {
         if store.invalidate_tags(["t"], 2) != 2 {
             return 5;
         }
-        if !matches!(store.flights.begin("k"), Role::Leader) {
+        if !matches!(store.flights.begin("k", 2), Role::Leader) {
             return 6;
         }
         0
@@ -166,16 +269,17 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let leader = std::thread::spawn(move || {
             assert!(matches!(
-                STORE.get().unwrap().flights.begin("k"),
+                STORE.get().unwrap().flights.begin("k", 1),
                 Role::Leader
             ));
             rx.recv().unwrap();
-            STORE.get().unwrap().flights.finish("k");
+            STORE.get().unwrap().flights.finish("k", 1);
         });
         while store.flights.is_empty() {
             std::thread::yield_now();
         }
         // What the handlers do, around a fork.
+        let _serial = serial();
         store.lock_for_fork();
         assert!(store.is_locked());
         let pid = unsafe { libc::fork() };

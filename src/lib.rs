@@ -14,10 +14,12 @@ pub mod near;
 pub mod policy;
 pub mod s3fifo;
 pub mod shard;
+pub mod sketch;
 pub mod stats;
 pub mod store;
 mod sync;
 pub mod tags;
+pub mod tinylfu;
 
 #[cfg(feature = "python")]
 mod python;

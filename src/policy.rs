@@ -14,6 +14,11 @@ pub enum Policy {
     /// again, a ghost FIFO of recently evicted newcomers. `MAX_ENTRIES` is the capacity and
     /// entries are evicted one at a time; a hit only bumps an atomic counter under a read lock.
     S3Fifo,
+    /// Adaptive W-TinyLFU (Caffeine's policy, `tinylfu.rs`): a window for newcomers whose size a
+    /// hill climber adapts, a main region they enter only if a frequency sketch counts them
+    /// more often than the entry they would displace. `MAX_ENTRIES` is the capacity; a hit
+    /// bumps atomic counters under a read lock.
+    TinyLfu,
 }
 
 impl Policy {
@@ -22,6 +27,7 @@ impl Policy {
         match self {
             Policy::Lru => "lru",
             Policy::S3Fifo => "s3fifo",
+            Policy::TinyLfu => "tinylfu",
         }
     }
 }
@@ -39,8 +45,9 @@ impl FromStr for Policy {
         match s {
             "lru" => Ok(Policy::Lru),
             "s3fifo" => Ok(Policy::S3Fifo),
+            "tinylfu" => Ok(Policy::TinyLfu),
             _ => Err(format!(
-                "unknown eviction policy {s:?}; expected \"lru\" or \"s3fifo\""
+                "unknown eviction policy {s:?}; expected \"lru\", \"s3fifo\" or \"tinylfu\""
             )),
         }
     }
@@ -52,12 +59,12 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_bad_names_are_refused() {
-        for p in [Policy::Lru, Policy::S3Fifo] {
+        for p in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
             assert_eq!(p.name().parse::<Policy>(), Ok(p));
         }
         assert_eq!(Policy::default(), Policy::Lru);
         let err = "LRU".parse::<Policy>().unwrap_err();
-        assert!(err.contains("\"LRU\"") && err.contains("s3fifo"), "{err}");
+        assert!(err.contains("\"LRU\"") && err.contains("tinylfu"), "{err}");
         assert!("".parse::<Policy>().is_err());
     }
 }

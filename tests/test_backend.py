@@ -340,8 +340,18 @@ def test_stats_count_operations():
     c.get("b")
     c.delete("a")
     s = c.stats()
-    for field in ("hits", "misses", "sets", "deletes", "evictions", "expirations", "entries",
-                  "bytes", "max_entries", "max_bytes"):
+    for field in (
+        "hits",
+        "misses",
+        "sets",
+        "deletes",
+        "evictions",
+        "expirations",
+        "entries",
+        "bytes",
+        "max_entries",
+        "max_bytes",
+    ):
         assert field in s
     assert (s["hits"], s["misses"], s["sets"], s["deletes"], s["entries"]) == (1, 1, 1, 1, 0)
     assert (s["max_entries"], s["max_bytes"]) == (1000, 10**6)
@@ -406,8 +416,25 @@ def test_async_twins():
         return out
 
     assert asyncio.run(scenario()) == [
-        None, {"v": 1}, False, [], {"a": 1, "b": 2}, 6, 4, True, True, True, "miss",
-        "made", 2, "made", None, False, 0, None, None,
+        None,
+        {"v": 1},
+        False,
+        [],
+        {"a": 1, "b": 2},
+        6,
+        4,
+        True,
+        True,
+        True,
+        "miss",
+        "made",
+        2,
+        "made",
+        None,
+        False,
+        0,
+        None,
+        None,
     ]
 
 

@@ -1,5 +1,6 @@
 """OPTIONS["EVICTION_POLICY"]: option checking, bounds, scan resistance and the cache API under
-the S3-FIFO policy, and Django's cull rule kept under the default "lru"."""
+the S3-FIFO and W-TinyLFU policies (the ``s3`` fixture runs each test under both), and Django's
+cull rule kept under the default "lru"."""
 
 from __future__ import annotations
 
@@ -29,12 +30,17 @@ def make(policy: str | None = "s3fifo", location: str | None = None, **options: 
     return cache
 
 
-@pytest.fixture
-def s3() -> Iterator[Callable[..., RustCache]]:
+#: The policies that take MAX_ENTRIES as a capacity and evict one entry at a time.
+CAPACITY_POLICIES = ("s3fifo", "tinylfu")
+
+
+@pytest.fixture(params=CAPACITY_POLICIES)
+def s3(request: pytest.FixtureRequest) -> Iterator[Callable[..., RustCache]]:
+    """A factory of caches under each capacity policy in turn."""
     made: list[RustCache] = []
 
     def factory(**options: Any) -> RustCache:
-        cache = make(**options)
+        cache = make(policy=request.param, **options)
         made.append(cache)
         return cache
 
@@ -46,23 +52,25 @@ def s3() -> Iterator[Callable[..., RustCache]]:
 # Option checking ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["LRU", "s3-fifo", "tinylfu", "", 3, None, ["lru"]])
+@pytest.mark.parametrize("bad", ["LRU", "s3-fifo", "TinyLFU", "w-tinylfu", "", 3, None, ["lru"]])
 def test_invalid_policy_names_the_option(bad: Any) -> None:
     with pytest.raises(ImproperlyConfigured, match="EVICTION_POLICY") as info:
         RustCache("test-eviction-bad", {"OPTIONS": {"EVICTION_POLICY": bad}})
-    assert "'lru', 's3fifo'" in str(info.value)
+    assert "'lru', 's3fifo', 'tinylfu'" in str(info.value)
 
 
-def test_default_policy_is_lru_and_both_names_are_accepted() -> None:
+def test_default_policy_is_lru_and_every_name_is_accepted() -> None:
     assert make(policy=None)._h.eviction_policy == "lru"
     assert make(policy="lru")._h.eviction_policy == "lru"
     assert make(policy="s3fifo")._h.eviction_policy == "s3fifo"
+    assert make(policy="tinylfu")._h.eviction_policy == "tinylfu"
 
 
+@pytest.mark.parametrize("policy", CAPACITY_POLICIES)
 @pytest.mark.parametrize("bad", [0, -1])
-def test_s3fifo_needs_a_capacity_of_at_least_one(bad: int) -> None:
-    with pytest.raises(ImproperlyConfigured, match="MAX_ENTRIES.*>= 1"):
-        make(MAX_ENTRIES=bad)
+def test_s3fifo_needs_a_capacity_of_at_least_one(bad: int, policy: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=f"MAX_ENTRIES.*>= 1.*'{policy}'"):
+        make(policy=policy, MAX_ENTRIES=bad)
     # Django's own meaning of MAX_ENTRIES <= 0 under "lru" stays allowed.
     make(policy="lru", MAX_ENTRIES=bad)
 
@@ -71,7 +79,7 @@ def test_aliases_sharing_a_location_must_agree_on_the_policy() -> None:
     first = make(policy="s3fifo")
     loc = first._options.location
     assert make(policy="s3fifo", location=loc)._h.eviction_policy == "s3fifo"
-    for other in ("lru", None):
+    for other in ("lru", None, "tinylfu"):
         with pytest.raises(ImproperlyConfigured, match="EVICTION_POLICY.*'s3fifo'"):
             make(policy=other, location=loc)
 
@@ -141,8 +149,12 @@ def _read_through(cache: RustCache, key: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("policy", ["s3fifo", "lru"])
-def test_hot_set_survives_a_scan_only_under_s3fifo(policy: str) -> None:
+@pytest.mark.parametrize("policy", ["s3fifo", "tinylfu", "lru"])
+def test_hot_set_survives_a_scan_only_under_s3fifo_and_tinylfu(policy: str) -> None:
+    """A crawler requests 40 times the capacity in one-time keys. Under "tinylfu" the hot keys
+    are used again every 2,000 crawled keys: W-TinyLFU forgets counts as it ages its sketch, so
+    keys left unused through dozens of capacities' worth of requests may go (S3-FIFO keeps them
+    as long as nothing that is used pushes them out)."""
     cache = make(policy=policy, MAX_ENTRIES=500)
     hot = [f"hot{i}" for i in range(100)]
     for _ in range(3):
@@ -150,8 +162,11 @@ def test_hot_set_survives_a_scan_only_under_s3fifo(policy: str) -> None:
             _read_through(cache, key)
     for i in range(20_000):  # a crawler: 40 times the capacity in one-time keys
         _read_through(cache, f"crawl{i}")
+        if policy == "tinylfu" and i % 2_000 == 1_999 and i < 19_999:
+            for key in hot:
+                _read_through(cache, key)
     kept = sum(cache.has_key(key) for key in hot)
-    if policy == "s3fifo":
+    if policy != "lru":
         assert kept == len(hot)
         assert sum(_read_through(cache, key) for key in hot) == len(hot)
     else:
@@ -254,6 +269,24 @@ def test_overwrite_of_a_live_key_keeps_one_entry(s3: Callable[..., RustCache]) -
     assert len(cache._cache) == 5
     assert cache.stats()["evictions"] == 0
     assert cache.get("k0") == 19
+
+
+def test_a_loop_over_more_keys_than_the_cache_keeps_hitting_only_under_tinylfu() -> None:
+    """A batch job walking 1,200 keys in turn through 1,000 places: LRU evicts each key just
+    before it is needed (no hits), S3-FIFO keeps about 62% of the requests hitting, W-TinyLFU
+    holds on to a fixed set of keys (Belady's optimum: 1,000 of every 1,200)."""
+    ratios = {}
+    for policy in ("lru", "s3fifo", "tinylfu"):
+        cache = make(policy=policy, MAX_ENTRIES=1_000)
+        keys = [f"loop{i}" for i in range(1_200)]
+        for key in keys:
+            _read_through(cache, key)
+        hits = sum(_read_through(cache, key) for _ in range(20) for key in keys)
+        ratios[policy] = hits / (20 * len(keys))
+        assert len(cache._cache) <= 1_000
+        cache.clear()
+    assert ratios["lru"] == 0.0, ratios
+    assert ratios["tinylfu"] >= 0.75 and ratios["tinylfu"] > ratios["s3fifo"] + 0.1, ratios
 
 
 def test_pickled_values_survive_eviction_rounds(s3: Callable[..., RustCache]) -> None:

@@ -154,12 +154,10 @@ def test_a_key_with_a_space_or_too_long_still_draws_djangos_warning(key: str) ->
 def test_a_fill_of_one_key_does_not_hold_up_a_fill_of_its_old_escape_text() -> None:
     c = make()
     one, other = c.make_key("\udc80"), c.make_key("\uffffed\uffffb2\uffff80")
-    assert c._h.flight_try(one)
-    try:
-        assert c._h.flight_try(other)
-        c._h.flight_end(other)
-    finally:
-        c._h.flight_end(one)
+    with c._h.fill(one, exclusive=True) as first:
+        assert first is not None and first.leads
+        with c._h.fill(other, exclusive=True) as second:
+            assert second is not None and second.leads
 
 
 # Properties -----------------------------------------------------------------------------------

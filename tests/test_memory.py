@@ -268,7 +268,7 @@ def test_max_bytes_holds_against_resident_memory_when_values_share_big_objects(
     assert 0.9 <= got["bytes"] / got["rss"] <= 1.1, got
 
 
-@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+@pytest.mark.parametrize("policy", ["lru", "s3fifo", "tinylfu"])
 def test_a_tag_per_row_is_forgotten_with_its_row_and_what_tags_hold_is_under_max_bytes(
     policy: str,
 ) -> None:

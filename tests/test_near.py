@@ -435,7 +435,7 @@ def test_a_pickling_error_is_raised_before_redis_is_touched(cache, raw):
         ({"STAMPEDE_WAIT": "10"}, "STAMPEDE_WAIT"),
         ({"MAX_ENTRIE": 10}, "MAX_ENTRIE"),
         ({"socket_timout": 1}, "socket_timout"),
-        ({"ssl_certfile": "x"}, "TLS"),
+        ({"ssl_certfile": "x"}, "rediss://"),  # TLS options need a rediss:// LOCATION
         ({"serializer": "x.Y"}, "serializer"),
         ({"decode_responses": True}, "decode_responses"),
     ],
@@ -450,7 +450,6 @@ def test_bad_options_raise_improperly_configured_naming_the_setting(near_server,
     [
         ("redis://a:1/0,redis://b:1/0", "not supported yet"),
         (["redis://a:1/0", "redis://b:1/0"], "not supported yet"),
-        ("rediss://a:1/0", "TLS"),
         ("http://a:1/0", "redis://"),
         ("", "LOCATION"),
         (None, "LOCATION"),
@@ -602,8 +601,21 @@ class FakeListener(near_mod._NoListener):
         self.started += 1
 
 
+class FakeFill:
+    """A placeholder fill of ``FakeFillHandle``: ``put`` stores if its token is still current."""
+
+    def __init__(self, owner, made, token):
+        self._owner, self._made, self._token = owner, made, token
+
+    def put(self, made, value, timeout, version=None, **_):
+        if self._owner._tokens.get(made) != self._token:
+            return False
+        del self._owner._tokens[made]
+        return self._owner._h.set(made, value, timeout)
+
+
 class FakeFillHandle:
-    """The real L1 Handle plus the placeholder protocol of ``Handle.fill_*`` in Python."""
+    """The real L1 Handle plus the placeholder protocol of ``Handle.fill`` in Python."""
 
     def __init__(self, handle):
         self._h = handle
@@ -613,17 +625,13 @@ class FakeFillHandle:
     def __getattr__(self, name):
         return getattr(self._h, name)
 
-    def fill_begin(self, made, version=None):
+    def fill(self, made, **how):
+        if how:  # get_or_set's single-flight: the real one
+            return self._h.fill(made, **how)
         self._next += 1
         self._tokens[made] = self._next
         self._h.delete(made)
-        return self._next
-
-    def fill_put(self, made, token, value, timeout, version=None, *, pickled=None):
-        if self._tokens.get(made) != token:
-            return False
-        del self._tokens[made]
-        return self._h.set(made, value, timeout)
+        return FakeFill(self, made, self._next)
 
     def invalidate_made(self, made_keys):
         for made in made_keys:

@@ -241,30 +241,30 @@ def test_a_fill_stores_unless_the_key_was_invalidated_written_or_flushed_meanwhi
     redis_server: Server, pair: tuple[Any, Any]
 ) -> None:
     h, n = pair
-    token = h.fill_begin("k")
-    assert h.fill_put("k", token, "v", 60) is True
+    fill = h.fill("p:1:k")
+    assert fill.put("k", "v", 60) is True
     assert h.get("k") == "v"
     # GET returned the old value, then the invalidation came, then the put: nothing stored.
-    token = h.fill_begin("b")
+    fill = h.fill("p:1:b")
     seen = n.stats()["invalidations"]
     redis_server.cmd("SET", "p:1:b", "new")
     wait_until(lambda: n.stats()["invalidations"] > seen, "the invalidation")
-    assert h.fill_put("b", token, "old", 60) is False
+    assert fill.put("b", "old", 60) is False
     assert h.get("b") is None
     # A local write during the fill wins.
-    token = h.fill_begin("c")
+    fill = h.fill("p:1:c")
     h.set("c", "local", None)
-    assert h.fill_put("c", token, "old", 60) is False
+    assert fill.put("c", "old", 60) is False
     assert h.get("c") == "local"
     # Two fills of one key: only the newest may store.
-    first, second = h.fill_begin("d"), h.fill_begin("d")
-    assert h.fill_put("d", first, 1, 60) is False
-    assert h.fill_put("d", second, 2, 60) is True
+    first, second = h.fill("p:1:d"), h.fill("p:1:d")
+    assert first.put("d", 1, 60) is False
+    assert second.put("d", 2, 60) is True
     # invalidate_made drops entries and placeholders by made key.
-    token = h.fill_begin("e")
+    fill = h.fill("p:1:e")
     assert h.invalidate_made(["p:1:c", "p:1:d", "p:1:nothing"]) == 2
     assert h.invalidate_made(["p:1:e"]) == 0
-    assert h.fill_put("e", token, 1, 60) is False
+    assert fill.put("e", 1, 60) is False
     assert h.get("c") is None and h.get("d") is None
     with pytest.raises(TypeError):
         h.invalidate_made([1])
@@ -450,3 +450,55 @@ os._exit(0)  # the parent dies without closing its listener
         if parent.poll() is None:
             parent.kill()
         r.close()
+
+
+def test_a_fork_while_the_listener_applies_invalidations_never_hangs_the_child(
+    redis_server: Server, pair: tuple[Any, Any]
+) -> None:
+    # The listener takes store locks without the GIL. Were it parked on one that the fork's
+    # prepare step holds, the child, releasing that lock, would go through parking_lot's queue
+    # of parked threads and could hang there forever (it did, once, in CI: a Popen with
+    # preexec_fn in a process whose listener was busy). The window is narrow, so this is a
+    # smoke test; src/fork.rs's unit tests check the mechanism that closes it deterministically.
+    h, n = pair
+    for i in range(200):
+        h.set(f"k{i}", i, None)
+    ballast = bytearray(64 << 20)  # a larger process: each fork takes longer, as in a real one
+    ballast[:: 1 << 12] = b"x" * len(ballast[:: 1 << 12])
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, sys\n"
+            f"s = socket.create_connection(('127.0.0.1', {redis_server.port}))\n"
+            "cmd = b''.join(b'*3\\r\\n$3\\r\\nSET\\r\\n$%d\\r\\n%s\\r\\n$1\\r\\nx\\r\\n'"
+            " % (len(k), k) for k in (b'p:1:k%d' % i for i in range(200)))\n"
+            "while True:\n"
+            "    s.sendall(cmd)\n"
+            "    s.recv(1 << 16)\n",
+        ]
+    )
+    hung = 0
+    try:
+        wait_until(lambda: n.stats()["invalidations"] > 1000, "invalidations to flow")
+        for _ in range(200):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork with a thread
+                pid = os.fork()
+            if pid == 0:
+                os._exit(0)  # the atfork child handler has run by now
+            deadline = time.monotonic() + 10
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    hung += 1
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.001)
+            if hung:
+                break
+    finally:
+        writer.kill()
+        writer.wait()
+    del ballast
+    assert hung == 0, "a forked child hung in the fork handler"

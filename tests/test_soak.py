@@ -89,7 +89,7 @@ _CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+@pytest.mark.parametrize("policy", ["lru", "s3fifo", "tinylfu"])
 def test_a_long_mixed_run_stays_within_max_bytes_tags_included(policy: str) -> None:
     """400,000 mixed operations: the store never reports more than MAX_BYTES, holds about as
     many tags as entries, and the process never grows by more than MAX_BYTES + 10% + ALLOWANCE."""

@@ -12,6 +12,7 @@ compose it: every twin it did not override would block the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -32,9 +33,9 @@ class AsyncFillMixin:
     _h: Any
     _options: Any
     _missing_key: Any
-    make_key: Callable[..., Any]
     get: Callable[..., Any]
     _fill: Callable[..., Any]
+    _begin_fill: Callable[..., Any]
 
     async def _afill_missed(
         self, key: Any, default: Any, timeout: Any, version: Any, tags: Tags
@@ -46,44 +47,53 @@ class AsyncFillMixin:
         ``asyncio.sleep`` steps (1 ms, doubling up to 20 ms) instead of blocking the thread.
         """
         wait = self._options.stampede_wait
-        flight = self.make_key(key, version) if callable(default) and wait > 0 else None
-        # `flight_begin(flight, 0)` joins without waiting: True if this caller leads the key.
-        followed = flight is not None and not self._h.flight_begin(flight, 0)
-        if followed and not await self._follow(flight, wait):
-            flight = None  # the leader is too slow: compute here, as get_or_set does
-        try:
-            if followed:
-                # The leader is done (or too slow): its value, if it stored one.
+        if not callable(default):
+            return await self._afill(key, default, timeout, version, tags)
+        if wait <= 0:
+            with self._begin_fill(key, version, tags) as fill:
+                return await self._afill(key, default, timeout, version, tags, fill)
+        # `wait=0` joins the key's single-flight without waiting: a Fill if this caller leads.
+        fill = self._begin_fill(key, version, tags, wait=0.0)
+        if fill is None:
+            # Another thread leads: wait for it, then read what it stored.
+            fill = await self._follow(key, version, tags, wait)
+            with fill if fill is not None else contextlib.nullcontext():
                 val = await self._aread(key, version)
                 if val is not self._missing_key:
                     return val
-            return await self._afill(key, default, timeout, version, tags)
-        finally:
-            if flight is not None:
-                self._h.flight_end(flight)
+                if fill is not None:
+                    return await self._afill(key, default, timeout, version, tags, fill)
+            # The leader is too slow: compute here, without the flight, as get_or_set does.
+            fill = self._begin_fill(key, version, tags)
+        with fill:
+            return await self._afill(key, default, timeout, version, tags, fill)
 
     async def _aread(self, key: Any, version: Any) -> Any:
         """The cached value or ``_missing_key`` (here: the sync ``get``, which never blocks)."""
         return self.get(key, self._missing_key, version=version)
 
-    async def _afill(self, key: Any, default: Any, timeout: Any, version: Any, tags: Tags) -> Any:
-        """Compute and ``add`` ``default``; what the cache holds then (``FillMixin._fill``)."""
-        return self._fill(key, default, timeout, version, tags, replace=False)
+    async def _afill(
+        self, key: Any, default: Any, timeout: Any, version: Any, tags: Tags, fill: Any = None
+    ) -> Any:
+        """Compute and ``add`` ``default`` through ``fill``; what the cache holds then
+        (``FillMixin._fill``)."""
+        return self._fill(key, default, timeout, version, tags, replace=False, fill=fill)
 
-    async def _follow(self, flight: str, wait: float) -> bool:
-        """Await the end of another thread's fill of ``flight`` without blocking the loop: True
-        once this caller leads the key (the other one finished), False if ``wait`` passed first.
-        Holds nothing while it sleeps, so cancelling it leaves no flight behind."""
+    async def _follow(self, key: Any, version: Any, tags: Tags, wait: float) -> Any:
+        """Await the end of another thread's fill of ``key`` without blocking the loop: a
+        ``_core.Fill`` once this caller leads the key (the other one ended), None if ``wait``
+        passed first. Holds nothing while it sleeps, so cancelling it leaves no flight behind."""
         deadline = time.monotonic() + wait
         step = _POLL_FIRST
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                return False
+                return None
             await asyncio.sleep(min(step, left))
             step = min(step * 2, _POLL_MAX)
-            if self._h.flight_begin(flight, 0):
-                return True
+            fill = self._begin_fill(key, version, tags, wait=0.0)
+            if fill is not None:
+                return fill
 
 
 class AsyncMixin(AsyncFillMixin):

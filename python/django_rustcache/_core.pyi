@@ -5,6 +5,7 @@ from typing import Any, final
 
 __all__ = [
     "Handle",
+    "Fill",
     "TagSnapshot",
     "FastMethod",
     "Near",
@@ -32,6 +33,30 @@ class TagSnapshot:
 
     def is_current(self) -> bool: ...
     def __len__(self) -> int: ...
+
+@final
+class Fill:
+    """One fill of a key (``Handle.fill``): ``put`` stores once unless it was cancelled; leaving
+    the ``with`` block (or ``release``) ends it, waking the callers waiting for the key."""
+
+    def put(
+        self,
+        key: Any,
+        value: Any,
+        timeout: Any,
+        version: Any = None,
+        delta: float = 0.0,
+        replace: bool = True,
+        *,
+        pickled: bytes | None = None,
+    ) -> bool: ...
+    def release(self) -> None: ...
+    @property
+    def leads(self) -> bool: ...
+    @property
+    def open(self) -> bool: ...
+    def __enter__(self) -> Fill: ...
+    def __exit__(self, *_exc: object) -> bool: ...
 
 @final
 class FastMethod:
@@ -106,37 +131,20 @@ class Handle:
     def delete_many(self, keys: Iterable[Any], version: Any = None) -> None: ...
     def clear(self) -> None: ...
     def invalidate_tags(self, tags: Iterable[str]) -> int: ...
-    def flight_begin(self, key: str, wait: float) -> bool: ...
-    def flight_end(self, key: str) -> None: ...
-    def flight_try(self, key: str) -> bool: ...
     def get_early(
         self, key: Any, default: Any, version: Any, beta: float, u: float
     ) -> tuple[Any, bool]: ...
-    def put_computed(
-        self,
-        key: Any,
-        value: Any,
-        timeout: Any,
-        version: Any,
-        tags: Iterable[str] | TagSnapshot | None,
-        delta: float,
-        replace: bool,
-    ) -> bool: ...
     def snapshot_tags(self, tags: Iterable[str] | TagSnapshot) -> TagSnapshot: ...
     def keys(self, version: Any = None) -> list[str]: ...
     def expiry(self, key: Any, version: Any = None) -> float | None: ...
     def ttl(self, key: Any, version: Any = None) -> float | None: ...
-    def fill_begin(self, key: Any, version: Any = None) -> int: ...
-    def fill_put(
+    def fill(
         self,
-        key: Any,
-        token: int,
-        value: Any,
-        timeout: Any,
-        version: Any = None,
-        *,
-        pickled: bytes | None = None,
-    ) -> bool: ...
+        key: str,
+        wait: float | None = None,
+        exclusive: bool = False,
+        tags: Iterable[str] | TagSnapshot | None = None,
+    ) -> Fill | None: ...
     def invalidate_made(self, made_keys: Iterable[str]) -> int: ...
     def near_attach(
         self,
@@ -174,6 +182,7 @@ class Near:
         mode: str,
         channel: str,
         connect_timeout: float,
+        tls: dict[str, Any] | None = None,
     ) -> Near: ...
     @property
     def l1_location(self) -> str: ...
@@ -198,4 +207,5 @@ def near(
     mode: str,
     channel: str,
     connect_timeout: float,
+    tls: dict[str, Any] | None = None,
 ) -> Near: ...

@@ -2,12 +2,13 @@
 
 Shared by ``RustCache`` and ``NearCache``. What a backend provides (its hooks):
 
-- ``_h``: a ``_core.Handle`` on the backend's Rust store: its single-flight (``flight_begin``,
-  ``flight_try``, ``flight_end``), ``get_early`` and ``put_computed``.
+- ``_h``: a ``_core.Handle`` on the backend's Rust store: ``fill`` (a ``_core.Fill`` guard: the
+  key's single-flight, a placeholder that any removal or write of the key cancels, the tag
+  versions; ended by ``put`` or by leaving its ``with`` block) and ``get_early``.
 - ``_k(key, version)``: the key as ``_h`` wants it (the caller's key, or the made key).
 - ``_direct``: True when ``get`` is the handle's own read, so the hit path may call ``_h.get``.
 - ``_own_writes``: True when ``add``/``set`` are the handle's own, so a fill may store through
-  ``_h.put_computed`` (which also records how long ``default()`` took, for early refresh).
+  ``Fill.put`` (which also records how long ``default()`` took, for early refresh).
 - ``_options.stampede_wait`` and ``_options.early_refresh`` (seconds; XFetch beta, 0 = off).
 - ``snapshot_tags(tags)``: the tag versions a fill is checked against (taken before computing).
 - Django's ``get``, ``add`` and ``set``, which a fill falls back on otherwise.
@@ -68,18 +69,45 @@ class FillMixin:
         val = self._get_or_refresh(key, default, timeout, version, tags, early_refresh)
         if val is not self._missing_key:
             return val
+        if not callable(default):
+            return self._fill(key, default, timeout, version, tags, replace=False)
         wait = self._options.stampede_wait
-        flight = self.make_key(key, version) if callable(default) and wait > 0 else None
-        if flight is not None and not self._h.flight_begin(flight, wait):
+        # `_begin_fill`, inlined on this hot path (a miss of every cold key).
+        fill = self._h.fill(
+            self.make_key(key, version),
+            wait if wait > 0 else None,
+            False,
+            tags if self._own_writes else None,
+        )
+        if fill is None:
+            # Another thread's fill led the key and ended (or is too slow): its value, if any.
             val = self.get(key, self._missing_key, version=version)
             if val is not self._missing_key:
                 return val
-            flight = None  # the leader failed or is too slow: compute here
+            fill = self._begin_fill(key, version, tags)  # compute here, without the flight
+        # `with fill:` ends it too; `release()` is one call where `with` makes two. Ended here,
+        # not when a traceback holding it is cleared: the callers waiting for the key wake now.
         try:
-            return self._fill(key, default, timeout, version, tags, replace=False)
+            return self._fill(key, default, timeout, version, tags, replace=False, fill=fill)
         finally:
-            if flight is not None:
-                self._h.flight_end(flight)
+            fill.release()
+
+    def _begin_fill(
+        self,
+        key: Any,
+        version: Any,
+        tags: Tags,
+        *,
+        wait: float | None = None,
+        exclusive: bool = False,
+    ) -> Any:
+        """``_h.fill`` for ``key``: a ``_core.Fill``, or None (see ``Handle.fill``).
+
+        The fill takes the tag versions only when it is what stores (``_own_writes``); otherwise
+        ``_fill`` snapshots them for the backend's own ``add``/``set``.
+        """
+        made = self.make_key(key, version)
+        return self._h.fill(made, wait, exclusive, tags if self._own_writes else None)
 
     def _get_or_refresh(
         self,
@@ -130,19 +158,30 @@ class FillMixin:
         timeout). If ``default()`` raises, the exception reaches this caller and the old value
         stays in place.
         """
-        flight = self.make_key(key, version)
-        if not self._h.flight_try(flight):
+        fill = self._begin_fill(key, version, tags, exclusive=True)
+        if fill is None:
             return cached
-        try:
-            return self._fill(key, default, timeout, version, tags, replace=True)
-        finally:
-            self._h.flight_end(flight)
+        with fill:
+            return self._fill(key, default, timeout, version, tags, replace=True, fill=fill)
 
     def _fill(
-        self, key: Any, default: Any, timeout: Any, version: Any, tags: Tags, replace: bool
+        self,
+        key: Any,
+        default: Any,
+        timeout: Any,
+        version: Any,
+        tags: Tags,
+        replace: bool,
+        fill: Any = None,
     ) -> Any:
-        """Compute ``default`` (timing it, for early refresh) and store it: ``add``, or ``set``."""
-        if tags is not None:
+        """Compute ``default`` (timing it, for early refresh) and store it: ``add``, or ``set``.
+
+        With the backend's own writes, a callable ``default``'s value is stored by ``fill`` (a
+        ``_core.Fill`` begun before computing it: a removal or write of the key, or an
+        invalidation of one of its tags, while ``default()`` runs makes it store nothing).
+        """
+        own = fill is not None and self._own_writes and callable(default)
+        if tags is not None and not own:
             # Take the tag versions before computing: if one of the tags is invalidated while
             # `default()` runs, the value may be stale and storing it stores nothing.
             tags = self.snapshot_tags(tags)  # NearCache's versions live in Redis, not in _h
@@ -153,10 +192,8 @@ class FillMixin:
             start = clock()
             default = default()
             delta = clock() - start
-            if self._own_writes:
-                self._h.put_computed(
-                    self._k(key, version), default, timeout, version, tags, delta, replace
-                )
+            if own:
+                fill.put(self._k(key, version), default, timeout, version, delta, replace)
             else:
                 extra = {} if tags is None else {"tags": tags}
                 store = self.set if replace else self.add

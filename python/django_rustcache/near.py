@@ -7,7 +7,7 @@ of ``delete``/``has_key``) is decided by Redis. Values use Django's ``RedisCache
 raw, the rest pickled); by default pickles are signed with a key derived from ``SECRET_KEY``, and
 with ``COMPRESS`` those above ``COMPRESS_MIN_SIZE`` are compressed (then signed).
 
-Every use of the Rust listener (``_core.near``) and of the placeholder fill (``Handle.fill_*``)
+Every use of the Rust listener (``_core.near``) and of the placeholder fill (``Handle.fill``)
 sits in ``_start_listener`` and the three ``_l1_*`` methods: without them (an older native
 module, or tests that replace ``LISTENER_FACTORY``) L1 is never served and every read goes to
 Redis, which is correct on its own.
@@ -73,6 +73,17 @@ NEAR_OPTION_DEFAULTS: dict[str, Any] = {
 INVALIDATION_MODES = {"tracking": "bcast", "pubsub": "pubsub"}
 #: redis-py options NearCache sets when neither OPTIONS nor LOCATION's query gives them.
 _DEFAULT_SOCKET_TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+#: redis-py's TLS options (``rediss://``) that both the data path and the Rust listener honour.
+_TLS_OPTIONS = {
+    "ssl_ca_certs",
+    "ssl_ca_data",
+    "ssl_ca_path",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+    "ssl_min_version",
+}
 
 #: Signed values: this marker (neither an int's digits nor a pickle's first byte), the
 #: HMAC-SHA256 of ``made key + NUL + pickle``, then the pickle.
@@ -312,6 +323,7 @@ def _redis_py_options() -> set[str]:
         redis.connection.AbstractConnection.__init__,
         redis.connection.Connection.__init__,
         redis.connection.UnixDomainSocketConnection.__init__,
+        redis.connection.SSLConnection.__init__,
     ):
         names.update(
             p.name
@@ -402,6 +414,8 @@ class NearOptions:
     redis_options: dict[str, Any]
     #: Seconds a get_or_set caller waits for another thread's fill of the same key (0: off).
     stampede_wait: float = 10.0
+    #: ``rediss://``: the listener's TLS settings (``_core.near(tls=...)``); None: plaintext.
+    tls: dict[str, Any] | None = None
 
     @classmethod
     def from_params(cls, location: Any, params: dict[str, Any]) -> NearOptions:
@@ -416,17 +430,14 @@ class NearOptions:
             )
         if not isinstance(location, str) or not location:
             raise ImproperlyConfigured(
-                f"{where}: LOCATION must be a redis:// or unix:// URL, e.g. 'redis://127.0.0.1:6379/0'."
+                f"{where}: LOCATION must be a redis://, rediss:// or unix:// URL, "
+                "e.g. 'redis://127.0.0.1:6379/0'."
             )
         scheme = location.split("://", 1)[0].lower() if "://" in location else ""
-        if scheme == "rediss":
+        if scheme not in ("redis", "rediss", "unix"):
             raise ImproperlyConfigured(
-                f"{where}: rediss:// (TLS) is not supported yet by NearCache's invalidation "
-                "listener; use redis:// or unix:// (TLS is a planned follow-up)."
-            )
-        if scheme not in ("redis", "unix"):
-            raise ImproperlyConfigured(
-                f"{where}: LOCATION must start with redis:// or unix://, not {location!r}."
+                f"{where}: LOCATION must start with redis://, rediss:// or unix://, "
+                f"not {location!r}."
             )
         try:
             url = _redis().connection.parse_url(location)
@@ -455,9 +466,14 @@ class NearOptions:
         for name in sorted(theirs, key=str):
             if not isinstance(name, str):
                 raise ImproperlyConfigured(f"{where}: OPTIONS key {name!r} is not a string.")
-            if name.startswith("ssl"):
+            if name.startswith("ssl") and name not in _TLS_OPTIONS:
                 raise ImproperlyConfigured(
-                    f"{where}: OPTIONS[{name!r}]: TLS is not supported yet by NearCache."
+                    f"{where}: OPTIONS[{name!r}] is not supported by NearCache: its invalidation "
+                    f"listener (rustls) honours only {', '.join(sorted(_TLS_OPTIONS))}."
+                )
+            if name.startswith("ssl") and scheme != "rediss":
+                raise ImproperlyConfigured(
+                    f"{where}: OPTIONS[{name!r}] is a TLS option: TLS needs a rediss:// LOCATION."
                 )
             if name == "serializer":
                 raise ImproperlyConfigured(
@@ -477,6 +493,18 @@ class NearOptions:
         # timeout for every socket operation, unless the OPTIONS or the URL's query give one.
         for name, seconds in _DEFAULT_SOCKET_TIMEOUTS.items():
             theirs.setdefault(name, seconds)
+        tls = None
+        if scheme == "rediss":
+            for name in sorted(k for k in url if k.startswith("ssl") and k not in _TLS_OPTIONS):
+                raise ImproperlyConfigured(
+                    f"{where}: {name} in LOCATION's query is not supported by NearCache: its "
+                    f"invalidation listener honours only {', '.join(sorted(_TLS_OPTIONS))}."
+                )
+            tls = _tls_settings(where, {**theirs, **url})
+            if tls["check_hostname"]:
+                # Host names are verified, as redis-py 6+ does by default (5.x did not): said
+                # to redis-py too, so that both paths verify them whatever its version.
+                theirs.setdefault("ssl_check_hostname", True)
         policy = o["EVICTION_POLICY"]
         if not isinstance(policy, str) or policy not in EVICTION_POLICIES:
             raise ImproperlyConfigured(
@@ -514,7 +542,69 @@ class NearOptions:
             redis_options=theirs,
             # Checked as RustCache's STAMPEDE_WAIT is.
             stampede_wait=_seconds(where, "OPTIONS['STAMPEDE_WAIT']", o["STAMPEDE_WAIT"]),
+            tls=tls,
         )
+
+
+def _tls_settings(where: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The listener's TLS settings from redis-py's ``ssl_*`` options (LOCATION's query wins, as
+    in redis-py's ``from_url``), checked so that both paths are sure to mean the same."""
+    import ssl
+
+    def given(name: str) -> Any:
+        return options.get(f"ssl_{name}")
+
+    reqs = given("cert_reqs")
+    if reqs is None:
+        reqs = "required"
+    if isinstance(reqs, int) and not isinstance(reqs, bool):  # ssl.VerifyMode, as redis-py takes
+        modes = {
+            ssl.CERT_NONE: "none",
+            ssl.CERT_OPTIONAL: "optional",
+            ssl.CERT_REQUIRED: "required",
+        }
+        reqs = modes.get(reqs, reqs)
+    if reqs not in ("none", "optional", "required"):
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['ssl_cert_reqs'] must be 'required', 'optional', 'none' or an "
+            f"ssl.VerifyMode, not {given('cert_reqs')!r}."
+        )
+    check_hostname = given("check_hostname")
+    if check_hostname is None:
+        check_hostname = True  # redis-py 6+'s default
+    if not isinstance(check_hostname, bool):
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['ssl_check_hostname'] must be True or False, not {check_hostname!r}."
+        )
+    min_version = given("min_version")
+    if min_version is not None:
+        if not isinstance(min_version, ssl.TLSVersion):
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS['ssl_min_version'] must be an ssl.TLSVersion, "
+                f"not {min_version!r}."
+            )
+        # rustls speaks TLS 1.2 and 1.3 only: any minimum up to 1.2 is met.
+        top = (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.MAXIMUM_SUPPORTED)
+        min_version = "1.3" if min_version in top else "1.2"
+    ca_data = given("ca_data")
+    if isinstance(ca_data, (bytes, bytearray)):  # DER, as Python's ssl takes it
+        ca_data = ssl.DER_cert_to_PEM_cert(bytes(ca_data))
+    # As redis-py: without verification of the chain, no verification of the name either.
+    check_hostname = check_hostname and reqs != "none"
+    settings_: dict[str, Any] = {"cert_reqs": reqs, "check_hostname": check_hostname}
+    for name in ("ca_certs", "ca_path", "certfile", "keyfile"):
+        value = given(name)
+        if value is not None:
+            if not isinstance(value, (str, os.PathLike)):
+                raise ImproperlyConfigured(
+                    f"{where}: OPTIONS['ssl_{name}'] must be a path, not {value!r}."
+                )
+            settings_[name] = os.fspath(value)
+    if ca_data is not None:
+        settings_["ca_data"] = ca_data
+    if min_version is not None:
+        settings_["min_version"] = min_version
+    return settings_
 
 
 # Process-wide state: one client (and pool) per (process, LOCATION + redis options) ------------
@@ -890,20 +980,24 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         self._track_prefix = f"{self.key_prefix}:" if default_keys else ""
         db = o.url.get("db", o.redis_options.get("db", 0))
         self._channel = f"django_rustcache:near:{db}:{self._track_prefix}" if self._pubsub else ""
-        self._near = LISTENER_FACTORY(
-            self._l1_location,
-            host=o.url.get("host"),
-            port=int(o.url.get("port") or 6379),
-            unix_path=o.url.get("path"),
-            username=o.url.get("username") or o.redis_options.get("username"),
-            password=o.url.get("password") or o.redis_options.get("password"),
-            prefix=self._track_prefix,
-            lease=o.lease,
-            mode=INVALIDATION_MODES[o.invalidation],
-            channel=self._channel,
-            connect_timeout=float(o.redis_options.get("socket_connect_timeout") or 2.0),
-        )
-        self._fills = getattr(self._near, "fills", True) and hasattr(self._h, "fill_begin")
+        try:
+            self._near = LISTENER_FACTORY(
+                self._l1_location,
+                host=o.url.get("host"),
+                port=int(o.url.get("port") or 6379),
+                unix_path=o.url.get("path"),
+                username=o.url.get("username") or o.redis_options.get("username"),
+                password=o.url.get("password") or o.redis_options.get("password"),
+                prefix=self._track_prefix,
+                lease=o.lease,
+                mode=INVALIDATION_MODES[o.invalidation],
+                channel=self._channel,
+                connect_timeout=float(o.redis_options.get("socket_connect_timeout") or 2.0),
+                **({} if o.tls is None else {"tls": o.tls}),
+            )
+        except ValueError as e:  # the listener's settings: a TLS file it cannot use, ...
+            raise ImproperlyConfigured(f"NearCache LOCATION {o.location!r}: {e}") from None
+        self._fills = getattr(self._near, "fills", True) and hasattr(self._h, "fill")
         self._generation = -1
         self._bind()
         self._sync()
@@ -994,23 +1088,26 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         return False
 
     def _l1_begin(self, made: str) -> Any:
-        """Put a placeholder in ``made``'s L1 slot (dropping what was there); its token or None."""
+        """Begin a fill of ``made``'s L1 slot: a ``_core.Fill`` (its placeholder cancels older
+        fills of the key; any invalidation, write or flush of the key cancels it), or None. It
+        ends when put (``_l1_put``) or dropped."""
         if not self._fills:
             return None
-        return self._h.fill_begin(made)
+        return self._h.fill(made)
 
     def _l1_put(
         self, made: str, token: Any, value: Any, ttl: float | None, pickled: bytes | None = None
     ) -> None:
-        """Store ``value`` in L1 for ``ttl`` s (at most L1_MAX_TTL) if the placeholder survived;
-        ``pickled``, a pickle of ``value`` at hand, is kept rather than pickling it again."""
+        """Store ``value`` in L1 for ``ttl`` s (at most L1_MAX_TTL) if the fill ``token`` from
+        ``_l1_begin`` was not cancelled; ``pickled``, a pickle of ``value`` at hand, is kept
+        rather than pickling it again."""
         if token is None or (ttl is not None and ttl <= 0):
             return
         ttl = self._options.l1_max_ttl if ttl is None else min(ttl, self._options.l1_max_ttl)
         if pickled is None:
-            self._h.fill_put(made, token, value, ttl)
+            token.put(made, value, ttl)
         else:
-            self._h.fill_put(made, token, value, ttl, pickled=pickled)
+            token.put(made, value, ttl, pickled=pickled)
 
     def _l1_drop(self, made_keys: list[str]) -> None:
         """Remove ``made_keys`` (entries or placeholders) from this process's L1."""
@@ -1404,7 +1501,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         conn = self._conn
         if not conn.direct or (not fresh and self._options.stale_if_error):
             return self._run(self._op_get(made, default, fresh))
-        token = self._h.fill_begin(made) if self._fills else None
+        token = self._l1_begin(made)
         try:
             # Not atomic, unlike _GET: a change between the two (new value or TTL, expiry,
             # delete) invalidates the key, which kills the placeholder or drops what it stored
@@ -1485,7 +1582,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         ms = self._ms(timeout)
         if ms == 0:
             return self._run(self._op_set(made, value, timeout, False))
-        token = self._h.fill_begin(made) if self._fills else None  # kills older fills
+        token = self._l1_begin(made)  # kills older fills
         self._near.note_writes((made,))  # as _exec does: the write starts now
         try:
             conn.call(("SET", made, data) if ms is None else ("SET", made, data, "PX", ms))
@@ -2001,7 +2098,10 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     async def _aread(self, key: Any, version: Any) -> Any:
         return await self.aget(key, self._missing_key, version=version)
 
-    async def _afill(self, key: Any, default: Any, timeout: Any, version: Any, tags: Any) -> Any:
+    async def _afill(
+        self, key: Any, default: Any, timeout: Any, version: Any, tags: Any, fill: Any = None
+    ) -> Any:
+        # `fill` holds the key's single-flight in this process; Redis's SET NX decides who stores.
         if tags is not None and not isinstance(tags, NearTagSnapshot):
             # The race guard: the versions are taken before computing (see get_or_set).
             tags = await self._arun(self._op_snapshot(tags))

@@ -22,8 +22,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "EARLY_REFRESH": 0.0,
 }
 
-#: Values of OPTIONS["EVICTION_POLICY"]: Django's LRU cull, or scan-resistant S3-FIFO.
-EVICTION_POLICIES = ("lru", "s3fifo")
+#: Values of OPTIONS["EVICTION_POLICY"]: Django's LRU cull, scan-resistant S3-FIFO, or adaptive
+#: W-TinyLFU (scan- and loop-resistant).
+EVICTION_POLICIES = ("lru", "s3fifo", "tinylfu")
 
 #: Top-level keys of a CACHES entry that Django's BaseCache reads (besides BACKEND and LOCATION,
 #: which Django takes out before building the backend).
@@ -167,10 +168,10 @@ class RustCacheOptions:
         # What Django's BaseCache reads: a top-level lowercase key wins over the OPTIONS one.
         name, max_entries = _read(params, options, "MAX_ENTRIES", 300)
         max_entries = _django_int(where, name, max_entries, 300)
-        # S3-FIFO takes MAX_ENTRIES as the capacity: it must hold at least one entry.
-        if policy == "s3fifo" and max_entries < 1:
+        # S3-FIFO and W-TinyLFU take MAX_ENTRIES as the capacity: it must hold at least one entry.
+        if policy != "lru" and max_entries < 1:
             raise ImproperlyConfigured(
-                f"{where}: {name} must be >= 1 under EVICTION_POLICY 's3fifo', not {max_entries}."
+                f"{where}: {name} must be >= 1 under EVICTION_POLICY {policy!r}, not {max_entries}."
             )
         name, cull = _read(params, options, "CULL_FREQUENCY", 3)
         cull = _django_int(where, name, cull, 3)

@@ -1,7 +1,9 @@
 //! The listener: an OS thread holding one connection to Redis/Valkey that receives invalidations
 //! and keeps the lease (`lease.rs`) alive with heartbeats. No Python anywhere on this path.
 //!
-//! A session: connect (TCP or unix socket, with a timeout); `HELLO 3 [AUTH user pass]`; then
+//! A session: connect (TCP or unix socket, with a timeout; over TCP, TLS when configured: the
+//! handshake is done, and the server's certificate verified, before anything is sent, and a
+//! TLS failure is an error, never a plaintext retry: `tls.rs`); `HELLO 3 [AUTH user pass]`; then
 //! `CLIENT TRACKING ON BCAST [PREFIX p]` (no NOLOOP: writes by this process's other connections
 //! must invalidate too) or, in pub/sub mode, `SUBSCRIBE channel`; once the server has confirmed
 //! it, flush L1 (whatever changed while no session was on is unknown); then PING every LEASE/5.
@@ -31,6 +33,7 @@ use super::inherited;
 use super::lease::Lease;
 use super::record::{self, Record};
 use super::resp::{self, Value};
+use super::tls::{self, Tls};
 use super::Sink;
 use crate::clock;
 
@@ -60,6 +63,8 @@ pub struct Config {
     pub lease: Duration,
     pub mode: Mode,
     pub connect_timeout: Duration,
+    /// TLS over TCP (`rediss://`); `None`: plaintext.
+    pub tls: Option<Tls>,
 }
 
 impl Config {
@@ -90,11 +95,24 @@ pub struct Counters {
     pub record: Record,
 }
 
-/// A socket, TCP or unix.
+/// A socket, TCP or unix, or a TLS session over TCP.
 enum Stream {
     Tcp(TcpStream),
     #[cfg(unix)]
     Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    /// The TCP or unix socket underneath (for TLS, the TCP socket it runs over).
+    fn fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            #[cfg(unix)]
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.sock.as_raw_fd(),
+        }
+    }
 }
 
 /// The connection: its socket, whose descriptor a forked child closes at once (`inherited`).
@@ -106,13 +124,8 @@ struct Conn {
 
 impl Conn {
     fn new(stream: Stream) -> Conn {
-        let fd = match &stream {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            #[cfg(unix)]
-            Stream::Unix(s) => s.as_raw_fd(),
-        };
         Conn {
-            inherited: inherited::register(fd),
+            inherited: inherited::register(stream.fd()),
             stream,
         }
     }
@@ -152,12 +165,37 @@ impl Conn {
         }
     }
 
+    /// A second handle on the socket, for `shutdown` only (of a TLS connection, the TCP socket
+    /// under it: shutting that down wakes a read blocked in the TLS session).
     fn try_clone(&self) -> io::Result<Conn> {
         match &self.stream {
             Stream::Tcp(s) => s.try_clone().map(|s| Conn::new(Stream::Tcp(s))),
             #[cfg(unix)]
             Stream::Unix(s) => s.try_clone().map(|s| Conn::new(Stream::Unix(s))),
+            Stream::Tls(s) => s.sock.try_clone().map(|s| Conn::new(Stream::Tcp(s))),
         }
+    }
+
+    /// Runs the TLS handshake over this TCP connection (within the timeouts already set) and
+    /// verifies the server's certificate: the connection becomes a TLS one, or an error.
+    fn start_tls(self, t: &Tls, host: &str) -> Result<Conn, String> {
+        let Conn { inherited, stream } = self;
+        let Stream::Tcp(mut sock) = stream else {
+            return Err("TLS needs a TCP connection (rediss://host:port)".into());
+        };
+        let config = tls::client_config(t).map_err(|e| format!("TLS: {e}"))?;
+        let name = tls::server_name(host)?;
+        let mut session =
+            rustls::ClientConnection::new(config, name).map_err(|e| format!("TLS: {e}"))?;
+        while session.is_handshaking() {
+            session
+                .complete_io(&mut sock)
+                .map_err(|e| format!("TLS handshake with {host}: {e}"))?;
+        }
+        Ok(Conn {
+            inherited,
+            stream: Stream::Tls(Box::new(rustls::StreamOwned::new(session, sock))),
+        })
     }
 
     fn set_read_timeout(&self, t: Duration) -> io::Result<()> {
@@ -166,6 +204,7 @@ impl Conn {
             Stream::Tcp(s) => s.set_read_timeout(t),
             #[cfg(unix)]
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.sock.set_read_timeout(t),
         }
     }
 
@@ -175,6 +214,7 @@ impl Conn {
             Stream::Tcp(s) => s.set_write_timeout(t),
             #[cfg(unix)]
             Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.sock.set_write_timeout(t),
         }
     }
 
@@ -183,6 +223,7 @@ impl Conn {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             #[cfg(unix)]
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tls(s) => s.sock.shutdown(Shutdown::Both),
         };
     }
 }
@@ -193,6 +234,7 @@ impl Read for Conn {
             Stream::Tcp(s) => s.read(buf),
             #[cfg(unix)]
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -203,11 +245,16 @@ impl Write for Conn {
             Stream::Tcp(s) => s.write(buf),
             #[cfg(unix)]
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
+    /// Sends what TLS buffered (a TLS write may leave records unsent); sockets need nothing.
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match &mut self.stream {
+            Stream::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -434,6 +481,7 @@ impl Reader {
 
 fn send(conn: &mut Conn, args: &[&[u8]]) -> Result<(), String> {
     conn.write_all(&resp::encode(args))
+        .and_then(|()| conn.flush())
         .map_err(|e| format!("write: {e}"))
 }
 
@@ -531,6 +579,18 @@ fn session(
     *shared.socket.lock() = conn.try_clone().ok();
     if shared.stopped() {
         return Ok(());
+    }
+    if let Some(t) = &cfg.tls {
+        let Endpoint::Tcp { host, .. } = &cfg.endpoint else {
+            return Err("TLS needs a TCP endpoint, not a unix socket".into());
+        };
+        // The handshake is bounded by the connect timeout (and `stop` shuts the socket down).
+        conn.set_read_timeout(cfg.connect_timeout)
+            .map_err(|e| e.to_string())?;
+        conn = conn.start_tls(t, host)?;
+        if shared.stopped() {
+            return Ok(());
+        }
     }
     let mut rd = Reader::new();
     let wait = cfg.connect_timeout.max(cfg.lease);

@@ -18,8 +18,8 @@ pub mod lease;
 pub mod listener;
 pub mod record;
 pub mod resp;
+pub mod tls;
 
-use std::sync::atomic::AtomicPtr;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
@@ -28,7 +28,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::fork;
+// The graveyard's head, from `crate::sync` so that its model runs under shuttle; the listener
+// itself (a thread on a socket, real clocks) keeps `std` and `parking_lot`.
 use crate::store::{Store, Weigh};
+use crate::sync::atomic::AtomicPtr;
 use lease::Lease;
 use listener::{Config, Counters, Running};
 
@@ -315,5 +318,51 @@ impl Drop for Near {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests;
+
+/// The graveyard under shuttle's scheduler: threads burying batches while another takes them, in
+/// thousands of seeded, replayable interleavings. Run: `cargo test --no-default-features
+/// --features shuttle near::`.
+#[cfg(all(test, feature = "shuttle"))]
+mod shuttle_tests {
+    use super::Graveyard;
+    use crate::sync::scope;
+
+    /// Every item buried comes out of `take` exactly once, whoever takes it and when.
+    fn bury_and_take() {
+        let g = Graveyard::<u32>::default();
+        let mut out = scope(|s| {
+            s.spawn(|| {
+                g.bury(vec![1, 2]);
+                g.bury(vec![3]);
+            });
+            s.spawn(|| {
+                g.bury(vec![4]);
+                g.bury(Vec::new());
+                g.bury(vec![5, 6]);
+            });
+            let taker = s.spawn(|| {
+                let mut out = g.take();
+                out.extend(g.take());
+                out
+            });
+            taker.join().unwrap()
+        });
+        out.extend(g.take());
+        out.sort_unstable();
+        assert_eq!(out, [1, 2, 3, 4, 5, 6], "an item lost or taken twice");
+        assert!(g.is_empty());
+    }
+
+    #[test]
+    fn every_buried_item_is_taken_exactly_once() {
+        let mut config = shuttle::Config::new();
+        config.silence_warnings = true;
+        let random = shuttle::scheduler::RandomScheduler::new(3_000);
+        shuttle::Runner::new(random, config.clone()).run(bury_and_take);
+        let pct = shuttle::scheduler::PctScheduler::new(3, 3_000);
+        shuttle::Runner::new(pct, config).run(bury_and_take);
+    }
+}

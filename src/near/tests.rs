@@ -51,6 +51,7 @@ fn config(port: u16, lease_ms: u64, mode: Mode) -> Config {
         lease: Duration::from_millis(lease_ms),
         mode,
         connect_timeout: Duration::from_millis(500),
+        tls: None,
     }
 }
 
@@ -520,7 +521,7 @@ fn real_redis_bcast_invalidates_flushes_and_the_lease_follows_sigstop() {
     wait_until("the invalidation", Duration::from_secs(5), || {
         near.stats().invalidations > seen
     });
-    let put = store.fill_put("p:1:b", token, Val(1), NEVER, Vec::new(), &lim(), 1);
+    let put = store.fill_put("p:1:b", token, Val(1), NEVER, Vec::new(), false, &lim(), 1);
     assert_eq!(put, Put::Stale);
     assert!(!store.contains("p:1:b", 1));
 

@@ -12,20 +12,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
+use pyo3::types::{PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
 use pyo3::{PyTraverseError, PyVisit};
 
 use super::fast::TimeoutArg;
+use super::fill::Fill;
 use super::keys::{push_part, push_part_escaped, store_text, unescape};
 use super::made_key::MadeKey;
 use super::near::{Near, NearHit, Probe};
 use super::registry;
-use super::value::{decode, encode, encode_with, PyValue};
+use super::value::{decode, encode, PyValue};
 use crate::clock::{self, NEVER};
-use crate::flight::Role;
 use crate::keys::{check, Check};
 use crate::policy::Policy;
-use crate::store::{Limits, Put, Replace, Store};
+use crate::store::{Begun, Lead, Limits, Put, Replace, Store};
 use crate::tags::TagStamp;
 
 #[pyclass(module = "django_rustcache._core")]
@@ -334,6 +334,24 @@ impl Handle {
         self.near_hit
             .as_ref()
             .ok_or_else(|| PyTypeError::new_err("no NearCache is attached to this handle"))
+    }
+
+    /// The made key as the store names it, with Django's key warnings (for `Fill.put`).
+    pub(super) fn made_key(
+        &self,
+        key: &Bound<'_, PyAny>,
+        version: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<MadeKey> {
+        self.key(key, version)
+    }
+
+    /// The expiry stamp for a Django timeout argument (for `Fill.put`).
+    pub(super) fn expiry_for(&self, timeout: &Bound<'_, PyAny>, now: u64) -> PyResult<u64> {
+        self.deadline(timeout, now)
+    }
+
+    pub(super) fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     fn read(&self, py: Python<'_>, k: &str, now: u64) -> PyResult<Option<Py<PyAny>>> {
@@ -799,36 +817,6 @@ impl Handle {
             .invalidate_tags(names.iter().map(String::as_str), clock::now()))
     }
 
-    /// Single-flight for a fill of the made key `key`: True if the caller is to compute the value
-    /// (and then call `flight_end`); otherwise waits, without the GIL, until the caller computing
-    /// it finishes or `wait` seconds pass, and returns False (read the cache again). A `wait` of
-    /// 0 (or less) returns False at once: `aget_or_set` polls instead of blocking its event loop.
-    fn flight_begin(&self, py: Python<'_>, key: &Bound<'_, PyString>, wait: f64) -> PyResult<bool> {
-        match self.store.flights.begin(&flight_name(key)?) {
-            Role::Leader => Ok(true),
-            Role::Follower(_) if wait <= 0.0 => Ok(false),
-            Role::Follower(flight) => {
-                let limit = Duration::try_from_secs_f64(wait.max(0.0))
-                    .map_err(|e| PyValueError::new_err(format!("bad wait: {e}")))?;
-                py.detach(|| flight.wait(limit));
-                Ok(false)
-            }
-        }
-    }
-
-    /// Ends this thread's fill of the made key `key`, waking those waiting for it.
-    fn flight_end(&self, key: &Bound<'_, PyString>) -> PyResult<()> {
-        self.store.flights.finish(&flight_name(key)?);
-        Ok(())
-    }
-
-    /// Takes the single-flight of the made key `key` without waiting: True if this caller now
-    /// leads it (and must call `flight_end`), False if a flight for it is already in progress
-    /// (also one led by this thread: a refresh does not refresh its own key again).
-    fn flight_try(&self, key: &Bound<'_, PyString>) -> PyResult<bool> {
-        Ok(self.store.flights.try_begin(&flight_name(key)?))
-    }
-
     /// A read for `get_or_set` with early refresh: `(value, refresh)`, or `(default, False)` on a
     /// miss. `refresh` tells this caller to recompute the live value now, decided by
     /// `crate::early::should_refresh` (XFetch) from `beta`, the uniform draw `u` in (0, 1], the
@@ -865,34 +853,6 @@ impl Handle {
             Some((v, refresh)) => Ok((decode(py, v?)?, refresh)),
             None => Ok((default, false)),
         }
-    }
-
-    /// `add` (or with `replace`, `set`) of a value whose computation took `delta` seconds, which
-    /// is recorded with the entry for early refresh. True if stored.
-    #[pyo3(signature = (key, value, timeout, version, tags, delta, replace))]
-    #[allow(clippy::too_many_arguments)]
-    fn put_computed(
-        &self,
-        key: &Bound<'_, PyAny>,
-        value: &Bound<'_, PyAny>,
-        timeout: &Bound<'_, PyAny>,
-        version: Option<&Bound<'_, PyAny>>,
-        tags: Option<&Bound<'_, PyAny>>,
-        delta: f64,
-        replace: bool,
-    ) -> PyResult<bool> {
-        let (put, k, expires) = self.put_at(key, value, timeout, version, tags, !replace)?;
-        // A non-finite or negative duration (a broken clock) records nothing: no early refresh.
-        let nanos = if delta.is_finite() && delta > 0.0 {
-            (delta * 1e9) as u64
-        } else {
-            0
-        };
-        if put == Put::Stored && expires != NEVER && nanos > 0 {
-            self.store
-                .set_delta(&k, expires, nanos, &self.limits, clock::now());
-        }
-        Ok(put == Put::Stored)
     }
 
     /// The current versions of `tags`, to pass as `tags=` when storing a value computed after.
@@ -960,40 +920,52 @@ impl Handle {
         })
     }
 
-    /// Puts a fill placeholder for the key (NearCache: before reading Redis) and returns its
-    /// token for `fill_put`. Any removal, invalidation, local write or flush of the key cancels it.
-    #[pyo3(signature = (key, version = None))]
-    fn fill_begin(
-        &self,
-        key: &Bound<'_, PyAny>,
-        version: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<u64> {
-        let k = self.key(key, version)?;
-        Ok(self.store.fill_begin(&k, &self.limits, clock::now()))
-    }
-
-    /// Stores the value read by a fill only if its placeholder `token` is still there (nothing
-    /// changed the key since `fill_begin`); True if stored. `pickled`, a pickle of `value` the
-    /// caller already has, is stored instead of pickling `value` again when `value` is not plain.
-    #[pyo3(signature = (key, token, value, timeout, version = None, *, pickled = None))]
-    #[allow(clippy::too_many_arguments)]
-    fn fill_put(
-        &self,
-        key: &Bound<'_, PyAny>,
-        token: u64,
-        value: &Bound<'_, PyAny>,
-        timeout: &Bound<'_, PyAny>,
-        version: Option<&Bound<'_, PyAny>>,
-        pickled: Option<&Bound<'_, PyBytes>>,
-    ) -> PyResult<bool> {
-        let k = self.key(key, version)?;
-        let stored = encode_with(value, pickled)?;
-        let now = clock::now();
-        let expires = self.deadline(timeout, now)?;
-        let put = self
+    /// Begins a fill of the made key `key` (`store::Fill`): a guard whose `put` stores once,
+    /// only if no removal, invalidation, local write or flush of the key, newer fill of it or
+    /// invalidation of `tags` (their versions are taken now) came in between; ended by `put`,
+    /// by leaving its `with` block or by its deallocation. With `wait` (seconds) the fill takes
+    /// the key's single-flight: if another thread's fill leads the key, this returns None after
+    /// waiting, without the GIL, until that fill ends or `wait` passes (at once for a `wait` of 0
+    /// or less: `aget_or_set` polls instead of blocking its loop); read the key again then. With
+    /// `exclusive`, None at once if any fill leads the key, even this thread's (early refresh).
+    #[pyo3(signature = (key, wait = None, exclusive = false, tags = None))]
+    fn fill(
+        slf: &Bound<'_, Self>,
+        key: &Bound<'_, PyString>,
+        wait: Option<f64>,
+        exclusive: bool,
+        tags: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<Fill>> {
+        let py = slf.py();
+        let this = slf.borrow();
+        let k = flight_name(key)?;
+        let limit = match wait {
+            Some(w) if w > 0.0 || w.is_nan() => Some(
+                Duration::try_from_secs_f64(w)
+                    .map_err(|e| PyValueError::new_err(format!("bad wait: {e}")))?,
+            ),
+            _ => None,
+        };
+        let stamps = this.stamps(tags)?;
+        let lead = match (exclusive, wait) {
+            (true, _) => Lead::Try,
+            (false, Some(_)) => Lead::Join,
+            (false, None) => Lead::Alone,
+        };
+        match this
             .store
-            .fill_put(&k, token, stored, expires, Vec::new(), &self.limits, now);
-        Ok(put == Put::Stored)
+            .fill(&k, lead, stamps, &this.limits, clock::now())
+        {
+            Begun::Lead(fill) => Ok(Some(Fill::new(fill, slf.clone().unbind()))),
+            Begun::Busy => Ok(None),
+            Begun::Follow(flight) => {
+                drop(this);
+                if let Some(limit) = limit {
+                    py.detach(|| flight.wait(limit));
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// Drops the entries and fill placeholders of these made keys (as Redis names them);

@@ -3,6 +3,7 @@
 
 mod compress;
 mod fast;
+mod fill;
 mod handle;
 mod keys;
 mod made_key;
@@ -15,6 +16,7 @@ use pyo3::prelude::*;
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::Handle>()?;
     m.add_class::<handle::TagSnapshot>()?;
+    m.add_class::<fill::Fill>()?;
     m.add_class::<fast::FastMethod>()?;
     m.add_class::<near::Near>()?;
     m.add_function(wrap_pyfunction!(near::near, m)?)?;

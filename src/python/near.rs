@@ -27,6 +27,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use super::registry;
 use super::value::PyValue;
 use crate::near::listener::{Config, Endpoint, Mode};
+use crate::near::tls::{self, Tls};
 use crate::near::{self as rust_near, Graveyard, Sink};
 use crate::shard::Entry;
 use crate::store::Store;
@@ -53,7 +54,10 @@ impl LazyStore {
 }
 
 impl Sink for LazyStore {
+    // Both take store locks (and the registry's) without the GIL: in a `Quiet` section, so that
+    // a fork never finds this thread parked on a lock its prepare step holds (`crate::fork`).
     fn invalidate(&self, key: &str) {
+        let _quiet = crate::fork::quiet();
         if let Some(s) = self.get() {
             let mut dead = Vec::new();
             s.invalidate_key_into(key, &mut dead);
@@ -62,6 +66,7 @@ impl Sink for LazyStore {
     }
 
     fn flush(&self) {
+        let _quiet = crate::fork::quiet();
         if let Some(s) = self.get() {
             let mut dead = Vec::new();
             s.clear_into(&mut dead);
@@ -100,6 +105,7 @@ fn make_config(
     mode: &str,
     channel: String,
     connect_timeout: f64,
+    tls: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<Config> {
     let endpoint = match (host, unix_path) {
         (Some(_), Some(_)) => {
@@ -129,6 +135,17 @@ fn make_config(
             )))
         }
     };
+    let tls = match tls {
+        None => None,
+        Some(d) => {
+            if matches!(endpoint, Endpoint::Unix(_)) {
+                return Err(PyValueError::new_err(
+                    "TLS needs a host and port, not a unix_path",
+                ));
+            }
+            Some(tls_settings(d)?)
+        }
+    };
     Ok(Config {
         endpoint,
         username,
@@ -137,7 +154,73 @@ fn make_config(
         lease: seconds("lease", lease)?,
         mode,
         connect_timeout: seconds("connect_timeout", connect_timeout)?,
+        tls,
     })
+}
+
+/// The listener's TLS settings from `tls` (NearCache passes redis-py's `ssl_*` options, without
+/// the prefix; absent keys take redis-py's defaults). The files are read once here, so that a
+/// missing or bad file is a ValueError now rather than a listener that never connects.
+fn tls_settings(d: &Bound<'_, PyDict>) -> PyResult<Tls> {
+    const KEYS: [&str; 8] = [
+        "ca_certs",
+        "ca_data",
+        "ca_path",
+        "certfile",
+        "keyfile",
+        "cert_reqs",
+        "check_hostname",
+        "min_version",
+    ];
+    for k in d.keys() {
+        let k: String = k.extract()?;
+        if !KEYS.contains(&k.as_str()) {
+            return Err(PyValueError::new_err(format!(
+                "unknown TLS setting {k:?}; expected one of {KEYS:?}"
+            )));
+        }
+    }
+    let string = |k: &str| -> PyResult<Option<String>> {
+        match d.get_item(k)? {
+            Some(v) if !v.is_none() => Ok(Some(v.extract()?)),
+            _ => Ok(None),
+        }
+    };
+    let verify = match string("cert_reqs")?.as_deref() {
+        None | Some("required") | Some("optional") => true,
+        Some("none") => false,
+        Some(other) => {
+            return Err(PyValueError::new_err(format!(
+                "cert_reqs must be 'required', 'optional' or 'none', not {other:?}"
+            )))
+        }
+    };
+    let check_hostname = match d.get_item("check_hostname")? {
+        Some(v) if !v.is_none() => v.extract::<bool>()?,
+        _ => true,
+    };
+    let tls13_only = match string("min_version")?.as_deref() {
+        None | Some("1.2") => false,
+        Some("1.3") => true,
+        Some(other) => {
+            return Err(PyValueError::new_err(format!(
+                "min_version must be '1.2' or '1.3', not {other:?}"
+            )))
+        }
+    };
+    let t = Tls {
+        ca_certs: string("ca_certs")?.map(PathBuf::from),
+        ca_data: string("ca_data")?,
+        ca_path: string("ca_path")?.map(PathBuf::from),
+        certfile: string("certfile")?.map(PathBuf::from),
+        keyfile: string("keyfile")?.map(PathBuf::from),
+        verify,
+        // As redis-py: no chain verification, no name verification.
+        check_hostname: verify && check_hostname,
+        tls13_only,
+    };
+    tls::client_config(&t).map_err(PyValueError::new_err)?;
+    Ok(t)
 }
 
 /// A `Near` for `location`: its listener's sink buries removed entries in `dead`.
@@ -175,7 +258,7 @@ impl Near {
 impl Near {
     #[new]
     #[pyo3(signature = (l1_location, *, host, port, unix_path, username, password, prefix,
-                        lease, mode, channel, connect_timeout))]
+                        lease, mode, channel, connect_timeout, tls=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         l1_location: String,
@@ -189,6 +272,7 @@ impl Near {
         mode: &str,
         channel: String,
         connect_timeout: f64,
+        tls: Option<Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         crate::fork::install();
         let config = make_config(
@@ -202,6 +286,7 @@ impl Near {
             mode,
             channel,
             connect_timeout,
+            tls.as_ref(),
         )?;
         Ok(make(l1_location, config))
     }
@@ -371,7 +456,7 @@ fn nears() -> &'static Nears {
 /// settings, the same object takes them (its listener restarts on the next `ensure_started`).
 #[pyfunction]
 #[pyo3(signature = (l1_location, *, host, port, unix_path, username, password, prefix, lease,
-                    mode, channel, connect_timeout))]
+                    mode, channel, connect_timeout, tls=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn near(
     py: Python<'_>,
@@ -386,6 +471,7 @@ pub fn near(
     mode: &str,
     channel: String,
     connect_timeout: f64,
+    tls: Option<Bound<'_, PyDict>>,
 ) -> PyResult<Py<Near>> {
     let config = make_config(
         host,
@@ -398,6 +484,7 @@ pub fn near(
         mode,
         channel,
         connect_timeout,
+        tls.as_ref(),
     )?;
     let existing = nears().lock().get(&l1_location).map(|n| n.clone_ref(py));
     if let Some(n) = existing {

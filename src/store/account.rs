@@ -1,7 +1,7 @@
 //! Byte accounting: what an entry is charged (`weigh`, `charge`), taking an entry off the books
 //! (`detach`), and the compare-and-swap steps that take and give back places and bytes.
 
-use std::sync::atomic::Ordering::Relaxed;
+use crate::sync::atomic::Ordering::Relaxed;
 
 use super::*;
 
@@ -93,7 +93,8 @@ impl<V: Weigh> Store<V> {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
     use crate::clock::NEVER;

@@ -1,4 +1,4 @@
-//! The store: shards under `parking_lot` read-write locks, expiry, eviction by entry count and by
+//! The store: shards under read-write locks (`parking_lot`'s, through `crate::sync`), expiry, eviction by entry count and by
 //! bytes under the store's policy (see `policy.rs`), tag invalidation, and counters.
 //!
 //! A store has one shard when its `MAX_ENTRIES` is at most `ONE_SHARD_MAX` (so that the small
@@ -18,12 +18,12 @@
 //! insert, which evicts as it goes), `account.rs` the byte accounting, `tags.rs` the tag
 //! bookkeeping.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
-
-use ahash::RandomState;
 use std::ops::{Deref, DerefMut};
 
-use parking_lot::{RwLock, RwLockWriteGuard};
+use ahash::RandomState;
+
+use crate::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use crate::sync::{random_state, RwLock, RwLockWriteGuard};
 
 use crate::clock::NEVER;
 use crate::entry::{planned_size, rounded_deadline, Pack};
@@ -38,14 +38,18 @@ use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
 mod account;
 mod evict;
 mod fill;
+#[cfg(all(test, feature = "shuttle"))]
+mod fill_shuttle;
 mod read;
 mod tags;
 #[cfg(test)]
+// Under `shuttle` only the models are built, and they use a part of it.
+#[cfg_attr(feature = "shuttle", allow(dead_code))]
 mod testing;
 mod write;
 
 pub use account::entry_overhead;
-pub use fill::{placeholder_charge, Fills, FILLS_PER_SHARD, FILL_MAX_AGE};
+pub use fill::{placeholder_charge, Begun, Fill, Fills, Lead, FILLS_PER_SHARD, FILL_MAX_AGE};
 
 /// Shards of a store whose `MAX_ENTRIES` is above `ONE_SHARD_MAX`.
 pub const SHARDS: usize = 16;
@@ -190,6 +194,26 @@ enum Lookup {
     Absent,
 }
 
+/// The store's key hasher: seeded at random per process (a site's visitors choose keys, so a
+/// fixed seed would let them aim collisions), unless `RUSTCACHE_HASH_SEED` holds a u64, as
+/// `PYTHONHASHSEED` does for Python: then runs are reproducible (hash-dependent choices such as
+/// the shard of a key or TinyLFU's sketch counters come out the same), which the hit-ratio guard
+/// needs. Read when a store is made.
+fn key_hasher() -> RandomState {
+    let seed = std::env::var("RUSTCACHE_HASH_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match seed {
+        Some(seed) => RandomState::with_seeds(
+            seed,
+            seed ^ 0x9e37_79b9_7f4a_7c15,
+            seed.rotate_left(21),
+            !seed,
+        ),
+        None => random_state(),
+    }
+}
+
 impl<V: Weigh> Store<V> {
     /// A store under the "lru" policy.
     pub fn new(shards: usize) -> Self {
@@ -198,7 +222,7 @@ impl<V: Weigh> Store<V> {
 
     pub fn with_policy(shards: usize, policy: Policy) -> Self {
         let n = shards.max(1).next_power_of_two();
-        let hasher = RandomState::new();
+        let hasher = key_hasher();
         Store {
             shards: (0..n)
                 .map(|_| RwLock::new(Shard::with_hasher(hasher.clone())))
@@ -299,13 +323,15 @@ impl<V: Weigh> Store<V> {
         Lookup::Absent
     }
 
-    /// Counts a use of `slot` for the policy: "lru" moves it to the recent end (needs the write
-    /// lock); S3-FIFO bumps its counter.
+    /// Counts a use of `slot` (whose key hashes to `hash`) for the policy: "lru" moves it to the
+    /// recent end (needs the write lock); S3-FIFO bumps its counter; W-TinyLFU also records the
+    /// request in its sketch.
     #[inline]
-    fn used(&self, shard: &mut Shard<V>, slot: u32) {
+    fn used(&self, shard: &mut Shard<V>, slot: u32, hash: u64) {
         match self.policy {
             Policy::Lru => shard.touch(slot),
             Policy::S3Fifo => shard.entry(slot).hit(),
+            Policy::TinyLfu => shard.tiny_hit(slot, hash),
         }
     }
 
@@ -320,7 +346,8 @@ impl<V: Weigh> Store<V> {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::OnceLock;

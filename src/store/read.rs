@@ -24,7 +24,7 @@ impl<V: Weigh> Store<V> {
                 let (hash, idx) = self.locate(key);
                 self.get_locked(hash, idx, key, now, read)
             }
-            Policy::S3Fifo => self.get_s3(key, now, read),
+            Policy::S3Fifo | Policy::TinyLfu => self.get_s3(key, now, read),
         }
     }
 
@@ -42,7 +42,7 @@ impl<V: Weigh> Store<V> {
         self.reclaim(&mut shard, now);
         let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => {
-                self.used(&mut shard, slot);
+                self.used(&mut shard, slot, hash);
                 Stats::bump(&self.stats.hits, 1);
                 Some(read(shard.entry(slot)))
             }
@@ -55,9 +55,9 @@ impl<V: Weigh> Store<V> {
         out
     }
 
-    /// `get` under S3-FIFO. A live hit and a miss need only the read lock (a hit bumps the
-    /// entry's counter); an entry to remove, or expired entries to reclaim in this shard, take
-    /// the write lock.
+    /// `get` under S3-FIFO and W-TinyLFU. A live hit and a miss need only the read lock (a hit
+    /// bumps the entry's counter, and W-TinyLFU's sketch); an entry to remove, or expired entries
+    /// to reclaim in this shard, take the write lock.
     pub(super) fn get_s3<R>(
         &self,
         key: &str,
@@ -74,7 +74,11 @@ impl<V: Weigh> Store<V> {
                 };
                 let e = shard.entry(slot);
                 if !e.is_expired(now) && all_current(e.tags()) {
-                    e.hit();
+                    if self.policy == Policy::TinyLfu {
+                        shard.tiny_hit(slot, hash);
+                    } else {
+                        e.hit();
+                    }
                     Stats::bump(&self.stats.hits, 1);
                     return Some(read(e));
                 }
@@ -142,7 +146,8 @@ impl<V: Weigh> Store<V> {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use std::sync::mpsc;
     use std::sync::Arc;
@@ -170,6 +175,10 @@ mod tests {
     #[test]
     fn s3_hit_needs_only_a_read_lock_lru_hit_the_write_lock() {
         assert!(get_completes_beside_a_reader(Arc::new(s3(4))));
+        assert!(get_completes_beside_a_reader(Arc::new(Store::with_policy(
+            4,
+            Policy::TinyLfu
+        ))));
         assert!(!get_completes_beside_a_reader(Arc::new(Store::new(4))));
     }
 

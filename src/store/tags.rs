@@ -54,7 +54,8 @@ impl<V: Weigh> Store<V> {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use std::thread;
 
@@ -126,5 +127,83 @@ mod tests {
         assert_eq!((store.bytes(), store.tags.len()), (0, 0));
         store.clear();
         assert_eq!((store.bytes(), store.tags.len()), (0, 0));
+    }
+}
+
+/// Tag invalidation under shuttle's scheduler (`crate::sync`), in thousands of seeded, replayable
+/// interleavings. Run: `cargo test --no-default-features --features shuttle store::tags`.
+#[cfg(all(test, feature = "shuttle"))]
+mod shuttle_tests {
+    use super::*;
+    use crate::clock::NEVER;
+    use crate::store::testing::model::{books, check, Num, Tally};
+    use crate::store::testing::*;
+    use crate::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use crate::sync::{scope, yield_now};
+
+    const ITERATIONS: usize = 3_000;
+
+    /// A writer stores `k` under a stamp of tag `t` taken before the invalidation starts, while
+    /// another thread takes and drops stamps of `t` (so the table may forget the tag's cell and
+    /// make a new one) and a third invalidates `t`: once `invalidate_tags` has returned, `k` is
+    /// never read again, whenever its write lands. A write stamped after the invalidation stays.
+    /// At the end, invalidating `t` again leaves nothing behind.
+    fn invalidation(policy: Policy) {
+        let tally = Tally::default();
+        let store: Store<Num> = Store::with_policy(2, policy);
+        let lim = limits(100, None);
+        let stamped = AtomicBool::new(false);
+        let invalidated = AtomicBool::new(false);
+        let wait = |flag: &AtomicBool| {
+            while !flag.load(SeqCst) {
+                yield_now();
+            }
+        };
+        scope(|s| {
+            s.spawn(|| {
+                let stamps = store.tags.stamps(["t"]);
+                stamped.store(true, SeqCst);
+                let put = store.set("k", tally.num(1, 8), NEVER, stamps, &lim, 1);
+                assert!(matches!(put, Put::Stored | Put::Stale), "{put:?}");
+            });
+            s.spawn(|| {
+                drop(store.tags.stamps(["t"]));
+                drop(store.tags.stamps(["t"]));
+            });
+            s.spawn(|| {
+                wait(&stamped);
+                store.invalidate_tags(["t"], 1);
+                invalidated.store(true, SeqCst);
+                let got = store.get("k", 1, |v| v.n);
+                assert_eq!(got, None, "read a value stamped before the invalidation");
+            });
+            s.spawn(|| {
+                wait(&invalidated);
+                let stamps = store.tags.stamps(["t"]);
+                let put = store.set("k2", tally.num(2, 8), NEVER, stamps, &lim, 1);
+                assert_eq!(put, Put::Stored);
+            });
+        });
+        assert_eq!(
+            store.get("k", 1, |v| v.n),
+            None,
+            "the invalidated write came back"
+        );
+        assert_eq!(store.get("k2", 1, |v| v.n), Some(2));
+        assert_eq!(store.bytes(), books(&store));
+        assert_eq!(store.invalidate_tags(["t"], 1), 1);
+        assert_eq!((store.len(), held(&store), tally.alive()), (0, 0, 0));
+        store.tags.sweep();
+        assert_eq!((store.bytes(), store.tags.len()), (0, 0));
+    }
+
+    #[test]
+    fn lru_no_read_after_an_invalidation_sees_a_value_stamped_before_it() {
+        check(ITERATIONS, || invalidation(Policy::Lru));
+    }
+
+    #[test]
+    fn s3_no_read_after_an_invalidation_sees_a_value_stamped_before_it() {
+        check(ITERATIONS, || invalidation(Policy::S3Fifo));
     }
 }

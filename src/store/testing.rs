@@ -46,3 +46,90 @@ pub(super) fn ghost<V: Weigh>(store: &Store<V>) -> u64 {
     let records: usize = store.shards.iter().map(|s| s.read().ghost.records()).sum();
     (records * GHOST_RECORD) as u64
 }
+
+/// What the shuttle models share: a runner, and a value that counts its drops.
+#[cfg(feature = "shuttle")]
+pub(super) mod model {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    use super::*;
+    use crate::sync::Arc;
+
+    /// Runs `model` under `iterations` schedules of shuttle's random scheduler, then as many of
+    /// its PCT scheduler (which favours the few badly placed preemptions that break a protocol).
+    /// Shuttle treats every atomic as `SeqCst`, so its warning about the store's relaxed counters
+    /// is silenced (see `crate::sync`).
+    pub(in crate::store) fn check(iterations: usize, model: impl Fn() + Send + Sync + 'static) {
+        use shuttle::scheduler::{PctScheduler, RandomScheduler};
+        let model = Arc::new(model);
+        let mut config = shuttle::Config::new();
+        config.silence_warnings = true;
+        let m = model.clone();
+        shuttle::Runner::new(RandomScheduler::new(iterations), config.clone()).run(move || m());
+        shuttle::Runner::new(PctScheduler::new(3, iterations), config).run(move || model());
+    }
+
+    /// Values made and dropped, for checking that every value is dropped exactly once.
+    #[derive(Clone, Default)]
+    pub(in crate::store) struct Tally(Arc<(AtomicUsize, AtomicUsize)>);
+
+    impl Tally {
+        /// A value `n` weighing `weight` bytes.
+        pub(in crate::store) fn num(&self, n: u64, weight: usize) -> Num {
+            self.0 .0.fetch_add(1, SeqCst);
+            Num {
+                n,
+                weight,
+                tally: self.clone(),
+            }
+        }
+
+        /// Values made and not yet dropped.
+        pub(in crate::store) fn alive(&self) -> usize {
+            let (made, dropped) = (self.0 .0.load(SeqCst), self.0 .1.load(SeqCst));
+            assert!(dropped <= made, "a value was dropped twice");
+            made - dropped
+        }
+    }
+
+    /// A model's value: a number, weighing a fixed number of bytes.
+    pub(in crate::store) struct Num {
+        pub(in crate::store) n: u64,
+        weight: usize,
+        tally: Tally,
+    }
+
+    impl Drop for Num {
+        fn drop(&mut self) {
+            self.tally.0 .1.fetch_add(1, SeqCst);
+        }
+    }
+
+    impl Weigh for Num {
+        fn weight(&self) -> usize {
+            self.weight
+        }
+    }
+
+    impl Pack for Num {
+        fn from_tag(_: u8) -> &'static Self {
+            unreachable!("Num is never tagged")
+        }
+    }
+
+    /// Bytes the store's books must show: its entries' charges, S3-FIFO's ghost records and the
+    /// tag table. Each shard is read under one hold of its lock: in a store of one shard, this
+    /// is what the store held at one moment.
+    pub(in crate::store) fn books<V: Weigh>(store: &Store<V>) -> u64 {
+        let shards: u64 = store
+            .shards
+            .iter()
+            .map(|s| {
+                let s = s.read();
+                let entries: u64 = s.iter().map(Store::charge).sum();
+                entries + (s.ghost.records() * GHOST_RECORD) as u64
+            })
+            .sum();
+        shards + store.tags.bytes()
+    }
+}

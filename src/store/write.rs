@@ -1,7 +1,7 @@
 //! Writes: `set`/`add` (the "lru" path; S3-FIFO's is `evict.rs`'s `put_s3`), `delete`, `touch`,
 //! `update`, `replace_if`, `set_delta` and `clear`.
 
-use std::sync::atomic::Ordering::Relaxed;
+use crate::sync::atomic::Ordering::Relaxed;
 
 use super::*;
 
@@ -116,7 +116,7 @@ impl<V: Weigh> Store<V> {
                 let r = shard.entry_mut(slot).value_mut().and_then(update);
                 if r.is_some() {
                     let gen = self.next_gen();
-                    self.used(&mut shard, slot);
+                    self.used(&mut shard, slot, hash);
                     shard.entry_mut(slot).set_gen(gen);
                     moved = Some((slot, gen, shard.entry(slot).tags().to_vec()));
                 }
@@ -188,7 +188,7 @@ impl<V: Weigh> Store<V> {
         // unlocking.
         let mut entry = Entry::new(key, value, expires, tags);
         debug_assert_eq!(Self::charge(&entry), weight);
-        if self.policy == Policy::S3Fifo {
+        if self.policy != Policy::Lru {
             return self.put_s3(key, entry, limits, now, only_new, weight, fill);
         }
         let (hash, idx) = self.locate(key);
@@ -310,7 +310,7 @@ impl<V: Weigh> Store<V> {
                     self.bytes.fetch_sub(weight - exact, Relaxed);
                 }
                 shard.bury(old);
-                self.used(&mut shard, slot);
+                self.used(&mut shard, slot, hash);
                 Replace::Done
             }
             Lookup::Live(_) => {
@@ -350,7 +350,8 @@ impl<V: Weigh> Store<V> {
     }
 }
 
-#[cfg(test)]
+// Under `shuttle` the store's primitives work only inside a shuttle run: see the models.
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
     use crate::clock::NEVER;
@@ -420,5 +421,100 @@ mod tests {
         );
         assert_eq!(store.invalidate_tags(["t"], 1), 1);
         assert_eq!(store.bytes(), 0);
+    }
+}
+
+/// Shards under shuttle's scheduler (`crate::sync`): threads writing, deleting, reading and
+/// incrementing a few keys of a store of two shards, under both policies, in thousands of
+/// seeded, replayable interleavings. Run: `cargo test --no-default-features --features shuttle
+/// store::`.
+#[cfg(all(test, feature = "shuttle"))]
+mod shuttle_tests {
+    use super::*;
+    use crate::clock::NEVER;
+    use crate::store::testing::model::{books, check, Num, Tally};
+    use crate::store::testing::*;
+    use crate::sync::scope;
+
+    const ITERATIONS: usize = 3_000;
+
+    /// Adds one to `key` the way `incr` does for a value it cannot change in place: read it with
+    /// its generation, store the sum only if the entry is still that one, else read again.
+    fn incr_by_snapshot(store: &Store<Num>, tally: &Tally, key: &str) {
+        loop {
+            let (n, gen) = store.snapshot(key, 1, |e| e.value().n).expect("present");
+            let lim = limits(100, None);
+            match store.replace_if(key, gen, tally.num(n + 1, 8), &lim, 1) {
+                Replace::Done => return,
+                Replace::Conflict => continue,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// Adds one to `key` in place (`incr` of an integer).
+    fn incr_in_place(store: &Store<Num>, key: &str) {
+        let done = store.update(key, 1, |v| {
+            v.n += 1;
+            Some(())
+        });
+        assert_eq!(done, Ok(Some(())));
+    }
+
+    /// Every read returns a value some write stored under that key; no increment is lost; at
+    /// the end each key holds its last write, the count, the books and the counters agree with
+    /// what was done, and `clear` drops every value exactly once.
+    fn shards(policy: Policy) {
+        let tally = Tally::default();
+        let store: Store<Num> = Store::with_policy(2, policy);
+        let lim = limits(100, None);
+        let set = |key, n| {
+            let put = store.set(key, tally.num(n, 8), NEVER, Vec::new(), &lim, 1);
+            assert_eq!(put, Put::Stored);
+        };
+        set("c", 0);
+        scope(|s| {
+            s.spawn(|| {
+                set("a", 1);
+                set("b", 2);
+                assert!(store.delete("a", 1), "a was stored by this thread");
+                set("a", 3);
+            });
+            s.spawn(|| {
+                let got = store.get("a", 1, |v| v.n);
+                assert!(matches!(got, None | Some(1 | 3)), "a read {got:?}");
+                incr_in_place(&store, "c");
+                set("b", 5);
+                let got = store.get("b", 1, |v| v.n);
+                assert!(matches!(got, Some(2 | 5)), "b read {got:?}");
+                incr_in_place(&store, "c");
+            });
+            s.spawn(|| {
+                incr_by_snapshot(&store, &tally, "c");
+                incr_by_snapshot(&store, &tally, "c");
+            });
+        });
+        let got = ["a", "b", "c"].map(|k| store.get(k, 1, |v| v.n));
+        assert!(
+            matches!(got, [Some(3), Some(2 | 5), Some(4)]),
+            "lost or stale entries: {got:?}"
+        );
+        assert_eq!((store.len(), held(&store)), (3, 3));
+        assert_eq!(store.bytes(), books(&store));
+        let s = store.stats.snapshot();
+        assert_eq!((s.sets, s.deletes, s.hits + s.misses), (5, 1, 2 + 3));
+        assert_eq!(tally.alive(), 3, "only the stored values are left");
+        store.clear();
+        assert_eq!((store.len(), store.bytes(), tally.alive()), (0, 0, 0));
+    }
+
+    #[test]
+    fn lru_shards_lose_no_write_and_no_increment() {
+        check(ITERATIONS, || shards(Policy::Lru));
+    }
+
+    #[test]
+    fn s3_shards_lose_no_write_and_no_increment() {
+        check(ITERATIONS, || shards(Policy::S3Fifo));
     }
 }

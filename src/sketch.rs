@@ -1,0 +1,320 @@
+//! TinyLFU's frequency sketch (Einziger, Friedman and Manes, "TinyLFU: A Highly Efficient Cache
+//! Admission Policy", ACM TOS 2017), laid out as Caffeine lays it out: a count-min sketch of
+//! 4-bit counters, 16 to a 64-bit word, the four counters of a key in one 64-byte block (one
+//! cache line); in front of it a doorkeeper (a Bloom filter) that takes a key's first request,
+//! so that keys seen once never reach the counters; and aging: after `HISTORY` times as many
+//! recorded requests as the sketch is sized for, every counter is halved and the doorkeeper is
+//! emptied, so that what was popular long ago fades.
+//!
+//! Recording a request needs only `&self`: each word is an atomic, read and written with relaxed
+//! loads and stores (no read-modify-write, no lock). Two racing recordings may count as one, and
+//! a recording racing with another key's in the same word may undo it: the sketch is an estimate
+//! anyway, and a hit must stay cheap. Aging and resizing need `&mut self` (the shard's write
+//! lock).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+/// Recorded requests, as a multiple of the sketch's size, after which every count is halved.
+/// Caffeine uses 10; at a small capacity and mildly skewed traffic (Zipf 0.8 over 100,000 keys,
+/// 1,000 entries) the keys at the boundary of what deserves a place are requested less than once
+/// in 10 capacities' worth of requests, and their counts drown in the sketch's noise: 40 keeps
+/// the hit ratio within 2 points of a perfect LFU there (see `benchmarks/hitratio_optimum.py`).
+pub const HISTORY: usize = 40;
+
+/// Bits of doorkeeper per counter word (32 per key the sketch is sized for).
+const DOOR_BITS_PER_WORD: usize = 32;
+
+/// The largest count a counter holds.
+const MAX_COUNT: u64 = 15;
+
+/// A frequency sketch sized for `capacity()` keys.
+pub struct Sketch {
+    /// 16 four-bit counters a word; blocks of 8 words.
+    words: Box<[AtomicU64]>,
+    /// The doorkeeper's bits.
+    door: Box<[AtomicU64]>,
+    /// Requests recorded since the last aging (lossy under concurrent hits, like the counters).
+    added: AtomicUsize,
+}
+
+impl Default for Sketch {
+    fn default() -> Self {
+        Sketch::with_capacity(0)
+    }
+}
+
+/// Spreads a key's hash (the store's `ahash`, whose low bits pick the table bucket and middle bits
+/// the shard) over all 64 bits again (a murmur3 finalizer step).
+#[inline]
+fn spread(h: u64) -> u64 {
+    let h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    let h = (h ^ (h >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+impl Sketch {
+    /// A sketch for `keys` keys (rounded up to a power of two, at least 8 words). An empty
+    /// sketch (`keys == 0`) holds nothing and records nothing until it is resized.
+    pub fn with_capacity(keys: usize) -> Self {
+        let n = if keys == 0 {
+            0
+        } else {
+            keys.next_power_of_two().max(8)
+        };
+        let door = n * DOOR_BITS_PER_WORD / 64;
+        Sketch {
+            words: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            door: (0..door).map(|_| AtomicU64::new(0)).collect(),
+            added: AtomicUsize::new(0),
+        }
+    }
+
+    /// The number of keys the sketch is sized for (0 if it is empty).
+    pub fn capacity(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Bytes the sketch takes.
+    pub fn bytes(&self) -> usize {
+        (self.words.len() + self.door.len()) * 8
+    }
+
+    /// Resizes the sketch for `keys` keys if it is sized for fewer (forgetting every count).
+    pub fn ensure(&mut self, keys: usize) {
+        if keys > self.capacity() {
+            *self = Sketch::with_capacity(keys);
+        }
+    }
+
+    /// The word and the nibble of counter `i` (0 to 3) of a key.
+    #[inline]
+    fn counter(&self, h: u64, i: u32) -> (usize, u32) {
+        let blocks = self.words.len() / 8;
+        let block = ((h >> 32) as usize & (blocks - 1)) * 8;
+        let bits = (h >> (i * 8)) as u32;
+        (
+            block + (bits & 1) as usize + 2 * i as usize,
+            (bits >> 1) & 15,
+        )
+    }
+
+    /// The doorkeeper's two bits of a key.
+    #[inline]
+    fn door_bits(&self, h: u64) -> [usize; 2] {
+        let n = self.door.len() * 64;
+        let g = h.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        [(g >> 32) as usize & (n - 1), (g as u32 as usize) & (n - 1)]
+    }
+
+    #[inline]
+    fn door_has(&self, bits: [usize; 2]) -> bool {
+        bits.iter()
+            .all(|&b| self.door[b / 64].load(Relaxed) & (1 << (b % 64)) != 0)
+    }
+
+    /// Records one request of the key whose hash is `hash`: its first since the last aging goes
+    /// to the doorkeeper, the others to the counters.
+    #[inline]
+    pub fn record(&self, hash: u64) {
+        if self.words.is_empty() {
+            return;
+        }
+        let h = spread(hash);
+        let bits = self.door_bits(h);
+        if self.door_has(bits) {
+            for i in 0..4 {
+                let (w, nibble) = self.counter(h, i);
+                let word = self.words[w].load(Relaxed);
+                if (word >> (nibble * 4)) & MAX_COUNT < MAX_COUNT {
+                    self.words[w].store(word + (1 << (nibble * 4)), Relaxed);
+                }
+            }
+        } else {
+            for b in bits {
+                let word = &self.door[b / 64];
+                word.store(word.load(Relaxed) | (1 << (b % 64)), Relaxed);
+            }
+        }
+        self.added
+            .store(self.added.load(Relaxed).saturating_add(1), Relaxed);
+    }
+
+    /// Records one request of a key that is in the cache (a hit): its counters only. The
+    /// doorkeeper took the key's first request when it was inserted; if aging emptied the
+    /// doorkeeper since, this request counts in the counters where `record` would have set the
+    /// doorkeeper's bits, which gives the same estimate. Skipping the doorkeeper saves a hit a
+    /// cache line.
+    #[inline]
+    pub fn record_hit(&self, hash: u64) {
+        if self.words.is_empty() {
+            return;
+        }
+        let h = spread(hash);
+        for i in 0..4 {
+            let (w, nibble) = self.counter(h, i);
+            let word = self.words[w].load(Relaxed);
+            if (word >> (nibble * 4)) & MAX_COUNT < MAX_COUNT {
+                self.words[w].store(word + (1 << (nibble * 4)), Relaxed);
+            }
+        }
+        self.added
+            .store(self.added.load(Relaxed).saturating_add(1), Relaxed);
+    }
+
+    /// The estimated requests of a key since the last aging (halved at each aging): the least of
+    /// its four counters, plus one if the doorkeeper has seen it.
+    #[inline]
+    pub fn frequency(&self, hash: u64) -> u8 {
+        if self.words.is_empty() {
+            return 0;
+        }
+        let h = spread(hash);
+        let least = (0..4)
+            .map(|i| {
+                let (w, nibble) = self.counter(h, i);
+                (self.words[w].load(Relaxed) >> (nibble * 4)) & MAX_COUNT
+            })
+            .min()
+            .unwrap_or(0) as u8;
+        least + u8::from(self.door_has(self.door_bits(h)))
+    }
+
+    /// Ages the counts if enough requests were recorded since the last aging; true if it did.
+    pub fn age_if_due(&mut self) -> bool {
+        if self.words.is_empty() || *self.added.get_mut() < HISTORY * self.capacity() {
+            return false;
+        }
+        self.age();
+        true
+    }
+
+    /// Halves every counter and empties the doorkeeper.
+    pub fn age(&mut self) {
+        for w in self.words.iter_mut() {
+            *w.get_mut() = (*w.get_mut() >> 1) & 0x7777_7777_7777_7777;
+        }
+        for d in self.door.iter_mut() {
+            *d.get_mut() = 0;
+        }
+        *self.added.get_mut() /= 2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u64) -> u64 {
+        ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(i)
+    }
+
+    #[test]
+    fn the_doorkeeper_takes_the_first_request_and_the_counters_the_others() {
+        let s = Sketch::with_capacity(1_000);
+        assert_eq!(s.frequency(key(1)), 0);
+        s.record(key(1));
+        assert_eq!(s.frequency(key(1)), 1, "the doorkeeper has seen it");
+        let counted: u64 = s.words.iter().map(|w| w.load(Relaxed)).sum();
+        assert_eq!(counted, 0, "a first request reaches no counter");
+        for n in 2..=10 {
+            s.record(key(1));
+            assert_eq!(s.frequency(key(1)), n);
+        }
+        // Counters saturate: 15 counted, plus the doorkeeper's one.
+        for _ in 0..100 {
+            s.record(key(1));
+        }
+        assert_eq!(s.frequency(key(1)), 16);
+    }
+
+    #[test]
+    fn keys_seen_once_leave_the_counters_of_others_exact() {
+        let s = Sketch::with_capacity(1_024);
+        for _ in 0..5 {
+            s.record(key(7));
+        }
+        // A thousand one-time keys: the doorkeeper takes them all.
+        for i in 1_000..2_000 {
+            s.record(key(i));
+        }
+        assert_eq!(s.frequency(key(7)), 5);
+        let once = (1_000..2_000).filter(|&i| s.frequency(key(i)) > 1).count();
+        assert!(once < 20, "{once} one-time keys counted more than once");
+    }
+
+    #[test]
+    fn aging_halves_the_counts_and_empties_the_doorkeeper_when_due() {
+        let mut s = Sketch::with_capacity(64);
+        for _ in 0..9 {
+            s.record(key(3));
+        }
+        assert_eq!(s.frequency(key(3)), 9);
+        assert!(!s.age_if_due(), "not due yet");
+        let due = HISTORY * s.capacity();
+        for i in 0..due as u64 {
+            s.record(key(100 + i % 7));
+        }
+        assert!(s.age_if_due());
+        // 8 counted, halved to 4; the doorkeeper forgot it.
+        assert_eq!(s.frequency(key(3)), 4);
+        assert!(
+            !s.age_if_due(),
+            "the count of recorded requests was halved too"
+        );
+        s.record(key(3));
+        assert_eq!(
+            s.frequency(key(3)),
+            5,
+            "the doorkeeper took the request after aging"
+        );
+    }
+
+    #[test]
+    fn a_hit_counts_like_any_request_of_a_key_already_seen() {
+        let mut s = Sketch::with_capacity(256);
+        s.record(key(5));
+        for n in 2..=6 {
+            s.record_hit(key(5));
+            assert_eq!(s.frequency(key(5)), n);
+        }
+        // After aging the doorkeeper is empty: a hit still counts one.
+        s.age();
+        assert_eq!(s.frequency(key(5)), 2);
+        s.record_hit(key(5));
+        assert_eq!(s.frequency(key(5)), 3);
+    }
+
+    #[test]
+    fn estimates_never_undercount_in_one_thread_and_rarely_overcount() {
+        let s = Sketch::with_capacity(512);
+        let counts: Vec<u64> = (0..512).map(|i| i % 12).collect();
+        for (i, &c) in counts.iter().enumerate() {
+            for _ in 0..c {
+                s.record(key(i as u64));
+            }
+        }
+        let mut over = 0;
+        for (i, &c) in counts.iter().enumerate() {
+            let f = u64::from(s.frequency(key(i as u64)));
+            assert!(f >= c, "key {i}: {f} < {c}");
+            over += usize::from(f > c);
+        }
+        assert!(over < 512 / 10, "{over} of 512 keys overcounted");
+    }
+
+    #[test]
+    fn an_empty_sketch_records_nothing_and_resizing_forgets() {
+        let mut s = Sketch::default();
+        s.record(key(1));
+        assert_eq!((s.frequency(key(1)), s.capacity(), s.bytes()), (0, 0, 0));
+        s.ensure(100);
+        assert_eq!(s.capacity(), 128);
+        assert_eq!(s.bytes(), 128 * 8 + 128 * 4);
+        s.record(key(1));
+        s.record(key(1));
+        s.ensure(100);
+        assert_eq!(s.frequency(key(1)), 2, "big enough already: kept");
+        s.ensure(200);
+        assert_eq!((s.capacity(), s.frequency(key(1))), (256, 0));
+    }
+}
