@@ -2,6 +2,7 @@
 //! feature, its PyO3 bindings as the module `django_rustcache._core`.
 
 pub mod clock;
+pub mod compress;
 pub mod early;
 pub mod entry;
 pub mod flight;

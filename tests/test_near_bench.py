@@ -83,3 +83,46 @@ def test_the_e2e_section_reports_the_paired_ratio_and_is_replaced_in_place(
     bench = _load("peers_bench", BENCHMARKS / "peers" / "bench.py", monkeypatch)
     rewritten = bench.keep_hitratio_section(results, "# Peers\n\nnew tables\n")
     assert rewritten.rstrip("\n").endswith(e2e.SECTION_END) and "9.99x" in rewritten
+
+
+def test_the_compress_sections_are_replaced_in_place_and_survive_a_peers_rewrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _load("compress_bench", BENCHMARKS / "compress.py", monkeypatch)
+    titles = {"near": "NearCache", "near_zstd": "NearCache zstd"}
+    res = {
+        name: {
+            "bytes": {"near": 1000, "near_zstd": 250},
+            "miss": {"near": 40_000.0, "near_zstd": 42_000.0},
+            "set": {"near": 50_000.0, "near_zstd": 70_000.0},
+            "pickle": 990,
+            "loads": 1000.0,
+            "fill": 500.0,
+        }
+        for name in ("page", "dict")
+    }
+    args = bench.argparse.Namespace(quick=True)
+    text = "\n".join(bench.report(res, titles, args, 5, (1.0,) * 3, 3.0, "versions")) + "\n"
+    assert "| NearCache zstd | 250 | 25% | 42.0 µs | 70.0 µs |" in text
+    assert "    python benchmarks/compress.py --quick\n" in text
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Peers\n\nold tables\n")
+    bench.write_results(text, results)
+    bench.write_results(text.replace("42.0 µs", "43.0 µs"), results)
+    out = results.read_text()
+    assert out.count(bench.SECTION_BEGIN) == 1 and "43.0 µs" in out and "42.0 µs" not in out
+    peers = _load("peers_bench", BENCHMARKS / "peers" / "bench.py", monkeypatch)
+    rewritten = peers.keep_hitratio_section(results, "# Peers\n\nnew tables\n")
+    assert rewritten.rstrip("\n").endswith(bench.SECTION_END) and "43.0 µs" in rewritten
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{bench.README_BEGIN}\n{bench.README_END}\nrest\n")
+    table = "\n".join(bench.readme_table(res, titles)) + "\n"
+    bench.write_results(table, readme, bench.README_BEGIN, bench.README_END)
+    bench.write_results(table, readme, bench.README_BEGIN, bench.README_END)
+    out = readme.read_text()
+    assert out.startswith("intro\n") and out.endswith("\nrest\n")
+    assert out.count("| NearCache zstd | 250 | 42.0 µs | 250 | 42.0 µs |") == 1
+    # The payloads are what the README says they are.
+    assert 19_000 <= len(bench.html_page()) <= 20_000
+    assert 100_000 <= len(bench.pickle.dumps(bench.json_dict(), 5)) <= 101_000

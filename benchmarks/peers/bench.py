@@ -712,9 +712,10 @@ def machine_info() -> list[str]:
 def keep_hitratio_section(out: Path, report: str) -> str:
     """``report`` with the sections that other scripts wrote into ``out`` (between their markers)
     carried over, so that rewriting the file does not lose them: benchmarks/hitratio_optimum.py's
-    hit ratios, benchmarks/near.py's NearCache figures and benchmarks/e2e.py's end-to-end ones."""
+    hit ratios, benchmarks/near.py's NearCache figures, benchmarks/e2e.py's end-to-end ones and
+    benchmarks/compress.py's compression figures."""
     old = out.read_text() if out.exists() else ""
-    for owner in ("hitratio_optimum", "near_bench", "e2e_bench"):
+    for owner in ("hitratio_optimum", "near_bench", "e2e_bench", "compress_bench"):
         begin, end = f"<!-- {owner}:begin -->", f"<!-- {owner}:end -->"
         if begin not in old or end not in old or begin in report:
             continue

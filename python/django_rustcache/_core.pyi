@@ -10,6 +10,8 @@ __all__ = [
     "FastMethod",
     "Near",
     "near",
+    "compress",
+    "decompress",
     "fork_generation",
     "__version__",
 ]
@@ -18,6 +20,12 @@ __version__: str
 
 def fork_generation() -> int:
     """How many fork()s separate this process from the one that loaded the module."""
+
+def compress(data: bytes, codec: str) -> bytes:
+    """``data`` compressed with ``codec`` ("zstd" or "lz4") as a frame naming its codec."""
+
+def decompress(frame: bytes, max_size: int) -> bytes:
+    """A frame's content; ValueError if malformed or above ``max_size`` bytes (bounded)."""
 
 @final
 class TagSnapshot:

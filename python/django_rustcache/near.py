@@ -4,7 +4,8 @@ Reads answer from L1 while the invalidation listener's lease is fresh, else from
 round trip, filling L1 behind a placeholder so a racing invalidation wins). Writes go to Redis
 first, then update this process's L1. Everything atomic (``add``, ``incr``, ``touch``, the results
 of ``delete``/``has_key``) is decided by Redis. Values use Django's ``RedisCache`` format (ints
-raw, the rest pickled); by default pickles are signed with a key derived from ``SECRET_KEY``.
+raw, the rest pickled); by default pickles are signed with a key derived from ``SECRET_KEY``, and
+with ``COMPRESS`` those above ``COMPRESS_MIN_SIZE`` are compressed (then signed).
 
 Every use of the Rust listener (``_core.near``) and of the placeholder fill (``Handle.fill``)
 sits in ``_start_listener`` and the three ``_l1_*`` methods: without them (an older native
@@ -26,6 +27,7 @@ import pickle
 import re
 import secrets
 import select
+import sys
 import threading
 import time
 import weakref
@@ -64,6 +66,9 @@ NEAR_OPTION_DEFAULTS: dict[str, Any] = {
     "IGNORE_EXCEPTIONS": False,
     "STALE_IF_ERROR": None,
     "STAMPEDE_WAIT": 10.0,
+    "COMPRESS": False,
+    "COMPRESS_MIN_SIZE": 1024,
+    "COMPRESS_MAX_SIZE": 64 * 2**20,
 }
 INVALIDATION_MODES = {"tracking": "bcast", "pubsub": "pubsub"}
 #: redis-py options NearCache sets when neither OPTIONS nor LOCATION's query gives them.
@@ -85,6 +90,14 @@ _TLS_OPTIONS = {
 SIGNED_MAGIC = b"\x00rcs1"
 _MAC_LEN = 32
 _SIGNING_SALT = b"django_rustcache.NearCache.signing"
+#: Compressed pickles (``_core.compress``'s frames, src/compress.rs): this marker, then a zstd
+#: frame, or the size (u32 LE) and an LZ4 block. Signed, the frame is what the HMAC covers
+#: (``SIGNED_MAGIC`` + MAC + frame), so nothing unverified is ever decompressed.
+ZSTD_MAGIC = b"\x00rcz1"
+LZ4_MAGIC = b"\x00rcl1"
+_COMPRESSED = (ZSTD_MAGIC, LZ4_MAGIC)
+#: ``OPTIONS["COMPRESS"]`` values and the codec each means (True: zstd, see the README).
+_CODECS: dict[Any, str] = {True: "zstd", "zstd": "zstd", "lz4": "lz4"}
 
 # Lua, so that each operation is one round trip and atomic. A GET reply of nil is `false` in
 # Lua and comes back as nil inside the array.
@@ -341,6 +354,43 @@ def _bool(where: str, name: str, value: Any) -> bool:
     return value
 
 
+def _size(where: str, name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS[{name!r}] must be a whole number of bytes >= {minimum}, "
+            f"not {value!r}."
+        )
+    return value
+
+
+def _compress_options(where: str, o: dict[str, Any]) -> tuple[str | None, int, int]:
+    """``COMPRESS`` (the codec or None), ``COMPRESS_MIN_SIZE`` and ``COMPRESS_MAX_SIZE``."""
+    setting = o["COMPRESS"]
+    if setting is False or setting is None:
+        codec = None
+    elif isinstance(setting, (bool, str)) and setting in _CODECS:
+        codec = _CODECS[setting]
+    else:
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['COMPRESS'] must be False, True (zstd), 'zstd' or 'lz4', "
+            f"not {setting!r}."
+        )
+    if codec is not None and not hasattr(_core, "compress"):  # pragma: no cover - old build
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['COMPRESS'] needs a native module with compression; "
+            "rebuild django-rustcache."
+        )
+    min_size = _size(where, "COMPRESS_MIN_SIZE", o["COMPRESS_MIN_SIZE"], 0)
+    # Anything past a machine word means "no bound" (Redis holds at most 512 MB a value anyway).
+    max_size = min(_size(where, "COMPRESS_MAX_SIZE", o["COMPRESS_MAX_SIZE"], 1), sys.maxsize)
+    if codec is not None and min_size > max_size:
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['COMPRESS_MIN_SIZE'] ({min_size}) is above "
+            f"OPTIONS['COMPRESS_MAX_SIZE'] ({max_size}): nothing would be compressed."
+        )
+    return codec, min_size, max_size
+
+
 @dataclass(frozen=True)
 class NearOptions:
     """The validated settings of a NearCache alias."""
@@ -353,6 +403,12 @@ class NearOptions:
     l1_max_ttl: float
     invalidation: str
     signed: bool
+    #: The codec pickles of ``compress_min_size`` bytes up to ``compress_max_size`` are
+    #: compressed with ("zstd", "lz4"; None: off). Reads decode by marker, whatever this says.
+    compress: str | None
+    compress_min_size: int
+    #: The most bytes a compressed value may inflate to on a read (larger: a logged miss).
+    compress_max_size: int
     ignore_exceptions: bool
     stale_if_error: float | None
     redis_options: dict[str, Any]
@@ -468,6 +524,7 @@ class NearOptions:
         stale = o["STALE_IF_ERROR"]
         if stale is not None:
             stale = _number(where, "STALE_IF_ERROR", stale, zero_ok=True) or None
+        compress, min_size, max_size = _compress_options(where, o)
         return cls(
             location=location,
             url=url,
@@ -477,6 +534,9 @@ class NearOptions:
             l1_max_ttl=_number(where, "L1_MAX_TTL", o["L1_MAX_TTL"]),
             invalidation=mode,
             signed=_bool(where, "SIGNED", o["SIGNED"]),
+            compress=compress,
+            compress_min_size=min_size,
+            compress_max_size=max_size,
             ignore_exceptions=_bool(where, "IGNORE_EXCEPTIONS", o["IGNORE_EXCEPTIONS"]),
             stale_if_error=stale,
             redis_options=theirs,
@@ -734,14 +794,18 @@ class _Counters:
         self.misses = 0
         self.errors = 0
         self.bad_signatures = 0
+        self.bad_frames = 0
         self.last_fresh = float("-inf")
 
-    def add(self, l2_hits: int = 0, misses: int = 0, errors: int = 0, bad: int = 0) -> None:
+    def add(
+        self, l2_hits: int = 0, misses: int = 0, errors: int = 0, bad: int = 0, frames: int = 0
+    ) -> None:
         with self.lock:
             self.l2_hits += l2_hits
             self.misses += misses
             self.errors += errors
             self.bad_signatures += bad
+            self.bad_frames += frames
 
     def l2_hit(self) -> None:
         """``add(l2_hits=1)``, for the miss path (no keyword arguments to parse)."""
@@ -1077,7 +1141,8 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         return self._keys
 
     def _encode(self, made: str, value: Any) -> int | bytes:
-        """Django RedisSerializer's format (ints raw), the pickle signed if SIGNED."""
+        """Django RedisSerializer's format (ints raw), the pickle compressed if COMPRESS and
+        large enough, then signed if SIGNED."""
         return self._encode_pickled(made, value)[0]
 
     def _encode_pickled(self, made: str, value: Any) -> tuple[int | bytes, bytes | None]:
@@ -1086,10 +1151,20 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         if type(value) is int:
             return value, None
         data = pickle.dumps(value, self.pickle_protocol)
-        if not self._options.signed:
-            return data, data
-        mac = self._signing_keys()[0].mac(made.encode() + b"\0" + data)
-        return SIGNED_MAGIC + mac + data, data
+        o = self._options
+        body = data
+        if o.compress is not None and o.compress_min_size <= len(data) <= o.compress_max_size:
+            try:
+                frame = _core.compress(data, o.compress)
+            except ValueError:  # past what one frame holds (LZ4: 4 GiB): stored as it is
+                frame = data
+            if len(frame) < len(data):  # incompressible data (a JPEG, random bytes) stays as is
+                body = frame
+        if not o.signed:
+            return body, data
+        # The MAC covers what is stored: a reader verifies it before decompressing anything.
+        mac = self._signing_keys()[0].mac(made.encode() + b"\0" + body)
+        return SIGNED_MAGIC + mac + body, data
 
     def _encode_tagged(self, inner: int | bytes, versions: tuple[tuple[str, str], ...]) -> bytes:
         """A tagged entry: the versions it was built against in front of the untagged format."""
@@ -1121,10 +1196,19 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             msg = made.encode() + b"\0" + data
             for key in self._signing_keys():
                 if hmac.compare_digest(key.mac(msg), mac):
+                    if data.startswith(_COMPRESSED):  # now verified: safe to decompress
+                        data = self._inflate(made, data)
+                        if data is None:
+                            return _MISS, None
                     return pickle.loads(data), data
             return self._unsigned(
                 made, "its signature does not verify with SECRET_KEY or SECRET_KEY_FALLBACKS"
             )
+        if raw.startswith(_COMPRESSED):
+            if self._options.signed:  # never decompressed: nothing vouches for it
+                return self._unsigned(made, "it is not signed (SIGNED=True)")
+            data = self._inflate(made, raw)
+            return (_MISS, None) if data is None else (pickle.loads(data), data)
         if raw.startswith(TAGGED_MAGIC):
             start = len(TAGGED_MAGIC) + 8
             try:
@@ -1141,6 +1225,18 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         if self._options.signed:
             return self._unsigned(made, "it is not signed (SIGNED=True)")
         return pickle.loads(raw), raw
+
+    def _inflate(self, made: str, frame: bytes) -> bytes | None:
+        """The pickle inside a compressed frame; None (counted, logged: a miss) for a malformed
+        frame or one that declares or inflates to more than COMPRESS_MAX_SIZE bytes."""
+        try:
+            return _core.decompress(frame, self._options.compress_max_size)
+        except ValueError as e:
+            self._counters.add(frames=1)
+            logger.warning(
+                "NearCache %r: treating key %r as a miss: %s", self._options.location, made, e
+            )
+            return None
 
     def _unsigned(self, made: str, reason: str) -> tuple[Any, None]:
         """A value that must not be unpickled: counted, logged, a miss."""
@@ -1846,6 +1942,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             "misses": c.misses,
             "errors_ignored": c.errors,
             "bad_signatures": c.bad_signatures,
+            "bad_frames": c.bad_frames,
             "l1": l1,
             "listener": dict(self._near.stats()),
         }

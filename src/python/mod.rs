@@ -1,6 +1,7 @@
 //! The PyO3 surface: `django_rustcache._core`. The Django-facing logic lives in Python; this is the
 //! store behind it, plus key building and value encoding done without Python loops.
 
+mod compress;
 mod fast;
 mod fill;
 mod handle;
@@ -19,6 +20,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<fast::FastMethod>()?;
     m.add_class::<near::Near>()?;
     m.add_function(wrap_pyfunction!(near::near, m)?)?;
+    m.add_function(wrap_pyfunction!(compress::compress, m)?)?;
+    m.add_function(wrap_pyfunction!(compress::decompress, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(fork_generation, m)?)?;
     value::instance::init(m.py());
