@@ -15,7 +15,6 @@ certificates made with the ``openssl`` CLI; Debian's redis-server is built with 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib.util
 import os
 import shutil
@@ -221,7 +220,7 @@ class Server:
                 cmd += ["--unixsocket", str(self.unix_path), "--unixsocketperm", "700"]
             cmd += self.args
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, cwd=self.dir, preexec_fn=_die_with_parent
+                _die_with_parent(cmd), stdin=subprocess.DEVNULL, cwd=self.dir
             )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -271,19 +270,18 @@ class Server:
 
 _RUNNING: set[Server] = set()
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the forked child before exec: SIGKILL this server when the test process dies.
+def _die_with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` run so that the server gets SIGKILL when the test process dies.
 
     ``atexit`` does not run when the test process is killed (a CI timeout, ``kill -9`` of a
-    hung pytest); without this its servers would outlive it and hold their ports. Linux only
-    (the kernel sends the signal when the thread that started the server exits: servers are
-    started from the main thread).
+    hung pytest); without this its servers would outlive it and hold their ports. util-linux's
+    ``setpriv --pdeathsig`` sets it and execs the server (same PID). Not a ``preexec_fn``: that
+    makes ``subprocess`` fork (rather than spawn) a process full of listener threads and run
+    Python in the child. Linux only (the signal comes when the thread that started the server
+    exits: servers are started from the main thread); without ``setpriv``, as before.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--", *cmd] if setpriv else cmd
 
 
 def start(
