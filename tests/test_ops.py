@@ -373,6 +373,23 @@ def test_stats_json_per_alias(aliases, raw, prefix):
     assert data["locmem"]["stats"] is None
 
 
+def test_stats_counts_the_listeners_in_pubsub_mode(settings, near_server, raw, prefix):
+    settings.CACHES = {
+        **settings.CACHES,
+        "near": {
+            "BACKEND": "django_rustcache.NearCache",
+            "LOCATION": near_server.url,
+            "KEY_PREFIX": prefix,
+            "OPTIONS": {"INVALIDATION": "pubsub"},
+        },
+    }
+    data = json.loads(run("stats", "--json", "--probe", "--alias", "near"))["near"]
+    assert data["health"]["lease_ok"] and data["health"]["invalidation"] == "pubsub"
+    assert data["redis"]["channel_subscribers"] == 1  # this command's own listener
+    assert isinstance(data["probe"]["lag_ms"], float)  # the PUBLISH came back to it
+    assert "subscribers of the channel 1" in run("stats", "--alias", "near")
+
+
 def test_stats_text(aliases, raw, prefix):
     out = run("stats", "--probe", "--alias", "near", "--alias", "locmem")
     assert f"near: NearCache {caches['near']._options.location} KEY_PREFIX {prefix!r}" in out

@@ -304,7 +304,12 @@ class Command(BaseCommand):
                 invalidate_model(model, cache=alias)
             finally:
                 tags_invalidated.disconnect(record)
-            by_id = {id(caches[a]): a for a in settings.CACHES}
+            by_id = {}
+            for a in settings.CACHES:
+                try:
+                    by_id[id(caches[a])] = a
+                except Exception:  # an alias that cannot be built was not reached either
+                    continue
             self.stdout.write(
                 f"invalidated model {model._meta.label}: its tag and its invalidate_on rules' "
                 "fixed tags and keys"
