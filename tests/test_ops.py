@@ -1,6 +1,8 @@
 """Issue 11 items 5 and 6: ``cache.lock``/``alock`` (django-redis's), ``check()`` for health-check
 apps, and ``manage.py rustcache`` (stats, health, invalidate, clear), against the real servers
-that tests/servers.py starts. Another process is a real one: a child Python driven over stdin.
+that tests/servers.py starts (the session's ``near_server``: no server is started here, since a
+``preexec_fn`` in a process full of listener threads can deadlock). Another process is a real
+one: a child Python driven over stdin (``subprocess`` without ``preexec_fn``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from redis.exceptions import LockError, LockNotOwnedError
 
 from django_rustcache import NearCache, RustCache
 from django_rustcache.invalidation import model_tag
-from tests import servers
 
 _prefixes = itertools.count()
 
@@ -46,8 +47,11 @@ def prefix():
 
 @pytest.fixture
 def cache(near_server, raw, prefix):
-    """A NearCache on the test server, with the Rust listener."""
-    return NearCache(near_server.url, {"KEY_PREFIX": prefix})
+    """A NearCache on the test server, with the Rust listener (stopped afterwards: each test's
+    KEY_PREFIX has a listener thread of its own)."""
+    cache = NearCache(near_server.url, {"KEY_PREFIX": prefix})
+    yield cache
+    cache._near.close()
 
 
 @pytest.fixture
@@ -63,8 +67,10 @@ def aliases(settings, near_server, raw, prefix):
         },
         "locmem": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
     }
-    assert isinstance(caches["near"], NearCache)
-    return settings.CACHES
+    near = caches["near"]
+    assert isinstance(near, NearCache)
+    yield settings.CACHES
+    near._near.close()
 
 
 def eventually(condition, within=10.0):
@@ -311,18 +317,15 @@ def test_check_of_a_closed_port_is_not_ok_and_does_not_raise(raw):
 
 
 def test_check_of_a_stalled_server_times_out(raw):
-    """A server that accepts but never answers (SIGSTOP): check() returns, not ok."""
-    server = servers.start("redis")
-    try:
-        cache = NearCache(server.url, {"KEY_PREFIX": "stalled"})
-        assert cache.check()["ok"]
-        server.pause()
+    """A server that accepts connections and never answers: check() returns, not ok."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)  # the kernel completes connections; nobody reads or replies
+        cache = NearCache(f"redis://127.0.0.1:{s.getsockname()[1]}/0", {})
         result = cache.check(timeout=0.3)
-        assert result["ok"] is False
-        assert result["error"].startswith("TimeoutError")
         cache._near.close()
-    finally:
-        server.cleanup()
+    assert result["ok"] is False and result["lease_ok"] is False
+    assert result["error"].startswith("TimeoutError")
 
 
 def test_check_masks_the_password(near_server, raw):
@@ -420,6 +423,7 @@ def test_stats_and_health_of_an_unreachable_alias_fail_the_command(settings, raw
         assert "default: RustCache" in out.getvalue()  # the other aliases are still reported
         with pytest.raises(CommandError, match="down"):
             call_command("rustcache", "health", "--alias", "down", stdout=StringIO())
+        caches["down"]._near.close()
 
 
 def test_health(aliases):
@@ -491,6 +495,28 @@ def test_invalidate_a_rustcache_alias_says_it_reaches_only_this_process(aliases)
     assert "usually pointless" in out and default.get("j") is None
     with pytest.raises(CommandError, match="has no tags"):
         run("invalidate", "--tags", "t", "--alias", "locmem")
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_invalidate_with_redis_down_is_a_command_error(settings, raw, ignore):
+    """A failure is reported as such, also when IGNORE_EXCEPTIONS would hide it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        settings.CACHES = {
+            **settings.CACHES,
+            "down": {
+                "BACKEND": "django_rustcache.NearCache",
+                "LOCATION": f"redis://127.0.0.1:{s.getsockname()[1]}/0",
+                "OPTIONS": {"IGNORE_EXCEPTIONS": ignore},
+            },
+        }
+        message = "IGNORE_EXCEPTIONS hid the error" if ignore else "Redis error: ConnectionError"
+        with pytest.raises(CommandError, match=message):
+            run("invalidate", "--tags", "t", "--alias", "down")
+        if not ignore:
+            with pytest.raises(CommandError, match="clear failed: Redis error"):
+                run("clear", "--alias", "down", "--noinput")
+        caches["down"]._near.close()
 
 
 def test_clear_a_near_alias_flushes_the_db(aliases, raw, monkeypatch):

@@ -38,6 +38,15 @@ LOCAL_ONLY = (
 )
 
 
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    """redis-py's errors (none when redis-py is not installed: no NearCache then)."""
+    try:
+        from redis.exceptions import RedisError
+    except ImportError:  # pragma: no cover - depends on the environment
+        return ()
+    return (RedisError,)
+
+
 def _backend_name(cache: Any) -> str:
     cls = type(cache)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -110,14 +119,19 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
-        if action == "stats":
-            self._stats(options)
-        elif action == "health":
-            self._health(options)
-        elif action == "invalidate":
-            self._invalidate(options)
-        else:
-            self._clear(options)
+        try:
+            if action == "stats":
+                self._stats(options)
+            elif action == "health":
+                self._health(options)
+            elif action == "invalidate":
+                self._invalidate(options)
+            else:
+                self._clear(options)
+        except _redis_errors() as e:
+            # A Redis failure is the operator's answer, not a traceback (stats and health
+            # report unreachable servers themselves: this is invalidate and clear).
+            raise CommandError(f"{action} failed: Redis error: {type(e).__name__}: {e}") from e
 
     # Helpers ----------------------------------------------------------------------------
 
@@ -244,6 +258,8 @@ class Command(BaseCommand):
         probe = d.get("probe")
         if probe is None:
             lag = "not measured (--probe times a write's invalidation)"
+        elif probe.get("error"):
+            lag = f"probe write failed: {probe['error']}"
         elif probe["lag_ms"] is None:
             lag = f"probe: no invalidation came back within {probe['waited_ms']} ms"
         else:
@@ -332,6 +348,11 @@ class Command(BaseCommand):
     def _say_tags(self, alias: str, cache: Any, tags: Any, count: int) -> None:
         names = ", ".join(tags)
         if isinstance(cache, NearCache):
+            if not count and tags:
+                raise CommandError(
+                    f"{alias}: invalidating tags {names} failed: IGNORE_EXCEPTIONS hid the "
+                    "error (see the django_rustcache.near log)"
+                )
             self.stdout.write(
                 f"{alias}: bumped {count} tag version(s) in Redis ({names}): entries carrying "
                 "them are misses in every process"
@@ -393,17 +414,22 @@ def _probe(cache: NearCache, timeout: float) -> dict[str, Any]:
     key = f"rustcache-probe:{socket.gethostname()}:{os.getpid()}"
     before = cache.stats()["listener"].get("invalidation_lags_measured", 0)
     start = time.monotonic()
-    cache.set(key, 1, timeout=max(10, int(timeout) + 1))
     lag = None
     try:
+        cache.set(key, 1, timeout=max(10, int(timeout) + 1))
         while time.monotonic() - start < timeout:
             listener = cache.stats()["listener"]
             if listener.get("invalidation_lags_measured", 0) > before:
                 lag = listener.get("last_invalidation_lag_ms")
                 break
             time.sleep(0.002)
+    except _redis_errors() as e:
+        return {"key": cache.make_key(key), "lag_ms": None, "error": f"{type(e).__name__}: {e}"}
     finally:
-        cache.delete(key)
+        try:
+            cache.delete(key)  # it expires anyway
+        except _redis_errors():
+            pass
     return {
         "key": cache.make_key(key),
         "lag_ms": lag,
