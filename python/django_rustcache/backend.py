@@ -317,3 +317,16 @@ class RustCache(FillMixin, AsyncMixin, BaseCache):
     def stats(self) -> dict[str, Any]:
         """Counters and sizes: hits, misses, sets, deletes, evictions, expirations, entries, ..."""
         return self._h.stats()
+
+    def check(self, timeout: float = 2.0) -> dict[str, Any]:
+        """Health, shaped as ``NearCache.check``'s: always ``ok`` (the store is this process's
+        memory, nothing to reach); ``scope`` says it is this process's alone. ``timeout`` is
+        accepted for the same signature."""
+        return {
+            "ok": True,
+            "backend": "RustCache",
+            "location": self._options.location,
+            "error": None,
+            "scope": "process",
+            "entries": self._h.stats().get("entries"),
+        }

@@ -2124,3 +2124,135 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     async def aclose(self, **kwargs: Any) -> None:
         """Nothing to release (see ``close``)."""
+
+    # Locks and health (django-redis's ``lock``; ``check`` for health-check apps) ------------
+
+    def lock(
+        self,
+        key: Any,
+        version: Any = None,
+        timeout: float | None = None,
+        sleep: float = 0.1,
+        blocking: bool = True,
+        blocking_timeout: float | None = None,
+        client: Any = None,
+        thread_local: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """redis-py's ``Lock`` on the made key of ``key``, as django-redis's ``cache.lock``
+        (same arguments, same order; ``kwargs`` such as ``lock_class`` or
+        ``raise_on_release_error`` go to redis-py's ``Redis.lock``).
+
+        The lock is a key under this alias's prefix (``make_key(key, version)``): taking or
+        releasing it sends an invalidation to every process's listener (there is nothing in L1 to
+        drop), ``keys()`` lists it while held and ``delete_pattern``/``clear`` remove it (freeing
+        it), as with django-redis. Errors are raised whatever IGNORE_EXCEPTIONS says: a lock must
+        never look taken when it is not."""
+        made = self.make_key(key, version=version)
+        return (client or self._client()).lock(
+            made,
+            timeout=timeout,
+            sleep=sleep,
+            blocking=blocking,
+            blocking_timeout=blocking_timeout,
+            thread_local=thread_local,
+            **kwargs,
+        )
+
+    def alock(
+        self,
+        key: Any,
+        version: Any = None,
+        timeout: float | None = None,
+        sleep: float = 0.1,
+        blocking: bool = True,
+        blocking_timeout: float | None = None,
+        thread_local: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """``lock`` on redis.asyncio: ``async with cache.alock("name"):`` (a plain method, called
+        inside the running event loop, whose client it uses; its ``acquire``/``release`` are
+        coroutines)."""
+        made = self.make_key(key, version=version)
+        return self._aclient().lock(
+            made,
+            timeout=timeout,
+            sleep=sleep,
+            blocking=blocking,
+            blocking_timeout=blocking_timeout,
+            thread_local=thread_local,
+            **kwargs,
+        )
+
+    def _ops_client(self, timeout: float) -> Any:
+        """A redis-py client of its own for health and ``manage.py rustcache``: the pool's
+        connection class and options, but connect and every reply bounded by ``timeout`` and no
+        retries, so it never hangs. The caller disconnects its pool."""
+        redis = _redis()
+        if self._generation != _STATE.generation:
+            self._bind()
+        pool = self._conn._pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs.pop("retry_on_timeout", None)
+        kwargs.pop("retry_on_error", None)
+        kwargs.update(
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        )
+        ops_pool = redis.ConnectionPool(
+            connection_class=pool.connection_class, max_connections=1, **kwargs
+        )
+        return redis.Redis(connection_pool=ops_pool)
+
+    def check(self, timeout: float = 2.0) -> dict[str, Any]:
+        """Health, for health-check apps and ``manage.py rustcache``: never raises because Redis
+        is unreachable or slow, and returns within ``4 * timeout`` seconds (connect, two PINGs,
+        the lease wait: each bounded by ``timeout``).
+
+        Opens a connection of its own (the pool's class and options, but connect and reply each
+        bounded by ``timeout`` and no retries), times a PING, then gives the listener up to
+        ``timeout`` to hold a fresh lease (starting it if this process had not yet). Returns
+        ``ok`` (PING answered), ``ping_ms``, ``error`` (why not ok, else None), ``lease_ok``
+        (L1 may serve hits now: without it every read goes to Redis, correct but slower),
+        ``listener_connected``, ``listener_last_error``, ``last_pong_rtt_ms``, ``invalidation``,
+        ``backend``, ``scope`` (``"shared"``: every process) and ``location`` (its password
+        masked)."""
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
+        self._near.ensure_started()
+        ping_ms = error = None
+        try:
+            client = self._ops_client(timeout)
+            try:
+                client.ping()  # connects
+                start = time.perf_counter()
+                client.ping()
+                ping_ms = round((time.perf_counter() - start) * 1000, 3)
+            finally:
+                client.connection_pool.disconnect()
+        except (_redis().exceptions.RedisError, OSError) as e:
+            error = f"{type(e).__name__}: {e}"
+        listener = dict(self._near.stats())
+        if error is None and not listener.get("lease_ok"):
+            self._near.wait_fresh(float(timeout))
+            listener = dict(self._near.stats())
+        return {
+            "ok": error is None,
+            "backend": "NearCache",
+            "location": _masked(self._options.location),
+            "scope": "shared",
+            "ping_ms": ping_ms,
+            "error": error,
+            "lease_ok": bool(listener.get("lease_ok")),
+            "listener_connected": bool(listener.get("connected")),
+            "listener_last_error": listener.get("last_error"),
+            "last_pong_rtt_ms": listener.get("last_pong_rtt_ms"),
+            "invalidation": self._options.invalidation,
+        }
+
+
+def _masked(location: str) -> str:
+    """``location`` with the password of its ``user:password@`` part replaced by ``***``."""
+    location = re.sub(r"^([a-z]+://[^/@:]*:)[^/@]*@", r"\1***@", location, flags=re.IGNORECASE)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", location, flags=re.IGNORECASE)
