@@ -529,6 +529,10 @@ fn real_redis_bcast_invalidates_flushes_and_the_lease_follows_sigstop() {
     let flushes = near.stats().flushes;
     redis.cmd(&["FLUSHDB"]);
     wait_until("the flush", Duration::from_secs(5), || store.is_empty());
+    // The listener counts a flush just after applying it: wait for the count too.
+    wait_until("the flush count", Duration::from_secs(5), || {
+        near.stats().flushes > flushes
+    });
     assert_eq!(near.stats().flushes, flushes + 1);
 
     // SIGSTOP: once kill returns, no PING sent later is answered: dark within LEASE (20 ms
