@@ -254,7 +254,10 @@ def test_taking_locks_leaves_l1_and_the_lease_alone(cache, raw):
     assert cache.check()["lease_ok"]
     cache.set("k", {"v": 1})
     # The listener hears of this process's own write too, which drops the copy the write put in
-    # L1; the next read fills it again.
+    # L1: wait for that (else it may land during the loop below), then a read fills L1 again.
+    made = cache.make_key("k")
+    assert eventually(lambda: cache._near.applied_ns(made) is not None)
+    cache.get("k")
     assert eventually(lambda: l1_hit(cache, "k"))
     for _ in range(20):
         with cache.lock("job", timeout=10):
