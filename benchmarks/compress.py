@@ -31,8 +31,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import servers  # noqa: E402  (tests/servers.py: our own redis-server, stopped by PID)
+from _sections import replace_section  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION_BEGIN, SECTION_END = "<!-- compress_bench:begin -->", "<!-- compress_bench:end -->"
@@ -297,15 +299,7 @@ def write_results(
 ) -> None:
     """Replace (or append) the section between ``begin`` and ``end`` in ``path``, nothing
     else."""
-    old = path.read_text() if path.exists() else ""
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        tail = rest.split(end, 1)[1]
-        new = head + section.rstrip("\n") + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    path.write_text(new)
-    print(f"wrote {path}")
+    replace_section(path, section, begin, end)
 
 
 def versions() -> str:

@@ -63,8 +63,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import servers  # noqa: E402  (tests/servers.py: our own redis-server, stopped by PID)
+from _sections import replace_section  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION_BEGIN, SECTION_END = "<!-- e2e_bench:begin -->", "<!-- e2e_bench:end -->"
@@ -524,15 +526,7 @@ def report(
 
 def write_results(section: str, path: Path = RESULTS) -> None:
     """Replace (or append) the e2e_bench section of ``path``, nothing else."""
-    old = path.read_text() if path.exists() else ""
-    if SECTION_BEGIN in old and SECTION_END in old:
-        head, rest = old.split(SECTION_BEGIN, 1)
-        tail = rest.split(SECTION_END, 1)[1]
-        new = head + section.rstrip("\n") + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    path.write_text(new)
-    print(f"wrote {path}")
+    replace_section(path, section, SECTION_BEGIN, SECTION_END)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import servers  # noqa: E402  (tests/servers.py: our own redis-server, stopped by PID)
+from _sections import replace_section  # noqa: E402
 
 SMALL_DICT = {"id": 42, "name": "apple", "price": 1.2}  # benchmarks/peers/bench.py's small dict
 POOL = 1000  # keys read and overwritten by the hit and set loops
@@ -556,15 +558,7 @@ def report(res, lat, args, repeats, rounds, load, wall, redis_v) -> list[str]:
 def write_results(section: str, path: Path = RESULTS) -> None:
     """Replace (or append) the near_bench section of ``path``, nothing else; benchmarks/peers/
     bench.py carries the section over when it rewrites the file."""
-    old = path.read_text() if path.exists() else ""
-    if SECTION_BEGIN in old and SECTION_END in old:
-        head, rest = old.split(SECTION_BEGIN, 1)
-        tail = rest.split(SECTION_END, 1)[1]
-        new = head + section.rstrip("\n") + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    path.write_text(new)
-    print(f"wrote {path}")
+    replace_section(path, section, SECTION_BEGIN, SECTION_END)
 
 
 if __name__ == "__main__":
