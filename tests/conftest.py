@@ -36,3 +36,14 @@ def near_server(request):
         pytest.fail(f"NearCache tests need a real {request.param} server: {e}", pytrace=False)
     yield server
     server.cleanup()
+
+
+@pytest.fixture
+def raw(near_server):
+    """A plain redis-py client on the test server's db 0, emptied before each test."""
+    import redis
+
+    client = redis.Redis.from_url(near_server.url)
+    client.flushall()
+    yield client
+    client.close()

@@ -32,15 +32,6 @@ def listener(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture
-def raw(near_server):
-    """A plain redis-py client on the test server's db 0, emptied before each test."""
-    client = redis.Redis.from_url(near_server.url)
-    client.flushall()
-    yield client
-    client.close()
-
-
 _made = 0
 
 

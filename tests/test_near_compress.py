@@ -12,7 +12,6 @@ import pickle
 import sys
 
 import pytest
-import redis
 from django.core.exceptions import ImproperlyConfigured
 
 from django_rustcache import NearCache, _core
@@ -27,14 +26,6 @@ RECORDS = {"results": [{"id": i, "name": f"item {i}", "tags": ["a", "b"]} for i 
 SMALL = {"id": 1, "name": "apple"}
 
 _made = 0
-
-
-@pytest.fixture
-def raw(near_server):
-    client = redis.Redis.from_url(near_server.url)
-    client.flushall()
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -21,19 +21,11 @@ from typing import Any
 from unittest import mock
 
 import pytest
-import redis
 from django.core.cache.backends.base import CacheKeyWarning, default_key_func
 
 from django_rustcache import NearCache, _core
 from django_rustcache import near as near_mod
 from django_rustcache._core import FastMethod, Handle
-
-
-@pytest.fixture
-def raw(near_server):
-    client = redis.Redis.from_url(near_server.url)
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -37,14 +37,6 @@ _made = 0
 
 
 @pytest.fixture
-def raw(near_server):
-    client = redis.Redis.from_url(near_server.url)
-    client.flushall()
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def make(near_server, raw, monkeypatch):
     """``make(**params)``: a NearCache whose real L1 is filled and served (a fake lease that
     is always fresh and delivers no invalidation)."""

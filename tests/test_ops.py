@@ -31,15 +31,6 @@ _prefixes = itertools.count()
 
 
 @pytest.fixture
-def raw(near_server):
-    """A plain redis-py client on the test server's db 0, emptied before each test."""
-    client = redis.Redis.from_url(near_server.url)
-    client.flushall()
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def prefix():
     """A KEY_PREFIX of this test's own (so its L1 store is fresh too)."""
     return f"ops{next(_prefixes)}"
