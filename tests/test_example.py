@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,23 @@ def test_site_without_the_worker_demo_has_no_price_endpoint_nor_headers(tmp_path
     assert out["bad"] == [404] * 4 and out["get"] == 404 and out["unknown"] == 404
     assert out["good"][0] == 404 and out["price_after_bad"] == "1.20"
     assert out["after"] == [None, False]
+
+
+def test_site_start_moves_to_another_port_when_its_free_port_was_taken(demo, monkeypatch, tmp_path):
+    """Someone binds the port picked for gunicorn first: gunicorn gives up, the demo retries."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = iter([port])
+        real = demo._free_port
+        monkeypatch.setattr(demo, "_free_port", lambda: next(ports, None) or real())
+        demo.migrate(tmp_path / "db.sqlite3")
+        site = demo.Site.start("RustCache", tmp_path / "db.sqlite3", None, tmp_path, "/")
+        try:
+            assert site.port != port
+            assert demo.get(site.port, "/").status == 200
+        finally:
+            site.stop()
+        assert site.proc.poll() is not None
+        assert "Connection in use" in (tmp_path / "gunicorn-RustCache.log").read_text()

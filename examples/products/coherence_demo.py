@@ -190,8 +190,27 @@ class RedisServer:
 # The site under gunicorn ----------------------------------------------------------------------
 
 
+class PortTaken(Exception):
+    """Another process bound the free port we picked before gunicorn did."""
+
+
 class Site:
     """``gunicorn --preload -w 4`` serving the products site, in a session of its own."""
+
+    @classmethod
+    def start(cls, label: str, db: Path, cache_url: str | None, dir: Path, path: str) -> Site:
+        """A site answering ``path``; another port if someone took ours first."""
+        for _ in range(3):
+            site = cls(label, db, cache_url, dir)
+            try:
+                site.wait_ready(path)
+                return site
+            except PortTaken:
+                site.stop()
+            except BaseException:
+                site.stop()
+                raise
+        raise RuntimeError(f"gunicorn ({label}): three free ports were taken before it bound them")
 
     def __init__(self, label: str, db: Path, cache_url: str | None, dir: Path) -> None:
         self.label = label
@@ -225,6 +244,8 @@ class Site:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if "Connection in use" in self.tail():
+                    raise PortTaken(self.port)
                 raise RuntimeError(f"gunicorn ({self.label}) exited:\n{self.tail()}")
             with contextlib.suppress(OSError, http.client.HTTPException):
                 if get(self.port, path).status == 200:
@@ -340,10 +361,8 @@ def run_backend(label: str, db: Path, cache_url: str | None, tmp: Path) -> tuple
     """Warm-up, the change, the window; one row per worker, and the pid that wrote."""
     pk = _apple_pk(db)
     path = f"/products/{pk}/"
-    site = Site(label, db, cache_url, tmp)
+    site = Site.start(label, db, cache_url, tmp, path)
     try:
-        site.wait_ready(path)
-
         from_memory: set[int] = set()
 
         def warmed(r: Response) -> bool:
