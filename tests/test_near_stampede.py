@@ -408,6 +408,20 @@ def test_a_raising_default_frees_the_lock(make, raw):
     assert _in_thread(lambda: cache.get_or_set("k", lambda: "ok")) == "ok"
 
 
+@pytest.mark.parametrize("use_async", [False, True])
+def test_a_default_asking_for_its_own_key_does_not_wait_for_its_own_lock(make, use_async):
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})  # a wait would last 60 s
+
+    def outer() -> Any:
+        return cache.get_or_set("k", lambda: "inner") + "+outer"
+
+    if use_async:
+        got = _in_thread(lambda: asyncio.run(cache.aget_or_set("k", outer)), within=20)
+    else:
+        got = _in_thread(lambda: cache.get_or_set("k", outer), within=20)
+    assert got == "inner"  # the inner call stored first; the outer add found it
+
+
 def _dead_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextvars
 import hashlib
 import hmac
 import inspect
@@ -293,6 +294,11 @@ class _Pause:
 
 #: What ``_op_stampede`` returns when the caller is to compute without the lock.
 _UNLOCKED = object()
+#: The STAMPEDE_LOCK keys held by this thread or task: a ``default()`` that asks for its own key
+#: again computes it at once, instead of waiting for the lock it holds itself.
+_HELD_LOCKS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "django_rustcache_near_held_locks", default=frozenset()
+)
 #: A STAMPEDE_LOCK waiter's poll of the lock in Redis: first and longest interval (seconds),
 #: and how often it looks, in between, for the release's invalidation at its own listener.
 _LOCK_POLL_FIRST = 0.005
@@ -1982,23 +1988,33 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         another process's value did not come in time (``_op_stampede``). Called by the one
         thread of this process that leads the key's in-process flight (or that gave up waiting
         for it), so the others never talk to Redis about the lock."""
-        if replace or not self._locking(default, timeout):
+        lock = None if replace else self._lock_for(key, default, timeout, version)
+        if lock is None:
             return super()._fill(key, default, timeout, version, tags, replace, fill)
-        made = self.make_and_validate_key(key, version=version)
-        got = self._run_pausing(self._op_stampede(made))
+        got = self._run_pausing(self._op_stampede(lock[0], lock[1]))
         if type(got) is not _Held:
             if got is not _UNLOCKED:
                 return got  # the holder's value
             return super()._fill(key, default, timeout, version, tags, replace, fill)
+        held = _HELD_LOCKS.set(_HELD_LOCKS.get() | {got.lock})
         try:
             return super()._fill(key, default, timeout, version, tags, replace, fill)
         finally:
+            _HELD_LOCKS.reset(held)
             self._run(self._op_unlock(got))
 
-    def _locking(self, default: Any, timeout: Any) -> bool:
-        """Whether a fill takes the lock: on, a callable ``default``, and a timeout that stores
-        something (with 0 there is no value to wait for)."""
-        return bool(self._options.stampede_lock) and callable(default) and self._ms(timeout) != 0
+    def _lock_for(
+        self, key: Any, default: Any, timeout: Any, version: Any
+    ) -> tuple[str, str] | None:
+        """The made key and lock key a fill takes the lock on, or None (no lock): it is on, the
+        ``default`` is callable, the timeout stores something (with 0 there is no value to wait
+        for), and this thread or task does not already hold it (a ``default()`` asking for its
+        own key again)."""
+        if not self._options.stampede_lock or not callable(default) or self._ms(timeout) == 0:
+            return None
+        made = self.make_and_validate_key(key, version=version)
+        lock = self._lock_key(made)
+        return None if lock in _HELD_LOCKS.get() else (made, lock)
 
     def _lock_key(self, made: str) -> str:
         """The lock of ``made``: ``<KEY_PREFIX>:#l:<made key>``, inside the BCAST prefix (every
@@ -2006,7 +2022,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         ``"#l"``, so ``keys()`` never lists it."""
         return f"{self.key_prefix}:#l:{made}"
 
-    def _op_stampede(self, made: str) -> _Op:
+    def _op_stampede(self, made: str, lock: str) -> _Op:
         """Take ``made``'s lock, or wait for its holder's value: ``_Held`` (compute, then
         ``_op_unlock``), the value, or ``_UNLOCKED`` (compute without the lock).
 
@@ -2017,7 +2033,6 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         tries to take the lock itself. The wait is bounded: after twice ``STAMPEDE_LOCK`` in all
         (a dead holder's expiry, then its successor's computation), or a Redis error ignored by
         ``IGNORE_EXCEPTIONS``, the caller computes without the lock."""
-        lock = self._lock_key(made)
         token = secrets.token_hex(16)
         seconds = self._options.stampede_lock
         ms = max(1, round(seconds * 1000))
@@ -2338,19 +2353,22 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     ) -> Any:
         # `fill` holds the key's single-flight in this process; Redis's SET NX decides who stores.
         # With STAMPEDE_LOCK, the lock across processes too (as in `_fill`).
-        held = None
-        if self._locking(default, timeout):
-            made = self.make_and_validate_key(key, version=version)
-            got = await self._arun_pausing(self._op_stampede(made))
-            if type(got) is _Held:
-                held = got
-            elif got is not _UNLOCKED:
-                return got
+        lock = self._lock_for(key, default, timeout, version)
+        got = None
+        if lock is not None:
+            got = await self._arun_pausing(self._op_stampede(lock[0], lock[1]))
+            if type(got) is not _Held:
+                if got is not _UNLOCKED:
+                    return got  # the holder's value
+                got = None
+        if got is None:
+            return await self._afill_here(key, default, timeout, version, tags)
+        held = _HELD_LOCKS.set(_HELD_LOCKS.get() | {got.lock})
         try:
             return await self._afill_here(key, default, timeout, version, tags)
         finally:
-            if held is not None:
-                await self._arun(self._op_unlock(held))
+            _HELD_LOCKS.reset(held)
+            await self._arun(self._op_unlock(got))
 
     async def _afill_here(
         self, key: Any, default: Any, timeout: Any, version: Any, tags: Any
