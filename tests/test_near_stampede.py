@@ -510,6 +510,33 @@ def test_cancelling_a_waiting_aget_or_set_leaves_nothing_behind(make, raw):
     assert not raw.exists(lock)
 
 
+def test_cancelled_while_taking_the_lock_frees_it(make, raw, monkeypatch):
+    """The SET NX reached Redis but its reply never came back to the cancelled task: the lock
+    it may hold is freed at once, not left to expire (30 s)."""
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+    lock = _lock_key(cache, "k")
+    real = redis.asyncio.Redis.set
+
+    async def set_then_stall(self: Any, name: Any, *args: Any, **kwargs: Any) -> Any:
+        result = await real(self, name, *args, **kwargs)
+        if ":#l:" in str(name):
+            await asyncio.sleep(3600)
+        return result
+
+    monkeypatch.setattr(redis.asyncio.Redis, "set", set_then_stall)
+
+    async def main() -> None:
+        task = asyncio.create_task(cache.aget_or_set("k", lambda: "v"))
+        while not raw.exists(lock):
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    _in_thread(lambda: asyncio.run(main()))
+    assert not raw.exists(lock)
+
+
 # Settings ---------------------------------------------------------------------------------
 
 

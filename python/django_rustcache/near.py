@@ -1991,7 +1991,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         lock = None if replace else self._lock_for(key, default, timeout, version)
         if lock is None:
             return super()._fill(key, default, timeout, version, tags, replace, fill)
-        got = self._run_pausing(self._op_stampede(lock[0], lock[1]))
+        got = self._run_pausing(self._op_stampede(*lock, secrets.token_hex(16)))
         if type(got) is not _Held:
             if got is not _UNLOCKED:
                 return got  # the holder's value
@@ -2022,18 +2022,17 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         ``"#l"``, so ``keys()`` never lists it."""
         return f"{self.key_prefix}:#l:{made}"
 
-    def _op_stampede(self, made: str, lock: str) -> _Op:
+    def _op_stampede(self, made: str, lock: str, token: str) -> _Op:
         """Take ``made``'s lock, or wait for its holder's value: ``_Held`` (compute, then
         ``_op_unlock``), the value, or ``_UNLOCKED`` (compute without the lock).
 
-        The lock is ``SET NX PX`` of a random token, expiring after ``STAMPEDE_LOCK`` seconds,
+        The lock is ``SET NX PX`` of ``token`` (random), expiring after ``STAMPEDE_LOCK`` seconds,
         so a holder that dies frees it by expiry. A waiter polls it (5 ms, doubling up to
         100 ms), woken early by its listener applying the release's invalidation; once it is
         gone, the value is read, and if there is none (the holder failed or died), the waiter
         tries to take the lock itself. The wait is bounded: after twice ``STAMPEDE_LOCK`` in all
         (a dead holder's expiry, then its successor's computation), or a Redis error ignored by
         ``IGNORE_EXCEPTIONS``, the caller computes without the lock."""
-        token = secrets.token_hex(16)
         seconds = self._options.stampede_lock
         ms = max(1, round(seconds * 1000))
         deadline = None
@@ -2116,7 +2115,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     async def _arun_pausing(self, op: _Op) -> Any:
         """``_run_pausing`` on redis.asyncio, sleeping in ``asyncio.sleep`` (never blocking the
-        loop); cancelling it leaves nothing held (the lock is taken by the last step)."""
+        loop)."""
         client = self._aclient()
         applied = getattr(self._near, "applied_ns", None)
         try:
@@ -2356,7 +2355,14 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         lock = self._lock_for(key, default, timeout, version)
         got = None
         if lock is not None:
-            got = await self._arun_pausing(self._op_stampede(lock[0], lock[1]))
+            token = secrets.token_hex(16)
+            try:
+                got = await self._arun_pausing(self._op_stampede(*lock, token))
+            except asyncio.CancelledError:
+                # Cancelled while its SET NX was on the wire, the lock may be ours in Redis:
+                # free it (only if it is: compare-and-delete), not leave it to expire.
+                await self._arun(self._op_unlock(_Held(lock[1], token, os.getpid())))
+                raise
             if type(got) is not _Held:
                 if got is not _UNLOCKED:
                     return got  # the holder's value
