@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextvars
 import hashlib
 import hmac
 import inspect
@@ -44,7 +45,13 @@ from django_rustcache._async import AsyncFillMixin
 from django_rustcache._core import FastMethod, Handle
 from django_rustcache._fill import FillMixin
 from django_rustcache.backend import _Synced, _warn_key
-from django_rustcache.options import EVICTION_POLICIES, TOP_LEVEL_KEYS, _seconds, int_option
+from django_rustcache.options import (
+    EVICTION_POLICIES,
+    STAMPEDE_WAIT_MAX,
+    TOP_LEVEL_KEYS,
+    _seconds,
+    int_option,
+)
 from django_rustcache.signals import tags_invalidated
 
 logger = logging.getLogger("django_rustcache.near")
@@ -66,6 +73,7 @@ NEAR_OPTION_DEFAULTS: dict[str, Any] = {
     "IGNORE_EXCEPTIONS": False,
     "STALE_IF_ERROR": None,
     "STAMPEDE_WAIT": 10.0,
+    "STAMPEDE_LOCK": False,
     "COMPRESS": False,
     "COMPRESS_MIN_SIZE": 1024,
     "COMPRESS_MAX_SIZE": 64 * 2**20,
@@ -235,6 +243,15 @@ if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
 return 1
 """
 )
+# STAMPEDE_LOCK's release: delete the lock only if it is still this holder's (its token), so a
+# holder whose lock expired never frees a successor's; in pubsub mode, tell the listeners (in
+# tracking mode the DEL itself invalidates the key everywhere), which wakes the waiters.
+_LUA_UNLOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+return 1
+"""
 TAGGED_MAGIC = b"\x00rct1"
 _MGET_CHUNK = 1000  # Lua's unpack() has a stack limit; get_many reads in chunks this size
 
@@ -251,6 +268,42 @@ class _Script:
 _GET, _MGET, _INCR, _TOUCH = (_Script(s) for s in (_LUA_GET, _LUA_MGET, _LUA_INCR, _LUA_TOUCH))
 _SET, _TAG_VERSIONS, _BUMP = (_Script(s) for s in (_LUA_SET, _LUA_TAG_VERSIONS, _LUA_BUMP))
 _HAS, _TTL = _Script(_LUA_HAS), _Script(_LUA_TTL)
+_UNLOCK = _Script(_LUA_UNLOCK)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A STAMPEDE_LOCK this call took: its key, its token, and the process that took it (a
+    fork() child running on from inside ``default()`` holds nothing)."""
+
+    lock: str
+    token: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class _Pause:
+    """What ``NearCache._op_stampede`` yields to sleep: at most ``seconds``, less if the listener
+    applies an invalidation of ``lock`` (the holder's release) meanwhile: ``applied_ns(lock)``
+    no longer ``since``."""
+
+    seconds: float
+    lock: str
+    since: int | None
+
+
+#: What ``_op_stampede`` returns when the caller is to compute without the lock.
+_UNLOCKED = object()
+#: The STAMPEDE_LOCK keys held by this thread or task: a ``default()`` that asks for its own key
+#: again computes it at once, instead of waiting for the lock it holds itself.
+_HELD_LOCKS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "django_rustcache_near_held_locks", default=frozenset()
+)
+#: A STAMPEDE_LOCK waiter's poll of the lock in Redis: first and longest interval (seconds),
+#: and how often it looks, in between, for the release's invalidation at its own listener.
+_LOCK_POLL_FIRST = 0.005
+_LOCK_POLL_MAX = 0.1
+_LOCK_TICK = 0.005
 
 
 def _seed() -> str:
@@ -354,6 +407,29 @@ def _bool(where: str, name: str, value: Any) -> bool:
     return value
 
 
+#: ``OPTIONS["STAMPEDE_LOCK"] = True``: the lock's expiry, in seconds.
+STAMPEDE_LOCK_DEFAULT = 10.0
+
+
+def _stampede_lock(where: str, value: Any) -> float:
+    """``STAMPEDE_LOCK`` as the lock's expiry in seconds (0.0: off): True is
+    ``STAMPEDE_LOCK_DEFAULT``; False, None or 0 turn it off."""
+    if value is None or value is False:
+        return 0.0
+    if value is True:
+        return STAMPEDE_LOCK_DEFAULT
+    if (
+        not isinstance(value, (int, float))
+        or not value >= 0  # NaN too
+        or value == float("inf")
+    ):
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['STAMPEDE_LOCK'] must be True, False or the lock's expiry in "
+            f"seconds (a finite number >= 0), not {value!r}."
+        )
+    return min(float(value), STAMPEDE_WAIT_MAX)  # a year: Redis refuses a PX past ~2**63 ms
+
+
 def _size(where: str, name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ImproperlyConfigured(
@@ -414,6 +490,8 @@ class NearOptions:
     redis_options: dict[str, Any]
     #: Seconds a get_or_set caller waits for another thread's fill of the same key (0: off).
     stampede_wait: float = 10.0
+    #: The cross-process ``get_or_set`` lock's expiry in seconds (0.0: no lock).
+    stampede_lock: float = 0.0
     #: ``rediss://``: the listener's TLS settings (``_core.near(tls=...)``); None: plaintext.
     tls: dict[str, Any] | None = None
 
@@ -542,6 +620,7 @@ class NearOptions:
             redis_options=theirs,
             # Checked as RustCache's STAMPEDE_WAIT is.
             stampede_wait=_seconds(where, "OPTIONS['STAMPEDE_WAIT']", o["STAMPEDE_WAIT"]),
+            stampede_lock=_stampede_lock(where, o["STAMPEDE_LOCK"]),
             tls=tls,
         )
 
@@ -1885,9 +1964,179 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         """``FillMixin.get_or_set``: a miss is filled with ``add`` (Redis decides who stores),
         one thread of this process computing it while the others wait (``STAMPEDE_WAIT``). With
         ``tags``, they are snapshotted before ``default`` is computed and the result is stored
-        only if none of them was invalidated meanwhile (it is returned either way)."""
+        only if none of them was invalidated meanwhile (it is returned either way).
+
+        With ``STAMPEDE_LOCK``, the thread that computes first takes a lock in Redis, so that
+        across processes too one computes and the others wait for its value (``_fill``)."""
         # No early refresh: L1's expiry is not Redis's, so XFetch would judge the wrong TTL.
         return super().get_or_set(key, default, timeout, version, tags, early_refresh=0.0)
+
+    # STAMPEDE_LOCK: get_or_set's single-flight across processes -------------------------------
+
+    def _fill(
+        self,
+        key: Any,
+        default: Any,
+        timeout: Any,
+        version: Any,
+        tags: Any,
+        replace: bool,
+        fill: Any = None,
+    ) -> Any:
+        """``FillMixin._fill`` (compute, ``add``, read back) behind the cross-process lock when
+        ``STAMPEDE_LOCK`` is on: this thread computes only once it holds the lock, or when
+        another process's value did not come in time (``_op_stampede``). Called by the one
+        thread of this process that leads the key's in-process flight (or that gave up waiting
+        for it), so the others never talk to Redis about the lock."""
+        lock = None if replace else self._lock_for(key, default, timeout, version)
+        if lock is None:
+            return super()._fill(key, default, timeout, version, tags, replace, fill)
+        got = self._run_pausing(self._op_stampede(*lock, secrets.token_hex(16)))
+        if type(got) is not _Held:
+            if got is not _UNLOCKED:
+                return got  # the holder's value
+            return super()._fill(key, default, timeout, version, tags, replace, fill)
+        held = _HELD_LOCKS.set(_HELD_LOCKS.get() | {got.lock})
+        try:
+            return super()._fill(key, default, timeout, version, tags, replace, fill)
+        finally:
+            _HELD_LOCKS.reset(held)
+            self._run(self._op_unlock(got))
+
+    def _lock_for(
+        self, key: Any, default: Any, timeout: Any, version: Any
+    ) -> tuple[str, str] | None:
+        """The made key and lock key a fill takes the lock on, or None (no lock): it is on, the
+        ``default`` is callable, the timeout stores something (with 0 there is no value to wait
+        for), and this thread or task does not already hold it (a ``default()`` asking for its
+        own key again)."""
+        if not self._options.stampede_lock or not callable(default) or self._ms(timeout) == 0:
+            return None
+        made = self.make_and_validate_key(key, version=version)
+        lock = self._lock_key(made)
+        return None if lock in _HELD_LOCKS.get() else (made, lock)
+
+    def _lock_key(self, made: str) -> str:
+        """The lock of ``made``: ``<KEY_PREFIX>:#l:<made key>``, inside the BCAST prefix (every
+        listener hears of its release) and, like tag keys, never a made key of any version but
+        ``"#l"``, so ``keys()`` never lists it."""
+        return f"{self.key_prefix}:#l:{made}"
+
+    def _op_stampede(self, made: str, lock: str, token: str) -> _Op:
+        """Take ``made``'s lock, or wait for its holder's value: ``_Held`` (compute, then
+        ``_op_unlock``), the value, or ``_UNLOCKED`` (compute without the lock).
+
+        The lock is ``SET NX PX`` of ``token`` (random), expiring after ``STAMPEDE_LOCK`` seconds,
+        so a holder that dies frees it by expiry. A waiter polls it (5 ms, doubling up to
+        100 ms), woken early by its listener applying the release's invalidation; once it is
+        gone, the value is read, and if there is none (the holder failed or died), the waiter
+        tries to take the lock itself. The wait is bounded: after twice ``STAMPEDE_LOCK`` in all
+        (a dead holder's expiry, then its successor's computation), or a Redis error ignored by
+        ``IGNORE_EXCEPTIONS``, the caller computes without the lock."""
+        seconds = self._options.stampede_lock
+        ms = max(1, round(seconds * 1000))
+        deadline = None
+        applied = getattr(self._near, "applied_ns", None)
+        while True:
+            try:
+                taken = yield lambda c: c.set(lock, token, nx=True, px=ms)
+            except self._errors as e:
+                return self._failed("get_or_set's STAMPEDE_LOCK", e, _UNLOCKED)
+            if taken:
+                return _Held(lock, token, os.getpid())
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + 2 * seconds
+            step = _LOCK_POLL_FIRST
+            while True:
+                if now >= deadline:
+                    return _UNLOCKED
+                # Read before the poll: a release applied after it changes what this says.
+                since = applied(lock) if applied is not None else None
+                try:
+                    pttl = yield lambda c: c.pttl(lock)
+                except self._errors as e:
+                    return self._failed("get_or_set's STAMPEDE_LOCK", e, _UNLOCKED)
+                if pttl == -2:
+                    break  # released (after its holder stored the value) or expired
+                pause = min(step, deadline - now)
+                if pttl > 0:
+                    pause = min(pause, pttl / 1000)
+                yield _Pause(pause, lock, since)
+                step = min(step * 2, _LOCK_POLL_MAX)
+                now = time.monotonic()
+            value = yield from self._op_get(made, _MISS, self._fresh())
+            if value is not _MISS:
+                return value
+            if time.monotonic() >= deadline:
+                return _UNLOCKED
+
+    def _op_unlock(self, held: _Held) -> _Op:
+        """Free ``held`` if it is still ours (compare-and-delete). Never raises: a lock left
+        behind frees itself by expiry, so an error is logged and counted, not reported as the
+        ``get_or_set``'s."""
+        if held.pid != os.getpid():
+            return  # taken by the parent before a fork(): not this process's to free
+        try:
+            yield from self._script(_UNLOCK, [held.lock], held.token, self._channel)
+        except self._errors as e:
+            self._counters.add(errors=1)
+            logger.warning(
+                "NearCache %r: releasing get_or_set's STAMPEDE_LOCK failed (it expires by "
+                "itself): %r",
+                self._options.location,
+                e,
+            )
+
+    def _run_pausing(self, op: _Op) -> Any:
+        """``_run`` for an op that also yields ``_Pause``: sleeps in ``time.sleep`` (the GIL
+        released), looking every 5 ms for the awaited invalidation."""
+        client = self._client()
+        applied = getattr(self._near, "applied_ns", None)
+        try:
+            step = next(op)
+            while True:
+                if type(step) is _Pause:
+                    end = time.monotonic() + step.seconds
+                    while (left := end - time.monotonic()) > 0:
+                        time.sleep(min(left, _LOCK_TICK))
+                        if applied is not None and applied(step.lock) != step.since:
+                            break
+                    step = op.send(None)
+                    continue
+                try:
+                    res = step(client)
+                except BaseException as e:
+                    step = op.throw(e)
+                else:
+                    step = op.send(res)
+        except StopIteration as stop:
+            return stop.value
+
+    async def _arun_pausing(self, op: _Op) -> Any:
+        """``_run_pausing`` on redis.asyncio, sleeping in ``asyncio.sleep`` (never blocking the
+        loop)."""
+        client = self._aclient()
+        applied = getattr(self._near, "applied_ns", None)
+        try:
+            step = next(op)
+            while True:
+                if type(step) is _Pause:
+                    end = time.monotonic() + step.seconds
+                    while (left := end - time.monotonic()) > 0:
+                        await asyncio.sleep(min(left, _LOCK_TICK))
+                        if applied is not None and applied(step.lock) != step.since:
+                            break
+                    step = op.send(None)
+                    continue
+                try:
+                    res = await step(client)
+                except BaseException as e:
+                    step = op.throw(e)
+                else:
+                    step = op.send(res)
+        except StopIteration as stop:
+            return stop.value
 
     def delete_many(self, keys: Iterable[Any], version: Any = None) -> None:
         """One DEL for every key."""
@@ -2102,6 +2351,35 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         self, key: Any, default: Any, timeout: Any, version: Any, tags: Any, fill: Any = None
     ) -> Any:
         # `fill` holds the key's single-flight in this process; Redis's SET NX decides who stores.
+        # With STAMPEDE_LOCK, the lock across processes too (as in `_fill`).
+        lock = self._lock_for(key, default, timeout, version)
+        got = None
+        if lock is not None:
+            token = secrets.token_hex(16)
+            try:
+                got = await self._arun_pausing(self._op_stampede(*lock, token))
+            except asyncio.CancelledError:
+                # Cancelled while its SET NX was on the wire, the lock may be ours in Redis:
+                # free it (only if it is: compare-and-delete), not leave it to expire.
+                await self._arun(self._op_unlock(_Held(lock[1], token, os.getpid())))
+                raise
+            if type(got) is not _Held:
+                if got is not _UNLOCKED:
+                    return got  # the holder's value
+                got = None
+        if got is None:
+            return await self._afill_here(key, default, timeout, version, tags)
+        held = _HELD_LOCKS.set(_HELD_LOCKS.get() | {got.lock})
+        try:
+            return await self._afill_here(key, default, timeout, version, tags)
+        finally:
+            _HELD_LOCKS.reset(held)
+            await self._arun(self._op_unlock(got))
+
+    async def _afill_here(
+        self, key: Any, default: Any, timeout: Any, version: Any, tags: Any
+    ) -> Any:
+        """``_afill``'s computation: snapshot the tags, compute, ``aadd``, read back."""
         if tags is not None and not isinstance(tags, NearTagSnapshot):
             # The race guard: the versions are taken before computing (see get_or_set).
             tags = await self._arun(self._op_snapshot(tags))

@@ -1,0 +1,561 @@
+# ruff: noqa: F811  (the fixtures imported from tests.test_near are used as parameters)
+"""NearCache ``STAMPEDE_LOCK``: ``get_or_set``'s single-flight across processes (issue 11 item 4).
+
+Several processes missing one key at once compute it once: the first takes a lock in Redis
+(``SET NX PX``), the others wait for its release and read the value. A holder that dies frees the
+lock by expiry; nobody waits forever. Against real servers (tests/servers.py), with and without
+the Rust listener (whose invalidation of the lock wakes the waiters; without it they poll).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from django.core.exceptions import ImproperlyConfigured
+
+from django_rustcache import NearCache
+from tests.test_near import (  # noqa: F401 (fixtures)
+    cache,
+    listener,
+    make,
+    raw,
+)
+
+PROCESSES = 8
+#: Generous bounds on waiting for child processes: a hang fails the test instead of stalling it.
+READY_WITHIN = 60.0
+DONE_WITHIN = 60.0
+
+
+def _ctx() -> Any:
+    # fork, with the test process's listener threads running (as gunicorn --preload does): each
+    # child builds its own NearCache, so its own listener and connections.
+    warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+    return multiprocessing.get_context("fork")
+
+
+def _lock_key(cache: NearCache, key: str) -> str:
+    return f"{cache.key_prefix}:#l:{cache.make_key(key)}"
+
+
+def _wait_for(what: Callable[[], Any], within: float = 30.0) -> Any:
+    """Poll ``what()`` until it is truthy (a bound, not a timed assertion: failing means hung)."""
+    deadline = time.monotonic() + within
+    while True:
+        got = what()
+        if got:
+            return got
+        assert time.monotonic() < deadline, "condition never came true"
+        time.sleep(0.005)
+
+
+def _worker(
+    url: str,
+    params: dict[str, Any],
+    key: str,
+    counter: str,
+    mode: str,
+    use_async: bool,
+    threads: int,
+    ready: Any,
+    go: Any,
+    out: Any,
+) -> None:
+    """One process: get_or_set ``key`` once ``go`` is set (from ``threads`` threads), whose
+    ``default`` INCRs ``counter`` and then, by ``mode``: ``sleep`` 200 ms; ``overlap`` waits
+    until a second computation has started (at most 10 s); ``hang`` never returns."""
+    cache = NearCache(url, params)
+    r = redis.Redis.from_url(url)
+
+    def default() -> dict[str, int]:
+        r.incr(counter)
+        if mode == "sleep":
+            time.sleep(0.2)
+        elif mode == "overlap":
+            deadline = time.monotonic() + 10
+            while int(r.get(counter) or 0) < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+        elif mode == "hang":
+            time.sleep(3600)
+        return {"by": os.getpid()}
+
+    def call() -> Any:
+        if use_async:
+            return asyncio.run(cache.aget_or_set(key, default, 60))
+        return cache.get_or_set(key, default, 60)
+
+    ready.put(os.getpid())
+    go.wait(READY_WITHIN)
+    results: list[Any] = []
+    pool = [threading.Thread(target=lambda: results.append(call())) for _ in range(threads - 1)]
+    for t in pool:
+        t.start()
+    results.append(call())
+    for t in pool:
+        t.join()
+    out.put((os.getpid(), results))
+
+
+class _Procs:
+    """Worker processes started together; every one is killed at the end, whatever happens."""
+
+    def __init__(self) -> None:
+        self.ctx = _ctx()
+        self.ready, self.go, self.out = self.ctx.Queue(), self.ctx.Event(), self.ctx.Queue()
+        self.procs: list[Any] = []
+
+    def start(self, n: int, *args: Any) -> list[Any]:
+        started = []
+        for _ in range(n):
+            p = self.ctx.Process(target=_worker, args=(*args, self.ready, self.go, self.out))
+            p.start()
+            started.append(p)
+        self.procs += started
+        for _ in started:
+            self.ready.get(timeout=READY_WITHIN)
+        return started
+
+    def results(self, n: int) -> dict[int, list[Any]]:
+        """``{pid: [what each of its calls returned]}`` of ``n`` workers (bounded)."""
+        got = {}
+        deadline = time.monotonic() + DONE_WITHIN
+        for _ in range(n):
+            left = deadline - time.monotonic()
+            try:
+                pid, results = self.out.get(timeout=max(left, 0.01))
+            except queue.Empty:
+                pytest.fail(f"only {len(got)} of {n} processes returned within {DONE_WITHIN} s")
+            got[pid] = results
+        return got
+
+    def close(self) -> None:
+        self.go.set()
+        for p in self.procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+
+
+@pytest.fixture
+def procs():
+    p = _Procs()
+    yield p
+    p.close()
+
+
+def _params(cache: NearCache, **options: Any) -> dict[str, Any]:
+    return {"KEY_PREFIX": cache.key_prefix, "OPTIONS": options}
+
+
+def _stampede(
+    procs: _Procs,
+    url: str,
+    cache: NearCache,
+    raw: Any,
+    options: dict[str, Any],
+    *,
+    mode: str = "sleep",
+    use_async: bool = False,
+    threads: int = 1,
+) -> tuple[int, dict[int, list[Any]]]:
+    """``PROCESSES`` processes miss one key at once: how many computed it, and what each got."""
+    key, counter = f"hot-{uuid.uuid4().hex}", f"calls:{uuid.uuid4().hex}"
+    procs.start(PROCESSES, url, _params(cache, **options), key, counter, mode, use_async, threads)
+    procs.go.set()
+    results = procs.results(PROCESSES)
+    assert not raw.exists(_lock_key(cache, key))  # every lock was released
+    return int(raw.get(counter) or 0), results
+
+
+def _one_value(results: dict[int, list[Any]]) -> Any:
+    values = [v for vs in results.values() for v in vs]
+    assert all(v == values[0] for v in values), values
+    return values[0]
+
+
+# Across processes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("invalidation", ["tracking", "pubsub"])
+def test_eight_processes_missing_one_key_compute_it_once(
+    procs, near_server, cache, raw, invalidation
+):
+    options = {"STAMPEDE_LOCK": True, "INVALIDATION": invalidation}
+    calls, results = _stampede(procs, near_server.url, cache, raw, options)
+    assert calls == 1
+    assert _one_value(results)["by"] in results  # the holder's value, everywhere
+
+
+def test_without_the_lock_the_same_stampede_computes_it_in_several_processes(
+    procs, near_server, cache, raw
+):
+    """What the lock prevents: in-process single-flight leaves one computation per process
+    (``overlap``: a computation waits, at most 10 s, for a second one to start, so that they
+    surely overlap; with the lock the holder would wait out the 10 s alone)."""
+    calls, results = _stampede(procs, near_server.url, cache, raw, {}, mode="overlap")
+    assert calls >= 2
+    _one_value(results)  # Redis's SET NX still makes them all return the first stored value
+
+
+def test_threads_and_processes_together_compute_it_once(procs, near_server, cache, raw):
+    calls, results = _stampede(procs, near_server.url, cache, raw, {"STAMPEDE_LOCK": 30}, threads=4)
+    assert calls == 1
+    assert sum(len(v) for v in results.values()) == PROCESSES * 4
+    _one_value(results)
+
+
+def test_aget_or_set_in_eight_processes_computes_it_once(procs, near_server, cache, raw):
+    calls, results = _stampede(
+        procs, near_server.url, cache, raw, {"STAMPEDE_LOCK": True}, use_async=True
+    )
+    assert calls == 1
+    _one_value(results)
+
+
+def test_a_holder_killed_mid_computation_costs_one_lock_expiry_and_nobody_hangs(
+    procs, near_server, cache, raw
+):
+    expiry = 3.0
+    key, counter = f"hot-{uuid.uuid4().hex}", f"calls:{uuid.uuid4().hex}"
+    params = _params(cache, STAMPEDE_LOCK=expiry)
+    (holder,) = procs.start(1, near_server.url, params, key, counter, "hang", False, 1)
+    procs.go.set()
+    _wait_for(lambda: raw.get(counter) == b"1")  # the holder is computing, lock taken
+    assert raw.exists(_lock_key(cache, key))
+    procs.go.clear()
+    procs.start(PROCESSES - 1, near_server.url, params, key, counter, "sleep", False, 1)
+    procs.go.set()
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(10)
+    results = procs.results(PROCESSES - 1)
+    # One successor computed, after the dead holder's lock expired; the rest waited for it.
+    assert int(raw.get(counter)) == 2
+    assert _one_value(results)["by"] in results
+    assert not raw.exists(_lock_key(cache, key))
+
+
+def test_a_lock_taken_before_fork_is_not_held_by_the_child(procs, near_server, make, raw):
+    """The parent computes (holding the lock) while a forked child misses the same key: the
+    child waits for the parent's value instead of computing or freeing the parent's lock."""
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+    key, counter = f"hot-{uuid.uuid4().hex}", f"calls:{uuid.uuid4().hex}"
+    inside, release = threading.Event(), threading.Event()
+
+    def parent_default() -> dict[str, int]:
+        inside.set()
+        release.wait(30)
+        return {"by": os.getpid()}
+
+    parent = threading.Thread(target=lambda: cache.get_or_set(key, parent_default, 60))
+    parent.start()
+    try:
+        assert inside.wait(30)
+        # The child forks now, with this process holding the lock and its flight.
+        procs.start(1, near_server.url, _params(cache, STAMPEDE_LOCK=30), key, counter, "sleep",
+                    False, 1)  # fmt: skip
+        procs.go.set()
+        assert raw.exists(_lock_key(cache, key))
+        time.sleep(0.3)  # most likely the child is waiting for the lock now (either way it must
+        # not compute: it waits for the lock or, if it comes later, hits the value)
+    finally:
+        release.set()
+        parent.join(30)
+    (got,) = procs.results(1).values()
+    assert got == [{"by": os.getpid()}]
+    assert raw.get(counter) is None  # the child never computed
+
+
+# One process: the protocol's edges ---------------------------------------------------------
+
+
+def _in_thread(fn: Callable[[], Any], within: float = 30.0) -> Any:
+    """``fn()`` in a thread, failing the test if it has not returned ``within`` s (a hang)."""
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    t.start()
+    t.join(within)
+    assert not t.is_alive(), f"still waiting after {within} s"
+    return box[0]
+
+
+def test_the_lock_lives_under_the_prefix_while_computing_and_is_gone_after(make, raw):
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 7})
+    lock = _lock_key(cache, "k")
+    seen = {}
+
+    def default() -> str:
+        seen["token"] = raw.get(lock)
+        seen["pttl"] = raw.pttl(lock)
+        seen["keys"] = cache.keys("*")
+        return "v"
+
+    assert cache.get_or_set("k", default) == "v"
+    assert seen["token"] and len(seen["token"]) == 32
+    assert 0 < seen["pttl"] <= 7000
+    assert lock.startswith(f"{cache.key_prefix}:")  # inside the tracked prefix
+    assert seen["keys"] == []  # keys() never lists a lock
+    assert not raw.exists(lock)
+    assert cache.get("k") == "v"
+
+
+def test_a_holder_whose_lock_expired_does_not_free_its_successors(make, raw):
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 0.2})
+    lock = _lock_key(cache, "k")
+
+    def slow() -> str:
+        _wait_for(lambda: not raw.exists(lock))  # expired while computing
+        raw.set(lock, b"successor", px=30_000)  # another process took it
+        return "v"
+
+    assert cache.get_or_set("k", slow) == "v"
+    assert raw.get(lock) == b"successor"
+
+
+def test_a_waiter_computes_itself_once_the_lock_is_free_without_a_value(make, raw):
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+    lock = _lock_key(cache, "k")
+    raw.set(lock, b"someone", px=30_000)
+    calls = []
+
+    def default() -> str:
+        calls.append(1)
+        return "mine"
+
+    def free_it() -> None:
+        _wait_for(lambda: raw.pttl(lock) > 0)
+        time.sleep(0.05)
+        raw.delete(lock)  # its holder failed: released without storing anything
+
+    threading.Thread(target=free_it, daemon=True).start()
+    assert _in_thread(lambda: cache.get_or_set("k", default)) == "mine"
+    assert calls == [1]
+
+
+def test_the_wait_is_bounded_even_if_the_lock_never_frees(make, raw):
+    """Holders that keep coming (the lock re-taken before anyone sees it free): after twice
+    STAMPEDE_LOCK the caller computes without it."""
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 0.3})
+    lock = _lock_key(cache, "k")
+    stop = threading.Event()
+
+    def hog() -> None:
+        while not stop.is_set():
+            raw.set(lock, uuid.uuid4().hex, px=300)
+            time.sleep(0.02)
+
+    raw.set(lock, b"first", px=300)
+    threading.Thread(target=hog, daemon=True).start()
+    try:
+        assert _in_thread(lambda: cache.get_or_set("k", lambda: "computed anyway")) == (
+            "computed anyway"
+        )
+    finally:
+        stop.set()
+
+
+def test_a_waiter_gets_the_holders_value_when_it_arrives(make, raw):
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+    other = make(KEY_PREFIX=cache.key_prefix)  # another process's instance, as far as Redis knows
+    lock = _lock_key(cache, "k")
+    raw.set(lock, b"holder", px=30_000)
+
+    def holder() -> None:
+        _wait_for(lambda: raw.pttl(lock) > 0)
+        time.sleep(0.05)
+        other.set("k", {"from": "holder"})
+        raw.delete(lock)
+
+    threading.Thread(target=holder, daemon=True).start()
+    got = _in_thread(lambda: cache.get_or_set("k", lambda: pytest.fail("computed")))
+    assert got == {"from": "holder"}
+
+
+def test_timeout_zero_stores_nothing_so_it_takes_no_lock_and_never_waits(make, raw):
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+    raw.set(_lock_key(cache, "k"), b"someone", px=60_000)
+    assert _in_thread(lambda: cache.get_or_set("k", lambda: "v", timeout=0), within=10) == "v"
+    assert cache.get("k") is None
+
+
+def test_tags_are_stored_by_the_holder_and_invalidation_recomputes(make, raw):
+    cache = make(OPTIONS={"STAMPEDE_LOCK": True})
+    assert cache.get_or_set("k", lambda: "v1", tags=["t"]) == "v1"
+    assert cache.get_or_set("k", lambda: "v2", tags=["t"]) == "v1"
+    cache.invalidate_tags(["t"])
+    assert cache.get_or_set("k", lambda: "v3", tags=["t"]) == "v3"
+    assert not raw.exists(_lock_key(cache, "k"))
+
+
+def test_a_raising_default_frees_the_lock(make, raw):
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+    with pytest.raises(ZeroDivisionError):
+        cache.get_or_set("k", lambda: 1 / 0)
+    assert not raw.exists(_lock_key(cache, "k"))
+    assert _in_thread(lambda: cache.get_or_set("k", lambda: "ok")) == "ok"
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_a_default_asking_for_its_own_key_does_not_wait_for_its_own_lock(make, use_async):
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})  # a wait would last 60 s
+
+    def outer() -> Any:
+        return cache.get_or_set("k", lambda: "inner") + "+outer"
+
+    if use_async:
+        got = _in_thread(lambda: asyncio.run(cache.aget_or_set("k", outer)), within=20)
+    else:
+        got = _in_thread(lambda: cache.get_or_set("k", outer), within=20)
+    assert got == "inner"  # the inner call stored first; the outer add found it
+
+
+def _dead_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"  # nothing listens there
+
+
+def test_redis_down_with_ignore_exceptions_just_computes(make):
+    cache = make(_dead_url(), OPTIONS={"STAMPEDE_LOCK": True, "IGNORE_EXCEPTIONS": True})
+    calls = []
+    assert cache.get_or_set("k", lambda: calls.append(1) or "v") == "v"
+    assert asyncio.run(cache.aget_or_set("k", lambda: calls.append(1) or "w")) == "w"
+    assert calls == [1, 1]
+    strict = make(_dead_url(), OPTIONS={"STAMPEDE_LOCK": True})
+    with pytest.raises(redis.ConnectionError):
+        strict.get_or_set("k", lambda: "v")
+
+
+def test_the_lock_error_alone_is_ignored_with_ignore_exceptions(make, raw, monkeypatch):
+    """Redis answers the reads but the lock's SET fails: with IGNORE_EXCEPTIONS, compute."""
+    cache = make(OPTIONS={"STAMPEDE_LOCK": True, "IGNORE_EXCEPTIONS": True})
+    real = redis.Redis.set
+
+    def failing_set(self: Any, name: Any, *args: Any, **kwargs: Any) -> Any:
+        if ":#l:" in str(name):
+            raise redis.ConnectionError("lock SET failed")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "set", failing_set)
+    assert cache.get_or_set("k", lambda: "v") == "v"
+    assert cache.get("k") == "v"
+    strict = make(OPTIONS={"STAMPEDE_LOCK": True})
+    with pytest.raises(redis.ConnectionError, match="lock SET failed"):
+        strict.get_or_set("k2", lambda: "v")
+
+
+def test_aget_or_set_waits_without_blocking_the_loop(make, raw, monkeypatch):
+    """The holder here is a task on the same loop: if the waiter blocked the loop, it could not
+    run, and the waiter would compute after its bound (60 s) instead of getting its value. And
+    the waiter never sleeps in ``time.sleep`` on the loop's thread."""
+    blocking = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        with contextlib.suppress(RuntimeError):
+            blocking.append(asyncio.get_running_loop())
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+    other = make(KEY_PREFIX=cache.key_prefix)
+    lock = _lock_key(cache, "k")
+    raw.set(lock, b"holder", px=30_000)
+
+    async def holder() -> None:
+        await asyncio.sleep(0.05)
+        await other.aset("k", "holder's")
+        raw.delete(lock)
+
+    async def main() -> Any:
+        task = asyncio.create_task(holder())
+        got = await cache.aget_or_set("k", lambda: pytest.fail("computed"))
+        await task
+        return got
+
+    assert _in_thread(lambda: asyncio.run(main())) == "holder's"
+    assert blocking == []
+
+
+def test_cancelling_a_waiting_aget_or_set_leaves_nothing_behind(make, raw):
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+    lock = _lock_key(cache, "k")
+    raw.set(lock, b"holder", px=30_000)
+
+    async def main() -> None:
+        task = asyncio.create_task(cache.aget_or_set("k", lambda: "v"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert raw.get(lock) == b"holder"  # not ours, untouched
+    raw.delete(lock)
+    assert _in_thread(lambda: asyncio.run(cache.aget_or_set("k", lambda: "v"))) == "v"
+    assert not raw.exists(lock)
+
+
+def test_cancelled_while_taking_the_lock_frees_it(make, raw, monkeypatch):
+    """The SET NX reached Redis but its reply never came back to the cancelled task: the lock
+    it may hold is freed at once, not left to expire (30 s)."""
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+    lock = _lock_key(cache, "k")
+    real = redis.asyncio.Redis.set
+
+    async def set_then_stall(self: Any, name: Any, *args: Any, **kwargs: Any) -> Any:
+        result = await real(self, name, *args, **kwargs)
+        if ":#l:" in str(name):
+            await asyncio.sleep(3600)
+        return result
+
+    monkeypatch.setattr(redis.asyncio.Redis, "set", set_then_stall)
+
+    async def main() -> None:
+        task = asyncio.create_task(cache.aget_or_set("k", lambda: "v"))
+        while not raw.exists(lock):
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    _in_thread(lambda: asyncio.run(main()))
+    assert not raw.exists(lock)
+
+
+# Settings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expiry"),
+    [(True, 10.0), (False, 0.0), (None, 0.0), (0, 0.0), (2.5, 2.5), (3, 3.0), (1e30, 31536000.0)],
+)
+def test_stampede_lock_values(make, value, expiry):
+    assert make(OPTIONS={"STAMPEDE_LOCK": value})._options.stampede_lock == expiry
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, float("nan"), float("inf"), "5", [], {"s": 1}])
+def test_bad_stampede_lock_values_are_refused_naming_the_setting(make, bad):
+    with pytest.raises(ImproperlyConfigured, match=r"OPTIONS\['STAMPEDE_LOCK'\]"):
+        make(OPTIONS={"STAMPEDE_LOCK": bad})
+
+
+def test_the_lock_is_off_by_default(make, raw):
+    cache = make()
+    seen = []
+    assert cache.get_or_set("k", lambda: seen.append(raw.exists(_lock_key(cache, "k"))) or 1)
+    assert seen == [0]
