@@ -32,7 +32,6 @@ from tests.test_near import (  # noqa: F401 (fixtures)
     cache,
     listener,
     make,
-    raw,
 )
 
 PROCESSES = 8

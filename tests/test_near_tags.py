@@ -21,7 +21,6 @@ from tests.test_near import (  # noqa: F401 (fixtures)
     listener,
     make,
     own_server,
-    raw,
 )
 
 

@@ -22,7 +22,7 @@ from django.test import RequestFactory
 from django_rustcache import NearCache
 from django_rustcache.decorators import cache_page_tagged, cached
 from django_rustcache.invalidation import instance_tag, model_tag
-from tests.test_near import listener, raw  # noqa: F401 (fixtures)
+from tests.test_near import listener  # noqa: F401 (fixtures)
 from tests.testapp.models import Product, Supplier
 
 pytestmark = pytest.mark.django_db
