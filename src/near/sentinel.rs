@@ -10,9 +10,11 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
+use super::inherited;
 use super::resp::{self, Value};
 use crate::clock;
 
@@ -112,6 +114,9 @@ impl Sentinels {
     /// One sentinel's answer.
     fn ask(&self, host: &str, port: u16, timeout: Duration) -> Result<(String, u16), String> {
         let mut s = connect(host, port, timeout).map_err(|e| format!("connect: {e}"))?;
+        // A forked child closes its copy at once (as the listener's own connection's), so
+        // that it never holds this connection open. Declared after `s`: dropped before it.
+        let _inherited = inherited::register(s.as_raw_fd());
         let deadline = clock::now() + timeout.as_nanos() as u64;
         if let Some(pass) = &self.password {
             let mut auth: Vec<&[u8]> = vec![b"AUTH"];
