@@ -313,13 +313,13 @@ def start(
     return server.start()
 
 
-def command(port: int, *args: str, timeout: float = 2.0) -> Any:
+def command(port: int, *args: str, timeout: float = 2.0, password: str | None = None) -> Any:
     """One command to 127.0.0.1:``port`` with redis-py (decoded replies), on a fresh connection."""
     import redis
 
     with redis.Redis(
         "127.0.0.1", port, socket_timeout=timeout, socket_connect_timeout=timeout,
-        decode_responses=True,
+        decode_responses=True, password=password,
     ) as client:  # fmt: skip
         return client.execute_command(*args)
 
@@ -332,17 +332,24 @@ class SentinelGroup:
     master: Server
     replica: Server
     sentinels: list[Server]
+    #: ``requirepass`` of the master and the replica, and of the sentinels (None: none).
+    password: str | None = None
+    sentinel_password: str | None = None
 
     def location(self, db: int = 0) -> str:
-        """NearCache's LOCATION for this group."""
+        """NearCache's LOCATION for this group (with the servers' password, if any)."""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"sentinel://{hosts}/{self.service}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"sentinel://{auth}{hosts}/{self.service}/{db}"
+
+    def _ask(self, sentinel: Server, *args: str) -> Any:
+        return command(sentinel.port, "SENTINEL", *args, password=self.sentinel_password)
 
     def master_port(self) -> int | None:
         """The master's port as the first sentinel that answers says (None: none does)."""
         for s in self.sentinels:
             try:
-                _, port = command(s.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+                _, port = self._ask(s, "GET-MASTER-ADDR-BY-NAME", self.service)
                 return int(port)
             except Exception:
                 continue
@@ -356,7 +363,7 @@ class SentinelGroup:
             states = []
             for s in self.sentinels:
                 try:
-                    state = command(s.port, "SENTINEL", "MASTER", self.service)  # parsed
+                    state = self._ask(s, "MASTER", self.service)  # parsed by redis-py
                     states.append((int(state["num-slaves"]), int(state["num-other-sentinels"])))
                 except Exception as e:
                     states.append((-1, repr(e)))
@@ -374,14 +381,14 @@ class SentinelGroup:
             ports = set()
             for s in self.sentinels:
                 try:
-                    reply = command(s.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+                    reply = self._ask(s, "GET-MASTER-ADDR-BY-NAME", self.service)
                     ports.add(int(reply[1]))
                 except Exception:
                     ports.add(None)
             if len(ports) == 1 and None not in ports and old_port not in ports:
                 port = ports.pop()
                 try:
-                    if command(port, "ROLE")[0] == "master":
+                    if command(port, "ROLE", password=self.password)[0] == "master":
                         return port
                 except Exception:
                     pass
@@ -398,20 +405,31 @@ class SentinelGroup:
 
 
 def start_sentinel_group(
-    service: str = "rcmaster", down_after_ms: int = 1000, failover_timeout_ms: int = 3000
+    service: str = "rcmaster",
+    down_after_ms: int = 1000,
+    failover_timeout_ms: int = 3000,
+    password: str | None = None,
+    sentinel_password: str | None = None,
 ) -> SentinelGroup:
     """A master, a replica of it (in sync) and three sentinels (quorum 2) that know both and each
-    other: ready for a failover ``down_after_ms`` after the master stops answering."""
+    other: ready for a failover ``down_after_ms`` after the master stops answering. With
+    ``password`` the servers require it, with ``sentinel_password`` the sentinels theirs."""
     binary = find_binary("redis")
     started: list[Server] = []
+    auth = ["--requirepass", password, "--masterauth", password] if password else []
     try:
         # A replica's first sync would wait 5 s for more replicas (diskless sync's default).
-        master = start("redis", "--repl-diskless-sync-delay", "0")
+        master = start("redis", "--repl-diskless-sync-delay", "0", *auth)
         started.append(master)
-        replica = start("redis", "--replicaof", "127.0.0.1", str(master.port))
+        replica = start("redis", "--replicaof", "127.0.0.1", str(master.port), *auth)
         started.append(replica)
         deadline = time.monotonic() + 15
-        while command(replica.port, "INFO", "replication").get("master_link_status") != "up":
+        while (
+            command(replica.port, "INFO", "replication", password=password).get(
+                "master_link_status"
+            )
+            != "up"
+        ):
             if time.monotonic() > deadline:
                 raise ServerUnavailable("the replica never synced with the master")
             time.sleep(0.05)
@@ -421,12 +439,16 @@ def start_sentinel_group(
             f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
             f"sentinel parallel-syncs {service} 1\n"
         )
+        if password:
+            conf += f"sentinel auth-pass {service} {password}\n"
+        if sentinel_password:
+            conf += f"requirepass {sentinel_password}\nsentinel sentinel-pass {sentinel_password}\n"
         sentinels = []
         for _ in range(3):
             sentinel = Server("redis-sentinel", binary, sentinel_conf=conf).start()
             started.append(sentinel)
             sentinels.append(sentinel)
-        group = SentinelGroup(service, master, replica, sentinels)
+        group = SentinelGroup(service, master, replica, sentinels, password, sentinel_password)
         group.wait_ready()
         return group
     except BaseException:

@@ -74,6 +74,8 @@ def test_bad_sentinel_locations_and_server_lists_are_refused_clearly(location, s
         ("sentinel://h:1/svc", {"SENTINEL_KWARGS": {"ssl": True}}, "TLS to the sentinels"),
         ("sentinel://h:1/svc", {"SENTINEL_KWARGS": {"password": 5}}, "must be a str"),
         ("sentinel://h:1/svc", {"SENTINEL_KWARGS": {"socket_timeout": 0}}, "socket_timeout"),
+        ("sentinel://h:1/svc", {"SENTINEL_KWARGS": {"socket_timeout": "1"}}, "number of secon"),
+        ("sentinel://h:1/svc", {"SENTINEL_KWARGS": {"socket_timeout": float("nan")}}, "> 0"),
         ("redis://h:1/0", {"SENTINEL_KWARGS": {"password": "x"}}, "needs a sentinel://"),
         ("sentinel://h:1/svc", {"ssl_ca_certs": "/x"}, "not supported with Sentinel"),
         ("sentinel://h:1/svc", {"pool_class": "redis.BlockingConnectionPool"}, "Sentinel"),
@@ -133,10 +135,15 @@ def test_the_native_listener_checks_its_sentinel_settings():
 # Against a real Sentinel set-up -----------------------------------------------------------------
 
 
+#: The module's set-up requires passwords: the servers' (in LOCATION) and the sentinels' own.
+PASSWORD, SENTINEL_PASSWORD = "mpw", "spw"
+SENTINEL_AUTH = {"SENTINEL_KWARGS": {"password": SENTINEL_PASSWORD}}
+
+
 @pytest.fixture(scope="module")
 def group():
     try:
-        g = servers.start_sentinel_group()
+        g = servers.start_sentinel_group(password=PASSWORD, sentinel_password=SENTINEL_PASSWORD)
     except servers.ServerUnavailable as e:
         pytest.fail(f"the Sentinel tests need redis-server: {e}", pytrace=False)
     yield g
@@ -155,14 +162,9 @@ def _cache(location, **options):
 def _same_l1_elsewhere(cache):
     """A second NearCache on the same LOCATION and KEY_PREFIX, run in a forked child by
     ``_in_child``: another process with its own L1 and listener."""
-    return NearCache(
-        cache._options.location,
-        {"KEY_PREFIX": cache.key_prefix, "OPTIONS": {"LEASE": LEASE, **_mode_options(cache)}},
-    )
-
-
-def _mode_options(cache):
-    return {"INVALIDATION": cache._options.invalidation}
+    o = cache._options
+    options = {"LEASE": LEASE, "INVALIDATION": o.invalidation, **SENTINEL_AUTH}
+    return NearCache(o.location, {"KEY_PREFIX": cache.key_prefix, "OPTIONS": options})
 
 
 def _in_child(fn, timeout=20.0):
@@ -214,9 +216,9 @@ def _wait(what, ok, timeout=10.0):
 
 @pytest.mark.parametrize("mode", ["tracking", "pubsub"])
 def test_reads_writes_and_invalidations_go_through_the_master_the_sentinels_name(group, mode):
-    cache = _cache(group.location(), INVALIDATION=mode)
+    cache = _cache(group.location(), INVALIDATION=mode, **SENTINEL_AUTH)
     cache.set("k", "v1")
-    master = redis.Redis(port=group.master_port())
+    master = redis.Redis(port=group.master_port(), password=PASSWORD)
     assert master.exists(f"{cache.key_prefix}:1:k") == 1  # on the master, not the replica
     assert cache._conn.direct  # the fast path, on SentinelManagedConnections
     assert cache.get("k") == "v1"
@@ -255,7 +257,7 @@ def test_reads_writes_and_invalidations_go_through_the_master_the_sentinels_name
 
 def test_an_unknown_service_is_an_error_naming_it_on_both_paths(group):
     hosts = ",".join(f"127.0.0.1:{s.port}" for s in group.sentinels)
-    cache = _cache(f"sentinel://{hosts}/nosuchservice/0")
+    cache = _cache(f"sentinel://{hosts}/nosuchservice/0", **SENTINEL_AUTH)
     with pytest.raises(redis.exceptions.ConnectionError, match="nosuchservice"):
         cache.get("k")
     _wait("the listener's error", lambda: cache._near.stats()["last_error"] is not None)
@@ -263,12 +265,23 @@ def test_an_unknown_service_is_an_error_naming_it_on_both_paths(group):
     assert 'knows no service named "nosuchservice"' in error, error
     assert not cache._near.fresh()
     # IGNORE_EXCEPTIONS covers it as any unreachable Redis.
-    quiet = _cache(f"sentinel://{hosts}/nosuchservice/0", IGNORE_EXCEPTIONS=True)
+    quiet = _cache(f"sentinel://{hosts}/nosuchservice/0", IGNORE_EXCEPTIONS=True, **SENTINEL_AUTH)
     assert quiet.get("k", "dflt") == "dflt"
 
 
+def test_the_sentinels_password_is_required_and_a_wrong_one_is_an_error(group):
+    for options in ({}, {"SENTINEL_KWARGS": {"password": "wrong"}}):
+        cache = _cache(group.location(), **options)
+        with pytest.raises(redis.exceptions.ConnectionError, match=group.service):
+            cache.get("k")
+        _wait("the listener's error", lambda c=cache: c._near.stats()["last_error"] is not None)
+        error = cache._near.stats()["last_error"]
+        assert "NOAUTH" in error or "WRONGPASS" in error, error
+        assert not cache._near.fresh()
+
+
 def test_a_redis_location_naming_a_sentinel_is_refused_by_the_listener(group):
-    cache = _cache(f"redis://127.0.0.1:{group.sentinels[0].port}/0")
+    cache = _cache(f"redis://:{SENTINEL_PASSWORD}@127.0.0.1:{group.sentinels[0].port}/0")
     cache._near.ensure_started()
     _wait("the listener's error", lambda: cache._near.stats()["last_error"] is not None)
     assert "sentinel://" in cache._near.stats()["last_error"]

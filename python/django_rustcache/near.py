@@ -492,8 +492,15 @@ def _sentinel_kwargs(where: str, given: Any) -> tuple[tuple[str, Any], ...] | No
             raise ImproperlyConfigured(
                 f"{where}: OPTIONS['SENTINEL_KWARGS'][{name!r}] must be a str."
             )
-        if name.startswith("socket_"):
-            _number(where, f"SENTINEL_KWARGS'][{name!r}", value)
+        if name.startswith("socket_") and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < float("inf")
+        ):
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS['SENTINEL_KWARGS'][{name!r}] must be a finite number of "
+                f"seconds > 0, not {value!r}."
+            )
     return tuple(sorted(given.items()))
 
 
