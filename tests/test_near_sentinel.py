@@ -43,6 +43,33 @@ def test_a_sentinel_location_names_the_sentinels_the_service_and_the_db():
     assert o.sentinel.kwargs is None
 
 
+def test_django_redis_form_names_the_service_in_location_and_the_sentinels_in_options():
+    o = near_mod.NearOptions.from_params(
+        "redis://u:pw@mymaster/2", {"OPTIONS": {"SENTINELS": [("s1", 26379), ["s2", 26380]]}}
+    )
+    assert o.sentinel.sentinels == (("s1", 26379), ("s2", 26380))
+    assert o.sentinel.service == "mymaster"
+    assert dict(o.sentinel.url) == {"username": "u", "password": "pw", "db": 2}
+    assert "host" not in o.url
+
+
+@pytest.mark.parametrize(
+    ("location", "sentinels", "says"),
+    [
+        ("redis://mymaster/0", [], "is empty"),
+        ("redis://mymaster/0", "s1:26379", "list of \\(host, port\\) pairs"),
+        ("redis://mymaster/0", [("s1", "26379")], "pairs"),
+        ("redis://mymaster/0", [("s1", 0)], "pairs"),
+        ("redis://mymaster/0", [("s1", True)], "pairs"),
+        ("unix:///tmp/r.sock", [("s1", 1)], "redis://service_name/db"),
+        ("sentinel://s1/mymaster", [("s1", 1)], "redis://service_name/db"),
+    ],
+)
+def test_bad_django_redis_sentinel_options_are_refused_clearly(location, sentinels, says):
+    with pytest.raises(ImproperlyConfigured, match=says):
+        NearCache(location, {"OPTIONS": {"SENTINELS": sentinels}})
+
+
 @pytest.mark.parametrize(
     ("location", "says"),
     [
@@ -253,6 +280,22 @@ def test_reads_writes_and_invalidations_go_through_the_master_the_sentinels_name
 
     assert asyncio.run(async_roundtrip()) == 7
     assert cache.check()["ok"] is True
+
+
+def test_django_redis_form_finds_the_master_too(group):
+    cache = NearCache(
+        f"redis://:{PASSWORD}@{group.service}/1",
+        {
+            "KEY_PREFIX": "djr",
+            "OPTIONS": {
+                "SENTINELS": [("127.0.0.1", s.port) for s in group.sentinels],
+                **SENTINEL_AUTH,
+            },
+        },
+    )
+    cache.set("k", 5)
+    assert redis.Redis(port=group.master_port(), password=PASSWORD, db=1).get("djr:1:k") == b"5"
+    assert cache.get("k") == 5 and cache._near.wait_fresh(10)
 
 
 def test_an_unknown_service_is_an_error_naming_it_on_both_paths(group):

@@ -62,6 +62,7 @@ NEAR_OPTION_DEFAULTS: dict[str, Any] = {
     "LEASE": 0.5,
     "L1_MAX_TTL": 300.0,
     "INVALIDATION": "tracking",
+    "SENTINELS": None,
     "SENTINEL_KWARGS": None,
     "SIGNED": True,
     "IGNORE_EXCEPTIONS": False,
@@ -474,6 +475,40 @@ def _sentinel_location(where: str, location: str) -> tuple[dict[str, Any], Senti
     return url, SentinelSpec(tuple(sentinels), service, tuple(sorted(url.items())))
 
 
+def _django_redis_sentinel(
+    where: str, scheme: str, sentinel: SentinelSpec | None, url: dict[str, Any], given: Any
+) -> tuple[dict[str, Any], SentinelSpec]:
+    """django-redis's form: ``OPTIONS['SENTINELS']`` lists the sentinels' (host, port) and
+    LOCATION is ``redis://[user:pass@]service_name[:port]/db`` (its host is the service)."""
+    if scheme != "redis" or sentinel is not None or not url.get("host"):
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['SENTINELS'] needs LOCATION 'redis://service_name/db' "
+            "(django-redis's form); or give sentinel://host:port[,host:port...]/service_name/db."
+        )
+    addrs = []
+    for item in given if isinstance(given, (list, tuple)) else [given]:
+        if not (
+            isinstance(item, (list, tuple))
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and item[0]
+            and isinstance(item[1], int)
+            and not isinstance(item[1], bool)
+            and 0 < item[1] < 65536
+        ):
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS['SENTINELS'] must be a list of (host, port) pairs, "
+                f"not {given!r}."
+            )
+        addrs.append((item[0], item[1]))
+    if not addrs:
+        raise ImproperlyConfigured(f"{where}: OPTIONS['SENTINELS'] is empty.")
+    master = {k: v for k, v in url.items() if k not in ("host", "port")}
+    master.setdefault("db", 0)
+    spec = SentinelSpec(tuple(addrs), url["host"], tuple(sorted(master.items())))
+    return master, spec
+
+
 def _sentinel_kwargs(where: str, given: Any) -> tuple[tuple[str, Any], ...] | None:
     """``OPTIONS['SENTINEL_KWARGS']``, checked: None or a dict of ``_SENTINEL_KWARGS``."""
     if given is None:
@@ -583,6 +618,8 @@ class NearOptions:
                 f"{', '.join(NEAR_OPTION_DEFAULTS)} or a redis-py connection option."
             )
         o = {**NEAR_OPTION_DEFAULTS, **ours}
+        if o["SENTINELS"] is not None:
+            url, sentinel = _django_redis_sentinel(where, scheme, sentinel, url, o["SENTINELS"])
         for name in sorted(theirs, key=str):
             if not isinstance(name, str):
                 raise ImproperlyConfigured(f"{where}: OPTIONS key {name!r} is not a string.")
