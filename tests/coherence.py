@@ -15,6 +15,12 @@ Faults, injected by the parent while the processes run:
   truth is reset, so reads sent after the restart are judged only against writes acked after it);
 - ``freeze``: the invalidation listener connects through ``Proxy``, a threaded TCP forwarder that
   stops forwarding both ways for ``length`` s (sockets kept open) while the data path goes direct.
+- ``failover``: behind Redis Sentinel (``server`` is a ``servers.SentinelGroup``), SIGKILL the
+  master and wait until every sentinel names the promoted replica, which answers as a master: the
+  failover time. The data carries over (no reset); a write the dead master acknowledged but had
+  not yet passed to the replica is lost, and reads may then be stale for about the failover time,
+  so this fault's bar is LEASE + the measured failover time (+ the same slack). ``length`` is how
+  long the run budgets for the failover.
 
 By default 4 readers read 4 keys round robin, pausing 0.2 ms between reads, and the writer
 writes one of the keys every 5 ms: each key changes every 20 ms, as in the issue's measurement
@@ -61,7 +67,7 @@ FAULT_SLACK_MS = 100.0  # with a fault: no stale read older than LEASE + this
 L1_RECOVERY_S = 2.0  # with a fault: L1 back in use within this long after recovery
 
 #: Fault lengths from the issue; ``kill`` is how long the server stays down before the restart.
-FAULT_LENGTHS = {"none": 0.0, "pause": 1.5, "kill": 0.5, "freeze": 2.0}
+FAULT_LENGTHS = {"none": 0.0, "pause": 1.5, "kill": 0.5, "freeze": 2.0, "failover": 4.0}
 SAMPLE_EVERY = 0.02  # s between two samples of a reader's L1 hit counter
 
 _mono = time.monotonic
@@ -213,6 +219,13 @@ class Result:
     cpu_busy: float | None = None
 
     @property
+    def failover_ms(self) -> float:
+        """From the fault (the master killed) to recovery (the new master named), in ms."""
+        if self.fault_at is None or self.recovered_at is None:
+            return 0.0
+        return (self.recovered_at - self.fault_at) * 1000
+
+    @property
     def stale_fraction(self) -> float:
         return self.stale / self.reads if self.reads else 0.0
 
@@ -232,6 +245,8 @@ class Result:
                 out.append(f"{self.stale_fraction:.2%} stale >= {NO_FAULT_FRACTION:.0%}")
         else:
             bound = (0.5 if self.lease is None else self.lease) * 1000 + FAULT_SLACK_MS
+            if self.fault == "failover":
+                bound += self.failover_ms
             if self.oldest_stale_ms > bound:
                 out.append(f"oldest stale read {self.oldest_stale_ms:.1f} ms > {bound:g} ms")
             if self.l1_hits is not None and (
@@ -455,7 +470,7 @@ def run(
     recovery. Without a fault the run lasts ``before + after`` s."""
     if fault not in FAULT_LENGTHS:
         raise ValueError(f"fault must be one of {sorted(FAULT_LENGTHS)}, not {fault!r}")
-    if fault in ("pause", "kill") and server is None:
+    if fault in ("pause", "kill", "failover") and server is None:
         raise ValueError(f"fault {fault!r} needs the server")
     if fault == "freeze" and proxy is None:
         raise ValueError("fault 'freeze' needs the proxy the listener connects through")
@@ -564,6 +579,11 @@ def _inject(
         proxy.freeze()
         time.sleep(length)
         proxy.thaw()
+    elif fault == "failover":
+        old = server.master
+        os.kill(old.pid, signal.SIGKILL)
+        old.proc.wait(10)
+        server.wait_failover(old.port, timeout=30)
     result.recovered_at = _mono() - start
     return resets
 

@@ -10,6 +10,10 @@ to install: the tests that need the server then fail (they are never skipped).
 
 A server may listen on TLS only (``tls=``, a ``Pki`` made by ``make_pki``: a throwaway CA and
 certificates made with the ``openssl`` CLI; Debian's redis-server is built with TLS).
+
+``start_sentinel_group`` starts a Redis Sentinel set-up: a master, a replica of it and three
+sentinels watching them (``redis-server sentinel.conf --sentinel``, each with its own config
+file, which a sentinel rewrites), tuned to fail over within a few seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 KINDS = ("redis", "valkey")
 
@@ -171,6 +176,8 @@ class Server:
     tls: Pki | None = None
     #: With ``tls``: require a client certificate signed by the CA (mutual TLS).
     tls_auth_clients: bool = False
+    #: A sentinel: this text is its config file (``dir/sentinel.conf``, rewritten by it).
+    sentinel_conf: str | None = None
 
     @property
     def url(self) -> str:
@@ -206,8 +213,14 @@ class Server:
                     "--tls-ca-cert-file", str(self.tls.ca),
                     "--tls-auth-clients", "yes" if self.tls_auth_clients else "no",
                 ]  # fmt: skip
+            head = [self.binary]
+            if self.sentinel_conf is not None:
+                conf = self.dir / "sentinel.conf"
+                if not conf.exists():  # a restart keeps what the sentinel learnt
+                    conf.write_text(self.sentinel_conf)
+                head += [str(conf), "--sentinel"]
             cmd = [
-                self.binary,
+                *head,
                 *ports,
                 "--bind", "127.0.0.1",
                 "--save", "",
@@ -298,6 +311,150 @@ def start(
         tls_auth_clients=tls_auth_clients,
     )  # fmt: skip
     return server.start()
+
+
+def command(port: int, *args: str, timeout: float = 2.0, password: str | None = None) -> Any:
+    """One command to 127.0.0.1:``port`` with redis-py (decoded replies), on a fresh connection."""
+    import redis
+
+    with redis.Redis(
+        "127.0.0.1", port, socket_timeout=timeout, socket_connect_timeout=timeout,
+        decode_responses=True, password=password,
+    ) as client:  # fmt: skip
+        return client.execute_command(*args)
+
+
+@dataclass(eq=False)
+class SentinelGroup:
+    """A master, its replica and three sentinels monitoring ``service`` (all ours)."""
+
+    service: str
+    master: Server
+    replica: Server
+    sentinels: list[Server]
+    #: ``requirepass`` of the master and the replica, and of the sentinels (None: none).
+    password: str | None = None
+    sentinel_password: str | None = None
+
+    def location(self, db: int = 0) -> str:
+        """NearCache's LOCATION for this group (with the servers' password, if any)."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        auth = f":{self.password}@" if self.password else ""
+        return f"sentinel://{auth}{hosts}/{self.service}/{db}"
+
+    def _ask(self, sentinel: Server, *args: str) -> Any:
+        return command(sentinel.port, "SENTINEL", *args, password=self.sentinel_password)
+
+    def master_port(self) -> int | None:
+        """The master's port as the first sentinel that answers says (None: none does)."""
+        for s in self.sentinels:
+            try:
+                _, port = self._ask(s, "GET-MASTER-ADDR-BY-NAME", self.service)
+                return int(port)
+            except Exception:
+                continue
+        return None
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until every sentinel knows the replica and the two other sentinels (a failover needs
+        a quorum of them to agree, and a replica to promote)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = []
+            for s in self.sentinels:
+                try:
+                    state = self._ask(s, "MASTER", self.service)  # parsed by redis-py
+                    states.append((int(state["num-slaves"]), int(state["num-other-sentinels"])))
+                except Exception as e:
+                    states.append((-1, repr(e)))
+            if all(state == (1, len(self.sentinels) - 1) for state in states):
+                return
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(f"the sentinels never agreed (replicas, peers): {states}")
+            time.sleep(0.1)
+
+    def wait_failover(self, old_port: int, timeout: float = 30.0) -> int:
+        """Until every sentinel names a master other than ``old_port``, which answers as a
+        master; returns its port."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ports = set()
+            for s in self.sentinels:
+                try:
+                    reply = self._ask(s, "GET-MASTER-ADDR-BY-NAME", self.service)
+                    ports.add(int(reply[1]))
+                except Exception:
+                    ports.add(None)
+            if len(ports) == 1 and None not in ports and old_port not in ports:
+                port = ports.pop()
+                try:
+                    if command(port, "ROLE", password=self.password)[0] == "master":
+                        return port
+                except Exception:
+                    pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no failover from port {old_port} within {timeout} s: {ports}")
+            time.sleep(0.02)
+
+    def servers(self) -> list[Server]:
+        return [self.master, self.replica, *self.sentinels]
+
+    def cleanup(self) -> None:
+        for server in self.servers():
+            server.cleanup()
+
+
+def start_sentinel_group(
+    service: str = "rcmaster",
+    down_after_ms: int = 1000,
+    failover_timeout_ms: int = 3000,
+    password: str | None = None,
+    sentinel_password: str | None = None,
+) -> SentinelGroup:
+    """A master, a replica of it (in sync) and three sentinels (quorum 2) that know both and each
+    other: ready for a failover ``down_after_ms`` after the master stops answering. With
+    ``password`` the servers require it, with ``sentinel_password`` the sentinels theirs."""
+    binary = find_binary("redis")
+    started: list[Server] = []
+    auth = ["--requirepass", password, "--masterauth", password] if password else []
+    try:
+        # A replica's first sync would wait 5 s for more replicas (diskless sync's default).
+        master = start("redis", "--repl-diskless-sync-delay", "0", *auth)
+        started.append(master)
+        replica = start("redis", "--replicaof", "127.0.0.1", str(master.port), *auth)
+        started.append(replica)
+        deadline = time.monotonic() + 15
+        while (
+            command(replica.port, "INFO", "replication", password=password).get(
+                "master_link_status"
+            )
+            != "up"
+        ):
+            if time.monotonic() > deadline:
+                raise ServerUnavailable("the replica never synced with the master")
+            time.sleep(0.05)
+        conf = (
+            f"sentinel monitor {service} 127.0.0.1 {master.port} 2\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {service} 1\n"
+        )
+        if password:
+            conf += f"sentinel auth-pass {service} {password}\n"
+        if sentinel_password:
+            conf += f"requirepass {sentinel_password}\nsentinel sentinel-pass {sentinel_password}\n"
+        sentinels = []
+        for _ in range(3):
+            sentinel = Server("redis-sentinel", binary, sentinel_conf=conf).start()
+            started.append(sentinel)
+            sentinels.append(sentinel)
+        group = SentinelGroup(service, master, replica, sentinels, password, sentinel_password)
+        group.wait_ready()
+        return group
+    except BaseException:
+        for server in started:
+            server.cleanup()
+        raise
 
 
 @atexit.register

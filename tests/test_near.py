@@ -439,8 +439,8 @@ def test_bad_options_raise_improperly_configured_naming_the_setting(near_server,
 @pytest.mark.parametrize(
     ("location", "says"),
     [
-        ("redis://a:1/0,redis://b:1/0", "not supported yet"),
-        (["redis://a:1/0", "redis://b:1/0"], "not supported yet"),
+        ("redis://a:1/0,redis://b:1/0", "Redis Cluster"),
+        (["redis://a:1/0", "redis://b:1/0"], "sentinel://"),
         ("http://a:1/0", "redis://"),
         ("", "LOCATION"),
         (None, "LOCATION"),

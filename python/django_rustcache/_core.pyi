@@ -183,6 +183,7 @@ class Near:
         channel: str,
         connect_timeout: float,
         tls: dict[str, Any] | None = None,
+        sentinel: dict[str, Any] | None = None,
     ) -> Near: ...
     @property
     def l1_location(self) -> str: ...
@@ -208,4 +209,5 @@ def near(
     channel: str,
     connect_timeout: float,
     tls: dict[str, Any] | None = None,
+    sentinel: dict[str, Any] | None = None,
 ) -> Near: ...

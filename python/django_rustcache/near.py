@@ -69,6 +69,8 @@ NEAR_OPTION_DEFAULTS: dict[str, Any] = {
     "LEASE": 0.5,
     "L1_MAX_TTL": 300.0,
     "INVALIDATION": "tracking",
+    "SENTINELS": None,
+    "SENTINEL_KWARGS": None,
     "SIGNED": True,
     "IGNORE_EXCEPTIONS": False,
     "STALE_IF_ERROR": None,
@@ -467,6 +469,152 @@ def _compress_options(where: str, o: dict[str, Any]) -> tuple[str | None, int, i
     return codec, min_size, max_size
 
 
+#: ``OPTIONS['SENTINEL_KWARGS']`` keys: how to reach the sentinels themselves (redis-py's
+#: ``sentinel_kwargs``); the listener honours the credentials and uses its connect timeout.
+_SENTINEL_KWARGS = {"username", "password", "socket_timeout", "socket_connect_timeout"}
+_SENTINEL_PORT = 26379
+_SENTINEL_HOST = re.compile(
+    r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::(?P<p6>[^:]*))?|(?P<h>[^:\[\]]+)(?::(?P<p>.*))?"
+)
+
+
+@dataclass(frozen=True)
+class SentinelSpec:
+    """Where the master of a ``sentinel://`` LOCATION is found, and how to log in to it."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    #: The URL's credentials, db and query (redis-py's ``parse_url``), for the master.
+    url: tuple[tuple[str, Any], ...]
+    #: ``OPTIONS['SENTINEL_KWARGS']`` (None: redis-py's default, the socket timeouts).
+    kwargs: tuple[tuple[str, Any], ...] | None = None
+
+    def sentinel_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
+        """redis-py's ``sentinel_kwargs``: ours, else the socket timeouts of ``options``."""
+        if self.kwargs is not None:
+            return dict(self.kwargs)
+        return {k: v for k, v in options.items() if k.startswith("socket_")}
+
+    def listener(self) -> dict[str, Any]:
+        """The Rust listener's ``sentinel`` argument."""
+        kwargs = dict(self.kwargs or ())
+        return {
+            "sentinels": list(self.sentinels),
+            "service": self.service,
+            "username": kwargs.get("username"),
+            "password": kwargs.get("password"),
+        }
+
+
+def _sentinel_location(where: str, location: str) -> tuple[dict[str, Any], SentinelSpec]:
+    """``sentinel://[user:pass@]host[:port][,host[:port]...]/service[/db][?query]``: redis-py's
+    ``parse_url`` of the master's part (credentials, db, query) and the sentinels."""
+    from urllib.parse import unquote
+
+    usage = "sentinel://host:port[,host:port...]/service_name[/db]"
+    rest = location.split("://", 1)[1]
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, netloc = netloc.rpartition("@")
+    sentinels = []
+    for part in netloc.split(","):
+        m = _SENTINEL_HOST.fullmatch(part.strip())
+        host = m and (m["v6"] or m["h"])
+        port_text = m and (m["p6"] if m["v6"] else m["p"])
+        if not host or (port_text is not None and not port_text.isdigit()):
+            raise ImproperlyConfigured(
+                f"{where}: {part!r} is not a sentinel's host[:port]; expected {usage}."
+            )
+        port = int(port_text) if port_text is not None else _SENTINEL_PORT
+        if not 0 < port < 65536:
+            raise ImproperlyConfigured(f"{where}: sentinel port {port} is out of range.")
+        sentinels.append((host, port))
+    segments = path.split("/") if path else []
+    if segments and segments[-1] == "":
+        segments.pop()  # a trailing slash
+    if not segments or not segments[0] or len(segments) > 2:
+        raise ImproperlyConfigured(
+            f"{where}: a Sentinel LOCATION names the service (the sentinels' master name) "
+            f"and optionally the db: {usage}."
+        )
+    service = unquote(segments[0])
+    db = segments[1] if len(segments) > 1 else "0"
+    if not db.isdigit():
+        raise ImproperlyConfigured(f"{where}: the db must be a number, not {db!r}.")
+    master = f"redis://{userinfo}{at}localhost/{db}" + (f"?{query}" if query else "")
+    try:
+        url = _redis().connection.parse_url(master)
+    except ValueError as e:
+        raise ImproperlyConfigured(f"{where}: LOCATION is not a valid URL: {e}") from None
+    url.pop("host", None)
+    url.pop("port", None)
+    return url, SentinelSpec(tuple(sentinels), service, tuple(sorted(url.items())))
+
+
+def _django_redis_sentinel(
+    where: str, scheme: str, sentinel: SentinelSpec | None, url: dict[str, Any], given: Any
+) -> tuple[dict[str, Any], SentinelSpec]:
+    """django-redis's form: ``OPTIONS['SENTINELS']`` lists the sentinels' (host, port) and
+    LOCATION is ``redis://[user:pass@]service_name[:port]/db`` (its host is the service)."""
+    if scheme != "redis" or sentinel is not None or not url.get("host"):
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['SENTINELS'] needs LOCATION 'redis://service_name/db' "
+            "(django-redis's form); or give sentinel://host:port[,host:port...]/service_name/db."
+        )
+    addrs = []
+    for item in given if isinstance(given, (list, tuple)) else [given]:
+        if not (
+            isinstance(item, (list, tuple))
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and item[0]
+            and isinstance(item[1], int)
+            and not isinstance(item[1], bool)
+            and 0 < item[1] < 65536
+        ):
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS['SENTINELS'] must be a list of (host, port) pairs, "
+                f"not {given!r}."
+            )
+        addrs.append((item[0], item[1]))
+    if not addrs:
+        raise ImproperlyConfigured(f"{where}: OPTIONS['SENTINELS'] is empty.")
+    master = {k: v for k, v in url.items() if k not in ("host", "port")}
+    master.setdefault("db", 0)
+    spec = SentinelSpec(tuple(addrs), url["host"], tuple(sorted(master.items())))
+    return master, spec
+
+
+def _sentinel_kwargs(where: str, given: Any) -> tuple[tuple[str, Any], ...] | None:
+    """``OPTIONS['SENTINEL_KWARGS']``, checked: None or a dict of ``_SENTINEL_KWARGS``."""
+    if given is None:
+        return None
+    if not isinstance(given, dict):
+        raise ImproperlyConfigured(
+            f"{where}: OPTIONS['SENTINEL_KWARGS'] must be a dict, not {type(given).__name__}."
+        )
+    for name, value in given.items():
+        if name not in _SENTINEL_KWARGS:
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS['SENTINEL_KWARGS'] key {name!r} is not supported; expected "
+                f"{', '.join(sorted(_SENTINEL_KWARGS))} (TLS to the sentinels is not supported)."
+            )
+        if name in ("username", "password") and not isinstance(value, str):
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS['SENTINEL_KWARGS'][{name!r}] must be a str."
+            )
+        if name.startswith("socket_") and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < float("inf")
+        ):
+            raise ImproperlyConfigured(
+                f"{where}: OPTIONS['SENTINEL_KWARGS'][{name!r}] must be a finite number of "
+                f"seconds > 0, not {value!r}."
+            )
+    return tuple(sorted(given.items()))
+
+
 @dataclass(frozen=True)
 class NearOptions:
     """The validated settings of a NearCache alias."""
@@ -488,6 +636,8 @@ class NearOptions:
     ignore_exceptions: bool
     stale_if_error: float | None
     redis_options: dict[str, Any]
+    #: A ``sentinel://`` LOCATION: the sentinels and the service; None: a single server.
+    sentinel: SentinelSpec | None = None
     #: Seconds a get_or_set caller waits for another thread's fill of the same key (0: off).
     stampede_wait: float = 10.0
     #: The cross-process ``get_or_set`` lock's expiry in seconds (0.0: no lock).
@@ -499,28 +649,33 @@ class NearOptions:
     def from_params(cls, location: Any, params: dict[str, Any]) -> NearOptions:
         """Check a CACHES entry; ImproperlyConfigured names the setting that is wrong."""
         where = f"NearCache LOCATION {location!r}"
-        if isinstance(location, (list, tuple)) or (
+        sentinel = None
+        if isinstance(location, str) and location[:11].lower() == "sentinel://":
+            url, sentinel = _sentinel_location(where, location)
+        elif isinstance(location, (list, tuple)) or (
             isinstance(location, str) and re.search("[;,]", location)
         ):
             raise ImproperlyConfigured(
-                f"{where}: a list of servers (replicas, Sentinel, Cluster) is not supported yet; "
-                "give one redis:// or unix:// URL."
+                f"{where}: a list of servers is not supported: give one redis://, rediss:// or "
+                "unix:// URL, or sentinel://host:port[,host:port...]/service_name[/db] for "
+                "Redis Sentinel (Redis Cluster and client-side sharding are not supported)."
             )
         if not isinstance(location, str) or not location:
             raise ImproperlyConfigured(
-                f"{where}: LOCATION must be a redis://, rediss:// or unix:// URL, "
+                f"{where}: LOCATION must be a redis://, rediss://, unix:// or sentinel:// URL, "
                 "e.g. 'redis://127.0.0.1:6379/0'."
             )
         scheme = location.split("://", 1)[0].lower() if "://" in location else ""
-        if scheme not in ("redis", "rediss", "unix"):
+        if scheme not in ("redis", "rediss", "unix", "sentinel"):
             raise ImproperlyConfigured(
-                f"{where}: LOCATION must start with redis://, rediss:// or unix://, "
-                f"not {location!r}."
+                f"{where}: LOCATION must start with redis://, rediss://, unix:// or "
+                f"sentinel://, not {location!r}."
             )
-        try:
-            url = _redis().connection.parse_url(location)
-        except ValueError as e:
-            raise ImproperlyConfigured(f"{where}: LOCATION is not a valid URL: {e}") from None
+        if sentinel is None:
+            try:
+                url = _redis().connection.parse_url(location)
+            except ValueError as e:
+                raise ImproperlyConfigured(f"{where}: LOCATION is not a valid URL: {e}") from None
         unknown = sorted(set(params) - TOP_LEVEL_KEYS)
         if unknown:
             raise ImproperlyConfigured(
@@ -541,9 +696,18 @@ class NearOptions:
                 f"{', '.join(NEAR_OPTION_DEFAULTS)} or a redis-py connection option."
             )
         o = {**NEAR_OPTION_DEFAULTS, **ours}
+        if o["SENTINELS"] is not None:
+            url, sentinel = _django_redis_sentinel(where, scheme, sentinel, url, o["SENTINELS"])
         for name in sorted(theirs, key=str):
             if not isinstance(name, str):
                 raise ImproperlyConfigured(f"{where}: OPTIONS key {name!r} is not a string.")
+            if sentinel is not None and (
+                name.startswith("ssl") or name in ("pool_class", "connection_class")
+            ):
+                raise ImproperlyConfigured(
+                    f"{where}: OPTIONS[{name!r}] is not supported with Sentinel (NearCache "
+                    "uses redis-py's SentinelConnectionPool, without TLS)."
+                )
             if name.startswith("ssl") and name not in _TLS_OPTIONS:
                 raise ImproperlyConfigured(
                     f"{where}: OPTIONS[{name!r}] is not supported by NearCache: its invalidation "
@@ -599,6 +763,14 @@ class NearOptions:
             raise ImproperlyConfigured(
                 f"{where}: OPTIONS['INVALIDATION'] must be 'tracking' or 'pubsub', not {mode!r}."
             )
+        sentinel_kwargs = _sentinel_kwargs(where, o["SENTINEL_KWARGS"])
+        if sentinel_kwargs is not None:
+            if sentinel is None:
+                raise ImproperlyConfigured(
+                    f"{where}: OPTIONS['SENTINEL_KWARGS'] needs a sentinel:// LOCATION."
+                )
+            sentinel = SentinelSpec(sentinel.sentinels, sentinel.service, sentinel.url,
+                                    sentinel_kwargs)  # fmt: skip
         stale = o["STALE_IF_ERROR"]
         if stale is not None:
             stale = _number(where, "STALE_IF_ERROR", stale, zero_ok=True) or None
@@ -618,6 +790,7 @@ class NearOptions:
             ignore_exceptions=_bool(where, "IGNORE_EXCEPTIONS", o["IGNORE_EXCEPTIONS"]),
             stale_if_error=stale,
             redis_options=theirs,
+            sentinel=sentinel,
             # Checked as RustCache's STAMPEDE_WAIT is.
             stampede_wait=_seconds(where, "OPTIONS['STAMPEDE_WAIT']", o["STAMPEDE_WAIT"]),
             stampede_lock=_stampede_lock(where, o["STAMPEDE_LOCK"]),
@@ -692,9 +865,12 @@ def _tls_settings(where: str, options: dict[str, Any]) -> dict[str, Any]:
 class _Conn:
     """The long-lived redis-py clients of one LOCATION in this process (sync, and per loop)."""
 
-    def __init__(self, location: str, options: dict[str, Any]) -> None:
+    def __init__(
+        self, location: str, options: dict[str, Any], sentinel: SentinelSpec | None = None
+    ) -> None:
         redis = _redis()
         opts = dict(options)
+        self._sentinel = sentinel
         pool_class = opts.pop("pool_class", None) or redis.ConnectionPool
         if isinstance(pool_class, str):
             from django.utils.module_loading import import_string
@@ -705,7 +881,12 @@ class _Conn:
 
             opts["parser_class"] = import_string(opts["parser_class"])
         self.location = location
-        self.client = redis.Redis(connection_pool=pool_class.from_url(location, **opts))
+        if sentinel is None:
+            self.client = redis.Redis(connection_pool=pool_class.from_url(location, **opts))
+        else:
+            # The master, wherever the sentinels say it is: each connection asks when it
+            # connects (a failover breaks the old ones), redis-py's SentinelManagedConnection.
+            self.client = _master_client(redis.sentinel, sentinel, opts)
         pool = self.client.connection_pool
         # The hot commands (a miss's GET + PTTL, a set's SET) skip redis-py's client and pool
         # layers, which cost more than the round trip itself on loopback, and run on
@@ -716,7 +897,7 @@ class _Conn:
         # credential_provider (re-authentication) keep the pool path.
         kwargs = pool.connection_kwargs
         self.direct = (
-            type(pool) is redis.ConnectionPool
+            type(pool) in (redis.ConnectionPool, redis.sentinel.SentinelConnectionPool)
             and "max_connections" not in opts
             and getattr(pool, "cache", None) is None
             and str(kwargs.get("protocol") or 2) == "2"
@@ -760,6 +941,10 @@ class _Conn:
         conn = wire.conn
         if conn._sock is not None and wire.stale():
             conn.disconnect()  # send_packed_command connects again
+        if conn._sock is None and self._sentinel is not None:
+            # send_packed_command's own connect would skip SentinelManagedConnection's, which
+            # asks the sentinels where the master is now.
+            conn.connect()
         pack = self._pack
         if pack is not None:
             if len(commands) == 1:
@@ -790,10 +975,21 @@ class _Conn:
             with self._lock:
                 client = self._aclients.get(loop)
                 if client is None:
-                    pool = self._async_pool_class.from_url(self.location, **self._async_options)
-                    client = _redis().asyncio.Redis(connection_pool=pool)
+                    if self._sentinel is not None:
+                        module = _redis().asyncio.sentinel
+                        client = _master_client(module, self._sentinel, self._async_options)
+                    else:
+                        pool = self._async_pool_class.from_url(self.location, **self._async_options)
+                        client = _redis().asyncio.Redis(connection_pool=pool)
                     self._aclients[loop] = client
         return client
+
+
+def _master_client(module: Any, spec: SentinelSpec, options: dict[str, Any]) -> Any:
+    """A client of the master of ``spec`` (``module``: redis.sentinel or redis.asyncio.sentinel):
+    the URL's settings win over the OPTIONS, as in redis-py's ``from_url``."""
+    manager = module.Sentinel(list(spec.sentinels), sentinel_kwargs=spec.sentinel_kwargs(options))
+    return manager.master_for(spec.service, **{**options, **dict(spec.url)})
 
 
 _NO_POLL = not hasattr(select, "poll")  # Windows
@@ -918,14 +1114,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _conn_for(location: str, options: dict[str, Any]) -> _Conn:
-    key = (location, repr(sorted(options.items(), key=lambda kv: kv[0])))
+def _conn_for(
+    location: str, options: dict[str, Any], sentinel: SentinelSpec | None = None
+) -> _Conn:
+    key = (location, repr(sorted(options.items(), key=lambda kv: kv[0])), repr(sentinel))
     conn = _STATE.conns.get(key)
     if conn is None:
         with _STATE.lock:
             conn = _STATE.conns.get(key)
             if conn is None:
-                conn = _STATE.conns[key] = _Conn(location, options)
+                conn = _STATE.conns[key] = _Conn(location, options, sentinel)
     return conn
 
 
@@ -1073,6 +1271,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
                 channel=self._channel,
                 connect_timeout=float(o.redis_options.get("socket_connect_timeout") or 2.0),
                 **({} if o.tls is None else {"tls": o.tls}),
+                **({} if o.sentinel is None else {"sentinel": o.sentinel.listener()}),
             )
         except ValueError as e:  # the listener's settings: a TLS file it cannot use, ...
             raise ImproperlyConfigured(f"NearCache LOCATION {o.location!r}: {e}") from None
@@ -1136,7 +1335,8 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
 
     def _bind(self) -> None:
         """(Re)attach to this process's client and counters (again after a fork)."""
-        self._conn = _conn_for(self._options.location, self._options.redis_options)
+        o = self._options
+        self._conn = _conn_for(o.location, o.redis_options, o.sentinel)
         self._counters = _counters_for(self._l1_location)
         self._errors = _conn_errors()
         self._generation = _STATE.generation

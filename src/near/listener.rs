@@ -14,6 +14,11 @@
 //! the thread connects again after a capped exponential backoff with jitter.
 //!
 //! In pub/sub mode a message is one made key, or `*` for "flush everything".
+//!
+//! Behind Redis Sentinel (`Endpoint::Sentinel`), every session starts by asking the sentinels
+//! for the master's address (`sentinel.rs`), and after `HELLO` checks with `ROLE` that the server
+//! is a master; so after a failover the next session is on the new master, and L1, flushed at its
+//! start, serves again only after that master's first PONG.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -33,6 +38,7 @@ use super::inherited;
 use super::lease::Lease;
 use super::record::{self, Record};
 use super::resp::{self, Value};
+use super::sentinel::Sentinels;
 use super::tls::{self, Tls};
 use super::Sink;
 use crate::clock;
@@ -40,8 +46,13 @@ use crate::clock;
 /// Where the server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
-    Tcp { host: String, port: u16 },
+    Tcp {
+        host: String,
+        port: u16,
+    },
     Unix(PathBuf),
+    /// The master of a service, as the sentinels say at each session's start (TCP).
+    Sentinel(Sentinels),
 }
 
 /// How invalidations come.
@@ -138,8 +149,9 @@ impl Conn {
         }
     }
 
-    fn connect(cfg: &Config) -> io::Result<Conn> {
-        match &cfg.endpoint {
+    /// Connects to `endpoint`, a TCP or unix one (a `Sentinel` one is resolved first).
+    fn connect(cfg: &Config, endpoint: &Endpoint) -> io::Result<Conn> {
+        match endpoint {
             Endpoint::Tcp { host, port } => {
                 let mut last = None;
                 for addr in (host.as_str(), *port).to_socket_addrs()? {
@@ -161,6 +173,10 @@ impl Conn {
             Endpoint::Unix(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "unix sockets need a unix system",
+            )),
+            Endpoint::Sentinel(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "ask the sentinels for the master first",
             )),
         }
     }
@@ -531,7 +547,8 @@ fn apply_push(items: &[Value], sink: &dyn Sink, counters: &Counters) {
     }
 }
 
-/// Reads until `want` accepts a frame (pushes are applied meanwhile), or the timeout passes.
+/// Reads until `want` accepts a frame (pushes are applied meanwhile), or the timeout passes;
+/// returns that frame.
 #[allow(clippy::too_many_arguments)]
 fn expect(
     conn: &mut Conn,
@@ -542,7 +559,7 @@ fn expect(
     counters: &Counters,
     shared: &Shared,
     want: impl Fn(&Value) -> bool,
-) -> Result<(), String> {
+) -> Result<Value, String> {
     let deadline = clock::now() + timeout.as_nanos() as u64;
     loop {
         if shared.stopped() {
@@ -556,12 +573,36 @@ fn expect(
             .map_err(|e| e.to_string())?;
         match rd.frame(conn)? {
             None => {}
-            Some(v) if want(&v) => return Ok(()),
+            Some(v) if want(&v) => return Ok(v),
             Some(Value::Error(e)) => return Err(format!("{what}: {}", text(&e))),
             Some(Value::Push(items)) => apply_push(&items, sink, counters),
             Some(other) => return Err(format!("{what}: unexpected reply {other:?}")),
         }
     }
+}
+
+/// Refuses what `HELLO`'s `mode` says is no standalone server: a Cluster node (a key's slot may
+/// be served elsewhere) or a sentinel (a `redis://` LOCATION naming a sentinel's port).
+fn check_mode(hello: &Value) -> Result<(), String> {
+    let Value::Map(fields) = hello else {
+        return Ok(());
+    };
+    let mode = fields
+        .iter()
+        .find(|(k, _)| k.as_bytes() == Some(b"mode"))
+        .and_then(|(_, v)| v.as_bytes())
+        .unwrap_or(b"standalone");
+    if mode.eq_ignore_ascii_case(b"cluster") {
+        return Err(
+            "the server is a Redis Cluster node: NearCache does not support Cluster".into(),
+        );
+    }
+    if mode.eq_ignore_ascii_case(b"sentinel") {
+        return Err(
+            "the server is a Redis Sentinel: give LOCATION as sentinel://host:port/service".into(),
+        );
+    }
+    Ok(())
 }
 
 fn session(
@@ -573,7 +614,16 @@ fn session(
     shared: &Shared,
     backoff: &mut Backoff,
 ) -> Result<(), String> {
-    let mut conn = Conn::connect(cfg).map_err(|e| format!("connect: {e}"))?;
+    // Behind Sentinel: the master as the sentinels say now (a failover moves it).
+    let endpoint = match &cfg.endpoint {
+        Endpoint::Sentinel(s) => {
+            let (host, port) = s.master(cfg.connect_timeout, || shared.stopped())?;
+            Endpoint::Tcp { host, port }
+        }
+        other => other.clone(),
+    };
+    let mut conn =
+        Conn::connect(cfg, &endpoint).map_err(|e| format!("connect to {endpoint:?}: {e}"))?;
     conn.set_write_timeout(cfg.connect_timeout.max(cfg.lease))
         .map_err(|e| e.to_string())?;
     *shared.socket.lock() = conn.try_clone().ok();
@@ -581,7 +631,7 @@ fn session(
         return Ok(());
     }
     if let Some(t) = &cfg.tls {
-        let Endpoint::Tcp { host, .. } = &cfg.endpoint else {
+        let Endpoint::Tcp { host, .. } = &endpoint else {
             return Err("TLS needs a TCP endpoint, not a unix socket".into());
         };
         // The handshake is bounded by the connect timeout (and `stop` shuts the socket down).
@@ -601,7 +651,7 @@ fn session(
         hello.extend([b"AUTH".as_slice(), user.as_bytes(), pass.as_bytes()]);
     }
     send(&mut conn, &hello)?;
-    expect(
+    let hello = expect(
         &mut conn,
         &mut rd,
         wait,
@@ -611,6 +661,33 @@ fn session(
         shared,
         |v| matches!(v, Value::Map(_)),
     )?;
+    check_mode(&hello)?;
+    if let Endpoint::Sentinel(s) = &cfg.endpoint {
+        // The sentinels may name a master that has just been demoted (or not yet see the new
+        // one): only a master is listened to, else this session ends and the next asks again.
+        send(&mut conn, &[b"ROLE"])?;
+        let role = expect(
+            &mut conn,
+            &mut rd,
+            wait,
+            "ROLE",
+            sink,
+            counters,
+            shared,
+            |v| matches!(v, Value::Array(_)),
+        )?;
+        let name = match &role {
+            Value::Array(items) => items.first().and_then(Value::as_bytes).unwrap_or(b"?"),
+            _ => b"?",
+        };
+        if !name.eq_ignore_ascii_case(b"master") {
+            return Err(format!(
+                "{endpoint:?}, named by the sentinels as the master of {:?}, is a {}",
+                s.service,
+                text(name)
+            ));
+        }
+    }
 
     match &cfg.mode {
         Mode::Bcast => {
@@ -700,5 +777,32 @@ fn session(
             }
             next = rd.parse()?;
         }
+    }
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::*;
+
+    fn hello(mode: &[u8]) -> Value {
+        Value::Map(vec![
+            (
+                Value::Bulk(b"server".to_vec()),
+                Value::Bulk(b"redis".to_vec()),
+            ),
+            (Value::Bulk(b"mode".to_vec()), Value::Bulk(mode.to_vec())),
+        ])
+    }
+
+    #[test]
+    fn a_cluster_node_or_a_sentinel_is_refused_with_a_reason() {
+        assert_eq!(check_mode(&hello(b"standalone")), Ok(()));
+        assert_eq!(check_mode(&Value::Map(vec![])), Ok(()));
+        assert!(check_mode(&hello(b"cluster"))
+            .unwrap_err()
+            .contains("does not support Cluster"));
+        assert!(check_mode(&hello(b"sentinel"))
+            .unwrap_err()
+            .contains("sentinel://"));
     }
 }

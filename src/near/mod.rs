@@ -18,6 +18,7 @@ pub mod lease;
 pub mod listener;
 pub mod record;
 pub mod resp;
+pub mod sentinel;
 pub mod tls;
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};

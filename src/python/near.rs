@@ -27,6 +27,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use super::registry;
 use super::value::PyValue;
 use crate::near::listener::{Config, Endpoint, Mode};
+use crate::near::sentinel::Sentinels;
 use crate::near::tls::{self, Tls};
 use crate::near::{self as rust_near, Graveyard, Sink};
 use crate::shard::Entry;
@@ -106,22 +107,43 @@ fn make_config(
     channel: String,
     connect_timeout: f64,
     tls: Option<&Bound<'_, PyDict>>,
+    sentinel: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<Config> {
-    let endpoint = match (host, unix_path) {
-        (Some(_), Some(_)) => {
+    let endpoint = match (host, unix_path, sentinel) {
+        (None, None, Some(d)) => sentinel_settings(d)?,
+        (_, _, Some(_)) => {
+            return Err(PyValueError::new_err(
+                "give either sentinel or host/unix_path, not both",
+            ))
+        }
+        (Some(_), Some(_), None) => {
             return Err(PyValueError::new_err(
                 "give either host or unix_path, not both",
             ))
         }
-        (None, Some(path)) => Endpoint::Unix(PathBuf::from(path)),
-        (Some(host), None) => {
+        (None, Some(path), None) => Endpoint::Unix(PathBuf::from(path)),
+        (Some(host), None, None) => {
             let port = u16::try_from(port)
                 .ok()
                 .filter(|p| *p > 0)
                 .ok_or_else(|| PyValueError::new_err(format!("bad port {port}")))?;
             Endpoint::Tcp { host, port }
         }
-        (None, None) => return Err(PyValueError::new_err("give a host or a unix_path")),
+        (None, None, None) => return Err(PyValueError::new_err("give a host or a unix_path")),
+    };
+    let tls = match tls {
+        None => None,
+        Some(_) if matches!(endpoint, Endpoint::Unix(_)) => {
+            return Err(PyValueError::new_err(
+                "TLS needs a host and port, not a unix_path",
+            ))
+        }
+        Some(_) if matches!(endpoint, Endpoint::Sentinel(_)) => {
+            return Err(PyValueError::new_err(
+                "TLS behind Sentinel is not supported by the listener",
+            ))
+        }
+        Some(d) => Some(tls_settings(d)?),
     };
     let mode = match mode {
         "bcast" => Mode::Bcast,
@@ -135,17 +157,6 @@ fn make_config(
             )))
         }
     };
-    let tls = match tls {
-        None => None,
-        Some(d) => {
-            if matches!(endpoint, Endpoint::Unix(_)) {
-                return Err(PyValueError::new_err(
-                    "TLS needs a host and port, not a unix_path",
-                ));
-            }
-            Some(tls_settings(d)?)
-        }
-    };
     Ok(Config {
         endpoint,
         username,
@@ -156,6 +167,52 @@ fn make_config(
         connect_timeout: seconds("connect_timeout", connect_timeout)?,
         tls,
     })
+}
+
+/// The listener's Sentinel endpoint from `sentinel`: `sentinels` (a list of (host, port)),
+/// `service`, and optionally `username` and `password` for the sentinels themselves. With it,
+/// `host` and `unix_path` must be None.
+fn sentinel_settings(d: &Bound<'_, PyDict>) -> PyResult<Endpoint> {
+    const KEYS: [&str; 4] = ["sentinels", "service", "username", "password"];
+    for k in d.keys() {
+        let k: String = k.extract()?;
+        if !KEYS.contains(&k.as_str()) {
+            return Err(PyValueError::new_err(format!(
+                "unknown sentinel setting {k:?}; expected one of {KEYS:?}"
+            )));
+        }
+    }
+    let get = |k: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+        Ok(d.get_item(k)?.filter(|v| !v.is_none()))
+    };
+    let mut addrs = Vec::new();
+    if let Some(list) = get("sentinels")? {
+        for item in list.try_iter()? {
+            let (host, port): (String, i64) = item?.extract()?;
+            let port = u16::try_from(port)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| PyValueError::new_err(format!("bad sentinel port {port}")))?;
+            addrs.push((host, port));
+        }
+    }
+    if addrs.is_empty() {
+        return Err(PyValueError::new_err("give at least one sentinel"));
+    }
+    let service: String = match get("service")? {
+        Some(v) => v.extract()?,
+        None => String::new(),
+    };
+    if service.is_empty() {
+        return Err(PyValueError::new_err("give the sentinels' service name"));
+    }
+    let text = |k: &str| -> PyResult<Option<String>> { get(k)?.map(|v| v.extract()).transpose() };
+    Ok(Endpoint::Sentinel(Sentinels::new(
+        addrs,
+        service,
+        text("username")?,
+        text("password")?,
+    )))
 }
 
 /// The listener's TLS settings from `tls` (NearCache passes redis-py's `ssl_*` options, without
@@ -258,7 +315,7 @@ impl Near {
 impl Near {
     #[new]
     #[pyo3(signature = (l1_location, *, host, port, unix_path, username, password, prefix,
-                        lease, mode, channel, connect_timeout, tls=None))]
+                        lease, mode, channel, connect_timeout, tls=None, sentinel=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         l1_location: String,
@@ -273,6 +330,7 @@ impl Near {
         channel: String,
         connect_timeout: f64,
         tls: Option<Bound<'_, PyDict>>,
+        sentinel: Option<Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         crate::fork::install();
         let config = make_config(
@@ -287,6 +345,7 @@ impl Near {
             channel,
             connect_timeout,
             tls.as_ref(),
+            sentinel.as_ref(),
         )?;
         Ok(make(l1_location, config))
     }
@@ -456,7 +515,7 @@ fn nears() -> &'static Nears {
 /// settings, the same object takes them (its listener restarts on the next `ensure_started`).
 #[pyfunction]
 #[pyo3(signature = (l1_location, *, host, port, unix_path, username, password, prefix, lease,
-                    mode, channel, connect_timeout, tls=None))]
+                    mode, channel, connect_timeout, tls=None, sentinel=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn near(
     py: Python<'_>,
@@ -472,6 +531,7 @@ pub fn near(
     channel: String,
     connect_timeout: f64,
     tls: Option<Bound<'_, PyDict>>,
+    sentinel: Option<Bound<'_, PyDict>>,
 ) -> PyResult<Py<Near>> {
     let config = make_config(
         host,
@@ -485,6 +545,7 @@ pub fn near(
         channel,
         connect_timeout,
         tls.as_ref(),
+        sentinel.as_ref(),
     )?;
     let existing = nears().lock().get(&l1_location).map(|n| n.clone_ref(py));
     if let Some(n) = existing {

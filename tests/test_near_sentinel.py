@@ -1,0 +1,446 @@
+"""NearCache behind Redis Sentinel (issue 11, item 2): LOCATION ``sentinel://...``.
+
+Configuration and its errors first (no server), then against a real set-up started here
+(tests/servers.py: a master, a replica and three sentinels): the data path and the listener find
+the master through the sentinels, in both invalidation modes, across processes; and a failover
+(the master SIGKILLed while forked readers and a writer run) keeps every read within LEASE + the
+failover time of the truth, hangs no worker, and brings L1 back once the new master answered.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import time
+
+import pytest
+import redis
+from django.core.exceptions import ImproperlyConfigured
+
+from django_rustcache import NearCache, _core
+from django_rustcache import near as near_mod
+from tests import coherence, servers
+
+LEASE = 0.5
+
+# Configuration ---------------------------------------------------------------------------------
+
+
+def test_a_sentinel_location_names_the_sentinels_the_service_and_the_db():
+    o = near_mod.NearOptions.from_params(
+        "sentinel://u:p%40ss@10.0.0.1:26380,[::1]:26381,s3/my%20master/3", {}
+    )
+    assert o.sentinel is not None
+    assert o.sentinel.sentinels == (("10.0.0.1", 26380), ("::1", 26381), ("s3", 26379))
+    assert o.sentinel.service == "my master"
+    assert dict(o.sentinel.url) == {"username": "u", "password": "p@ss", "db": 3}
+    assert o.url["db"] == 3  # the pub/sub channel's db
+    # Without a db: 0; the query string gives redis-py options, as in redis:// URLs.
+    o = near_mod.NearOptions.from_params("sentinel://h:1/svc?socket_timeout=0.25", {})
+    assert dict(o.sentinel.url) == {"db": 0, "socket_timeout": 0.25}
+    assert o.sentinel.kwargs is None
+
+
+def test_django_redis_form_names_the_service_in_location_and_the_sentinels_in_options():
+    o = near_mod.NearOptions.from_params(
+        "redis://u:pw@mymaster/2", {"OPTIONS": {"SENTINELS": [("s1", 26379), ["s2", 26380]]}}
+    )
+    assert o.sentinel.sentinels == (("s1", 26379), ("s2", 26380))
+    assert o.sentinel.service == "mymaster"
+    assert dict(o.sentinel.url) == {"username": "u", "password": "pw", "db": 2}
+    assert "host" not in o.url
+
+
+@pytest.mark.parametrize(
+    ("location", "sentinels", "says"),
+    [
+        ("redis://mymaster/0", [], "is empty"),
+        ("redis://mymaster/0", "s1:26379", "list of \\(host, port\\) pairs"),
+        ("redis://mymaster/0", [("s1", "26379")], "pairs"),
+        ("redis://mymaster/0", [("s1", 0)], "pairs"),
+        ("redis://mymaster/0", [("s1", True)], "pairs"),
+        ("unix:///tmp/r.sock", [("s1", 1)], "redis://service_name/db"),
+        ("sentinel://s1/mymaster", [("s1", 1)], "redis://service_name/db"),
+    ],
+)
+def test_bad_django_redis_sentinel_options_are_refused_clearly(location, sentinels, says):
+    with pytest.raises(ImproperlyConfigured, match=says):
+        NearCache(location, {"OPTIONS": {"SENTINELS": sentinels}})
+
+
+@pytest.mark.parametrize(
+    ("location", "says"),
+    [
+        ("sentinel://h:1", "names the service"),
+        ("sentinel://h:1/", "names the service"),
+        ("sentinel://h:1/svc/0/x", "names the service"),
+        ("sentinel://h:1/svc/x", "db must be a number"),
+        ("sentinel://h:port/svc", "not a sentinel's host"),
+        ("sentinel://h:1,,h:2/svc", "not a sentinel's host"),
+        ("sentinel:///svc", "not a sentinel's host"),
+        ("sentinel://h:0/svc", "out of range"),
+        ("sentinel://h:70000/svc", "out of range"),
+        # Lists of servers and Redis Cluster stay out, and say how Sentinel is given.
+        ("redis://a:1/0,redis://b:1/0", "Redis Cluster"),
+        ("redis://a:1;redis://b:1", "sentinel://"),
+        (["redis://a:1/0", "redis://b:1/0"], "not supported"),
+        ("redis+sentinel://h:1/svc", "sentinel://"),
+    ],
+)
+def test_bad_sentinel_locations_and_server_lists_are_refused_clearly(location, says):
+    with pytest.raises(ImproperlyConfigured, match=says):
+        NearCache(location, {})
+
+
+@pytest.mark.parametrize(
+    ("location", "options", "says"),
+    [
+        ("sentinel://h:1/svc", {"SENTINEL_KWARGS": "pw"}, "must be a dict"),
+        ("sentinel://h:1/svc", {"SENTINEL_KWARGS": {"ssl": True}}, "TLS to the sentinels"),
+        ("sentinel://h:1/svc", {"SENTINEL_KWARGS": {"password": 5}}, "must be a str"),
+        ("sentinel://h:1/svc", {"SENTINEL_KWARGS": {"socket_timeout": 0}}, "socket_timeout"),
+        ("sentinel://h:1/svc", {"SENTINEL_KWARGS": {"socket_timeout": "1"}}, "number of secon"),
+        ("sentinel://h:1/svc", {"SENTINEL_KWARGS": {"socket_timeout": float("nan")}}, "> 0"),
+        ("redis://h:1/0", {"SENTINEL_KWARGS": {"password": "x"}}, "needs a sentinel://"),
+        ("sentinel://h:1/svc", {"ssl_ca_certs": "/x"}, "not supported with Sentinel"),
+        ("sentinel://h:1/svc", {"pool_class": "redis.BlockingConnectionPool"}, "Sentinel"),
+    ],
+)
+def test_bad_sentinel_options_are_refused_clearly(location, options, says):
+    with pytest.raises(ImproperlyConfigured, match=says):
+        NearCache(location, {"OPTIONS": options})
+
+
+def test_the_listener_is_given_the_sentinels_and_both_sets_of_credentials(monkeypatch):
+    seen = {}
+
+    def factory(l1_location, **kwargs):
+        seen.update(kwargs)
+        return near_mod._NoListener()
+
+    monkeypatch.setattr(near_mod, "LISTENER_FACTORY", factory)
+    NearCache(
+        "sentinel://mu:mpw@127.0.0.1:1,127.0.0.1:2/svc/2",
+        {"OPTIONS": {"SENTINEL_KWARGS": {"username": "su", "password": "spw"}}},
+    )
+    assert seen["host"] is None and seen["unix_path"] is None
+    assert (seen["username"], seen["password"]) == ("mu", "mpw")  # the master's
+    assert seen["sentinel"] == {
+        "sentinels": [("127.0.0.1", 1), ("127.0.0.1", 2)],
+        "service": "svc",
+        "username": "su",
+        "password": "spw",
+    }
+
+
+def test_the_native_listener_checks_its_sentinel_settings():
+    base = dict(
+        port=0, unix_path=None, username=None, password=None, prefix="", lease=0.5,
+        mode="bcast", channel="", connect_timeout=1.0,
+    )  # fmt: skip
+    good = {"sentinels": [("127.0.0.1", 1)], "service": "svc"}
+    _core.Near("x", host=None, sentinel=good, **base)
+    for sentinel, says in [
+        ({"sentinels": [], "service": "svc"}, "at least one sentinel"),
+        ({"sentinels": [("h", 0)], "service": "svc"}, "bad sentinel port"),
+        ({"sentinels": [("h", 1)], "service": ""}, "service name"),
+        ({**good, "ssl": True}, "unknown sentinel setting"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            _core.Near("x", host=None, sentinel=sentinel, **base)
+    with pytest.raises(ValueError, match="not both"):
+        _core.Near("x", host="h", sentinel=good, **base)
+    with pytest.raises(ValueError, match="TLS behind Sentinel"):
+        _core.Near("x", host=None, sentinel=good, tls={"cert_reqs": "none"}, **base)
+    # The password stays out of the repr.
+    n = _core.Near("x", host=None, sentinel={**good, "password": "s3cret"}, **base)
+    assert "svc" in repr(n) and "s3cret" not in repr(n)
+
+
+# Against a real Sentinel set-up -----------------------------------------------------------------
+
+
+#: The module's set-up requires passwords: the servers' (in LOCATION) and the sentinels' own.
+PASSWORD, SENTINEL_PASSWORD = "mpw", "spw"
+SENTINEL_AUTH = {"SENTINEL_KWARGS": {"password": SENTINEL_PASSWORD}}
+
+
+@pytest.fixture(scope="module")
+def group():
+    try:
+        g = servers.start_sentinel_group(password=PASSWORD, sentinel_password=SENTINEL_PASSWORD)
+    except servers.ServerUnavailable as e:
+        pytest.fail(f"the Sentinel tests need redis-server: {e}", pytrace=False)
+    yield g
+    g.cleanup()
+
+
+_made = 0
+
+
+def _cache(location, **options):
+    global _made
+    _made += 1
+    return NearCache(location, {"KEY_PREFIX": f"s{_made}", "OPTIONS": {"LEASE": LEASE, **options}})
+
+
+def _same_l1_elsewhere(cache):
+    """A second NearCache on the same LOCATION and KEY_PREFIX, run in a forked child by
+    ``_in_child``: another process with its own L1 and listener."""
+    o = cache._options
+    options = {"LEASE": LEASE, "INVALIDATION": o.invalidation, **SENTINEL_AUTH}
+    return NearCache(o.location, {"KEY_PREFIX": cache.key_prefix, "OPTIONS": options})
+
+
+def _in_child(fn, timeout=20.0):
+    """Runs ``fn()`` in a forked child and returns what it returned (pickled through a pipe);
+    the child is killed if it takes longer than ``timeout``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(r)
+        try:
+            out = pickle.dumps(("ok", fn()))
+        except BaseException as e:
+            out = pickle.dumps(("error", f"{type(e).__name__}: {e}"))
+        os.write(w, out)
+        os._exit(0)
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    chunks = []
+    with os.fdopen(r, "rb") as f:
+        os.set_blocking(f.fileno(), False)
+        while time.monotonic() < deadline:
+            try:
+                chunk = f.read()
+            except BlockingIOError:
+                chunk = None
+            if chunk:
+                chunks.append(chunk)
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the child hung for {timeout} s")
+        with_rest = f.read()
+        if with_rest:
+            chunks.append(with_rest)
+    status, value = pickle.loads(b"".join(chunks))
+    assert status == "ok", value
+    return value
+
+
+def _wait(what, ok, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("mode", ["tracking", "pubsub"])
+def test_reads_writes_and_invalidations_go_through_the_master_the_sentinels_name(group, mode):
+    cache = _cache(group.location(), INVALIDATION=mode, **SENTINEL_AUTH)
+    cache.set("k", "v1")
+    master = redis.Redis(port=group.master_port(), password=PASSWORD)
+    assert master.exists(f"{cache.key_prefix}:1:k") == 1  # on the master, not the replica
+    assert cache._conn.direct  # the fast path, on SentinelManagedConnections
+    assert cache.get("k") == "v1"
+    assert cache._near.wait_fresh(10)
+    assert cache.get("k") == "v1"
+    hits = cache.stats()["l1_hits"]
+    assert cache.get("k") == "v1"
+    assert cache.stats()["l1_hits"] == hits + 1  # L1 serves: the listener holds the lease
+    stats = cache._near.stats()
+    assert stats["connected"] and stats["last_error"] is None
+
+    # Another process writes: this one's L1 entry is invalidated through the master.
+    flushes = cache._near.stats()["invalidations"]
+
+    def write_elsewhere():
+        other = _same_l1_elsewhere(cache)
+        other.set("k", "v2")
+        return other.get("k")
+
+    assert _in_child(write_elsewhere) == "v2"
+    _wait("the invalidation", lambda: cache._near.stats()["invalidations"] > flushes)
+    assert cache.get("k") == "v2"
+    # And the other way round: the child reads what this process wrote.
+    cache.set("k2", [1, 2])
+    assert _in_child(lambda: _same_l1_elsewhere(cache).get("k2")) == [1, 2]
+
+    async def async_roundtrip():
+        await cache.aset("ak", 7)
+        return await cache.aget("ak")
+
+    import asyncio
+
+    assert asyncio.run(async_roundtrip()) == 7
+    assert cache.check()["ok"] is True
+
+
+def test_django_redis_form_finds_the_master_too(group):
+    cache = NearCache(
+        f"redis://:{PASSWORD}@{group.service}/1",
+        {
+            "KEY_PREFIX": "djr",
+            "OPTIONS": {
+                "SENTINELS": [("127.0.0.1", s.port) for s in group.sentinels],
+                **SENTINEL_AUTH,
+            },
+        },
+    )
+    cache.set("k", 5)
+    assert redis.Redis(port=group.master_port(), password=PASSWORD, db=1).get("djr:1:k") == b"5"
+    assert cache.get("k") == 5 and cache._near.wait_fresh(10)
+
+
+def test_an_unknown_service_is_an_error_naming_it_on_both_paths(group):
+    hosts = ",".join(f"127.0.0.1:{s.port}" for s in group.sentinels)
+    cache = _cache(f"sentinel://{hosts}/nosuchservice/0", **SENTINEL_AUTH)
+    with pytest.raises(redis.exceptions.ConnectionError, match="nosuchservice"):
+        cache.get("k")
+    _wait("the listener's error", lambda: cache._near.stats()["last_error"] is not None)
+    error = cache._near.stats()["last_error"]
+    assert 'knows no service named "nosuchservice"' in error, error
+    assert not cache._near.fresh()
+    # IGNORE_EXCEPTIONS covers it as any unreachable Redis.
+    quiet = _cache(f"sentinel://{hosts}/nosuchservice/0", IGNORE_EXCEPTIONS=True, **SENTINEL_AUTH)
+    assert quiet.get("k", "dflt") == "dflt"
+
+
+def test_the_sentinels_password_is_required_and_a_wrong_one_is_an_error(group):
+    for options in ({}, {"SENTINEL_KWARGS": {"password": "wrong"}}):
+        cache = _cache(group.location(), **options)
+        with pytest.raises(redis.exceptions.ConnectionError, match=group.service):
+            cache.get("k")
+        _wait("the listener's error", lambda c=cache: c._near.stats()["last_error"] is not None)
+        error = cache._near.stats()["last_error"]
+        assert "NOAUTH" in error or "WRONGPASS" in error, error
+        assert not cache._near.fresh()
+
+
+def test_a_redis_location_naming_a_sentinel_is_refused_by_the_listener(group):
+    cache = _cache(f"redis://:{SENTINEL_PASSWORD}@127.0.0.1:{group.sentinels[0].port}/0")
+    cache._near.ensure_started()
+    _wait("the listener's error", lambda: cache._near.stats()["last_error"] is not None)
+    assert "sentinel://" in cache._near.stats()["last_error"]
+    assert not cache._near.fresh()
+
+
+def test_the_listener_refuses_a_replica_the_sentinels_name_as_master():
+    """A fake sentinel names the replica: the listener's ROLE check refuses it (L1 is never
+    served from a server that no longer takes the writes)."""
+    replica_of = servers.start("redis")
+    replica = servers.start("redis", "--replicaof", "127.0.0.1", str(replica_of.port))
+    fake = socket.create_server(("127.0.0.1", 0))
+    port = fake.getsockname()[1]
+    answer = f"*2\r\n$9\r\n127.0.0.1\r\n${len(str(replica.port))}\r\n{replica.port}\r\n".encode()
+
+    import threading
+
+    def serve():
+        while True:
+            try:
+                conn, _ = fake.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        cache = _cache(f"sentinel://127.0.0.1:{port}/svc/0")
+        cache._near.ensure_started()
+        _wait("the listener's error", lambda: cache._near.stats()["last_error"] is not None)
+        error = cache._near.stats()["last_error"]
+        assert "is a slave" in error, error
+        assert not cache._near.fresh() and not cache._near.stats()["connected"]
+    finally:
+        fake.close()
+        replica.cleanup()
+        replica_of.cleanup()
+
+
+def _set_ok(cache, key, value):
+    try:
+        cache.set(key, value)
+    except redis.exceptions.ConnectionError:
+        return False
+    return True
+
+
+def test_a_failover_with_the_old_master_alive_converges_once_it_is_converted(group):
+    """``SENTINEL FAILOVER``: the old master stays a master (with its clients) until the
+    sentinels convert it to a replica, which closes their connections; from then on this
+    process writes to the new master, its listener is there (reconnected, L1 flushed, fresh
+    again) and hears another process's writes."""
+    cache = _cache(group.location(), **SENTINEL_AUTH)
+    cache.set("k", 1)
+    assert cache.get("k") == 1 and cache._near.wait_fresh(10)
+    reconnects = cache._near.stats()["reconnects"]
+    old = group.master_port()
+    assert group._ask(group.sentinels[0], "FAILOVER", group.service)
+    new = group.wait_failover(old)
+    _wait(
+        "the old master converted to a replica",
+        lambda: servers.command(old, "ROLE", password=PASSWORD)[0] == "slave",
+        timeout=30,
+    )
+    _wait("a write accepted", lambda: _set_ok(cache, "k", 2))
+    made = f"{cache.key_prefix}:1:k"
+    assert redis.Redis(port=new, password=PASSWORD).exists(made) == 1
+    _wait(
+        "the listener on the new master",
+        lambda: cache._near.stats()["reconnects"] > reconnects and cache._near.fresh(),
+    )
+    assert cache.get("k") == 2
+    invalidations = cache._near.stats()["invalidations"]
+    assert _in_child(lambda: _same_l1_elsewhere(cache).set("k", 3) or True)
+    _wait("the invalidation", lambda: cache._near.stats()["invalidations"] > invalidations)
+    assert cache.get("k") == 3
+
+
+@pytest.mark.parametrize("mode", ["tracking", "pubsub"])
+def test_a_failover_under_load_keeps_reads_within_lease_plus_the_failover_time(mode):
+    """The issue's test: forked readers and a writer run; the master is SIGKILLed; after the
+    failover no read was staler than LEASE + the failover time, no worker hung, and L1 serves
+    again (the listener found the new master, flushed L1 and got its first PONG)."""
+    group = servers.start_sentinel_group()
+    try:
+        location = group.location()
+        # This process too: a cache used before the kill must follow the master after it.
+        here = _cache(location, INVALIDATION=mode)
+        here.set("before", 1)
+        assert here.get("before") == 1 and here._near.wait_fresh(10)  # its listener is on
+        result = coherence.run(
+            coherence.near_maker(location, LEASE, INVALIDATION=mode),
+            label=f"near-sentinel-{mode}",
+            fault="failover",
+            server=group,
+            lease=LEASE,
+            l1_hits=coherence.near_hits,
+            readers=3,
+            before=0.5,
+            length=3.0,  # budget for the failover: 2.2 to 2.4 s here
+            after=2.5,
+        )
+        print(coherence.HEADER)
+        print(result.row(), f"failover {result.failover_ms:.0f} ms")
+        assert result.violations() == [], (result.row(), result.errors)
+        # The old master is gone: everything after the failover was acked by the new one.
+        new_port = group.master_port()
+        assert new_port == group.replica.port
+        # This process's cache, idle through the failover, follows too.
+        assert here.get("before") == 1  # replicated before the kill
+        here.set("after", 2)
+        assert redis.Redis(port=new_port).exists(f"{here.key_prefix}:1:after") == 1
+        assert here._near.wait_fresh(10)
+        stats = here._near.stats()
+        assert stats["reconnects"] >= 1 and stats["connected"], stats
+    finally:
+        group.cleanup()
