@@ -200,15 +200,16 @@ def test_objects_cpython_keeps_alive_cost_only_their_share() -> None:
     """Interned strings (identifier-like literals, attribute names), small ints, one-character
     strings and None cost an entry (nearly) nothing: CPython holds them for ever anyway."""
     cache = make()
-    n = 50
+    n = 600  # past the compact form's 512 bytes: the dict holds the str object itself
     fresh = charge(cache, {"k": "t" * n})
     name = sys.intern("u" * n)
     names = [name] * 9  # an interned name used elsewhere (in code, as an attribute name)
     assert fresh - charge(cache, {"k": name}) >= block(sys.getsizeof(name)) * 8 // 10
     assert names
-    assert charge(cache, {"k": 7}) == charge(cache, {"k": None})
-    assert charge(cache, {"k": "x"}) == charge(cache, {"k": None})
-    assert charge(cache, {"k": 10**6 + n}) > charge(cache, {"k": 7})
+    pad = "p" * n  # keeps the dicts below past the compact form, on the objects' path
+    assert charge(cache, {"k": 7, "p": pad}) == charge(cache, {"k": None, "p": pad})
+    assert charge(cache, {"k": "x", "p": pad}) == charge(cache, {"k": None, "p": pad})
+    assert charge(cache, {"k": 10**6 + n, "p": pad}) > charge(cache, {"k": 7, "p": pad})
 
 
 # Stores values holding big objects that something else holds too at set time (and lets go of
