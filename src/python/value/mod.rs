@@ -7,6 +7,11 @@
 //! `get` copies without pickle. Everything else is pickled (highest protocol), so that every `get`
 //! returns an isolated copy, as Django's LocMemCache does.
 //!
+//! A small exact dict or list of such values (its compact form, `compact.rs`, at most
+//! `INLINE_MAX` bytes) is not kept as objects at all: its compact bytes are the entry's payload,
+//! as for a short pickle (tag `Pickled`; the form's first byte tells it from a pickle), and `get`
+//! rebuilds it from them.
+//!
 //! Small `bytes`, `str` and pickles (`INLINE_MIN` to `INLINE_MAX` bytes) are not kept as objects:
 //! their bytes (UTF-8 for a `str`) go into the entry's own block (`entry.rs`), one heap block
 //! for header, key and value, and `get` builds a new object from them. Such an entry keeps no
@@ -16,7 +21,8 @@
 //!
 //! The structural form is a recursive type, so its parts are this module's children: `plain.rs`
 //! (the nodes and their copy), `instance.rs` (plain class instances, which hold nodes and are
-//! held by them) and `sizes.rs` (what a Python object costs in memory).
+//! held by them) and `sizes.rs` (what a Python object costs in memory); `compact.rs` is the byte
+//! form of small ones.
 
 mod compact;
 pub(super) mod instance;
@@ -65,7 +71,8 @@ pub enum Kind {
     Bytes,
     /// The UTF-8 form of a `str`.
     Str,
-    /// A pickle, loaded on `get`.
+    /// A pickle, loaded on `get`, or a compact form (`compact.rs`: it starts with
+    /// `compact::MARK`, which no pickle does), rebuilt on `get`.
     Pickled,
 }
 
