@@ -72,6 +72,12 @@ impl Encoder {
         put_varint(&mut self.out, n);
     }
 
+    /// `None` if `n` more bytes would take the form past `max` (checked before copying them: a
+    /// big `str` inside a dict is not copied only to be refused).
+    fn room(&self, n: usize) -> Option<()> {
+        (self.out.len().saturating_add(n) <= self.max).then_some(())
+    }
+
     /// Remembers the container `p`; `None` if it was met already or there are too many.
     fn meet(&mut self, p: *mut ffi::PyObject) -> Option<()> {
         let p = p as usize;
@@ -108,6 +114,7 @@ impl Encoder {
         }
         if t == addr_of_mut!(ffi::PyBytes_Type) {
             let n = ffi::PyBytes_Size(p) as usize;
+            self.room(n)?;
             let data = ffi::PyBytes_AsString(p).cast::<u8>();
             self.out.push(BYTES);
             self.varint(n as u64);
@@ -174,6 +181,7 @@ impl Encoder {
             return None;
         }
         let n = n as usize;
+        self.room(n)?;
         if n < 128 {
             self.out.push(SHORT_STR | n as u8);
         } else {
