@@ -437,17 +437,23 @@ def deep_sizeof(v: Any) -> int:
     return size
 
 
+STRUCTURAL = {
+    "small-dict": {"id": 42, "name": "apple", "price": 1.2},
+    "nested": nested(7),
+    "rows": [{"id": i, "name": f"row {i}", "ok": True} for i in range(50)],
+    "non-ascii": {f"k{i}": "é" * i for i in range(30)},
+    "tuple": (1, "two", (3.0, b"four")),
+    "int-list": list(range(1000)),
+}
+# Dicts and lists whose compact form (see `python/value/compact.rs`) fits in 512 bytes.
+COMPACT = ["small-dict", "nested"]
+OBJECTS = [i for i in STRUCTURAL if i not in COMPACT]
+
+
 @pytest.mark.parametrize(
     "value",
-    [
-        {"id": 42, "name": "apple", "price": 1.2},
-        nested(7),
-        [{"id": i, "name": f"row {i}", "ok": True} for i in range(50)],
-        {f"k{i}": "é" * i for i in range(30)},
-        (1, "two", (3.0, b"four")),
-        list(range(1000)),
-    ],
-    ids=["small-dict", "nested", "rows", "non-ascii", "tuple", "int-list"],
+    [STRUCTURAL[i] for i in OBJECTS],
+    ids=OBJECTS,
 )
 def test_structural_values_are_weighed_at_least_as_python_holds_them(value: Any):
     """What a plain value is charged is close to CPython's own size of what the store holds."""
@@ -462,6 +468,98 @@ def test_structural_values_are_weighed_at_least_as_python_holds_them(value: Any)
     assert python_size // 2 <= charged <= 3 * python_size, (charged, python_size)
 
 
+@pytest.mark.parametrize("value", [STRUCTURAL[i] for i in COMPACT], ids=COMPACT)
+def test_small_plain_values_are_held_as_compact_bytes(value: Any):
+    """A small dict or list is kept as bytes in the entry's block: the whole entry costs less than
+    half of the Python objects it stands for, and every byte of its content is charged."""
+    c = make(MAX_BYTES=10**9)
+    c.set("k", value)
+    total = c.stats()["bytes"]
+    assert len(pickle.dumps(value)) // 2 <= total <= deep_sizeof(value) // 2, total
+    c.set("k", [value, "e" * 200])  # 200 more bytes of content
+    assert c.stats()["bytes"] - total >= 200
+    got = c.get("k")
+    assert shape(got) == shape(pickle.loads(pickle.dumps([value, "e" * 200])))
+
+
+# Small dicts and lists kept as compact bytes (``python/value/compact.rs``) -------------------
+
+I64 = 2**63
+COMPACT_EDGES = [
+    # A 127-byte str's tag is 0xFF, the form's first byte; 128 bytes take the long form.
+    {"s127": "x" * 127, "s128": "y" * 128, "é": "é" * 40, "": ""},
+    [-I64, I64 - 1, -1, 0, 1, 255, 256, -257, True, False, None],
+    {"f": [-0.0, 0.0, float("inf"), float("-inf"), 5e-324, 1.7976931348623157e308]},
+    {"b": b"\xff" * 10, "empty": b"", None: 1, 2.5: 2, b"k": 3, 7: 4, False: 5},
+    [(1, [2, (3,)]), (), {"t": (None, "x")}],
+    {"k" * 22: 1, "k" * 23: 2, "ü" * 11: 3},  # keys at the key cache's bound and past it
+    # Refused by the compact form (stored as before), still exact:
+    [I64, -I64 - 1],
+    ["\ud800", {"a": "x\udfffy"}],
+    [IntSub(1), {"d": DictSub(a=1)}, StrSub("s")],
+    {(1, 2): "tuple key"},
+    [[1], [1]] * 1,
+    [b"x" * 600],
+]
+
+
+def nested_lists(depth: int) -> Any:
+    v: Any = []
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+@pytest.mark.parametrize("value", [*COMPACT_EDGES, nested_lists(31), nested_lists(40)])
+def test_small_values_come_back_exactly_as_pickle_gives_them(value: Any):
+    c = make()
+    c.set("k", value)
+    got = c.get("k")
+    want = pickle.loads(pickle.dumps(value))
+    assert shape(got) == shape(want)
+    assert got is not value and c.get("k") is not got
+
+
+def test_values_met_twice_are_not_flattened_by_the_compact_form():
+    c = make()
+    inner = [1]
+    c.set("k", [inner, inner, {"a": inner}])
+    got = c.get("k")
+    assert got[0] is got[1] is got[2]["a"]
+    empty = ()
+    c.set("t", [empty, empty])  # the empty tuple is a singleton: met twice
+    assert shape(c.get("t")) == shape(pickle.loads(pickle.dumps([empty, empty])))
+
+
+def test_the_key_cache_never_hands_out_a_wrong_key():
+    """Many distinct dict keys (more than the cache's slots, colliding in them), read in turn."""
+    c = make()
+    values = {
+        f"v{i}": {f"key-{i}": i, f"key-{i % 7}": str(i), "ö" * (i % 12): b"x"} for i in range(2000)
+    }
+    c.set_many(values)
+    for _ in range(2):
+        for k, v in values.items():
+            got = c.get(k)
+            assert got == v and list(got) == list(v), k
+
+
+def test_compact_values_from_many_threads():
+    c = make()
+    values = {
+        f"t{i}": {f"field{i % 300}": i, "name": f"row {i}", "ok": i % 2 == 0} for i in range(600)
+    }
+    c.set_many(values)
+
+    def work() -> int:
+        for _ in range(3):
+            for k, v in values.items():
+                assert c.get(k) == v
+        return len(values)
+
+    assert run_threads(4, work) == [("ok", 600)] * 4
+
+
 def test_max_bytes_bounds_a_store_of_structural_values():
     limit = 100_000
     # At most 65,536 MAX_ENTRIES: one shard, whose LRU order is the store's (with more, MAX_BYTES
@@ -473,8 +571,8 @@ def test_max_bytes_bounds_a_store_of_structural_values():
     kept = [i for i in range(3000) if c.has_key(f"k{i}")]
     assert 0 < len(kept) < 3000
     assert kept == list(range(3000 - len(kept), 3000))  # the least recently used went first
-    # 3000 entries would need far more: each is charged at least its Python size.
-    assert len(kept) * deep_sizeof(nested(0)) // 2 <= limit
+    # 3000 entries would need far more: each is charged at least its content (compact bytes).
+    assert len(kept) * len(pickle.dumps(nested(0))) // 2 <= limit
     too_big = {"rows": [nested(i) for i in range(200)]}
     assert c.set_many({"big": too_big}) == ["big"]
     assert not c.has_key("big")

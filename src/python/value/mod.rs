@@ -7,6 +7,11 @@
 //! `get` copies without pickle. Everything else is pickled (highest protocol), so that every `get`
 //! returns an isolated copy, as Django's LocMemCache does.
 //!
+//! A small exact dict or list of such values (its compact form, `compact.rs`, at most
+//! `INLINE_MAX` bytes) is not kept as objects at all: its compact bytes are the entry's payload,
+//! as for a short pickle (tag `Pickled`; the form's first byte tells it from a pickle), and `get`
+//! rebuilds it from them.
+//!
 //! Small `bytes`, `str` and pickles (`INLINE_MIN` to `INLINE_MAX` bytes) are not kept as objects:
 //! their bytes (UTF-8 for a `str`) go into the entry's own block (`entry.rs`), one heap block
 //! for header, key and value, and `get` builds a new object from them. Such an entry keeps no
@@ -16,8 +21,10 @@
 //!
 //! The structural form is a recursive type, so its parts are this module's children: `plain.rs`
 //! (the nodes and their copy), `instance.rs` (plain class instances, which hold nodes and are
-//! held by them) and `sizes.rs` (what a Python object costs in memory).
+//! held by them) and `sizes.rs` (what a Python object costs in memory); `compact.rs` is the byte
+//! form of small ones.
 
+mod compact;
 pub(super) mod instance;
 mod plain;
 mod sizes;
@@ -64,7 +71,8 @@ pub enum Kind {
     Bytes,
     /// The UTF-8 form of a `str`.
     Str,
-    /// A pickle, loaded on `get`.
+    /// A pickle, loaded on `get`, or a compact form (`compact.rs`: it starts with
+    /// `compact::MARK`, which no pickle does), rebuilt on `get`.
     Pickled,
 }
 
@@ -229,6 +237,10 @@ pub fn encode_with(
     v: &Bound<'_, PyAny>,
     pickled: Option<&Bound<'_, PyBytes>>,
 ) -> PyResult<PyValue> {
+    if let Some(form) = compact_form(v) {
+        let py = v.py();
+        return Ok(PyValue::Pending(bytes(py, &form)?.unbind(), Kind::Pickled));
+    }
     match plain::classify(v) {
         Plain::Int(n) => Ok(PyValue::Int(n)),
         Plain::Atom(weight) => {
@@ -274,6 +286,32 @@ pub fn encode_with(
     }
 }
 
+/// The compact form (`compact.rs`) of an exact dict or list that it keeps exactly in at most
+/// `INLINE_MAX` bytes: such a value goes into the entry's block like a short pickle.
+fn compact_form(v: &Bound<'_, PyAny>) -> Option<Vec<u8>> {
+    let p = v.as_ptr();
+    // SAFETY: reading a live object's type.
+    let t = unsafe { ffi::Py_TYPE(p) };
+    let container = t == std::ptr::addr_of_mut!(ffi::PyDict_Type)
+        || t == std::ptr::addr_of_mut!(ffi::PyList_Type);
+    if !container {
+        return None;
+    }
+    compact::encode(v, INLINE_MAX)
+}
+
+/// The value of an inline payload of kind `Pickled` (held in the `bytes` object `b`): a compact
+/// form (it starts with `compact::MARK`) is rebuilt directly, anything else is a pickle.
+fn load(py: Python<'_>, b: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    if let Ok(data) = b.cast::<PyBytes>() {
+        let data = data.as_bytes();
+        if data.first() == Some(&compact::MARK) {
+            return Ok(compact::decode(py, data)?.unbind());
+        }
+    }
+    Ok(pickle(py)?.loads.bind(py).call1((b,))?.unbind())
+}
+
 /// Turns a stored form back into a Python value: a fresh copy of every mutable container
 /// (unpickling or rebuilding: call it outside every lock).
 pub fn decode(py: Python<'_>, v: PyValue) -> PyResult<Py<PyAny>> {
@@ -282,8 +320,8 @@ pub fn decode(py: Python<'_>, v: PyValue) -> PyResult<Py<PyAny>> {
         PyValue::Int(i) => Ok(i.into_pyobject(py)?.into_any().unbind()),
         PyValue::Dict(d, _) => Ok(plain::copy_dict(d.bind(py))?.unbind()),
         PyValue::Tree(t, _) => Ok(plain::build(py, &t)?.unbind()),
-        PyValue::Pickled(b, _) => Ok(pickle(py)?.loads.bind(py).call1((b,))?.unbind()),
-        PyValue::Pending(o, Kind::Pickled) => Ok(pickle(py)?.loads.bind(py).call1((o,))?.unbind()),
+        PyValue::Pickled(b, _) => load(py, b.bind(py).as_any()),
+        PyValue::Pending(o, Kind::Pickled) => load(py, o.bind(py)),
         PyValue::Pending(o, _) => Ok(o),
         PyValue::Inline(_) => Err(pyo3::exceptions::PyRuntimeError::new_err(
             "an inline value is decoded through clone_ref with its payload",
