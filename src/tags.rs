@@ -305,12 +305,42 @@ impl TagTable {
     }
 
     /// Records `at` in `cell`'s member list, first compacting it (keeping the refs `live` says
-    /// are still stored) when it is full, and counts the list's new size.
-    pub fn add_member(&self, cell: &TagCell, at: EntryRef, live: impl Fn(&EntryRef) -> bool) {
+    /// are still stored) when it is full, and counts the list's new size; returns the bytes the
+    /// list grew by (0 if `make_room` made room for it before).
+    pub fn add_member(
+        &self,
+        cell: &TagCell,
+        at: EntryRef,
+        live: impl Fn(&EntryRef) -> bool,
+    ) -> u64 {
         let mut members = cell.members.lock();
         if members.detached {
-            return; // forgotten by `reset`: every stamp of it is stale
+            return 0; // forgotten by `reset`: every stamp of it is stale
         }
+        Self::compact_if_due(&mut members, live);
+        members.refs.push(at);
+        self.recount(&mut members)
+    }
+
+    /// Makes room in `cell`'s member list for one more ref (compacting it first when due, as
+    /// `add_member` would) and counts the list's new size. An insert calls it before it
+    /// reserves its bytes, so that the reservation finds the growth its ref will need already
+    /// on the books (and evicts for it) rather than charged after the insert, over the bound.
+    /// Returns the bytes the list grew by.
+    pub fn make_room(&self, cell: &TagCell, live: impl Fn(&EntryRef) -> bool) -> u64 {
+        let mut members = cell.members.lock();
+        if members.detached || members.refs.len() < members.refs.capacity() {
+            return 0;
+        }
+        Self::compact_if_due(&mut members, live);
+        // The growth `push` would make (Vec's amortized doubling), made now.
+        members.refs.reserve(1);
+        self.recount(&mut members)
+    }
+
+    /// Keeps only the refs `live` says are still stored once the list holds `compact_at` refs,
+    /// then gives back room beyond twice its next threshold.
+    fn compact_if_due(members: &mut Members, live: impl Fn(&EntryRef) -> bool) {
         if members.refs.len() >= members.compact_at {
             members.refs.retain(|r| live(r));
             let live = members.refs.len();
@@ -320,8 +350,6 @@ impl TagTable {
                 members.refs.shrink_to(room);
             }
         }
-        members.refs.push(at);
-        self.recount(&mut members);
     }
 
     /// Empties `cell`'s member list (freeing it), for an invalidation; returns the refs.
@@ -335,17 +363,19 @@ impl TagTable {
         refs
     }
 
-    fn recount(&self, members: &mut Members) {
+    /// Counts the list's size now in the table's bytes; returns the bytes it grew by.
+    fn recount(&self, members: &mut Members) -> u64 {
         let now = members.heap();
         let was = std::mem::replace(&mut members.charged, now);
         if now >= was {
-            self.0
-                .bytes
-                .fetch_add((now - was) as u64, Ordering::Relaxed);
+            let grew = (now - was) as u64;
+            self.0.bytes.fetch_add(grew, Ordering::Relaxed);
+            grew
         } else {
             self.0
                 .bytes
                 .fetch_sub((was - now) as u64, Ordering::Relaxed);
+            0
         }
     }
 
@@ -481,6 +511,46 @@ mod tests {
         );
         drop(s);
         assert_eq!(t.bytes(), 0);
+    }
+
+    #[test]
+    fn make_room_charges_the_growth_the_next_ref_needs_so_adding_it_charges_nothing() {
+        let t = TagTable::default();
+        let s = t.stamps(["m"]);
+        let at = |slot| EntryRef {
+            shard: 0,
+            slot,
+            gen: 1,
+        };
+        let cell = &s[0].cell;
+        let mut grew = 0;
+        for i in 0..100 {
+            let before = t.bytes();
+            t.make_room(cell, |_| true);
+            let room = t.bytes() - before;
+            grew += u64::from(room > 0);
+            // Room made: the ref goes in without charging a byte more.
+            assert_eq!(t.add_member(cell, at(i), |_| true), 0, "ref {i}");
+            assert_eq!(t.bytes(), before + room);
+        }
+        assert!(grew >= 4, "the list grew {grew} times");
+        // Without it, adding to a full list charges the growth (what `fit` then evicts for).
+        let is_full = || {
+            let m = cell.members.lock();
+            m.refs.len() == m.refs.capacity()
+        };
+        let mut i = 100;
+        while !is_full() {
+            t.add_member(cell, at(i), |_| true);
+            i += 1;
+        }
+        assert!(t.add_member(cell, at(i), |_| true) > 0);
+        // An invalidated cell's list, freed, takes its first room again.
+        t.take_members(cell);
+        let before = t.bytes();
+        t.make_room(cell, |_| true);
+        assert_eq!(t.bytes(), before + malloc_chunk(FIRST_MEMBERS * 12) as u64);
+        assert_eq!(t.add_member(cell, at(1), |_| true), 0);
     }
 
     #[test]

@@ -77,8 +77,7 @@ _CHILD = textwrap.dedent(
     peak, worst = 0, 0
     for i in range(%(ops)d):
         step(i)
-        if i %% 10_000 == 0:
-            worst = max(worst, cache.stats()["bytes"])
+        worst = max(worst, cache.stats()["bytes"])  # after every operation, not a sample
         if i %% 50_000 == 0:
             peak = max(peak, rss() - before)
     peak = max(peak, rss() - before)
@@ -91,8 +90,10 @@ _CHILD = textwrap.dedent(
 
 @pytest.mark.parametrize("policy", ["lru", "s3fifo", "tinylfu"])
 def test_a_long_mixed_run_stays_within_max_bytes_tags_included(policy: str) -> None:
-    """400,000 mixed operations: the store never reports more than MAX_BYTES, holds about as
-    many tags as entries, and the process never grows by more than MAX_BYTES + 10% + ALLOWANCE."""
+    """400,000 mixed operations: the store never reports more than MAX_BYTES after any of them
+    (read after each: a sample every 10,000 caught a member list's growth charged after its
+    insert in about one run in 60; the per-operation read, in every run), holds about as many
+    tags as entries, and the process never grows by more than MAX_BYTES + 10% + ALLOWANCE."""
     src = _CHILD % {"max_bytes": MAX_BYTES, "policy": policy, "keys": 200_000, "ops": 400_000}
     out = subprocess.run(
         [sys.executable, "-c", src], check=True, capture_output=True, text=True, timeout=300

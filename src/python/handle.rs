@@ -704,7 +704,7 @@ impl Handle {
             .ok()
             .and_then(|d| d.extract::<i64>().ok())
         {
-            let done = self.store.update(&k, now, |v| match v {
+            let done = self.store.update(&k, &self.limits, now, |v| match v {
                 PyValue::Int(i) => i.checked_add(d).inspect(|n| *i = *n),
                 _ => None,
             });
@@ -857,9 +857,10 @@ impl Handle {
 
     /// The current versions of `tags`, to pass as `tags=` when storing a value computed after.
     fn snapshot_tags(&self, tags: &Bound<'_, PyAny>) -> PyResult<TagSnapshot> {
-        Ok(TagSnapshot {
-            stamps: self.stamps(Some(tags))?,
-        })
+        let stamps = self.stamps(Some(tags))?;
+        // Cells made for it are charged as they are made: evict for them, as an insert would.
+        self.store.keep_within(&self.limits, clock::now());
+        Ok(TagSnapshot { stamps })
     }
 
     /// The caller's keys (made key minus `prefix:version:`, lone surrogates and U+FFFF restored)

@@ -93,7 +93,8 @@ impl<V: Weigh> Store<V> {
     }
 
     /// Removes one entry from shard `idx` (or, if it is empty, the next non-empty one): an
-    /// expired entry if there is one, else the policy's victim. False if every shard is empty.
+    /// expired entry if there is one, else the policy's victim; or, from a shard with no entry
+    /// left, its ghost records (see `forget_ghost`). False if there was nothing to free at all.
     pub(super) fn evict_one(&self, idx: usize, now: u64) -> bool {
         let n = self.shards.len();
         for i in 0..n {
@@ -102,8 +103,26 @@ impl<V: Weigh> Store<V> {
                 shard.bury(e);
                 return true;
             }
+            if self.forget_ghost(&mut shard) {
+                return true;
+            }
         }
         false
+    }
+
+    /// Forgets the ghost records of a shard that has no entry left to evict and takes them off
+    /// the books; false if it had none. They are charged like entries, and only eviction pushes
+    /// them out: without this, records left by entries deleted since would hold bytes that no
+    /// eviction could free, and an insert would find the store "full" with nothing in it.
+    pub(super) fn forget_ghost(&self, shard: &mut Shard<V>) -> bool {
+        let records = shard.ghost.records();
+        if records == 0 {
+            return false;
+        }
+        shard.ghost = Ghost::default();
+        self.bytes
+            .fetch_sub((records * GHOST_RECORD) as u64, Relaxed);
+        true
     }
 
     /// Takes one entry off `shard` and the books, an expired one if any, else the policy's
@@ -138,11 +157,14 @@ impl<V: Weigh> Store<V> {
     }
 
     /// Charges `weight` bytes for an entry of shard `idx`, first evicting entries from `idx` on
-    /// (expired ones first, then the policy's victims) while `max_bytes` would be passed.
-    pub(super) fn reserve(&self, weight: u64, limits: &Limits, now: u64, idx: usize) {
+    /// (expired ones first, then the policy's victims) while `max_bytes` would be passed. False
+    /// (nothing charged) if it cannot fit with nothing left to evict: what holds the bytes then
+    /// is the tag table (cells held by stamps, the insert's own among them), fill placeholders,
+    /// or the reservations of inserts in flight, and charging anyway would pass the bound.
+    pub(super) fn reserve(&self, weight: u64, limits: &Limits, now: u64, idx: usize) -> bool {
         let Some(max) = limits.max_bytes else {
             self.bytes.fetch_add(weight, Relaxed);
-            return;
+            return true;
         };
         let mut looks = 0;
         loop {
@@ -153,23 +175,20 @@ impl<V: Weigh> Store<V> {
                     .compare_exchange(cur, cur + weight, Relaxed, Relaxed)
                     .is_ok()
                 {
-                    return;
+                    return true;
                 }
                 continue;
             }
             if !self.evict_one(idx, now) {
                 if !self.is_empty() && looks < LOOKS_AGAIN {
                     // The scan is not atomic across shards: entries (or places of S3-FIFO
-                    // inserts in flight) came in behind it. Charging now could pass the bound
-                    // by them; look again once they have landed (a bounded number of times,
-                    // so that nothing here can wait for ever).
+                    // inserts in flight) came in behind it. Look again once they have landed
+                    // (a bounded number of times, so that nothing here can wait for ever).
                     looks += 1;
                     crate::sync::yield_now();
                     continue;
                 }
-                // Nothing left to evict: the bytes are charged by reservations still in flight.
-                self.bytes.fetch_add(weight, Relaxed);
-                return;
+                return false;
             }
         }
     }
@@ -244,6 +263,7 @@ impl<V: Weigh> Store<V> {
                     Some(max) if self.take_bytes(max, weight) => charged = true,
                     Some(_) => match self.evict_locked(&mut shard, now) {
                         Some(e) => shard.bury(e),
+                        None if self.forget_ghost(&mut shard) => {}
                         None => stuck = true,
                     },
                 }
@@ -255,10 +275,16 @@ impl<V: Weigh> Store<V> {
             drop(shard);
             if !self.evict_one(idx + 1, now) {
                 if placed {
-                    // Nothing anywhere: the bytes are held by inserts in flight, which never
-                    // wait for bytes (the lru rule too).
-                    self.bytes.fetch_add(weight, Relaxed);
-                    charged = true;
+                    // Nothing left anywhere and the bytes do not fit: they are held by the
+                    // tag table, fill placeholders or inserts in flight (see `reserve`).
+                    // Charging anyway would pass MAX_BYTES: store nothing (an old entry under
+                    // the key is gone already, as for any entry too large).
+                    self.give_back(placed, charged, weight);
+                    if fill.is_none() {
+                        // A local write: it cancels any fill of the key, as one stored would.
+                        self.delete(key, now);
+                    }
+                    return Put::TooLarge;
                 } else {
                     // Every place is held by an insert in flight, which finishes without
                     // waiting for this one.
@@ -295,7 +321,7 @@ impl<V: Weigh> Store<V> {
         };
         entry.freq().store(freq, Relaxed);
         let slot = shard.insert_in(entry, hash, queue);
-        self.finish_put(shard, idx, slot, gen, has_tags, now);
+        self.finish_put(shard, idx, slot, gen, has_tags, limits, now);
         Put::Stored
     }
 
@@ -593,6 +619,39 @@ mod tests {
     }
 
     #[test]
+    fn s3_ghost_records_left_by_deleted_entries_give_way_to_an_insert() {
+        for policy in [Policy::S3Fifo, Policy::TinyLfu] {
+            let store: Store<Val> = Store::with_policy(1, policy);
+            let per = Store::<Val>::weigh("k00", &Val(100), 0, NEVER);
+            let max = 10 * per;
+            let lim = limits(1_000, Some(max));
+            for i in 0..30 {
+                set(&store, &format!("k{i:02}"), 100, &lim, 1);
+            }
+            for i in 0..30 {
+                store.delete(&format!("k{i:02}"), 1);
+            }
+            assert_eq!(store.len(), 0);
+            let records = ghost(&store);
+            assert!(policy != Policy::S3Fifo || records > 0, "no ghost records");
+            // An entry of the whole bound: it fits only once the ghost is forgotten.
+            let big = max - Store::<Val>::weigh("big", &Val(0), 0, NEVER);
+            assert_eq!(
+                Store::<Val>::weigh("big", &Val(big as usize), 0, NEVER),
+                max
+            );
+            assert_eq!(set(&store, "big", big as usize, &lim, 1), Put::Stored);
+            assert!(
+                store.bytes() <= max,
+                "{policy:?}: {} > {max}",
+                store.bytes()
+            );
+            assert!(store.contains("big", 1));
+            assert_eq!(store.bytes(), max);
+        }
+    }
+
+    #[test]
     fn s3_threads_hammering_a_small_store_stay_within_bounds() {
         hammer(4, 32);
     }
@@ -783,13 +842,19 @@ mod shuttle_tests {
     /// The bytes charged never pass `MAX_BYTES` at any moment the watcher looks, nor (in a store
     /// of one shard, which it can read whole under one lock) do the entries really held; at the
     /// end the books are the sum of the entries held. `MAX_BYTES` is three of the largest
-    /// entries: an insert that finds nothing left to evict charges its bytes anyway (they are
-    /// held by inserts in flight, see `reserve`), so a smaller bound may be passed by design.
+    /// entries: every insert finds room (what inserts in flight hold is at most two of them).
     fn reservations(policy: Policy, shards: usize) {
+        reservations_under(policy, shards, 3);
+    }
+
+    /// `reservations` under a bound of `largest` of the largest entries. Under two, the inserts
+    /// in flight may hold more than the bound leaves an insert that has nothing left to evict:
+    /// it then stores nothing (`Put::TooLarge`) rather than pass the bound (see `reserve`).
+    fn reservations_under(policy: Policy, shards: usize, largest: u64) {
         let tally = Tally::default();
         let store: Store<Num> = Store::with_policy(shards, policy);
-        let largest = Store::weigh("k00", &tally.num(0, 120), 0, NEVER);
-        let max = 3 * largest;
+        let max = largest * Store::weigh("k00", &tally.num(0, 120), 0, NEVER);
+        let roomy = largest >= 3;
         let lim = limits(100, Some(max));
         let done = AtomicBool::new(false);
         scope(|s| {
@@ -801,7 +866,11 @@ mod shuttle_tests {
                         for (key, w) in [("0", weight), ("1", weight), ("0", weight + 20)] {
                             let key = format!("k{t}{key}");
                             let put = store.set(&key, tally.num(t, w), NEVER, Vec::new(), lim, 1);
-                            assert_eq!(put, Put::Stored);
+                            if roomy {
+                                assert_eq!(put, Put::Stored);
+                            } else {
+                                assert!(matches!(put, Put::Stored | Put::TooLarge), "{put:?}");
+                            }
                         }
                     })
                 })
@@ -856,5 +925,91 @@ mod shuttle_tests {
     #[test]
     fn s3_max_bytes_is_never_passed_in_a_store_of_two_shards() {
         check(ITERATIONS, || reservations(Policy::S3Fifo, 2));
+    }
+
+    #[test]
+    fn lru_max_bytes_below_what_inserts_in_flight_hold_is_never_passed() {
+        check(ITERATIONS, || reservations_under(Policy::Lru, 1, 1));
+        check(ITERATIONS, || reservations_under(Policy::Lru, 2, 2));
+    }
+
+    #[test]
+    fn s3_max_bytes_below_what_inserts_in_flight_hold_is_never_passed() {
+        check(ITERATIONS, || reservations_under(Policy::S3Fifo, 1, 1));
+        check(ITERATIONS, || reservations_under(Policy::S3Fifo, 2, 2));
+    }
+
+    /// Three threads storing entries under a tag they share ("t", whose member list grows as
+    /// they go) and one of their own, into a store of `shards` shards bounded at three entries'
+    /// worth, one watching. The room each insert's ref takes in a member list is charged before
+    /// its reservation (`make_room`), so the reservation evicts for it; an insert whose room
+    /// another took, and grew the list after the fact, evicts for it (`fit`) before it returns.
+    /// The tag table's growth is charged before the eviction that makes room for it, so the
+    /// watcher allows the store to be over by that much while inserts are in flight; once they
+    /// are done, the bound holds and the books are exact; invalidating "t" reclaims everything.
+    fn tagged(policy: Policy, shards: usize) {
+        let tally = Tally::default();
+        let store: Store<Num> = Store::with_policy(shards, policy);
+        let entry = Store::weigh("k00", &tally.num(0, 40), 2, NEVER);
+        let max = 3 * entry + 2 * crate::tags::TagCell::cost(3);
+        // New cells (one per thread and "t"), and "t"'s list growing from 4 refs to 16.
+        let slack = 4 * (crate::tags::TagCell::cost(3) + 64) + (112 - 64) + (208 - 112);
+        let lim = limits(100, Some(max));
+        let done = AtomicBool::new(false);
+        scope(|s| {
+            let writers: Vec<_> = (0..3u64)
+                .map(|t| {
+                    let (store, tally, lim) = (&store, &tally, &lim);
+                    s.spawn(move || {
+                        let own = format!("u{t}");
+                        for i in 0..3 {
+                            let stamps = store.tags.stamps(["t", own.as_str()]);
+                            let key = format!("k{t}{i}");
+                            let put = store.set(&key, tally.num(t, 40), NEVER, stamps, lim, 1);
+                            assert!(matches!(put, Put::Stored | Put::TooLarge), "{put:?}");
+                        }
+                    })
+                })
+                .collect();
+            s.spawn(|| {
+                while !done.load(Relaxed) {
+                    let bytes = store.bytes();
+                    assert!(bytes <= max + slack, "{bytes} bytes, bound {max} + {slack}");
+                    yield_now();
+                }
+            });
+            for t in writers {
+                t.join().unwrap();
+            }
+            done.store(true, Relaxed);
+        });
+        assert!(store.bytes() <= max, "{} bytes, bound {max}", store.bytes());
+        assert_eq!(
+            store.bytes(),
+            books(&store),
+            "the books are not what is held"
+        );
+        assert_eq!(
+            tally.alive(),
+            store.len(),
+            "a value dropped twice, or never"
+        );
+        let len = store.len();
+        assert_eq!(store.invalidate_tags(["t"], 1), len);
+        assert_eq!((store.len(), held(&store), tally.alive()), (0, 0, 0));
+        store.tags.sweep();
+        assert_eq!(store.bytes() - ghost(&store), 0);
+    }
+
+    #[test]
+    fn lru_inserts_under_shared_tags_end_within_max_bytes() {
+        check(ITERATIONS, || tagged(Policy::Lru, 1));
+        check(ITERATIONS, || tagged(Policy::Lru, 2));
+    }
+
+    #[test]
+    fn s3_inserts_under_shared_tags_end_within_max_bytes() {
+        check(ITERATIONS, || tagged(Policy::S3Fifo, 1));
+        check(ITERATIONS, || tagged(Policy::S3Fifo, 2));
     }
 }

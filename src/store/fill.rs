@@ -109,7 +109,10 @@ impl<V: Weigh> Store<V> {
     fn fill_begin_as(&self, key: &str, token: u64, limits: &Limits, now: u64) {
         let charge = placeholder_charge(key);
         let (_, idx) = self.locate(key);
-        self.reserve(charge, limits, now, idx);
+        if !self.reserve(charge, limits, now, idx) {
+            // No room even in an empty store: no placeholder, so the fill will store nothing.
+            return;
+        }
         let shard = self.shards[idx].write();
         let mut table = self.fills.tables[idx].lock();
         let mut freed = 0;

@@ -28,6 +28,7 @@ use crate::sync::{random_state, RwLock, RwLockWriteGuard};
 use crate::clock::NEVER;
 use crate::entry::{planned_size, rounded_deadline, Pack};
 use crate::flight::Flights;
+use crate::ghost::Ghost;
 use crate::mem::{malloc_chunk, EXPIRY_SHARE, GHOST_RECORD, TABLE_CELL};
 use crate::policy::Policy;
 use crate::s3fifo::MAX_FREQ;

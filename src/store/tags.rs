@@ -5,15 +5,24 @@ use super::*;
 
 impl<V: Weigh> Store<V> {
     /// After an entry of shard `idx` got a new generation (`moved`: its slot, the generation and
-    /// its stamps): records it under its tags again, so that invalidating one reclaims it.
-    pub(super) fn moved_on(&self, idx: usize, moved: Option<(u32, u32, Vec<TagStamp>)>) {
+    /// its stamps): records it under its tags again, so that invalidating one reclaims it, and
+    /// evicts for the room that took (see `fit`).
+    pub(super) fn moved_on(
+        &self,
+        idx: usize,
+        moved: Option<(u32, u32, Vec<TagStamp>)>,
+        limits: &Limits,
+        now: u64,
+    ) {
         if let Some((slot, gen, stamps)) = moved.filter(|m| !m.2.is_empty()) {
             let at = EntryRef {
                 shard: idx as u32,
                 slot,
                 gen,
             };
-            self.register(at, &stamps);
+            if self.register(at, &stamps) > 0 {
+                self.fit(limits, now, idx);
+            }
         }
     }
 
@@ -43,14 +52,46 @@ impl<V: Weigh> Store<V> {
         removed
     }
 
-    /// Records `at` in the member lists of its tags, compacting a list that filled with stale refs.
-    pub(super) fn register(&self, at: EntryRef, stamps: &[TagStamp]) {
-        for stamp in stamps {
-            self.tags.add_member(&stamp.cell, at, |r| {
-                let shard = self.shards[r.shard as usize].read();
-                shard.entry_if(r.slot, r.gen).is_some()
-            });
-        }
+    /// Records `at` in the member lists of its tags, compacting a list that filled with stale
+    /// refs; returns the bytes the lists grew by (none if `make_room` ran for them before).
+    pub(super) fn register(&self, at: EntryRef, stamps: &[TagStamp]) -> u64 {
+        stamps
+            .iter()
+            .map(|stamp| self.tags.add_member(&stamp.cell, at, |r| self.is_stored(r)))
+            .sum()
+    }
+
+    /// Makes room in the member lists of `stamps` for one more ref each, before an insert
+    /// reserves its bytes: the reservation then covers the lists' growth (see
+    /// `TagTable::make_room`); returns the bytes that took. Takes shard read locks: call it
+    /// holding none.
+    pub(super) fn make_room(&self, stamps: &[TagStamp]) -> u64 {
+        stamps
+            .iter()
+            .map(|stamp| self.tags.make_room(&stamp.cell, |r| self.is_stored(r)))
+            .sum()
+    }
+
+    /// Whether the entry `r` refers to is still stored (a member list's compaction keeps it).
+    fn is_stored(&self, r: &EntryRef) -> bool {
+        let shard = self.shards[r.shard as usize].read();
+        shard.entry_if(r.slot, r.gen).is_some()
+    }
+
+    /// Evicts, from shard `idx` on, while the store is over `limits.max_bytes` and has entries
+    /// left: for bytes charged after the fact, which no reservation covered (a member list that
+    /// grew because a concurrent insert took the room made for this one, or the new ref of an
+    /// in-place update), so that the bound holds again once the operation returns.
+    pub(super) fn fit(&self, limits: &Limits, now: u64, idx: usize) {
+        let Some(max) = limits.max_bytes else { return };
+        while self.bytes() > max && self.evict_one(idx, now) {}
+    }
+
+    /// Evicts while the store is over `limits.max_bytes` and has entries left: after taking
+    /// stamps that are kept beyond the operation (a tag snapshot), whose new cells are charged
+    /// as they are made, with no insert to reserve for them.
+    pub fn keep_within(&self, limits: &Limits, now: u64) {
+        self.fit(limits, now, 0);
     }
 }
 
@@ -91,6 +132,169 @@ mod tests {
             assert_eq!(store.bytes(), sum + store.tags.bytes() + ghost(&store));
             store.clear();
             assert_eq!((store.bytes(), store.tags.len()), (0, 0));
+        }
+    }
+
+    /// The store's books: its entries' charges, S3-FIFO's ghost records and the tag table.
+    fn books(store: &Store<Val>) -> u64 {
+        let entries: u64 = store
+            .shards
+            .iter()
+            .map(|s| s.read().iter().map(Store::charge).sum::<u64>())
+            .sum();
+        entries + ghost(store) + store.tags.bytes()
+    }
+
+    /// A store of one shard holding four entries under tag "g" (whose member list is then full)
+    /// and a bound of exactly those bytes plus `room`.
+    fn full_list(policy: Policy, room: u64) -> (Store<Val>, Limits) {
+        let store: Store<Val> = Store::with_policy(1, policy);
+        let open = limits(100, None);
+        for i in 0..4 {
+            let stamps = store.tags.stamps(["g"]);
+            store.set(&format!("k{i}"), Val(10), NEVER, stamps, &open, 1);
+        }
+        let lim = limits(100, Some(store.bytes() + room));
+        (store, lim)
+    }
+
+    #[test]
+    fn an_insert_whose_tag_list_must_grow_stays_within_max_bytes() {
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            // The fifth entry fits exactly; the ref it adds to g's full list does not.
+            let (store, lim) = full_list(policy, Store::<Val>::weigh("k4", &Val(10), 1, NEVER));
+            let max = lim.max_bytes.unwrap();
+            let stamps = store.tags.stamps(["g"]);
+            assert_eq!(
+                store.set("k4", Val(10), NEVER, stamps, &lim, 1),
+                Put::Stored
+            );
+            assert!(
+                store.bytes() <= max,
+                "{policy:?}: {} > {max}",
+                store.bytes()
+            );
+            assert!(store.contains("k4", 1), "{policy:?}: evicted the new entry");
+            assert_eq!(store.stats.snapshot().evictions, 1, "{policy:?}");
+            assert_eq!(store.bytes(), books(&store), "{policy:?}");
+            // Invalidating the tag reclaims them all and frees the list.
+            assert_eq!(store.invalidate_tags(["g"], 1), 4, "{policy:?}");
+            assert_eq!(store.len(), 0);
+        }
+    }
+
+    #[test]
+    fn a_tagged_insert_that_stores_nothing_stays_within_max_bytes() {
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            let (store, lim) = full_list(policy, 0);
+            let max = lim.max_bytes.unwrap();
+            // Already expired: stored as nothing, and no room is made for it.
+            let stamps = store.tags.stamps(["g"]);
+            assert_eq!(store.set("k9", Val(10), 1, stamps, &lim, 5), Put::Stored);
+            assert!(
+                store.bytes() <= max,
+                "{policy:?}: {} > {max}",
+                store.bytes()
+            );
+            assert_eq!(store.stats.snapshot().evictions, 0, "{policy:?}");
+            // A fill whose placeholder is gone stores nothing; the room it made is evicted for.
+            let stamps = store.tags.stamps(["g"]);
+            let put = store.fill_put("k9", 12_345, Val(10), NEVER, stamps, false, &lim, 1);
+            assert_eq!(put, Put::Stale, "{policy:?}");
+            assert!(
+                store.bytes() <= max,
+                "{policy:?}: {} > {max}",
+                store.bytes()
+            );
+            assert_eq!(store.bytes(), books(&store), "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn an_in_place_update_of_a_tagged_entry_stays_within_max_bytes() {
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            // An update gives the entry a new generation, recorded under its tags again: a
+            // fifth ref in g's full list.
+            let (store, lim) = full_list(policy, 0);
+            let max = lim.max_bytes.unwrap();
+            assert_eq!(store.update("k3", &lim, 1, |_| Some(())), Ok(Some(())));
+            assert!(
+                store.bytes() <= max,
+                "{policy:?}: {} > {max}",
+                store.bytes()
+            );
+            assert_eq!(store.bytes(), books(&store), "{policy:?}");
+            // So does replace_if (incr of a value that cannot change in place).
+            let (store, lim) = full_list(policy, 0);
+            let (_, gen) = store.snapshot("k3", 1, |e| e.value().0).unwrap();
+            let done = store.replace_if("k3", gen, Val(10), &lim, 1);
+            // (W-TinyLFU's victim for the room may be the newest entry, this one.)
+            if policy == Policy::TinyLfu && done == Replace::Missing {
+                assert!(!store.contains("k3", 1));
+            } else {
+                assert_eq!(done, Replace::Done, "{policy:?}");
+                assert!(
+                    store.contains("k3", 1),
+                    "{policy:?}: lost the entry it replaced"
+                );
+            }
+            assert!(
+                store.bytes() <= max,
+                "{policy:?}: {} > {max}",
+                store.bytes()
+            );
+            assert_eq!(store.bytes(), books(&store), "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn stamps_kept_beyond_an_operation_are_evicted_for() {
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            let (store, lim) = full_list(policy, 0);
+            let max = lim.max_bytes.unwrap();
+            // A snapshot of new tags: their cells are charged as they are made.
+            let held = store.tags.stamps(["s1", "s2"]);
+            assert!(store.bytes() > max);
+            store.keep_within(&lim, 1);
+            assert!(
+                store.bytes() <= max,
+                "{policy:?}: {} > {max}",
+                store.bytes()
+            );
+            assert!(store.stats.snapshot().evictions >= 1);
+            assert_eq!(store.bytes(), books(&store), "{policy:?}");
+            drop(held);
+        }
+    }
+
+    #[test]
+    fn an_entry_whose_new_tag_does_not_fit_even_alone_is_too_large() {
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            let store: Store<Val> = Store::with_policy(1, policy);
+            // The entry alone fits exactly; with its tag's cell and member list it cannot.
+            let max = Store::<Val>::weigh("k", &Val(100), 1, NEVER);
+            let lim = limits(100, Some(max));
+            let stamps = store.tags.stamps(["new"]);
+            assert_eq!(
+                store.set("k", Val(100), NEVER, stamps, &lim, 1),
+                Put::TooLarge,
+                "{policy:?}"
+            );
+            assert_eq!((store.len(), store.bytes()), (0, 0), "{policy:?}");
+            // Without the tag it goes in.
+            assert_eq!(
+                store.set("k", Val(100), NEVER, Vec::new(), &lim, 1),
+                Put::Stored
+            );
+            assert_eq!(store.bytes(), Store::<Val>::weigh("k", &Val(100), 0, NEVER));
+            // ... and a tagged write that cannot fit leaves no older value behind.
+            let stamps = store.tags.stamps(["new"]);
+            assert_eq!(
+                store.set("k", Val(100), NEVER, stamps, &lim, 1),
+                Put::TooLarge
+            );
+            assert!(!store.contains("k", 1), "{policy:?}");
+            assert_eq!((store.len(), store.bytes()), (0, 0), "{policy:?}");
         }
     }
 

@@ -99,11 +99,13 @@ impl<V: Weigh> Store<V> {
     /// Changes the live value in place when `update` can (it returns `Some`), keeping expiry and
     /// tags and marking it recently used. `Err(())` if the key is missing; `Ok(None)` if `update`
     /// declined (the caller then goes through `snapshot` and `replace_if`). The value's weight
-    /// must not change.
+    /// must not change. The entry's new generation is recorded under its tags, which may grow
+    /// a member list: `limits.max_bytes` is then kept by evicting other entries.
     #[allow(clippy::result_unit_err)]
     pub fn update<R>(
         &self,
         key: &str,
+        limits: &Limits,
         now: u64,
         update: impl FnOnce(&mut V) -> Option<R>,
     ) -> Result<Option<R>, ()> {
@@ -125,7 +127,7 @@ impl<V: Weigh> Store<V> {
             Lookup::Absent => Err(()),
         };
         drop(shard);
-        self.moved_on(idx, moved);
+        self.moved_on(idx, moved, limits, now);
         out
     }
 
@@ -186,11 +188,40 @@ impl<V: Weigh> Store<V> {
         // The entry's block is built here, outside every lock (the value may let go of an object
         // whose release must not happen under one); an entry not stored is dropped after
         // unlocking.
-        let mut entry = Entry::new(key, value, expires, tags);
+        let entry = Entry::new(key, value, expires, tags);
         debug_assert_eq!(Self::charge(&entry), weight);
-        if self.policy != Policy::Lru {
-            return self.put_s3(key, entry, limits, now, only_new, weight, fill);
+        // The room its refs will take in its tags' member lists goes on the books first, so
+        // that the reservation evicts for it too (charged after the insert, it would leave the
+        // store over MAX_BYTES until the next one). An entry already expired is not stored.
+        let room = expires > now && self.make_room(entry.tags()) > 0;
+        let put = if self.policy == Policy::Lru {
+            self.put_lru(key, entry, limits, now, only_new, weight, fill)
+        } else {
+            self.put_s3(key, entry, limits, now, only_new, weight, fill)
+        };
+        if room && put != Put::Stored {
+            // Room made for an insert that stored nothing (under S3-FIFO, before it reserved
+            // anything): it stays, ready for the next ref, and is evicted for now.
+            self.fit(limits, now, self.locate(key).1);
         }
+        put
+    }
+
+    /// `put` under "lru": Django's cull at `max_entries`, then a reservation of its bytes.
+    #[allow(clippy::too_many_arguments)]
+    fn put_lru(
+        &self,
+        key: &str,
+        mut entry: Entry<V>,
+        limits: &Limits,
+        now: u64,
+        only_new: bool,
+        weight: u64,
+        fill: Option<u64>,
+    ) -> Put {
+        let expires = entry.expires();
+        // An entry already expired is not stored: nothing to reserve (nor evict) for it.
+        let weight = if expires > now { weight } else { 0 };
         let (hash, idx) = self.locate(key);
         if self.len() as i64 >= limits.max_entries {
             if self.shards.len() == 1 || limits.cull_frequency == 0 {
@@ -199,7 +230,15 @@ impl<V: Weigh> Store<V> {
                 self.evict_for_entry(limits, now, idx);
             }
         }
-        self.reserve(weight, limits, now, idx);
+        if !self.reserve(weight, limits, now, idx) {
+            // Even an empty store cannot take it besides what its tags hold: too large.
+            drop(entry);
+            if !only_new || !self.contains(key, now) {
+                self.delete(key, now);
+                return Put::TooLarge;
+            }
+            return Put::Exists;
+        }
         let mut shard = self.write(idx);
         self.reclaim(&mut shard, now);
         if !self.fill_take(idx, key, fill, now) {
@@ -229,11 +268,13 @@ impl<V: Weigh> Store<V> {
         entry.set_gen(gen);
         let slot = shard.insert(entry, hash);
         self.len.fetch_add(1, Relaxed);
-        self.finish_put(shard, idx, slot, gen, has_tags, now);
+        self.finish_put(shard, idx, slot, gen, has_tags, limits, now);
         Put::Stored
     }
 
-    /// After an insert: unlocks, sweeps the next shard, and records the entry under its tags.
+    /// After an insert: unlocks, sweeps the next shard, and records the entry under its tags
+    /// (evicting for any growth of their member lists the reservation did not cover, see `fit`).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn finish_put(
         &self,
         shard: LockedShard<'_, V>,
@@ -241,20 +282,21 @@ impl<V: Weigh> Store<V> {
         slot: u32,
         gen: u32,
         has_tags: bool,
+        limits: &Limits,
         now: u64,
     ) {
         let stamps = has_tags.then(|| shard.entry(slot).tags().to_vec());
         drop(shard);
         self.sweep_next(now);
         if let Some(stamps) = stamps {
-            self.register(
-                EntryRef {
-                    shard: idx as u32,
-                    slot,
-                    gen,
-                },
-                &stamps,
-            );
+            let at = EntryRef {
+                shard: idx as u32,
+                slot,
+                gen,
+            };
+            if self.register(at, &stamps) > 0 {
+                self.fit(limits, now, idx);
+            }
         }
     }
 
@@ -282,7 +324,10 @@ impl<V: Weigh> Store<V> {
         if weight > MAX_WEIGHT || limits.max_bytes.is_some_and(|max| weight > max) {
             return Replace::TooLarge;
         }
-        self.reserve(weight, limits, now, idx);
+        self.make_room(new.tags());
+        if !self.reserve(weight, limits, now, idx) {
+            return Replace::TooLarge;
+        }
         let mut moved = None;
         let mut new = Some(new);
         let mut shard = self.write(idx);
@@ -324,7 +369,7 @@ impl<V: Weigh> Store<V> {
         };
         drop(shard);
         drop(new);
-        self.moved_on(idx, moved);
+        self.moved_on(idx, moved, limits, now);
         out
     }
 
@@ -454,7 +499,7 @@ mod shuttle_tests {
 
     /// Adds one to `key` in place (`incr` of an integer).
     fn incr_in_place(store: &Store<Num>, key: &str) {
-        let done = store.update(key, 1, |v| {
+        let done = store.update(key, &limits(100, None), 1, |v| {
             v.n += 1;
             Some(())
         });
