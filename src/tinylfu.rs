@@ -51,9 +51,6 @@ pub const WEIGHT: f64 = 0.5;
 /// The smallest sample, in requests (a shard of a few entries would otherwise adapt to noise).
 pub const MIN_SAMPLE: usize = 64;
 
-/// Keys a shard's sketch is sized for at least (when the shard's capacity is no smaller).
-pub const SKETCH_FROM: usize = 4_096;
-
 /// A shard's W-TinyLFU state: the sketch and the window's sample.
 pub struct TinyLfu {
     pub(crate) sketch: Sketch,
@@ -128,23 +125,34 @@ impl<V> Shard<V> {
         }
     }
 
-    /// A new key (hashing to `hash`) is about to be inserted into this shard of `capacity`
-    /// entries: counts the miss and the request, sizes the sketch, ages it and moves the window
-    /// when due. Returns the queue the key enters (the window).
-    ///
-    /// The sketch is sized for the capacity up to `SKETCH_FROM` keys (at most 48 KiB) from the
-    /// first insert; a larger shard's sketch grows with its entries (so that a store with a
-    /// large `MAX_ENTRIES` holding few entries does not hold a large sketch), and each growth
-    /// forgets the counts (as Caffeine, which sizes its sketch once the cache is half full).
-    pub fn tiny_admit(&mut self, hash: u64, capacity: usize) -> Queue {
+    /// A new key (hashing to `hash`) is about to be inserted into this shard: counts the miss
+    /// and the request, ages the sketch and moves the window when due. Returns the queue the
+    /// key enters (the window).
+    pub fn tiny_admit(&mut self, hash: u64) -> Queue {
         let len = self.len() + 1;
         let t = &mut self.tiny;
-        t.sketch.ensure(capacity.min(len.max(SKETCH_FROM)));
         t.sketch.record(hash);
         t.sketch.age_if_due();
         t.misses = t.misses.saturating_add(1);
         t.climb(len);
         Queue::Small
+    }
+
+    /// Bytes the sketch grows by (`tiny_grow`) before one more entry comes into this shard of
+    /// `capacity` entries.
+    ///
+    /// The sketch is sized for the shard's entries (at most `capacity`), not for its capacity
+    /// from the start: a store with a large `MAX_ENTRIES` holding few entries holds a small
+    /// sketch. It doubles as the entries do, keeping its counts (`Sketch::ensure`): 12 to 24
+    /// bytes per entry, charged to the store's bytes like its entries.
+    pub fn tiny_growth(&self, capacity: usize) -> usize {
+        self.tiny.sketch.growth(capacity.min(self.len() + 1))
+    }
+
+    /// Grows the sketch by `tiny_growth(capacity)` bytes.
+    pub fn tiny_grow(&mut self, capacity: usize) {
+        let keys = capacity.min(self.len() + 1);
+        self.tiny.sketch.ensure(keys);
     }
 
     /// The window's size now: its share of the entries, at least one.
@@ -258,7 +266,8 @@ mod tests {
                 self.hits += 1;
                 return true;
             }
-            let q = self.shard.tiny_admit(h, self.cap);
+            self.shard.tiny_grow(self.cap);
+            let q = self.shard.tiny_admit(h);
             while self.shard.len() >= self.cap {
                 self.shard.evict_tiny().expect("a full shard has a victim");
             }
