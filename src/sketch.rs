@@ -56,11 +56,7 @@ impl Sketch {
     /// A sketch for `keys` keys (rounded up to a power of two, at least 8 words). An empty
     /// sketch (`keys == 0`) holds nothing and records nothing until it is resized.
     pub fn with_capacity(keys: usize) -> Self {
-        let n = if keys == 0 {
-            0
-        } else {
-            keys.next_power_of_two().max(8)
-        };
+        let n = Self::size_for(keys);
         let door = n * DOOR_BITS_PER_WORD / 64;
         Sketch {
             words: (0..n).map(|_| AtomicU64::new(0)).collect(),
@@ -79,11 +75,50 @@ impl Sketch {
         (self.words.len() + self.door.len()) * 8
     }
 
-    /// Resizes the sketch for `keys` keys if it is sized for fewer (forgetting every count).
-    pub fn ensure(&mut self, keys: usize) {
-        if keys > self.capacity() {
-            *self = Sketch::with_capacity(keys);
+    /// The size a sketch for `keys` keys has: a power of two, at least 8 (0 for no keys).
+    fn size_for(keys: usize) -> usize {
+        if keys == 0 {
+            0
+        } else {
+            keys.next_power_of_two().max(8)
         }
+    }
+
+    /// Bytes the sketch would grow by if sized for `keys` keys (0 if it is sized for as many).
+    pub fn growth(&self, keys: usize) -> usize {
+        let n = Self::size_for(keys);
+        if n <= self.capacity() {
+            return 0;
+        }
+        Sketch::bytes_of(n) - self.bytes()
+    }
+
+    /// Bytes a sketch of `n` counter words (a size from `size_for`) takes.
+    fn bytes_of(n: usize) -> usize {
+        (n + n * DOOR_BITS_PER_WORD / 64) * 8
+    }
+
+    /// Resizes the sketch for `keys` keys if it is sized for fewer, keeping every count: a key's
+    /// block is picked by the low bits of its hash's upper half, so in a sketch `2^k` times as
+    /// large its block is one of `2^k` copies of the old one (and its doorkeeper bits are copies
+    /// of the old ones the same way): every estimate stays what it was.
+    pub fn ensure(&mut self, keys: usize) {
+        let n = Self::size_for(keys);
+        let old = self.capacity();
+        if n <= old {
+            return;
+        }
+        if old == 0 {
+            *self = Sketch::with_capacity(n);
+            return;
+        }
+        let copy = |from: &[AtomicU64], len: usize| -> Box<[AtomicU64]> {
+            (0..len)
+                .map(|i| AtomicU64::new(from[i % from.len()].load(Relaxed)))
+                .collect()
+        };
+        self.words = copy(&self.words, n);
+        self.door = copy(&self.door, n * DOOR_BITS_PER_WORD / 64);
     }
 
     /// The word and the nibble of counter `i` (0 to 3) of a key.
@@ -303,18 +338,33 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_sketch_records_nothing_and_resizing_forgets() {
+    fn an_empty_sketch_records_nothing_and_growing_keeps_every_estimate() {
         let mut s = Sketch::default();
         s.record(key(1));
         assert_eq!((s.frequency(key(1)), s.capacity(), s.bytes()), (0, 0, 0));
+        assert_eq!(s.growth(100), 128 * 8 + 128 * 4);
         s.ensure(100);
         assert_eq!(s.capacity(), 128);
         assert_eq!(s.bytes(), 128 * 8 + 128 * 4);
-        s.record(key(1));
-        s.record(key(1));
+        assert_eq!(s.growth(100), 0);
+        // 1,000 keys counted 0 to 9 times in a sketch too small for them (estimates overcount).
+        for i in 0..1_000u64 {
+            for _ in 0..i % 10 {
+                s.record(key(i));
+            }
+        }
+        let before: Vec<u8> = (0..1_000).map(|i| s.frequency(key(i))).collect();
         s.ensure(100);
-        assert_eq!(s.frequency(key(1)), 2, "big enough already: kept");
-        s.ensure(200);
-        assert_eq!((s.capacity(), s.frequency(key(1))), (256, 0));
+        assert_eq!(s.capacity(), 128, "big enough already: kept");
+        assert_eq!(s.growth(1_000), 1_024 * 12 - s.bytes());
+        s.ensure(1_000);
+        assert_eq!((s.capacity(), s.bytes()), (1_024, 1_024 * 12));
+        let after: Vec<u8> = (0..1_000).map(|i| s.frequency(key(i))).collect();
+        assert_eq!(before, after, "growing changed an estimate");
+        // New counts land in the larger sketch: a new key's estimate is its own count.
+        for _ in 0..3 {
+            s.record(key(5_000));
+        }
+        assert!(s.frequency(key(5_000)) >= 3);
     }
 }

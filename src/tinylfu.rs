@@ -1,8 +1,8 @@
 //! Adaptive W-TinyLFU on one shard: Caffeine's policy (Einziger, Friedman and Manes, "TinyLFU: A
-//! Highly Efficient Cache Admission Policy", ACM TOS 2017, with the window of its section 4, and
-//! the hill climber that sizes the window of Einziger, Eytan, Friedman and Manes, "Adaptive
-//! Software Cache Management", Middleware 2018), with CLOCK queues in place of LRU lists so that
-//! a hit needs no exclusive lock.
+//! Highly Efficient Cache Admission Policy", ACM TOS 2017, with the window of its section 4, made
+//! adaptive as in Einziger, Eytan, Friedman and Manes, "Adaptive Software Cache Management",
+//! Middleware 2018, here by the window's share of the hits), with CLOCK queues in place of LRU
+//! lists so that a hit needs no exclusive lock.
 //!
 //! - A new key enters the window (the `Small` queue). The window is kept at a share of the
 //!   shard's entries (1% at first): when it is full, its oldest entry not hit since it was last
@@ -14,13 +14,18 @@
 //!   (a scan) never displaces a used one, and a loop over more keys than the shard holds keeps a
 //!   fixed set of them (the newcomer never counts more than the keys it would displace), where
 //!   LRU and S3-FIFO keep evicting the keys needed next.
-//! - Hill climbing: every `SAMPLE` shard-sizes' worth of requests, the hit ratio of that sample is
-//!   compared with the last one's; the window grows or shrinks by a step (6.25% of the entries at
-//!   first, shrinking by 2% a sample, back to full size when the hit ratio moves by 5 points or
-//!   more) in the direction that last helped. Recency-heavy traffic grows the window (an LRU),
-//!   frequency-heavy traffic shrinks it.
+//! - Window sizing: every half shard-size's worth of requests, the window's share of the entries
+//!   moves halfway towards its share of the sample's hits (at least one entry, at most
+//!   `WINDOW_MAX`): the window and the main region end up with about as many hits per entry.
+//!   Recency-heavy traffic (keys used in a burst, then forgotten) hits the window and grows it
+//!   towards an LRU within a few samples; frequency-heavy traffic hits the main region and keeps
+//!   the window at one entry; a loop, whose keys are never hit in the window, keeps it there too.
+//!   Caffeine's hill climber (Einziger, Eytan, Friedman and Manes, Middleware 2018) compares the
+//!   hit ratios of successive samples: its steps are small next to the noise of samples this
+//!   short, and it took a tenth of the stream to open the window on issue 12's recency-heavy
+//!   stream (8 to 12 points below LRU), where this rule takes two samples.
 //! - A hit (under the shard's read lock) bumps the entry's counter and records the request in the
-//!   sketch, with relaxed atomic loads and stores; the climber's count of hits is kept the same
+//!   sketch, with relaxed atomic loads and stores; the sample's counts of hits is kept the same
 //!   way. Misses, aging and eviction happen in inserts, under the write lock.
 
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
@@ -31,39 +36,33 @@ use crate::sketch::Sketch;
 /// The window's share of the entries at first (Caffeine's).
 pub const WINDOW_START: f64 = 0.01;
 
-/// The climber's first step, as a share of the entries (Caffeine's).
-pub const STEP: f64 = 0.0625;
+/// The largest share of the entries the window takes: the main region keeps a few, so that its
+/// hits can call the window back when traffic turns to frequency (a window of every entry would
+/// take every hit and keep itself there).
+pub const WINDOW_MAX: f64 = 0.98;
 
-/// What each step keeps of the last one while the hit ratio moves little (Caffeine's).
-pub const STEP_DECAY: f64 = 0.98;
+/// Requests in a sample, as a share of the shard's entries.
+pub const SAMPLE: f64 = 0.5;
 
-/// A move of the hit ratio between samples (as a share) that restarts the step at `STEP`.
-pub const RESTART: f64 = 0.05;
-
-/// Requests in a sample, in shard sizes (Caffeine samples 10 sizes; 2 lets the window follow
-/// a change of traffic five times sooner, and costs little on stable traffic).
-pub const SAMPLE: usize = 2;
+/// What a sample's hit share weighs against the window's share before it (an exponential
+/// average: one lucky sample moves the window halfway, not all the way).
+pub const WEIGHT: f64 = 0.5;
 
 /// The smallest sample, in requests (a shard of a few entries would otherwise adapt to noise).
 pub const MIN_SAMPLE: usize = 64;
 
-/// Keys a shard's sketch is sized for at least (when the shard's capacity is no smaller).
-pub const SKETCH_FROM: usize = 4_096;
-
-/// A shard's W-TinyLFU state: the sketch and the hill climber.
+/// A shard's W-TinyLFU state: the sketch and the window's sample.
 pub struct TinyLfu {
     pub(crate) sketch: Sketch,
     /// Hits in the current sample: counted under the read lock with a relaxed load and store,
     /// so racing hits may count as one.
     hits: AtomicU32,
+    /// Those of them on entries in the window (counted the same way).
+    window_hits: AtomicU32,
     /// Misses (inserts of new keys) in the current sample.
     misses: u32,
-    /// The window's share of the entries, 0 to 1.
+    /// The window's share of the entries, 0 to `WINDOW_MAX`.
     window: f64,
-    /// The next step (signed: its sign is the direction that last helped).
-    step: f64,
-    /// The hit ratio of the last sample, if there was one.
-    previous: Option<f64>,
     /// Whether the shard has evicted yet (samples start then).
     full: bool,
 }
@@ -73,10 +72,9 @@ impl Default for TinyLfu {
         TinyLfu {
             sketch: Sketch::default(),
             hits: AtomicU32::new(0),
+            window_hits: AtomicU32::new(0),
             misses: 0,
             window: WINDOW_START,
-            step: STEP,
-            previous: None,
             full: false,
         }
     }
@@ -88,80 +86,73 @@ impl TinyLfu {
         self.window
     }
 
-    /// Ends the sample if it is complete (`len`: the shard's entries): moves the window by a step
-    /// in the direction that last raised the hit ratio.
+    /// Ends the sample if it is complete (`len`: the shard's entries): moves the window's share
+    /// halfway towards the window's share of the sample's hits.
     ///
-    /// Caffeine keeps going while the hit ratio does not fall, so noise alone walks the window
-    /// about; here a sample is compared with the last one against the noise of two samples of
-    /// that many requests (one standard deviation of their difference): the window keeps growing
-    /// only while the hit ratio clearly rises, and keeps shrinking unless it clearly falls. On
-    /// frequency-heavy traffic it stays small (the issue 12 Zipf streams lost up to 2 points to
-    /// the wandering), while a clear gain from a larger window still takes it up.
+    /// At the fixed point the window and the main region serve as many hits per entry: while
+    /// the window's entries are hit more often than main's (recency pays), it grows; while
+    /// main's are (frequency pays), it shrinks. A sample without a hit (a scan) moves nothing.
     fn climb(&mut self, len: usize) {
-        let hits = u64::from(*self.hits.get_mut());
-        let requests = hits + u64::from(self.misses);
-        if requests < (SAMPLE * len).max(MIN_SAMPLE) as u64 {
+        let hits = *self.hits.get_mut();
+        let requests = u64::from(hits) + u64::from(self.misses);
+        if (requests as f64) < (SAMPLE * len as f64).max(MIN_SAMPLE as f64) {
             return;
         }
-        if self.full {
-            let rate = hits as f64 / requests as f64;
-            // A sample without a hit (a scan) says nothing about the window.
-            if let (Some(previous), true) = (self.previous, hits > 0) {
-                let change = rate - previous;
-                let p = (rate + previous) / 2.0;
-                let noise = (2.0 * p * (1.0 - p) / requests as f64).sqrt();
-                let keep = if self.step > 0.0 {
-                    change > noise
-                } else {
-                    change > -noise
-                };
-                let amount = if keep { self.step } else { -self.step };
-                self.step = if change.abs() >= RESTART {
-                    STEP.copysign(amount)
-                } else {
-                    STEP_DECAY * amount
-                };
-                // At the floor a window keeps "shrinking" until the hit ratio clearly falls (the
-                // traffic changed): then it turns and grows.
-                self.window = (self.window + amount).clamp(0.0, 1.0);
-            }
-            self.previous = Some(rate);
+        // Samples start once the shard has filled (until then nothing is evicted, whatever the
+        // window).
+        if self.full && hits > 0 {
+            let share = f64::from(*self.window_hits.get_mut()) / f64::from(hits);
+            self.window = ((1.0 - WEIGHT) * self.window + WEIGHT * share).clamp(0.0, WINDOW_MAX);
         }
-        // Samples start once the shard has filled (the hit ratio of a filling cache rises
-        // whatever the window).
         *self.hits.get_mut() = 0;
+        *self.window_hits.get_mut() = 0;
         self.misses = 0;
     }
 }
 
 impl<V> Shard<V> {
     /// Counts a hit on the entry at `slot` (whose key hashes to `hash`): its CLOCK counter, the
-    /// sketch and the climber's sample. Needs only shared access.
+    /// sketch and the window's sample. Needs only shared access.
     #[inline]
     pub fn tiny_hit(&self, slot: u32, hash: u64) {
-        self.entry(slot).hit();
+        let e = self.entry(slot);
+        e.hit();
         self.tiny.sketch.record_hit(hash);
-        let hits = &self.tiny.hits;
-        hits.store(hits.load(Relaxed).saturating_add(1), Relaxed);
+        let bump = |n: &AtomicU32| n.store(n.load(Relaxed).saturating_add(1), Relaxed);
+        bump(&self.tiny.hits);
+        if e.queue() == Queue::Small {
+            bump(&self.tiny.window_hits);
+        }
     }
 
-    /// A new key (hashing to `hash`) is about to be inserted into this shard of `capacity`
-    /// entries: counts the miss and the request, sizes the sketch, ages it and moves the window
-    /// when due. Returns the queue the key enters (the window).
-    ///
-    /// The sketch is sized for the capacity up to `SKETCH_FROM` keys (at most 48 KiB) from the
-    /// first insert; a larger shard's sketch grows with its entries (so that a store with a
-    /// large `MAX_ENTRIES` holding few entries does not hold a large sketch), and each growth
-    /// forgets the counts (as Caffeine, which sizes its sketch once the cache is half full).
-    pub fn tiny_admit(&mut self, hash: u64, capacity: usize) -> Queue {
+    /// A new key (hashing to `hash`) is about to be inserted into this shard: counts the miss
+    /// and the request, ages the sketch and moves the window when due. Returns the queue the
+    /// key enters (the window).
+    pub fn tiny_admit(&mut self, hash: u64) -> Queue {
         let len = self.len() + 1;
         let t = &mut self.tiny;
-        t.sketch.ensure(capacity.min(len.max(SKETCH_FROM)));
         t.sketch.record(hash);
         t.sketch.age_if_due();
         t.misses = t.misses.saturating_add(1);
         t.climb(len);
         Queue::Small
+    }
+
+    /// Bytes the sketch grows by (`tiny_grow`) before one more entry comes into this shard of
+    /// `capacity` entries.
+    ///
+    /// The sketch is sized for the shard's entries (at most `capacity`), not for its capacity
+    /// from the start: a store with a large `MAX_ENTRIES` holding few entries holds a small
+    /// sketch. It doubles as the entries do, keeping its counts (`Sketch::ensure`): 12 to 24
+    /// bytes per entry, charged to the store's bytes like its entries.
+    pub fn tiny_growth(&self, capacity: usize) -> usize {
+        self.tiny.sketch.growth(capacity.min(self.len() + 1))
+    }
+
+    /// Grows the sketch by `tiny_growth(capacity)` bytes.
+    pub fn tiny_grow(&mut self, capacity: usize) {
+        let keys = capacity.min(self.len() + 1);
+        self.tiny.sketch.ensure(keys);
     }
 
     /// The window's size now: its share of the entries, at least one.
@@ -186,8 +177,21 @@ impl<V> Shard<V> {
             let c = self.front(Queue::Small)?;
             let e = self.entry(c);
             if e.freq().load(Relaxed) > 0 {
-                // Hit while in the window: it goes round again (CLOCK's approximation of LRU).
                 e.freq().store(0, Relaxed);
+                // Hit while in the window: if the sketch counts it more often than main's
+                // victim, it takes the victim's place (a key hot enough for main does not stay
+                // in the window, where its hits would count for recency and hold a large window
+                // open); else it goes round again (CLOCK's approximation of LRU).
+                if let Some(v) = self.main_victim() {
+                    let c_hash = self.hash(self.entry(c).key());
+                    let v_hash = self.hash(self.entry(v).key());
+                    let sketch = &self.tiny.sketch;
+                    if sketch.frequency(c_hash) > sketch.frequency(v_hash) {
+                        let out = self.remove_hashed(v, v_hash);
+                        self.move_to_back(c, Queue::Main);
+                        return Some(out);
+                    }
+                }
                 self.move_to_back(c, Queue::Small);
                 continue;
             }
@@ -262,7 +266,8 @@ mod tests {
                 self.hits += 1;
                 return true;
             }
-            let q = self.shard.tiny_admit(h, self.cap);
+            self.shard.tiny_grow(self.cap);
+            let q = self.shard.tiny_admit(h);
             while self.shard.len() >= self.cap {
                 self.shard.evict_tiny().expect("a full shard has a victim");
             }
@@ -407,44 +412,120 @@ mod tests {
     }
 
     #[test]
-    fn the_climber_grows_the_window_only_on_a_clear_gain_and_shrinks_it_unless_a_clear_loss() {
+    fn the_window_moves_halfway_to_its_share_of_the_hits() {
         let mut t = TinyLfu::default();
-        let sample = |t: &mut TinyLfu, hits: u32, misses: u32| {
+        let sample = |t: &mut TinyLfu, hits: u32, window_hits: u32, misses: u32| {
             *t.hits.get_mut() = hits;
+            *t.window_hits.get_mut() = window_hits;
             t.misses = misses;
             t.climb(1_000);
         };
         // Before the shard is full, samples are dropped.
-        sample(&mut t, 1_000, 1_000);
-        assert_eq!((t.previous, t.window), (None, WINDOW_START));
+        sample(&mut t, 400, 400, 100);
+        assert_eq!(t.window, WINDOW_START);
         t.full = true;
-        sample(&mut t, 1_000, 1_000); // the first sample only sets the reference
-        assert_eq!((t.previous, t.window), (Some(0.5), WINDOW_START));
-        // Two samples of 2,000 requests at 50% differ by about 1.6 points of noise: a gain of 5
-        // points is clear, keeps growing and restarts the step.
-        sample(&mut t, 1_100, 900);
-        assert!((t.window - (WINDOW_START + STEP)).abs() < 1e-9);
-        assert!((t.step - STEP).abs() < 1e-9);
-        // A gain within the noise does not justify growing: the window turns back.
-        sample(&mut t, 1_110, 890);
-        assert!((t.window - WINDOW_START).abs() < 1e-9, "{}", t.window);
-        assert!(t.step < 0.0);
-        // Shrinking goes on through noise, down to the floor.
-        for _ in 0..5 {
-            sample(&mut t, 1_100, 900);
+        // Too few requests (a sample is half the entries): the sample goes on.
+        sample(&mut t, 100, 100, 100);
+        assert_eq!((t.window, t.misses), (WINDOW_START, 100));
+        // Every hit in the window: halfway to all of them, never past WINDOW_MAX.
+        sample(&mut t, 400, 400, 100);
+        assert!(
+            (t.window - (WINDOW_START + 1.0) / 2.0).abs() < 1e-9,
+            "{}",
+            t.window
+        );
+        assert_eq!((*t.hits.get_mut(), t.misses), (0, 0), "a new sample starts");
+        for _ in 0..20 {
+            sample(&mut t, 400, 400, 100);
+            assert!(t.window <= WINDOW_MAX);
         }
-        assert_eq!(t.window, 0.0);
-        assert!(t.step < 0.0);
-        // A clear loss turns it round: it grows again.
-        sample(&mut t, 900, 1_100);
-        assert!(t.window > 0.0 && t.step > 0.0, "{} {}", t.window, t.step);
+        assert_eq!(t.window, WINDOW_MAX);
+        // A quarter of the hits: halfway down to a quarter.
+        sample(&mut t, 400, 100, 100);
+        assert!(
+            (t.window - (WINDOW_MAX + 0.25) / 2.0).abs() < 1e-9,
+            "{}",
+            t.window
+        );
         // A sample without a hit (a scan) moves nothing.
         let w = t.window;
-        sample(&mut t, 0, 2_000);
+        sample(&mut t, 0, 0, 2_000);
         assert_eq!(t.window, w);
-        // Too few requests: the sample goes on.
-        sample(&mut t, 10, 10);
-        assert_eq!(t.misses, 10);
+        // No hit in the window: it shrinks towards a single entry.
+        for _ in 0..60 {
+            sample(&mut t, 400, 0, 100);
+        }
+        assert!(t.window < 1e-9);
+    }
+
+    /// A stream where recency predicts reuse (hitratio_optimum.py's recency-heavy stream): 30%
+    /// of requests a new key, the rest the key introduced n new keys ago, n exponential with
+    /// mean `mean_age` (a xorshift generator: the same stream every run).
+    fn recency_heavy(length: usize, mean_age: f64) -> Vec<String> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut uniform = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut introduced = 0usize;
+        (0..length)
+            .map(|_| {
+                let k = if introduced == 0 || uniform() < 0.3 {
+                    introduced += 1;
+                    introduced - 1
+                } else {
+                    let age = (-(1.0 - uniform()).ln() * mean_age) as usize;
+                    introduced - 1 - age.min(introduced - 1)
+                };
+                format!("r{k}")
+            })
+            .collect()
+    }
+
+    /// Hits of an exact LRU of `cap` entries on `keys`.
+    fn lru_hits(keys: &[String], cap: usize) -> usize {
+        let mut order: std::collections::VecDeque<&str> = std::collections::VecDeque::new();
+        let mut hits = 0;
+        for k in keys {
+            if let Some(i) = order.iter().position(|o| o == k) {
+                order.remove(i);
+                hits += 1;
+            } else if order.len() == cap {
+                order.pop_front();
+            }
+            order.push_back(k);
+        }
+        hits
+    }
+
+    #[test]
+    fn recency_heavy_traffic_opens_the_window_and_hits_about_as_often_as_lru() {
+        // With the window at 1%, the main region fills with keys counted often while they were
+        // young and never used again, and new keys lose to them: the hit ratio was 30 points
+        // below LRU's here.
+        let keys = recency_heavy(40_000, 100.0);
+        let mut c = Cache::new(200);
+        for k in &keys {
+            c.access(k);
+        }
+        let lru = lru_hits(&keys, 200) as f64 / keys.len() as f64;
+        let ratio = c.hits as f64 / keys.len() as f64;
+        assert!(ratio > lru - 0.01, "hit ratio {ratio:.3}, LRU {lru:.3}");
+        assert!(c.shard.tiny.window() > 0.9, "{}", c.shard.tiny.window());
+        c.check_queues();
+        // Traffic turns to frequency (a small hot set, each key requested between every two
+        // new ones): main's hits call the window back down.
+        let hot: Vec<String> = (0..50).map(|i| format!("hot{i}")).collect();
+        for i in 0..40_000 {
+            c.access(&hot[i % hot.len()]);
+            if i % 50 == 0 {
+                c.access(&format!("once{i}"));
+            }
+        }
+        assert!(c.shard.tiny.window() < 0.5, "{}", c.shard.tiny.window());
+        c.check_queues();
     }
 
     #[test]

@@ -61,6 +61,7 @@ def test_invalid_policy_names_the_option(bad: Any) -> None:
 
 def test_default_policy_is_lru_and_every_name_is_accepted() -> None:
     assert make(policy=None)._h.eviction_policy == "lru"
+    assert make(policy=None, MAX_ENTRIES=65_536)._h.eviction_policy == "lru"
     assert make(policy="lru")._h.eviction_policy == "lru"
     assert make(policy="s3fifo")._h.eviction_policy == "s3fifo"
     assert make(policy="tinylfu")._h.eviction_policy == "tinylfu"
@@ -79,9 +80,40 @@ def test_aliases_sharing_a_location_must_agree_on_the_policy() -> None:
     first = make(policy="s3fifo")
     loc = first._options.location
     assert make(policy="s3fifo", location=loc)._h.eviction_policy == "s3fifo"
-    for other in ("lru", None, "tinylfu"):
+    # An alias naming no policy takes the store's.
+    assert make(policy=None, location=loc)._h.eviction_policy == "s3fifo"
+    for other in ("lru", "tinylfu"):
         with pytest.raises(ImproperlyConfigured, match="EVICTION_POLICY.*'s3fifo'"):
             make(policy=other, location=loc)
+
+
+def test_the_default_above_65536_entries_is_tinylfu_decided_by_a_locations_first_alias() -> None:
+    """A store of 16 shards (its first alias's MAX_ENTRIES above 65,536) whose first alias names
+    no policy is W-TinyLFU's (by the hit ratios of benchmarks/hitratio_optimum.py); later aliases
+    of its LOCATION naming none take it whatever their MAX_ENTRIES, like the shards."""
+    big = make(policy=None, MAX_ENTRIES=65_537)
+    assert big._h.eviction_policy == "tinylfu"
+    loc = big._options.location
+    assert make(policy=None, location=loc, MAX_ENTRIES=300)._h.eviction_policy == "tinylfu"
+    with pytest.raises(ImproperlyConfigured, match="EVICTION_POLICY.*'tinylfu'"):
+        make(policy="lru", location=loc, MAX_ENTRIES=100_000)
+    small = make(policy=None, MAX_ENTRIES=300)
+    loc = small._options.location
+    assert make(policy=None, location=loc, MAX_ENTRIES=100_000)._h.eviction_policy == "lru"
+    # Naming "lru" above 65,536 keeps it (one eviction per insert, see below).
+    assert make(policy="lru", MAX_ENTRIES=100_000)._h.eviction_policy == "lru"
+    # The default store behaves as one: a loop over more keys than it holds keeps hitting.
+    cache = make(policy=None, MAX_ENTRIES=70_000)
+    keys = [f"loop{i}" for i in range(80_000)]
+    hits = 0
+    for rnd in range(3):
+        for k in keys:
+            if cache.get(k) is None:
+                cache.set(k, 1)
+            elif rnd == 2:
+                hits += 1
+        assert cache.stats()["entries"] <= 70_000
+    assert hits > 40_000, hits
 
 
 # Bounds ------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "CULL_FREQUENCY": 3,
     "MAX_BYTES": None,
     "STAMPEDE_WAIT": 10.0,
-    "EVICTION_POLICY": "lru",
+    #: None: "lru" up to 65,536 entries, "tinylfu" above (decided by a LOCATION's first alias).
+    "EVICTION_POLICY": None,
     "EARLY_REFRESH": 0.0,
 }
 
@@ -130,7 +131,8 @@ class RustCacheOptions:
     location: str
     max_bytes: int | None
     stampede_wait: float
-    eviction_policy: str = "lru"
+    #: None: the store's, or for a new store "lru" up to 65,536 entries and "tinylfu" above.
+    eviction_policy: str | None = None
     #: XFetch beta for ``get_or_set`` (0: off); see ``check_early_refresh``.
     early_refresh: float = 0.0
 
@@ -160,7 +162,8 @@ class RustCacheOptions:
                 f"expected one of {', '.join(OPTION_DEFAULTS)}."
             )
         policy = options.get("EVICTION_POLICY", OPTION_DEFAULTS["EVICTION_POLICY"])
-        if not isinstance(policy, str) or policy not in EVICTION_POLICIES:
+        given = "EVICTION_POLICY" in options
+        if given and (not isinstance(policy, str) or policy not in EVICTION_POLICIES):
             raise ImproperlyConfigured(
                 f"{where}: OPTIONS['EVICTION_POLICY'] must be one of "
                 f"{', '.join(map(repr, EVICTION_POLICIES))}, not {policy!r}."
@@ -169,7 +172,7 @@ class RustCacheOptions:
         name, max_entries = _read(params, options, "MAX_ENTRIES", 300)
         max_entries = _django_int(where, name, max_entries, 300)
         # S3-FIFO and W-TinyLFU take MAX_ENTRIES as the capacity: it must hold at least one entry.
-        if policy != "lru" and max_entries < 1:
+        if policy not in ("lru", None) and max_entries < 1:
             raise ImproperlyConfigured(
                 f"{where}: {name} must be >= 1 under EVICTION_POLICY {policy!r}, not {max_entries}."
             )

@@ -367,8 +367,9 @@ impl Handle {
 
 #[pymethods]
 impl Handle {
-    /// The handle on the store named `location`, created on first use with `policy` ("lru" when
-    /// None) and `shards` shards (when None: one for a `max_entries` of up to 65,536, else 16;
+    /// The handle on the store named `location`, created on first use with `policy` (when None:
+    /// "lru" for one shard, "tinylfu" for more, see `Policy::default_for`; a later None takes the
+    /// store's) and `shards` shards (when None: one for a `max_entries` of up to 65,536, else 16;
     /// see `store::shards_for`). ValueError for an unknown policy, or one other than that of the
     /// existing store of that name (one store per LOCATION has one policy).
     #[new]
@@ -581,7 +582,7 @@ impl Handle {
         unescape(py, &self.location)
     }
 
-    /// The store's eviction policy: "lru" or "s3fifo".
+    /// The store's eviction policy: "lru", "s3fifo" or "tinylfu".
     #[getter]
     fn eviction_policy(&self) -> &'static str {
         self.store.policy().name()

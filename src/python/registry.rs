@@ -46,8 +46,9 @@ pub unsafe fn unlock_after_fork(child: bool) {
     unsafe { reg.force_unlock() };
 }
 
-/// The store named `location`, created with `shards` shards and `policy` (default "lru") on first
-/// use. Asking for a policy other than the existing store's gives `Err` with the store's policy.
+/// The store named `location`, created with `shards` shards and `policy` on first use (if None,
+/// `Policy::default_for(shards)`). Asking for a policy other than the existing store's gives
+/// `Err` with the store's policy; None takes the store's.
 pub fn store(
     location: &str,
     shards: usize,
@@ -56,7 +57,10 @@ pub fn store(
     let store = registry()
         .lock()
         .entry(location.to_owned())
-        .or_insert_with(|| Arc::new(Store::with_policy(shards, policy.unwrap_or_default())))
+        .or_insert_with(|| {
+            let policy = policy.unwrap_or_else(|| Policy::default_for(shards));
+            Arc::new(Store::with_policy(shards, policy))
+        })
         .clone();
     match policy {
         Some(p) if p != store.policy() => Err(store.policy()),

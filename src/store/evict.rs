@@ -9,6 +9,9 @@ use super::*;
 /// Entries an insert into a full store of several shards evicts at most under "lru".
 const EVICT_PER_INSERT: usize = 2;
 
+/// W-TinyLFU's sketches take at most 1/`SKETCH_SHARE` of `MAX_BYTES` (each shard's its share).
+const SKETCH_SHARE: u64 = 4;
+
 /// Expired entries an operation reclaims in its own shard.
 const RECLAIM_PER_OP: usize = 2;
 
@@ -315,7 +318,8 @@ impl<V: Weigh> Store<V> {
                 (queue, (freq + 1).min(MAX_FREQ))
             }
             None if self.policy == Policy::TinyLfu => {
-                (shard.tiny_admit(hash, cap.div_ceil(self.shards.len())), 0)
+                self.grow_sketch(&mut shard, cap.div_ceil(self.shards.len()), limits);
+                (shard.tiny_admit(hash), 0)
             }
             None => (shard.admit(hash), 0),
         };
@@ -323,6 +327,31 @@ impl<V: Weigh> Store<V> {
         let slot = shard.insert_in(entry, hash, queue);
         self.finish_put(shard, idx, slot, gen, has_tags, limits, now);
         Put::Stored
+    }
+
+    /// Grows W-TinyLFU's sketch of `shard` (of `capacity` entries) for the entry coming in,
+    /// charging its growth like an entry's bytes. Under `limits.max_bytes` it grows only if the
+    /// growth fits and the store's sketches stay within `SKETCH_SHARE` of the bound (a sketch
+    /// cannot be evicted: entries keep the rest); if not, the sketch stays as it is (coarser
+    /// estimates; nothing is evicted for it). A shard's sketch goes with the shard (`clear`).
+    fn grow_sketch(&self, shard: &mut Shard<V>, capacity: usize, limits: &Limits) {
+        let growth = shard.tiny_growth(capacity) as u64;
+        if growth == 0 {
+            return;
+        }
+        match limits.max_bytes {
+            Some(max) => {
+                let sketches =
+                    (shard.tiny.sketch.bytes() as u64 + growth) * self.shards.len() as u64;
+                if sketches > max / SKETCH_SHARE || !self.take_bytes(max, growth) {
+                    return;
+                }
+            }
+            None => {
+                self.bytes.fetch_add(growth, Relaxed);
+            }
+        }
+        shard.tiny_grow(capacity);
     }
 
     /// Removes expired entries across the store, a bounded number per shard; returns how many.
@@ -660,6 +689,62 @@ mod tests {
     fn tinylfu_threads_hammering_a_small_store_stay_within_bounds() {
         hammer_under(Policy::TinyLfu, 4, 32);
         hammer_under(Policy::TinyLfu, 8, 2);
+    }
+
+    /// Bytes of the store's entries and of its W-TinyLFU sketches.
+    fn entries_and_sketches(store: &Store<Val>) -> (u64, u64) {
+        let mut out = (0, 0);
+        for s in store.shards.iter() {
+            let s = s.read();
+            out.0 += s.iter().map(Store::charge).sum::<u64>();
+            out.1 += s.tiny.sketch.bytes() as u64;
+        }
+        out
+    }
+
+    #[test]
+    fn tinylfu_sketches_are_charged_like_entries_and_bounded_by_max_bytes() {
+        // Unbounded: each shard's sketch follows its entries (12 bytes a key, rounded up to a
+        // power of two), and the store's bytes are its entries' and its sketches'.
+        let store: Store<Val> = Store::with_policy(2, Policy::TinyLfu);
+        let lim = limits(10_000, None);
+        for i in 0..1_000 {
+            set(&store, &format!("k{i}"), 10, &lim, 1);
+        }
+        let (entries, sketches) = entries_and_sketches(&store);
+        let per_shard: Vec<usize> = store.shards.iter().map(|s| s.read().len()).collect();
+        let expected: usize = per_shard.iter().map(|&n| n.next_power_of_two() * 12).sum();
+        assert_eq!(sketches as usize, expected);
+        assert_eq!(store.bytes(), entries + sketches);
+        // Evicting keeps the sketch (and its charge); clear gives it back.
+        store.delete("k1", 1);
+        assert_eq!(store.bytes(), entries_and_sketches(&store).0 + sketches);
+        store.clear();
+        assert_eq!((store.bytes(), entries_and_sketches(&store)), (0, (0, 0)));
+
+        // Bounded: the sketches take at most a quarter of MAX_BYTES, never pass it with the
+        // entries, and are counted in the books.
+        let store: Store<Val> = Store::with_policy(2, Policy::TinyLfu);
+        let per = Store::<Val>::weigh("k0000", &Val(10), 0, NEVER);
+        let max = 400 * per;
+        let lim = limits(100_000, Some(max));
+        for i in 0..5_000 {
+            set(&store, &format!("k{:04}", i % 2_000), 10, &lim, 1);
+            let (entries, sketches) = entries_and_sketches(&store);
+            assert_eq!(store.bytes(), entries + sketches);
+            assert!(store.bytes() <= max, "{} > {max}", store.bytes());
+            assert!(sketches <= max / SKETCH_SHARE, "{sketches}");
+        }
+        assert!(entries_and_sketches(&store).1 > 0);
+        // A bound too small for any sketch: the store works without one.
+        let store: Store<Val> = Store::with_policy(1, Policy::TinyLfu);
+        let lim = limits(100, Some(3 * per));
+        for i in 0..50 {
+            set(&store, &format!("k{:04}", i % 7), 10, &lim, 1);
+            assert!(store.bytes() <= 3 * per);
+        }
+        assert_eq!(entries_and_sketches(&store).1, 0);
+        assert_eq!(store.len(), 3);
     }
 
     #[test]

@@ -117,8 +117,8 @@ pub(super) mod model {
         }
     }
 
-    /// Bytes the store's books must show: its entries' charges, S3-FIFO's ghost records and the
-    /// tag table. Each shard is read under one hold of its lock: in a store of one shard, this
+    /// Bytes the store's books must show: its entries' charges, S3-FIFO's ghost records,
+    /// W-TinyLFU's sketches and the tag table. Each shard is read under one hold of its lock: in a store of one shard, this
     /// is what the store held at one moment.
     pub(in crate::store) fn books<V: Weigh>(store: &Store<V>) -> u64 {
         let shards: u64 = store
@@ -127,7 +127,7 @@ pub(super) mod model {
             .map(|s| {
                 let s = s.read();
                 let entries: u64 = s.iter().map(Store::charge).sum();
-                entries + (s.ghost.records() * GHOST_RECORD) as u64
+                entries + (s.ghost.records() * GHOST_RECORD + s.tiny.sketch.bytes()) as u64
             })
             .sum();
         shards + store.tags.bytes()
