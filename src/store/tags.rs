@@ -135,12 +135,16 @@ mod tests {
         }
     }
 
-    /// The store's books: its entries' charges, S3-FIFO's ghost records and the tag table.
+    /// The store's books: its entries' charges, S3-FIFO's ghost records, W-TinyLFU's sketches
+    /// and the tag table.
     fn books(store: &Store<Val>) -> u64 {
         let entries: u64 = store
             .shards
             .iter()
-            .map(|s| s.read().iter().map(Store::charge).sum::<u64>())
+            .map(|s| {
+                let s = s.read();
+                s.iter().map(Store::charge).sum::<u64>() + s.tiny.sketch.bytes() as u64
+            })
             .sum();
         entries + ghost(store) + store.tags.bytes()
     }
