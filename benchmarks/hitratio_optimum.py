@@ -392,13 +392,15 @@ def row_key(name: str, capacity: int) -> str:
 CI_HASH_SEED = "20261207"
 
 
-def ci_rows(policies: Sequence[str] = POLICIES, references: Sequence[str] = ()) -> list[Row]:
+def ci_rows(
+    policies: Sequence[str] = POLICIES, references: Sequence[str] = (), seed: int = 12
+) -> list[Row]:
     """The CI version: the default streams at ``CI_SCALE``, through the store's policies, in
     stores whose key hashing has the fixed seed ``CI_HASH_SEED`` (so no run is luckier)."""
     before = os.environ.get("RUSTCACHE_HASH_SEED")
     os.environ["RUSTCACHE_HASH_SEED"] = CI_HASH_SEED
     try:
-        return measure(make_streams(scale=CI_SCALE), policies, references)
+        return measure(make_streams(seed, CI_SCALE), policies, references)
     finally:
         if before is None:
             del os.environ["RUSTCACHE_HASH_SEED"]
@@ -551,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         scale = CI_SCALE if args.ci else args.scale
         streams = make_streams(args.seed, scale)
         what = f"Seed {args.seed}, scale {scale:g}."
-    rows = measure(streams, policies)
+    # --ci measures as the guard does (the store's hash seed fixed), so that the baselines it
+    # records are the figures the guard will find.
+    rows = ci_rows(policies, REFERENCES, args.seed) if args.ci else measure(streams, policies)
     columns = [*policies, *REFERENCES]
     text = (
         f"{what} Hit ratio of the requests counted (a `get`, and a `set` on a miss).\n\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import random
 import sys
 from collections.abc import Sequence
@@ -227,6 +228,28 @@ def test_the_results_section_is_replaced_in_place_and_survives_a_peers_rewrite(
     spec.loader.exec_module(bench)
     rewritten = bench.keep_hitratio_section(results, "# Peers\n\nnew tables\n")
     assert rewritten == "# Peers\n\nnew tables\n\n" + text[text.index(hr.BEGIN) :]
+
+
+def test_the_command_lines_ci_run_fixes_the_stores_hash_seed_like_the_guard(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--ci --write-baseline` measured with the per-process seed: the baselines it recorded were
+    # some other seed's figures (tinylfu's off by up to 0.6 points from what the guard measures).
+    seeds: list[str | None] = []
+
+    def fake_measure(
+        streams: Sequence[Any], policies: Sequence[str], references: Sequence[str] = ()
+    ) -> list[Any]:
+        seeds.append(os.environ.get("RUSTCACHE_HASH_SEED"))
+        return []
+
+    monkeypatch.delenv("RUSTCACHE_HASH_SEED", raising=False)
+    monkeypatch.setattr(hr, "measure", fake_measure)
+    monkeypatch.setattr(hr, "load_baseline", dict)
+    assert hr.main(["--ci", "--policy", "tinylfu"]) == 0
+    assert seeds == [hr.CI_HASH_SEED]
+    assert "RUSTCACHE_HASH_SEED" not in os.environ
+    capsys.readouterr()
 
 
 def test_the_ci_rows_do_not_depend_on_the_process(tmp_path: Path) -> None:
