@@ -24,17 +24,6 @@
 //!   hit ratios of successive samples: its steps are small next to the noise of samples this
 //!   short, and it took a tenth of the stream to open the window on issue 12's recency-heavy
 //!   stream (8 to 12 points below LRU), where this rule takes two samples.
-//! - A popularity shift ages the sketch at once: when three samples in a row hit well below the
-//!   average of the samples before them (by 15% of it, and by more than three standard errors),
-//!   the counts describe traffic that has gone. The keys they hold in main (counted up to 15
-//!   each) would keep the new hot keys out until the periodic aging, after `HISTORY` sketch
-//!   sizes' worth of requests: 327,680 at 5,000 entries (a sketch of 8,192), later than issue
-//!   12's shift stream ends (its row was 1.3 to 3.0 points below the perfect LFU, with the hash
-//!   seed; 0.2 to 0.7 now). A shorter period costs the Zipf streams instead: 20 shard sizes
-//!   rather than 40 cost Zipf 0.8 at 200 entries (the CI rows) 3.7 points, 10 sizes 6.1 (the
-//!   counts of the keys at the boundary of what deserves a place need the long history). A
-//!   one-time scan of up to half a shard size lowers at most two samples; a longer one ages the
-//!   sketch once (halved, the hot keys still count more than the scan's keys).
 //! - A hit (under the shard's read lock) bumps the entry's counter and records the request in the
 //!   sketch, with relaxed atomic loads and stores; the sample's counts of hits is kept the same
 //!   way. Misses, aging and eviction happen in inserts, under the write lock.
@@ -62,19 +51,6 @@ pub const WEIGHT: f64 = 0.5;
 /// The smallest sample, in requests (a shard of a few entries would otherwise adapt to noise).
 pub const MIN_SAMPLE: usize = 64;
 
-/// A sample whose hit ratio is below the average of the samples before it by this share of it
-/// (and by `SHIFT_SIGMAS` standard errors) is a low one.
-pub const SHIFT_DROP: f64 = 0.15;
-
-/// Standard errors (of a sample's hit ratio, binomial) a low sample must fall by: on a small
-/// shard a sample of 64 requests moves by chance more than `SHIFT_DROP`.
-pub const SHIFT_SIGMAS: f64 = 3.0;
-
-/// Low samples in a row after which the sketch is aged at once: issue 12's one-time scans (0.4
-/// shard sizes each) lower at most two samples, a popularity shift every one until main is
-/// turned over.
-pub const SHIFT_SAMPLES: u32 = 3;
-
 /// A shard's W-TinyLFU state: the sketch and the window's sample.
 pub struct TinyLfu {
     pub(crate) sketch: Sketch,
@@ -89,10 +65,6 @@ pub struct TinyLfu {
     window: f64,
     /// Whether the shard has evicted yet (samples start then).
     full: bool,
-    /// The samples' hit ratio, averaged as the window is (`WEIGHT`); `None` before the first.
-    hit_ratio: Option<f64>,
-    /// Low samples in a row (see `SHIFT_DROP`), not in the average.
-    low: u32,
 }
 
 impl Default for TinyLfu {
@@ -104,8 +76,6 @@ impl Default for TinyLfu {
             misses: 0,
             window: WINDOW_START,
             full: false,
-            hit_ratio: None,
-            low: 0,
         }
     }
 }
@@ -122,9 +92,6 @@ impl TinyLfu {
     /// At the fixed point the window and the main region serve as many hits per entry: while
     /// the window's entries are hit more often than main's (recency pays), it grows; while
     /// main's are (frequency pays), it shrinks. A sample without a hit (a scan) moves nothing.
-    ///
-    /// Also ages the sketch when `SHIFT_SAMPLES` samples in a row hit well below the average of
-    /// those before (`shifted`).
     fn climb(&mut self, len: usize) {
         let hits = *self.hits.get_mut();
         let requests = u64::from(hits) + u64::from(self.misses);
@@ -137,36 +104,9 @@ impl TinyLfu {
             let share = f64::from(*self.window_hits.get_mut()) / f64::from(hits);
             self.window = ((1.0 - WEIGHT) * self.window + WEIGHT * share).clamp(0.0, WINDOW_MAX);
         }
-        if self.full && self.shifted(f64::from(hits) / requests as f64, requests as f64) {
-            self.sketch.age();
-        }
         *self.hits.get_mut() = 0;
         *self.window_hits.get_mut() = 0;
         self.misses = 0;
-    }
-
-    /// Takes a complete sample's hit ratio `r` (of `requests`); true if popularity has shifted:
-    /// this is the `SHIFT_SAMPLES`th sample in a row that is low (below the average of the
-    /// samples before the first of them by `SHIFT_DROP` of it and by `SHIFT_SIGMAS` standard
-    /// errors). The average then starts again from `r`.
-    fn shifted(&mut self, r: f64, requests: f64) -> bool {
-        let Some(avg) = self.hit_ratio else {
-            self.hit_ratio = Some(r);
-            return false;
-        };
-        let noise = SHIFT_SIGMAS * (avg * (1.0 - avg) / requests).sqrt();
-        if r < avg - (SHIFT_DROP * avg).max(noise) {
-            self.low += 1;
-            if self.low < SHIFT_SAMPLES {
-                return false;
-            }
-            self.low = 0;
-            self.hit_ratio = Some(r);
-            return true;
-        }
-        self.low = 0;
-        self.hit_ratio = Some((1.0 - WEIGHT) * avg + WEIGHT * r);
-        false
     }
 }
 
@@ -586,120 +526,6 @@ mod tests {
         }
         assert!(c.shard.tiny.window() < 0.5, "{}", c.shard.tiny.window());
         c.check_queues();
-    }
-
-    /// Requests `hot` round-robin `rounds` times with a one-time key after every third, through
-    /// `c`; the hits on `hot` in the last round.
-    fn hot_rounds(c: &mut Cache, hot: &[String], rounds: usize, tag: &str) -> usize {
-        let mut last = 0;
-        for round in 0..rounds {
-            for (i, k) in hot.iter().enumerate() {
-                if c.access(k) && round == rounds - 1 {
-                    last += 1;
-                }
-                if i % 3 == 2 {
-                    c.access(&format!("{tag}-once-{round}-{i}"));
-                }
-            }
-        }
-        last
-    }
-
-    #[test]
-    fn after_a_popularity_shift_the_new_hot_keys_get_in_before_the_periodic_aging() {
-        // 150 hot keys, each requested 20 times (counted 15, the most a counter holds), then
-        // 150 others the same way: the old ones, no longer hit, are main's victims, and a new
-        // key counts at most as much. The periodic aging is due after HISTORY * 256 = 10,240
-        // requests, later than both phases (8,000): without the shift's aging, the new keys only
-        // got the 50 places the old ones left (49 of 150 hit in the last round).
-        let mut c = Cache::new(200);
-        let old: Vec<String> = (0..150).map(|i| format!("old{i}")).collect();
-        let new: Vec<String> = (0..150).map(|i| format!("new{i}")).collect();
-        let hits = hot_rounds(&mut c, &old, 20, "a");
-        assert!(
-            hits >= 145,
-            "{hits} of the old hot keys hit before the shift"
-        );
-        assert!(c.shard.tiny.sketch.frequency(c.hash(&old[0])) >= 15);
-        let hits = hot_rounds(&mut c, &new, 20, "b");
-        assert!(
-            hits >= 140,
-            "{hits} of 150 new hot keys hit in the last round"
-        );
-        let cached = new.iter().filter(|k| c.has(k)).count();
-        assert!(cached >= 140, "{cached} of 150 new hot keys cached");
-        c.check_queues();
-    }
-
-    #[test]
-    fn the_sketch_ages_after_three_low_samples_in_a_row_beyond_the_noise() {
-        let mut t = TinyLfu::default();
-        t.sketch.ensure(1_000);
-        t.full = true;
-        let key = 0x1234_5678_9abc_def0;
-        for _ in 0..9 {
-            t.sketch.record(key);
-        }
-        let sample = |t: &mut TinyLfu, hits: u32| {
-            *t.hits.get_mut() = hits;
-            t.misses = 1_000 - hits;
-            t.climb(1_000);
-        };
-        // Steady at 70%, then a scan's two low samples: no aging.
-        for _ in 0..5 {
-            sample(&mut t, 700);
-        }
-        sample(&mut t, 200);
-        sample(&mut t, 300);
-        sample(&mut t, 700);
-        assert_eq!(t.sketch.frequency(key), 9);
-        // Two low samples, a normal one, two low ones: never three in a row.
-        for hits in [500, 500, 700, 500, 500, 700] {
-            sample(&mut t, hits);
-        }
-        assert_eq!(t.sketch.frequency(key), 9);
-        // A drop of less than 15% (14%), however long: no aging.
-        for _ in 0..10 {
-            sample(&mut t, 600);
-        }
-        assert_eq!(t.sketch.frequency(key), 9);
-        // The average is now 60%: three samples at 45% age it (8 counted, halved; the
-        // doorkeeper emptied).
-        for _ in 0..3 {
-            sample(&mut t, 450);
-        }
-        assert_eq!(t.sketch.frequency(key), 4);
-        // The average starts again at 45%: staying there ages nothing more.
-        for _ in 0..10 {
-            sample(&mut t, 450);
-        }
-        assert_eq!(t.sketch.frequency(key), 4);
-
-        // On a small shard (samples of 64 requests), a fall by chance is no shift: 50% on
-        // average, three samples at 35% (a fall of 3 tenths, less than 3 standard errors).
-        let mut t = TinyLfu::default();
-        t.sketch.ensure(100);
-        t.full = true;
-        for _ in 0..5 {
-            t.sketch.record(key);
-        }
-        let small = |t: &mut TinyLfu, hits: u32| {
-            *t.hits.get_mut() = hits;
-            t.misses = 64 - hits;
-            t.climb(100);
-        };
-        for _ in 0..5 {
-            small(&mut t, 32);
-        }
-        for _ in 0..3 {
-            small(&mut t, 22);
-        }
-        assert_eq!(t.sketch.frequency(key), 5);
-        // A fall to 9% (the average is 36% by now) is one.
-        for _ in 0..3 {
-            small(&mut t, 6);
-        }
-        assert_eq!(t.sketch.frequency(key), 2);
     }
 
     #[test]
