@@ -23,6 +23,10 @@ from django_rustcache import NearCache, _core
 from django_rustcache import near as near_mod
 from tests import coherence, servers
 
+# The tests fork a child beside the listener threads, as gunicorn --preload does (Python 3.12+
+# warns about forking a multi-threaded process).
+pytestmark = pytest.mark.filterwarnings("ignore:.*fork\\(\\):DeprecationWarning")
+
 LEASE = 0.5
 
 # Configuration ---------------------------------------------------------------------------------
