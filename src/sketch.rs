@@ -4,7 +4,8 @@
 //! cache line); in front of it a doorkeeper (a Bloom filter) that takes a key's first request,
 //! so that keys seen once never reach the counters; and aging: after `HISTORY` times as many
 //! recorded requests as the sketch is sized for, every counter is halved and the doorkeeper is
-//! emptied, so that what was popular long ago fades.
+//! emptied, so that what was popular long ago fades (and at once when the shard's hit ratio falls
+//! while recurring keys lose their admission contests, a popularity shift: `tinylfu.rs`).
 //!
 //! Recording a request needs only `&self`: each word is an atomic, read and written with relaxed
 //! loads and stores (no read-modify-write, no lock). Two racing recordings may count as one, and
@@ -19,6 +20,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 /// 1,000 entries) the keys at the boundary of what deserves a place are requested less than once
 /// in 10 capacities' worth of requests, and their counts drown in the sketch's noise: 40 keeps
 /// the hit ratio within 2 points of a perfect LFU there (see `benchmarks/hitratio_optimum.py`).
+/// A shift of popularity is not left to this period (`tinylfu.rs` ages the sketch when it sees
+/// one).
 pub const HISTORY: usize = 40;
 
 /// Bits of doorkeeper per counter word (32 per key the sketch is sized for).
@@ -221,6 +224,12 @@ impl Sketch {
         }
         self.age();
         true
+    }
+
+    /// Requests recorded since the last aging (halved at each aging).
+    #[cfg(test)]
+    pub fn added(&self) -> usize {
+        self.added.load(Relaxed)
     }
 
     /// Halves every counter and empties the doorkeeper.
