@@ -883,7 +883,9 @@ def eviction_scale_section(sizes: list[int], log: Callable[[str], None]) -> str:
         fill(c, size)
         cells["s3fifo set (full)"] = timed(lambda i, c=c: c.set(f"new:{i}", value), 20_000)
         c.clear()
-        c = RustCache(f"evict-lru-{size}", {"OPTIONS": {"MAX_ENTRIES": size}})
+        c = RustCache(
+            f"evict-lru-{size}", {"OPTIONS": {"MAX_ENTRIES": size, "EVICTION_POLICY": "lru"}}
+        )
         fill(c, size)
         cells["lru set (full)"] = timed(lambda i, c=c: c.set(f"new:{i}", value), size // 3 + 1000)
         c.clear()
