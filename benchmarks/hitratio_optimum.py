@@ -491,7 +491,7 @@ def write_results(text: str, path: Path = RESULTS) -> None:
 LEGEND = """\
 `"lru"`, `"s3fifo"`, `"tinylfu"`: the store (`MAX_ENTRIES` = capacity; one shard up to 65,536;
 `"lru"` culls as Django does; `"tinylfu"`'s figures move by a few tenths of a point between
-processes (up to 0.5 on 5 hash seeds), its sketch hashing keys with the store's
+processes (up to 1.2 on 8 hash seeds), its sketch hashing keys with the store's
 per-process seed). exact LRU: one least recently
 used key evicted per insert. perfect LFU: exact past counts of every key, the least counted evicted
 (the least recent of equals), a newcomer counted less than every cached key not admitted. Belady:

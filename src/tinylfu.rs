@@ -55,6 +55,13 @@ pub const WINDOW_START: f64 = 0.01;
 /// take every hit and keep itself there).
 pub const WINDOW_MAX: f64 = 0.98;
 
+/// Window entries one eviction moves to main at most. A window larger than its size (a shard
+/// that filled up, all of it in the window; a window that shrank) then drains over the next
+/// inserts, up to this many each, instead of in one insert (moving a 62,500-entry shard's fill
+/// took 11 ms, 312,500 entries 77 ms); past them, the window's front faces main's victim. 256
+/// moves the hit ratios measured by at most 0.14 points (16 cost the loop 1.8).
+pub const MAX_MOVES: usize = 256;
+
 /// Requests in a sample, as a share of the shard's entries.
 pub const SAMPLE: f64 = 0.5;
 
@@ -276,6 +283,7 @@ impl<V> Shard<V> {
     /// before an insert: the newcomer counts as already in the window.
     pub fn evict_tiny(&mut self) -> Option<Entry<V>> {
         self.tiny.full = true;
+        let mut moves = 0;
         loop {
             let target = self.window_target();
             let window = self.queue_len(Queue::Small);
@@ -309,9 +317,12 @@ impl<V> Shard<V> {
                 self.move_to_back(c, Queue::Small);
                 continue;
             }
-            if window > target {
+            if window > target && moves < MAX_MOVES {
                 // The window is over its size (it shrank, or the shard filled up without
-                // evicting): its oldest entries move to main without a contest, as in Caffeine.
+                // evicting): its oldest entries move to main
+                // without a contest, as in Caffeine, at most `MAX_MOVES` per insert; past
+                // that, the candidate faces main's victim as when the window is at its size.
+                moves += 1;
                 self.move_to_back(c, Queue::Main);
                 continue;
             }
@@ -511,6 +522,51 @@ mod tests {
         assert!(c.has("fresh"), "the frequent candidate was admitted");
         let slot = c.shard.find(h, "fresh").unwrap();
         assert_eq!(c.shard.entry(slot).queue(), Queue::Main);
+        c.check_queues();
+    }
+
+    #[test]
+    fn the_first_eviction_moves_a_few_entries_out_of_the_window() {
+        // A shard fills with every entry in its window; the first eviction used to move the
+        // whole fill to main in one insert (11 ms for a 62,500-entry shard, 77 ms at 312,500).
+        let cap = 5_000;
+        let mut c = Cache::new(cap);
+        for i in 0..cap {
+            c.access(&format!("fill{i}"));
+        }
+        assert_eq!(c.shard.queue_len(Queue::Small), cap);
+        c.access("first-eviction");
+        let moved = cap + 1 - c.shard.queue_len(Queue::Small);
+        assert!(moved <= MAX_MOVES + 2, "one insert moved {moved} entries");
+        c.check_queues();
+        for i in 0..cap {
+            c.access(&format!("next{i}"));
+        }
+        assert!(c.shard.queue_len(Queue::Small) <= c.shard.window_target() + 1);
+        c.check_queues();
+    }
+
+    #[test]
+    fn a_window_that_shrank_drains_a_few_entries_per_insert() {
+        let cap = 5_000;
+        let mut c = Cache::new(cap);
+        for i in 0..cap {
+            c.access(&format!("fill{i}"));
+        }
+        c.access("first-eviction");
+        // As if recency-heavy traffic had opened the window, then it shrank at once.
+        while c.shard.queue_len(Queue::Small) < cap - 10 {
+            let m = c.shard.front(Queue::Main).unwrap();
+            c.shard.move_to_back(m, Queue::Small);
+        }
+        let before = c.shard.queue_len(Queue::Small);
+        c.access("after-the-shrink");
+        let moved = before + 1 - c.shard.queue_len(Queue::Small);
+        assert!(moved <= MAX_MOVES + 2, "one insert moved {moved} entries");
+        for i in 0..cap {
+            c.access(&format!("next{i}"));
+        }
+        assert!(c.shard.queue_len(Queue::Small) <= c.shard.window_target() + 1);
         c.check_queues();
     }
 
