@@ -515,19 +515,25 @@ def test_cancelled_while_taking_the_lock_frees_it(make, raw, monkeypatch):
     cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
     lock = _lock_key(cache, "k")
     real = redis.asyncio.Redis.set
+    stalled: dict[str, asyncio.Event] = {}
 
     async def set_then_stall(self: Any, name: Any, *args: Any, **kwargs: Any) -> Any:
         result = await real(self, name, *args, **kwargs)
         if ":#l:" in str(name):
+            stalled["set"].set()
             await asyncio.sleep(3600)
         return result
 
     monkeypatch.setattr(redis.asyncio.Redis, "set", set_then_stall)
 
     async def main() -> None:
+        stalled["set"] = asyncio.Event()
         task = asyncio.create_task(cache.aget_or_set("k", lambda: "v"))
-        while not raw.exists(lock):
-            await asyncio.sleep(0.005)
+        # Cancelled once redis-py has the reply (not while it reads it: on Python 3.10 redis-py
+        # may then retry the command instead of raising the cancellation, and the stall below
+        # would never be cancelled).
+        await asyncio.wait_for(stalled["set"].wait(), 20)
+        assert raw.exists(lock)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
