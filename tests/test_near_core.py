@@ -433,16 +433,23 @@ os._exit(0)  # the parent dies without closing its listener
 """
     r = redis.Redis(port=redis_server.port)
 
-    def trackers() -> int:
-        return sum(1 for c in r.client_list() if "t" in c["flags"])
+    def trackers() -> set[int]:
+        """Ids of the server's tracking connections (listeners of this module's earlier tests
+        may still be among them: the server is shared)."""
+        return {c["id"] for c in r.client_list() if "t" in c["flags"]}
 
+    before = trackers()
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child = 0
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
+        theirs = trackers() - before  # the parent's listener (fresh before it forked)
+        assert theirs, "the parent's listener was not tracking"
         parent.wait(10)
-        wait_until(lambda: trackers() == 0, "the dead parent's listener connection to close")
+        wait_until(
+            lambda: not trackers() & theirs, "the dead parent's listener connection to close"
+        )
         os.kill(child, 0)  # the child is still alive: it did not keep the connection open
     finally:
         if child:
