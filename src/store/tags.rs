@@ -149,6 +149,17 @@ mod tests {
         entries + ghost(store) + store.tags.bytes()
     }
 
+    /// The store is within `max` bytes and its books add up.
+    #[track_caller]
+    fn within(store: &Store<Val>, max: u64, policy: Policy) {
+        assert!(
+            store.bytes() <= max,
+            "{policy:?}: {} > {max}",
+            store.bytes()
+        );
+        assert_eq!(store.bytes(), books(store), "{policy:?}");
+    }
+
     /// A store of one shard holding four entries under tag "g" (whose member list is then full)
     /// and a bound of exactly those bytes plus `room`.
     fn full_list(policy: Policy, room: u64) -> (Store<Val>, Limits) {
@@ -173,14 +184,9 @@ mod tests {
                 store.set("k4", Val(10), NEVER, stamps, &lim, 1),
                 Put::Stored
             );
-            assert!(
-                store.bytes() <= max,
-                "{policy:?}: {} > {max}",
-                store.bytes()
-            );
+            within(&store, max, policy);
             assert!(store.contains("k4", 1), "{policy:?}: evicted the new entry");
             assert_eq!(store.stats.snapshot().evictions, 1, "{policy:?}");
-            assert_eq!(store.bytes(), books(&store), "{policy:?}");
             // Invalidating the tag reclaims them all and frees the list.
             assert_eq!(store.invalidate_tags(["g"], 1), 4, "{policy:?}");
             assert_eq!(store.len(), 0);
@@ -195,22 +201,13 @@ mod tests {
             // Already expired: stored as nothing, and no room is made for it.
             let stamps = store.tags.stamps(["g"]);
             assert_eq!(store.set("k9", Val(10), 1, stamps, &lim, 5), Put::Stored);
-            assert!(
-                store.bytes() <= max,
-                "{policy:?}: {} > {max}",
-                store.bytes()
-            );
+            within(&store, max, policy);
             assert_eq!(store.stats.snapshot().evictions, 0, "{policy:?}");
             // A fill whose placeholder is gone stores nothing; the room it made is evicted for.
             let stamps = store.tags.stamps(["g"]);
             let put = store.fill_put("k9", 12_345, Val(10), NEVER, stamps, false, &lim, 1);
             assert_eq!(put, Put::Stale, "{policy:?}");
-            assert!(
-                store.bytes() <= max,
-                "{policy:?}: {} > {max}",
-                store.bytes()
-            );
-            assert_eq!(store.bytes(), books(&store), "{policy:?}");
+            within(&store, max, policy);
         }
     }
 
@@ -222,12 +219,7 @@ mod tests {
             let (store, lim) = full_list(policy, 0);
             let max = lim.max_bytes.unwrap();
             assert_eq!(store.update("k3", &lim, 1, |_| Some(())), Ok(Some(())));
-            assert!(
-                store.bytes() <= max,
-                "{policy:?}: {} > {max}",
-                store.bytes()
-            );
-            assert_eq!(store.bytes(), books(&store), "{policy:?}");
+            within(&store, max, policy);
             // So does replace_if (incr of a value that cannot change in place).
             let (store, lim) = full_list(policy, 0);
             let (_, gen) = store.snapshot("k3", 1, |e| e.value().0).unwrap();
@@ -242,12 +234,7 @@ mod tests {
                     "{policy:?}: lost the entry it replaced"
                 );
             }
-            assert!(
-                store.bytes() <= max,
-                "{policy:?}: {} > {max}",
-                store.bytes()
-            );
-            assert_eq!(store.bytes(), books(&store), "{policy:?}");
+            within(&store, max, policy);
         }
     }
 
@@ -260,13 +247,8 @@ mod tests {
             let held = store.tags.stamps(["s1", "s2"]);
             assert!(store.bytes() > max);
             store.keep_within(&lim, 1);
-            assert!(
-                store.bytes() <= max,
-                "{policy:?}: {} > {max}",
-                store.bytes()
-            );
+            within(&store, max, policy);
             assert!(store.stats.snapshot().evictions >= 1);
-            assert_eq!(store.bytes(), books(&store), "{policy:?}");
             drop(held);
         }
     }
