@@ -1,14 +1,19 @@
 //! One heap block per entry: `[header][optional tail][key][payload]`, behind an 8-byte owning
 //! pointer (`Entry`). The slab of a shard holds these pointers, so an entry of a small inline
-//! value (a 13-byte key and a 100-byte payload) costs one 144-byte malloc chunk and 8 bytes of
-//! slab, where a struct of fixed fields plus a separate key block took 88 + 128 bytes.
+//! value (Django's made key `:1:user:123456:profile` and a 100-byte payload) costs one 144-byte
+//! malloc chunk and 8 bytes of slab, where a struct of fixed fields plus a separate key block
+//! took 88 + 128 bytes.
 //!
-//! The 22-byte header holds what every entry needs: queue links, deadline (milliseconds),
-//! generation, flags, the S3-FIFO counter and the two lengths. The tail holds only what this
+//! The 17-byte header holds what every entry needs: queue links, deadline (milliseconds), flags,
+//! the S3-FIFO counter, the payload's length and a byte for the key: its length (up to
+//! `SHORT_KEY`) and whether its `:1:` prefix was left out (`stored_key.rs`: the block keeps
+//! `user:123456:profile` for `:1:user:123456:profile`). The generation that detects a concurrent
+//! replacement is not here but beside the slab (`Shard::gen`). The tail holds only what this
 //! entry needs, in this order: the value `V` (unless the value is nothing but a tag, see
 //! `Pack::tag`), the tag stamps, a far deadline, the compute time, a fixed charge and a long
 //! key's length. Which of them are present is in the flags, so the block's size and layout follow
-//! from the header alone.
+//! from the header alone. A tail that holds a `V`, stamps or a far deadline starts at byte 24
+//! (8-aligned); one of 4-byte fields only, at byte 20.
 //!
 //! The unsafe code of the crate's entries is all here: the block is written once in `build`, read
 //! through offsets from `Shape`, and freed (dropping the tail's `V` and stamps) in `Drop`.
@@ -20,6 +25,7 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::AtomicU8;
 
 use crate::clock::NEVER;
+use crate::stored_key::StoredKey;
 use crate::tags::{Stamps, TagStamp};
 
 /// How a value lends itself to the entry's block.
@@ -51,10 +57,13 @@ pub trait Pack: Sized + 'static {
 pub const MAX_PAYLOAD: usize = u16::MAX as usize;
 
 /// Bytes of the header in use; the key follows directly when the entry has no tail.
-pub const HEADER: usize = 22;
+pub const HEADER: usize = 17;
 
-/// Where a tail begins (8-aligned, past the header's two bytes of padding), and the smallest
-/// block (so that the whole `Header` struct is always inside it).
+/// Where a tail of 4-byte fields only begins (past the header struct's 3 bytes of padding), and
+/// the smallest block (so that the whole `Header` struct is always inside it).
+const NARROW_TAIL: usize = 20;
+
+/// Where a tail with a `V`, stamps or a far deadline begins (8-aligned).
 const TAIL: usize = 24;
 
 const NIL: u32 = u32::MAX;
@@ -68,6 +77,11 @@ const WEIGHT: u8 = 16;
 const LONG_KEY: u8 = 32;
 const TAG_SHIFT: u32 = 6;
 
+/// The header's key byte: the stored key's length when it is at most `SHORT_KEY` bytes (a longer
+/// key's length is in the tail, `LONG_KEY`), and `KEY_ELIDED` when the key's `:1:` is left out.
+const SHORT_KEY: usize = 0x7f;
+const KEY_ELIDED: u8 = 0x80;
+
 /// The deadline field's value for "never" (and for a far deadline, which the tail holds).
 const NO_DEADLINE: u32 = u32::MAX;
 
@@ -77,15 +91,15 @@ struct Header {
     next: u32,
     /// Milliseconds since the clock's epoch, rounded down (see `deadline_ms`).
     expires: u32,
-    gen: u32,
     flags: u8,
     freq: AtomicU8,
-    key_len: u16,
     payload_len: u16,
+    /// `SHORT_KEY` bits of length and `KEY_ELIDED`.
+    key: u8,
 }
 
 const _: () =
-    assert!(size_of::<Header>() == TAIL && std::mem::offset_of!(Header, payload_len) + 2 == HEADER);
+    assert!(size_of::<Header>() == NARROW_TAIL && std::mem::offset_of!(Header, key) + 1 == HEADER);
 
 /// The intrusive queue an entry is threaded on. The "lru" policy keeps everything on `Main`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +141,13 @@ const fn tail(flags: u8, v_size: usize) -> Tail {
     let has_v = flags >> TAG_SHIFT == 0;
     let wide = has_v || flags & (TAGS | FAR) != 0;
     let any = wide || flags & (DELTA | WEIGHT | LONG_KEY) != 0;
-    let mut off = if any { TAIL } else { HEADER };
+    let mut off = if wide {
+        TAIL
+    } else if any {
+        NARROW_TAIL
+    } else {
+        HEADER
+    };
     let v = off;
     if has_v {
         off += v_size;
@@ -202,7 +222,7 @@ impl Shape {
             weight: usize::from(t.weight),
             long_key: usize::from(t.long_key),
             key,
-            size: (key + key_len + payload_len).max(TAIL),
+            size: (key + key_len + payload_len).max(NARROW_TAIL),
             align: usize::from(t.align),
         }
     }
@@ -241,10 +261,10 @@ pub fn second_of(ns: u64) -> u32 {
     u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
 }
 
-/// The size of the block `Entry::new` allocates for a key of `key_len` bytes and `value`, with
-/// stamps or not and deadline `expires`, once a compute time of `delta_ns` (0: none) is recorded.
+/// The size of the block `Entry::new` allocates for `key` and `value`, with stamps or not and
+/// deadline `expires`, once a compute time of `delta_ns` (0: none) is recorded.
 pub fn planned_size<V: Pack>(
-    key_len: usize,
+    key: &str,
     value: &V,
     tagged: bool,
     expires: u64,
@@ -260,7 +280,8 @@ pub fn planned_size<V: Pack>(
     if delta_ns != 0 {
         flags |= DELTA;
     }
-    if key_len > usize::from(u16::MAX) {
+    let key_len = StoredKey::of(key).rest().len();
+    if key_len > SHORT_KEY {
         flags |= LONG_KEY;
     }
     Shape::of::<V>(flags, key_len, value.payload().len()).size
@@ -297,7 +318,7 @@ impl<V: Pack> Entry<V> {
         // afterwards (or is dropped: a tagged value owns nothing).
         let payload = value.payload();
         let block = Self::build(
-            key,
+            StoredKey::of(key),
             payload,
             tag & 3,
             expires,
@@ -325,10 +346,18 @@ impl<V: Pack> Entry<V> {
 
 impl<V> Entry<V> {
     /// Allocates and writes a block (all of it but the `V` when `tag` is 0, which the caller
-    /// writes next). Links are NIL, generation and counter 0, queue `Main`.
-    fn build(key: &str, payload: &[u8], tag: u8, expires: u64, stamps: Stamps, x: Extras) -> Self {
+    /// writes next). Links are NIL, counter 0, queue `Main`.
+    fn build(
+        key: StoredKey<'_>,
+        payload: &[u8],
+        tag: u8,
+        expires: u64,
+        stamps: Stamps,
+        x: Extras,
+    ) -> Self {
         assert!(payload.len() <= MAX_PAYLOAD, "payloads are at most 64 KiB");
-        let key_len = u32::try_from(key.len()).expect("keys are shorter than 4 GiB");
+        let rest = key.rest();
+        let key_len = u32::try_from(rest.len()).expect("keys are shorter than 4 GiB");
         let near = deadline_ms(expires);
         let mut flags = tag << TAG_SHIFT;
         if !stamps.is_empty() {
@@ -343,12 +372,15 @@ impl<V> Entry<V> {
         if x.weight.is_some() {
             flags |= WEIGHT;
         }
-        if key_len > u32::from(u16::MAX) {
+        let long = rest.len() > SHORT_KEY;
+        if long {
             flags |= LONG_KEY;
         }
-        let shape = Shape::of::<V>(flags, key.len(), payload.len());
+        let key_byte =
+            if long { 0 } else { rest.len() as u8 } | if key.is_elided() { KEY_ELIDED } else { 0 };
+        let shape = Shape::of::<V>(flags, rest.len(), payload.len());
         let layout = shape.layout();
-        // SAFETY: the layout has a nonzero size (at least `TAIL`).
+        // SAFETY: the layout has a nonzero size (at least `NARROW_TAIL`).
         let raw = unsafe { alloc(layout) };
         let Some(ptr) = NonNull::new(raw) else {
             handle_alloc_error(layout)
@@ -361,11 +393,10 @@ impl<V> Entry<V> {
             ptr::addr_of_mut!((*h).prev).write(NIL);
             ptr::addr_of_mut!((*h).next).write(NIL);
             ptr::addr_of_mut!((*h).expires).write(near.unwrap_or(NO_DEADLINE));
-            ptr::addr_of_mut!((*h).gen).write(0);
             ptr::addr_of_mut!((*h).flags).write(flags);
             ptr::addr_of_mut!((*h).freq).write(AtomicU8::new(0));
-            ptr::addr_of_mut!((*h).key_len).write(key_len.min(u32::from(u16::MAX)) as u16);
             ptr::addr_of_mut!((*h).payload_len).write(payload.len() as u16);
+            ptr::addr_of_mut!((*h).key).write(key_byte);
             let base = ptr.as_ptr();
             if flags & TAGS != 0 {
                 ptr::write(base.add(shape.tags).cast::<Stamps>(), stamps);
@@ -383,8 +414,8 @@ impl<V> Entry<V> {
                 ptr::write(base.add(shape.long_key).cast::<u32>(), key_len);
             }
             let k = base.add(shape.key);
-            ptr::copy_nonoverlapping(key.as_ptr(), k, key.len());
-            ptr::copy_nonoverlapping(payload.as_ptr(), k.add(key.len()), payload.len());
+            ptr::copy_nonoverlapping(rest.as_ptr(), k, rest.len());
+            ptr::copy_nonoverlapping(payload.as_ptr(), k.add(rest.len()), payload.len());
         }
         Entry {
             ptr,
@@ -408,13 +439,18 @@ impl<V> Entry<V> {
         self.flags() >> TAG_SHIFT
     }
 
+    /// The header's key byte.
+    #[inline]
+    fn key_byte(&self) -> u8 {
+        // SAFETY: a written header field.
+        unsafe { (*self.header()).key }
+    }
+
     #[inline]
     fn shape(&self) -> Shape {
         // SAFETY: header fields are written; a long key's length is in the tail.
-        let (key_len, payload_len) = unsafe {
-            let h = self.header();
-            (usize::from((*h).key_len), usize::from((*h).payload_len))
-        };
+        let payload_len = unsafe { usize::from((*self.header()).payload_len) };
+        let key_len = usize::from(self.key_byte() & !KEY_ELIDED);
         let flags = self.flags();
         let mut shape = Shape::of::<V>(flags, key_len, payload_len);
         if flags & LONG_KEY != 0 {
@@ -432,26 +468,29 @@ impl<V> Entry<V> {
         unsafe { self.ptr.as_ptr().add(offset).cast::<T>() }
     }
 
+    /// Bytes of the key the block holds (without an elided prefix).
     #[inline]
     fn key_len(&self) -> usize {
         if self.flags() & LONG_KEY != 0 {
             // SAFETY: as in `shape`.
             unsafe { *self.at::<u32>(self.shape().long_key) as usize }
         } else {
-            // SAFETY: a written header field.
-            usize::from(unsafe { (*self.header()).key_len })
+            usize::from(self.key_byte() & !KEY_ELIDED)
         }
     }
 
+    /// The entry's key (see `StoredKey`: it stands for the whole key in every comparison, hash
+    /// and listing).
     #[inline]
-    pub fn key(&self) -> &str {
+    pub fn key(&self) -> StoredKey<'_> {
         let shape = self.shape();
         let n = self.key_len();
         // SAFETY: `build` copied a `str` of `n` bytes to `shape.key`; the block lives as long as
         // `self` and is never written there again.
-        unsafe {
+        let rest = unsafe {
             std::str::from_utf8_unchecked(std::slice::from_raw_parts(self.at::<u8>(shape.key), n))
-        }
+        };
+        StoredKey::from_parts(self.key_byte() & KEY_ELIDED != 0, rest)
     }
 
     /// The value's bytes kept in the block (empty if the value holds them itself).
@@ -514,19 +553,6 @@ impl<V> Entry<V> {
     pub fn is_expired(&self, now: u64) -> bool {
         let e = self.expires();
         e != NEVER && e <= now
-    }
-
-    /// The generation stamped when the value was stored (detects a concurrent replacement).
-    #[inline]
-    pub fn gen(&self) -> u32 {
-        // SAFETY: a written header field.
-        unsafe { (*self.header()).gen }
-    }
-
-    #[inline]
-    pub fn set_gen(&mut self, gen: u32) {
-        // SAFETY: a header field, written through `&mut self`.
-        unsafe { (*self.header()).gen = gen }
     }
 
     /// Hits since the policy last looked at the entry (S3-FIFO), bumped under a shared lock.
@@ -609,8 +635,8 @@ impl<V> Entry<V> {
         unsafe { (*self.header()).next = next }
     }
 
-    /// Copies links, queue, counter and generation from `from`, whose place in the shard this
-    /// entry (not yet in any shard) is to take.
+    /// Copies links, queue and counter from `from`, whose place in the shard this entry (not yet
+    /// in any shard) is to take. (The slot's generation is the shard's: `Shard::set_gen`.)
     pub(crate) fn take_place_of(&mut self, from: &Entry<V>) {
         self.copy_links(from);
     }
@@ -622,7 +648,6 @@ impl<V> Entry<V> {
             let h = self.header();
             (*h).prev = prev;
             (*h).next = next;
-            (*h).gen = from.gen();
             (*h).flags = ((*h).flags & !SMALL) | (from.flags() & SMALL);
             (*h).freq = AtomicU8::new(from.freq().load(std::sync::atomic::Ordering::Relaxed));
         }
@@ -630,7 +655,7 @@ impl<V> Entry<V> {
 
     /// The entry with deadline `expires`, compute time `delta_ns` (0: none) and fixed charge
     /// `weight`: changed in place when the block keeps its shape, else moved to a new block
-    /// (same key, payload, value, stamps, links, counter and generation).
+    /// (same key, payload, value, stamps, links and counter).
     pub fn reshaped(self, expires: u64, delta_ns: u64, weight: Option<u32>) -> Self {
         let delta_us = u32::try_from(delta_ns.div_ceil(1000)).unwrap_or(u32::MAX);
         let near = deadline_ms(expires);
@@ -783,15 +808,104 @@ mod tests {
     fn header_and_smallest_shapes() {
         assert_eq!(size_of::<Entry<u32>>(), 8);
         assert_eq!(size_of::<Option<Entry<u32>>>(), 8);
-        // A tagged value with a 13-byte key and 100-byte payload: one 135-byte block.
-        let s = Shape::of::<u32>(1 << TAG_SHIFT, 13, 100);
-        assert_eq!((s.key, s.size, s.align), (HEADER, 135, 4));
+        // A tagged value with a 19-byte key and 100-byte payload: one 136-byte block.
+        let s = Shape::of::<u32>(1 << TAG_SHIFT, 19, 100);
+        assert_eq!((s.key, s.size, s.align), (HEADER, 136, 4));
         assert_eq!(crate::mem::malloc_chunk(s.size), 144);
         // A stored 16-byte value: a 24-byte header, the value, then the key.
         let s = Shape::of::<(u64, u64)>(0, 13, 0);
         assert_eq!((s.v, s.key, s.size, s.align), (24, 40, 53, 8));
+        // A tail of 4-byte fields only starts after the header struct.
+        let s = Shape::of::<u32>(1 << TAG_SHIFT | DELTA, 13, 0);
+        assert_eq!((s.delta, s.key, s.size, s.align), (20, 24, 37, 4));
         // Never smaller than the header struct.
-        assert_eq!(Shape::of::<u32>(1 << TAG_SHIFT, 0, 0).size, TAIL);
+        assert_eq!(Shape::of::<u32>(1 << TAG_SHIFT, 0, 0).size, NARROW_TAIL);
+    }
+
+    /// A 100-byte payload as `Pack` puts it in the block (as the Python layer's bytes do).
+    struct Bytes100;
+
+    static BYTES100: Bytes100 = Bytes100;
+
+    impl Pack for Bytes100 {
+        fn payload(&self) -> &[u8] {
+            &[7; 100]
+        }
+        fn tag(&self) -> u8 {
+            1
+        }
+        fn from_tag(_: u8) -> &'static Self {
+            &BYTES100
+        }
+    }
+
+    #[test]
+    fn the_benchmarks_entry_takes_a_144_byte_chunk() {
+        // Issue 12's benchmark: `user:N:profile` under Django's default key function.
+        let key = ":1:user:123456:profile";
+        let e = Entry::new(key, Bytes100, 5 * SEC, Vec::new());
+        assert_eq!(e.block_size(), 136);
+        assert_eq!(planned_size(key, &Bytes100, false, 5 * SEC, 0), 136);
+        assert_eq!(crate::mem::malloc_chunk(e.block_size()), 144);
+        assert_eq!((e.key(), e.payload()), (StoredKey::of(key), &[7; 100][..]));
+        // The same key under another version or prefix keeps its whole text: 3 bytes more,
+        // which here take the next chunk.
+        for other in [":2:user:123456:profile", "p:1:user:123456:profile"] {
+            let e = Entry::new(other, Bytes100, 5 * SEC, Vec::new());
+            assert!(e.block_size() > 136 && e.key() == other);
+            assert_eq!(
+                planned_size(other, &Bytes100, false, 5 * SEC, 0),
+                e.block_size()
+            );
+            assert_eq!(crate::mem::malloc_chunk(e.block_size()), 160);
+        }
+    }
+
+    #[test]
+    fn keys_around_the_short_limit_and_the_elided_prefix_round_trip() {
+        for stored in [
+            0,
+            1,
+            SHORT_KEY - 1,
+            SHORT_KEY,
+            SHORT_KEY + 1,
+            255,
+            256,
+            70_000,
+        ] {
+            let rest = "é".repeat(stored / 2) + &"k".repeat(stored % 2);
+            for key in [rest.clone(), format!(":1:{rest}")] {
+                let made = key.starts_with(":1:");
+                for value in [Counted::Small(b"pay".to_vec()), Counted::Big("v".into())] {
+                    let stored_v = matches!(value, Counted::Big(_));
+                    let before = planned_size(&key, &value, false, NEVER, 0);
+                    let e = Entry::new(&key, value, NEVER, Vec::new());
+                    assert_eq!((e.key(), e.key().is_elided()), (StoredKey::of(&key), made));
+                    assert_eq!(e.key().to_string(), key);
+                    assert_eq!(e.key_len(), stored);
+                    assert_eq!(e.block_size(), before);
+                    let long = stored > SHORT_KEY;
+                    assert_eq!(e.flags() & LONG_KEY != 0, long, "{stored}");
+                    // header, tail (the long key's length, a stored value), key and payload.
+                    let start = match (stored_v, long) {
+                        (true, _) => {
+                            24 + size_of::<Counted>().next_multiple_of(8) + if long { 4 } else { 0 }
+                        }
+                        (false, true) => 24,
+                        (false, false) => HEADER,
+                    };
+                    let payload = if stored_v { 0 } else { 3 };
+                    assert_eq!(e.block_size(), start + stored + payload, "{stored} {made}");
+                    if !stored_v {
+                        assert_eq!(e.payload(), b"pay");
+                    }
+                    // A new block (a fixed charge) keeps the key as it was.
+                    let e = e.reshaped(NEVER, 0, Some(5));
+                    assert_eq!(e.key().to_string(), key);
+                    assert_eq!(e.fixed_weight(), Some(5));
+                }
+            }
+        }
     }
 
     #[test]
@@ -801,13 +915,20 @@ mod tests {
         let far = 60 * 86_400 * 1_000_000_000u64; // 60 days: beyond the header's range
         let before = drops();
         let mut made = 0;
-        for bits in 0..32u32 {
+        let long_made = format!(":1:{long_key}");
+        for bits in 0..64u32 {
             let stored = bits & 1 != 0;
             let tagged = bits & 2 != 0;
             let is_far = bits & 4 != 0;
             let delta = bits & 8 != 0;
             let long = bits & 16 != 0;
-            let key = if long { long_key.as_str() } else { "key:1" };
+            let elided = bits & 32 != 0;
+            let key = match (long, elided) {
+                (false, false) => "key:1",
+                (false, true) => ":1:key:1",
+                (true, false) => long_key.as_str(),
+                (true, true) => long_made.as_str(),
+            };
             let expires = if is_far { far } else { 1_500_000_000 };
             let stamps = if tagged {
                 table.stamps(["t1", "t2"])
@@ -824,20 +945,22 @@ mod tests {
             if delta {
                 e = e.with_delta(2_500);
             }
-            e.set_gen(bits + 7);
+            e.set_prev(bits + 7);
             e.set_queue(Queue::Small);
             e.freq().store(2, Relaxed);
             // The reshapes below move or keep the block; everything must survive both.
             for round in 0..3 {
                 assert_eq!(e.key(), key, "bits {bits} round {round}");
+                assert_eq!(e.key().to_string(), key);
+                assert_eq!(e.key().is_elided(), elided);
                 assert_eq!(e.expires(), expires);
                 assert!(!e.is_expired(expires - 1));
                 assert!(e.is_expired(expires));
                 assert_eq!(e.tags().len(), if tagged { 2 } else { 0 });
                 assert_eq!(e.delta(), if delta { 3_000 } else { 0 });
                 assert_eq!(
-                    (e.gen(), e.queue(), e.freq().load(Relaxed)),
-                    (bits + 7, Queue::Small, 2)
+                    (e.links(), e.queue(), e.freq().load(Relaxed)),
+                    ((bits + 7, NIL), Queue::Small, 2)
                 );
                 if stored {
                     // (Compared without making a `Big`, whose drop would count.)
@@ -899,7 +1022,6 @@ mod tests {
             5 * SEC,
             table.stamps(["a"]),
         );
-        old.set_gen(9);
         old.set_prev(3);
         old.set_next(4);
         old.set_queue(Queue::Small);
@@ -913,12 +1035,9 @@ mod tests {
         new.take_place_of(&old);
         assert_eq!(
             (new.key(), new.payload(), new.value()),
-            ("key", &b"payload"[..], &Counted::Tagged)
+            (StoredKey::of("key"), &b"payload"[..], &Counted::Tagged)
         );
-        assert_eq!(
-            (new.gen(), new.links(), new.queue()),
-            (9, (3, 4), Queue::Small)
-        );
+        assert_eq!((new.links(), new.queue()), ((3, 4), Queue::Small));
         assert_eq!(new.freq().load(Relaxed), 3);
         drop(new);
         assert_eq!(drops(), before);

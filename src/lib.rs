@@ -17,6 +17,7 @@ pub mod shard;
 pub mod sketch;
 pub mod stats;
 pub mod store;
+pub mod stored_key;
 mod sync;
 pub mod tags;
 pub mod tinylfu;

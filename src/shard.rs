@@ -24,6 +24,7 @@ use crate::clock::NEVER;
 use crate::entry::second_of;
 pub use crate::entry::{Entry, Queue};
 use crate::ghost::Ghost;
+use crate::stored_key::StoredKey;
 use crate::tinylfu::TinyLfu;
 
 const NIL: u32 = u32::MAX;
@@ -51,8 +52,9 @@ const EMPTY: Ends = Ends {
 /// finishes in time (see `grow_if_full`); 64 keeps a step to a few microseconds.
 pub const MIGRATE_STEP: u32 = 64;
 
-/// Bytes one entry takes in a shard's slab (its `Vec` of slots): a pointer.
-pub const SLOT_SIZE: usize = std::mem::size_of::<Option<Entry<()>>>();
+/// Bytes one entry takes in a shard's slab (its `Vec` of slots and the `Vec` of their
+/// generations beside it): a pointer and a `u32`.
+pub const SLOT_SIZE: usize = std::mem::size_of::<Option<Entry<()>>>() + std::mem::size_of::<u32>();
 
 pub struct Shard<V> {
     /// The store's hasher: entries do not keep their hash; it is computed again from the key
@@ -77,6 +79,11 @@ pub struct Shard<V> {
     #[cfg(test)]
     moved: usize,
     slots: Vec<Option<Entry<V>>>,
+    /// The generation of the entry at each slot (as long as `slots`): the store's write counter
+    /// when its value was stored, which detects a concurrent replacement (`Store::replace_if`,
+    /// the tags' member lists). Kept here rather than in the entry's block, whose size decides
+    /// its malloc chunk (see `entry.rs`).
+    gens: Vec<u32>,
     /// Free slot numbers, the most recently freed last.
     free: Vec<u32>,
     queues: [Ends; 2],
@@ -115,6 +122,7 @@ impl<V> Shard<V> {
             #[cfg(test)]
             moved: 0,
             slots: Vec::new(),
+            gens: Vec::new(),
             free: Vec::new(),
             queues: [EMPTY; 2],
             ghost: Ghost::default(),
@@ -126,10 +134,10 @@ impl<V> Shard<V> {
         }
     }
 
-    /// The hash of `key` under this shard's hasher.
+    /// The hash of `key` (a whole key or an entry's `key()`) under this shard's hasher.
     #[inline]
-    pub fn hash(&self, key: &str) -> u64 {
-        self.hasher.hash_one(key)
+    pub fn hash<'k>(&self, key: impl Into<StoredKey<'k>>) -> u64 {
+        key.into().hash_with(&self.hasher)
     }
     pub fn len(&self) -> usize {
         self.len
@@ -158,9 +166,23 @@ impl<V> Shard<V> {
     /// The entry at `slot` if it is in use and still carries generation `gen`.
     pub fn entry_if(&self, slot: u32, gen: u32) -> Option<&Entry<V>> {
         match self.slots.get(slot as usize) {
-            Some(Some(e)) if e.gen() == gen => Some(e),
+            Some(Some(e)) if self.gens[slot as usize] == gen => Some(e),
             _ => None,
         }
+    }
+
+    /// The generation of the entry at `slot` (0 until `set_gen`; kept by `swap` and
+    /// `replace_with`).
+    #[inline]
+    pub fn gen(&self, slot: u32) -> u32 {
+        debug_assert!(self.slots[slot as usize].is_some(), "slot {slot} is free");
+        self.gens[slot as usize]
+    }
+
+    #[inline]
+    pub fn set_gen(&mut self, slot: u32, gen: u32) {
+        debug_assert!(self.slots[slot as usize].is_some(), "slot {slot} is free");
+        self.gens[slot as usize] = gen;
     }
 
     /// The slot of `key` (whose hash is `hash`), in the table or, while it grows, the old one.
@@ -168,6 +190,7 @@ impl<V> Shard<V> {
     #[inline]
     pub fn find(&self, hash: u64, key: &str) -> Option<u32> {
         let slots = &self.slots;
+        let key = StoredKey::of(key);
         let eq = |&s: &u32| match &slots[s as usize] {
             Some(e) => e.key() == key,
             None => false,
@@ -243,7 +266,7 @@ impl<V> Shard<V> {
         let stop = self.cursor.saturating_add(step).min(self.migrate_end);
         let (slots, hasher) = (&self.slots, &self.hasher);
         let rehash = |&s: &u32| match &slots[s as usize] {
-            Some(e) => hasher.hash_one(e.key()),
+            Some(e) => e.key().hash_with(hasher),
             None => 0,
         };
         for slot in self.cursor..stop {
@@ -253,7 +276,7 @@ impl<V> Shard<V> {
             if let Some(e) = &slots[slot as usize] {
                 debug_assert!(self.table.len() < self.table.capacity());
                 self.table
-                    .insert_unique(hasher.hash_one(e.key()), slot, rehash);
+                    .insert_unique(e.key().hash_with(hasher), slot, rehash);
                 #[cfg(test)]
                 {
                     self.moved += 1;
@@ -285,11 +308,13 @@ impl<V> Shard<V> {
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot as usize] = Some(entry);
+                self.gens[slot as usize] = 0;
                 slot
             }
             None => {
                 assert!(self.slots.len() < NIL as usize, "shard is full");
                 self.slots.push(Some(entry));
+                self.gens.push(0);
                 (self.slots.len() - 1) as u32
             }
         };
@@ -300,7 +325,7 @@ impl<V> Shard<V> {
         let (slots, hasher) = (&self.slots, &self.hasher);
         self.table
             .insert_unique(hash, slot, |&s| match &slots[s as usize] {
-                Some(e) => hasher.hash_one(e.key()),
+                Some(e) => e.key().hash_with(hasher),
                 None => 0,
             });
         self.index_expiry(slot, expires);
@@ -568,9 +593,73 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_is_a_pointer() {
-        assert_eq!(SLOT_SIZE, 8);
+    fn a_slot_is_a_pointer_and_a_generation() {
+        assert_eq!(SLOT_SIZE, 12);
         assert_eq!(std::mem::size_of::<Option<Entry<u32>>>(), 8);
+    }
+
+    #[test]
+    fn a_generation_belongs_to_its_slot_until_the_slot_is_reused() {
+        let mut s: Shard<u32> = Shard::default();
+        let a = put(&mut s, "a", NEVER);
+        assert_eq!(s.gen(a), 0);
+        s.set_gen(a, 7);
+        assert!(s.entry_if(a, 7).is_some_and(|e| e.key() == "a"));
+        assert!(s.entry_if(a, 6).is_none());
+        assert!(s.entry_if(a + 1, 0).is_none(), "no such slot");
+        // A new deadline (a new block) and a swapped-in entry keep the slot's generation.
+        s.set_expiry(a, 60 * 86_400 * SEC);
+        assert_eq!(s.gen(a), 7);
+        let mut new = entry("a", 60 * 86_400 * SEC);
+        new.take_place_of(s.entry(a));
+        drop(s.swap(a, new));
+        assert!(s.entry_if(a, 7).is_some());
+        // Once the entry leaves, its generation no longer finds anything, nor in the next
+        // entry at the same slot.
+        drop(s.remove(a));
+        assert!(s.entry_if(a, 7).is_none());
+        let b = put(&mut s, "b", NEVER);
+        assert_eq!((b, s.gen(b)), (a, 0));
+        assert!(s.entry_if(b, 7).is_none());
+        s.set_gen(b, 8);
+        assert!(s.entry_if(b, 8).is_some_and(|e| e.key() == "b"));
+    }
+
+    #[test]
+    fn keys_that_differ_only_by_the_elided_prefix_are_distinct_entries_through_growth() {
+        let mut s: Shard<u32> = Shard::default();
+        let near = [
+            "", ":1:", ":1", ":10:", "abc", ":1:abc", ":10:abc", ":1:1:abc", "1:abc",
+        ];
+        let mut slots = std::collections::HashMap::new();
+        // Enough other keys that the table grows several times while these are in it.
+        for i in 0..3_000 {
+            for k in near {
+                if i == 0 {
+                    slots.insert(k.to_string(), put(&mut s, k, NEVER));
+                }
+            }
+            put(&mut s, &format!(":1:k{i}"), NEVER);
+            put(&mut s, &format!("k{i}"), NEVER);
+            for (k, &slot) in &slots {
+                assert_eq!(s.find(s.hash(k.as_str()), k), Some(slot), "{k:?} at {i}");
+                assert_eq!(s.entry(slot).key(), k.as_str());
+            }
+        }
+        assert_eq!(s.len(), near.len() + 6_000);
+        for i in 0..3_000 {
+            let (m, p) = (format!(":1:k{i}"), format!("k{i}"));
+            let (ms, ps) = (s.find(s.hash(&m), &m), s.find(s.hash(&p), &p));
+            assert!(ms.is_some() && ps.is_some() && ms != ps, "{i}");
+        }
+        // Removing one of each pair leaves the other.
+        for k in near.iter().step_by(2) {
+            let slot = slots[*k];
+            assert_eq!(s.remove(slot).key().to_string(), *k);
+        }
+        for (n, k) in near.iter().enumerate() {
+            assert_eq!(s.find(s.hash(*k), k).is_some(), n % 2 == 1, "{k:?}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!
 //! What stays outside: `fork.rs` (it locks and force-unlocks every lock around a real `fork()`;
 //! under `shuttle` it keeps only its generation counter, and the stores' fork hooks compile out);
-//! an entry's S3-FIFO hit counter (a `std` `AtomicU8` inside the entry's packed 22-byte header: a
+//! an entry's S3-FIFO hit counter (a `std` `AtomicU8` inside the entry's packed 17-byte header: a
 //! racy increment under the read lock loses a hit at worst, nothing a schedule could break); the
 //! PyO3 layer (`python/`, which cannot be built with `shuttle`); and NearCache's listener and lease
 //! (`near/` but its graveyard: an OS thread on a socket and real clocks; what it does to the store

@@ -22,7 +22,8 @@ use crate::sync::{random_state, Arc, Mutex, Weak};
 
 use crate::mem::malloc_chunk;
 
-/// Where an entry lives: shard, slot and the generation stamped on it when it was stored.
+/// Where an entry lives: shard, slot and the generation its slot got when it was stored
+/// (`Shard::gen`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EntryRef {
     pub shard: u32,

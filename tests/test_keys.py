@@ -28,6 +28,13 @@ COLLIDED = [
     ("\udc80", "\uffffdc80"),
     ("\uffff", "\uffffffff"),
     ("a\ud800b", "a\uffffed\uffffa0\uffff80b"),
+    # The store keeps a made key that starts with ":1:" without those 3 bytes (and a bit that
+    # says so): keys that differ only there.
+    (":1:abc", "abc"),
+    (":1:", ""),
+    (":1:abc", ":10:abc"),
+    (":1:1:abc", ":1:abc"),
+    (":1", ":1:"),
 ]
 
 
@@ -125,6 +132,108 @@ def test_a_version_given_as_int_or_as_its_str_is_one_version_as_in_django() -> N
     c.set("k", 1, version=2)
     assert c.get("k", version="2") == 1
     assert c.make_key("k", version=2) == c.make_key("k", version="2")
+
+
+# Django's default made-key prefix ":1:" is left out of the store's blocks --------------------
+
+
+def near_prefix_caches() -> tuple[RustCache, RustCache, RustCache, RustCache]:
+    """Four instances on one LOCATION (one store): Django's defaults (made keys ":1:..."),
+    VERSION 10 (":10:..."), KEY_PREFIX "p" ("p:1:...") and raw mode (made key = caller's key)."""
+    loc = f"test-keys-{uuid.uuid4().hex}"
+    room = {"OPTIONS": {"MAX_ENTRIES": 100_000}}
+    return (
+        RustCache(loc, {**room}),
+        RustCache(loc, {**room, "VERSION": 10}),
+        RustCache(loc, {**room, "KEY_PREFIX": "p"}),
+        RustCache(loc, {**room, "KEY_FUNCTION": identity_key}),
+    )
+
+
+def test_made_keys_that_differ_only_around_the_elided_prefix_are_distinct_entries() -> None:
+    default, v10, prefixed, raw = near_prefix_caches()
+    default.set("abc", "default abc")  # ":1:abc"
+    default.set("", "default empty")  # ":1:"
+    default.set("1:abc", "default 1:abc")  # ":1:1:abc"
+    v10.set("abc", "v10 abc")  # ":10:abc"
+    prefixed.set("abc", "p abc")  # "p:1:abc"
+    raw.set("abc", "raw abc")
+    raw.set("", "raw empty")
+    raw.set(":1", "raw :1")
+    made = {
+        ":1:abc": "default abc",
+        ":1:": "default empty",
+        ":1:1:abc": "default 1:abc",
+        ":10:abc": "v10 abc",
+        "p:1:abc": "p abc",
+        "abc": "raw abc",
+        "": "raw empty",
+        ":1": "raw :1",
+    }
+    assert raw.get_many(list(made)) == made
+    assert default.get("abc", version=10) == "v10 abc"
+    assert (default.get("abc"), v10.get("abc"), prefixed.get("abc")) == (
+        "default abc",
+        "v10 abc",
+        "p abc",
+    )
+    # Each instance lists its own caller keys, under its own or a given version.
+    assert sorted(default.keys()) == ["", "1:abc", "abc"]
+    assert v10.keys() == ["abc"] and prefixed.keys() == ["abc"]
+    assert default.keys(version=10) == ["abc"]
+    assert default.keys("a*") == ["abc"]
+    # Deleting by pattern under the defaults leaves the keys that only look alike.
+    assert default.delete_pattern("a*") == 1
+    assert raw.get(":1:abc") is None
+    assert default.delete_pattern("*") == 2
+    del made[":1:abc"], made[":1:"], made[":1:1:abc"]
+    assert raw.get_many([":1:abc", ":1:", ":1:1:abc", *made]) == made
+    assert v10.delete_pattern("*") == 1 and prefixed.delete_pattern("*") == 1
+    assert raw.get_many(["abc", "", ":1"]) == {"abc": "raw abc", "": "raw empty", ":1": "raw :1"}
+    for key in ["abc", "", ":1"]:
+        assert raw.delete(key)
+    assert default.stats()["entries"] == 0
+
+
+def test_many_made_keys_stay_found_as_the_tables_grow() -> None:
+    default, v10, _, raw = near_prefix_caches()
+    n = 20_000
+    for i in range(n):
+        default.set(f"k{i}", i)  # ":1:k{i}"
+        raw.set(f"k{i}", -i)
+        v10.set(f"k{i}", n + i)
+    assert default.get_many([f"k{i}" for i in range(n)]) == {f"k{i}": i for i in range(n)}
+    assert raw.get_many([f"k{i}" for i in range(n)]) == {f"k{i}": -i for i in range(n)}
+    assert v10.get_many([f"k{i}" for i in range(n)]) == {f"k{i}": n + i for i in range(n)}
+    assert len(default.keys()) == n and len(v10.keys()) == n
+    assert default.delete_pattern("k1*") == len([i for i in range(n) if str(i).startswith("1")])
+    assert raw.get("k1") == -1 and v10.get("k1") == n + 1
+    assert default.get("k1") is None and default.get("k2") == 2
+
+
+def test_tags_and_incr_work_on_entries_of_elided_keys() -> None:
+    default, _, _, raw = near_prefix_caches()
+    default.set("abc", 1, tags=["t"])
+    raw.set("abc", 10, tags=["u"])  # (same KEY_PREFIX: one tag namespace)
+    assert default.incr("abc") == 2 and raw.incr("abc", 5) == 15
+    assert default.invalidate_tags(["t"]) == 1
+    assert (default.get("abc"), raw.get("abc")) == (None, 15)
+
+
+def test_a_made_key_under_djangos_defaults_is_charged_3_bytes_less() -> None:
+    # Issue 12 item 3's entry: ":1:user:123456:profile" and 100 bytes take a 144-byte malloc
+    # chunk (a 136-byte block); under KEY_PREFIX "p" its made key is 4 bytes longer, and the
+    # block takes the next chunk (160). Before the prefix was left out (and the header shrank),
+    # both took 160.
+    loc = f"test-keys-{uuid.uuid4().hex}"
+    default = RustCache(loc, {})
+    prefixed = RustCache(loc + "-p", {"KEY_PREFIX": "p"})
+    grown = []
+    for c in (default, prefixed):
+        before = c.stats()["bytes"]
+        c.set("user:123456:profile", b"%010d" % 7 * 10, timeout=3600)
+        grown.append(c.stats()["bytes"] - before)
+    assert grown[1] - grown[0] == 16
 
 
 # Django's memcached-safety warning judges the caller's made key --------------------------------

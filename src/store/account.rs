@@ -20,7 +20,7 @@ impl<V: Weigh> Store<V> {
     /// `charge` will find once it is stored, without a compute time).
     /// At most `MAX_WEIGHT + 1` (an entry that cannot be stored, see `MAX_WEIGHT`).
     pub fn weigh(key: &str, value: &V, tags: usize, expires: u64) -> u64 {
-        let block = planned_size::<V>(key.len(), value, tags > 0, expires, 0);
+        let block = planned_size::<V>(key, value, tags > 0, expires, 0);
         Self::weigh_parts(value.weight(), block, tags, expires != NEVER)
     }
 

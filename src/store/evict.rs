@@ -205,7 +205,7 @@ impl<V: Weigh> Store<V> {
     pub(super) fn put_s3(
         &self,
         key: &str,
-        mut entry: Entry<V>,
+        entry: Entry<V>,
         limits: &Limits,
         now: u64,
         only_new: bool,
@@ -308,7 +308,6 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_gen();
         let has_tags = !entry.tags().is_empty();
-        entry.set_gen(gen);
         // Overwriting a live key counts as a use of it: it keeps its queue, one hit more.
         let (queue, freq) = match replaced {
             Some((queue, freq)) => {
@@ -325,6 +324,7 @@ impl<V: Weigh> Store<V> {
         };
         entry.freq().store(freq, Relaxed);
         let slot = shard.insert_in(entry, hash, queue);
+        shard.set_gen(slot, gen);
         self.finish_put(shard, idx, slot, gen, has_tags, limits, now);
         Put::Stored
     }

@@ -34,6 +34,7 @@ use crate::policy::Policy;
 use crate::s3fifo::MAX_FREQ;
 use crate::shard::{Entry, Shard, MAX_WEIGHT, SLOT_SIZE};
 use crate::stats::Stats;
+use crate::stored_key::StoredKey;
 use crate::tags::{all_current, EntryRef, Stamps, TagStamp, TagTable};
 
 mod account;
@@ -299,7 +300,7 @@ impl<V: Weigh> Store<V> {
 
     #[inline]
     fn locate(&self, key: &str) -> (u64, usize) {
-        let hash = self.hasher.hash_one(key);
+        let hash = StoredKey::of(key).hash_with(&self.hasher);
         // hashbrown picks the bucket from the low bits and matches the top 7 bits in its control
         // bytes: take the shard from the middle so that neither loses entropy within a shard.
         let idx = (hash >> 32) as usize & (self.shards.len() - 1);

@@ -97,10 +97,7 @@ impl<V: Weigh> Store<V> {
         let (hash, idx) = self.locate(key);
         let mut shard = self.write(idx);
         let out = match self.lookup(&mut shard, hash, key, now) {
-            Lookup::Live(slot) => {
-                let e = shard.entry(slot);
-                Some((read(e), e.gen()))
-            }
+            Lookup::Live(slot) => Some((read(shard.entry(slot)), shard.gen(slot))),
             Lookup::Absent => None,
         };
         drop(shard);

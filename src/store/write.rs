@@ -119,7 +119,7 @@ impl<V: Weigh> Store<V> {
                 if r.is_some() {
                     let gen = self.next_gen();
                     self.used(&mut shard, slot, hash);
-                    shard.entry_mut(slot).set_gen(gen);
+                    shard.set_gen(slot, gen);
                     moved = Some((slot, gen, shard.entry(slot).tags().to_vec()));
                 }
                 Ok(r)
@@ -212,7 +212,7 @@ impl<V: Weigh> Store<V> {
     fn put_lru(
         &self,
         key: &str,
-        mut entry: Entry<V>,
+        entry: Entry<V>,
         limits: &Limits,
         now: u64,
         only_new: bool,
@@ -265,8 +265,8 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_gen();
         let has_tags = !entry.tags().is_empty();
-        entry.set_gen(gen);
         let slot = shard.insert(entry, hash);
+        shard.set_gen(slot, gen);
         self.len.fetch_add(1, Relaxed);
         self.finish_put(shard, idx, slot, gen, has_tags, limits, now);
         Put::Stored
@@ -333,7 +333,7 @@ impl<V: Weigh> Store<V> {
         let mut shard = self.write(idx);
         self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now) {
-            Lookup::Live(slot) if shard.entry(slot).gen() == gen => {
+            Lookup::Live(slot) if shard.gen(slot) == gen => {
                 let Some(mut entry) = new.take() else {
                     unreachable!("the new entry is placed once")
                 };
@@ -344,10 +344,10 @@ impl<V: Weigh> Store<V> {
                 }
                 entry.take_place_of(old);
                 let gen = self.next_gen();
-                entry.set_gen(gen);
                 moved = Some((slot, gen, entry.tags().to_vec()));
                 let exact = Self::charge(&entry);
                 let old = shard.swap(slot, entry);
+                shard.set_gen(slot, gen);
                 self.bytes.fetch_sub(Self::charge(&old), Relaxed);
                 if exact >= weight {
                     self.bytes.fetch_add(exact - weight, Relaxed);
@@ -466,6 +466,118 @@ mod tests {
         );
         assert_eq!(store.invalidate_tags(["t"], 1), 1);
         assert_eq!(store.bytes(), 0);
+    }
+
+    #[test]
+    fn replace_if_refuses_after_any_replacement_even_at_the_same_slot() {
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            let store: Store<Val> = Store::with_policy(1, policy);
+            let lim = limits(100, None);
+            let gen_of = |k| store.snapshot(k, 1, |e| e.value().0).unwrap().1;
+            set(&store, ":1:k", 10, &lim, 1);
+            set(&store, "k", 10, &lim, 1);
+            // Deleted and stored again: the freed slot is reused, under a new generation.
+            let gen = gen_of(":1:k");
+            assert!(store.delete(":1:k", 1));
+            set(&store, ":1:k", 20, &lim, 1);
+            assert_eq!(
+                store.replace_if(":1:k", gen, Val(1), &lim, 1),
+                Replace::Conflict,
+                "{policy:?}"
+            );
+            // Overwritten in its place, changed in place, replaced.
+            let gen = gen_of(":1:k");
+            set(&store, ":1:k", 30, &lim, 1);
+            assert_eq!(
+                store.replace_if(":1:k", gen, Val(1), &lim, 1),
+                Replace::Conflict
+            );
+            let gen = gen_of(":1:k");
+            assert_eq!(store.update(":1:k", &lim, 1, |_| Some(())), Ok(Some(())));
+            assert_eq!(
+                store.replace_if(":1:k", gen, Val(1), &lim, 1),
+                Replace::Conflict
+            );
+            let gen = gen_of(":1:k");
+            assert_eq!(
+                store.replace_if(":1:k", gen, Val(40), &lim, 1),
+                Replace::Done
+            );
+            assert_eq!(
+                store.replace_if(":1:k", gen, Val(1), &lim, 1),
+                Replace::Conflict
+            );
+            // The key that differs only by the elided prefix was left alone all along.
+            let gen = gen_of("k");
+            assert_eq!(store.replace_if("k", gen, Val(50), &lim, 1), Replace::Done);
+            let get = |k| store.get_entry(k, 1, |e| e.value().0);
+            assert_eq!((get(":1:k"), get("k")), (Some(40), Some(50)));
+            if policy == Policy::Lru {
+                // (The other policies charge their ghost or sketch too.)
+                let sum: u64 = store.shards[0].read().iter().map(Store::charge).sum();
+                assert_eq!(store.bytes(), sum);
+            }
+        }
+    }
+
+    #[test]
+    fn keys_that_differ_only_by_the_elided_prefix_are_distinct_entries() {
+        let near = [
+            "", ":1:", ":1", ":", ":10:abc", "abc", ":1:abc", ":1:1:abc", "1:abc",
+        ];
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            let store: Store<Val> = Store::with_policy(4, policy);
+            let lim = limits(100_000, None);
+            for (i, k) in near.iter().enumerate() {
+                assert_eq!(set(&store, k, i, &lim, 1), Put::Stored);
+            }
+            // Enough others (made and not) that every shard's table grows a few times.
+            for i in 0..4_000 {
+                set(&store, &format!(":1:other:{i}"), 1_000, &lim, 1);
+                set(&store, &format!("other:{i}"), 2_000, &lim, 1);
+            }
+            for (i, k) in near.iter().enumerate() {
+                assert_eq!(store.get_entry(k, 1, |e| e.value().0), Some(i), "{k:?}");
+            }
+            let mut listed = store.keys_with_prefix(":1:", 1);
+            listed.retain(|k| !k.contains("other"));
+            listed.sort();
+            assert_eq!(listed, [":1:", ":1:1:abc", ":1:abc"]);
+            let mut listed = store.keys_with_prefix("", 1);
+            listed.retain(|k| !k.contains("other"));
+            listed.sort();
+            let mut all = near.map(String::from).to_vec();
+            all.sort();
+            assert_eq!(listed, all);
+            assert_eq!(store.keys_with_prefix(":1", 1).len(), 4_000 + 5);
+            assert_eq!(store.keys_with_prefix(":1:o", 1).len(), 4_000);
+            assert_eq!(store.keys_with_prefix(":10", 1), [":10:abc"]);
+            // Deleting by prefix (as `delete_pattern` does: list, then delete each).
+            for k in store.keys_with_prefix(":1:a", 1) {
+                assert!(store.delete(&k, 1));
+            }
+            assert!(!store.delete(":1:abc", 1));
+            for (i, k) in near.iter().enumerate() {
+                let want = (*k != ":1:abc").then_some(i);
+                assert_eq!(store.get_entry(k, 1, |e| e.value().0), want, "{k:?}");
+            }
+            for k in near {
+                assert_eq!(store.delete(k, 1), k != ":1:abc", "{k:?}");
+            }
+            assert_eq!(store.len(), 8_000);
+            if policy == Policy::Lru {
+                let sum: u64 = (0..4)
+                    .map(|i| {
+                        store.shards[i]
+                            .read()
+                            .iter()
+                            .map(Store::charge)
+                            .sum::<u64>()
+                    })
+                    .sum();
+                assert_eq!(store.bytes(), sum);
+            }
+        }
     }
 }
 
