@@ -12,14 +12,15 @@
 //!
 //! Nine bytes a key (eight of counters, one of doorkeeper); it was twelve (a doorkeeper of 32
 //! bits a key, every counter of a key raised). Measured on `benchmarks/hitratio_optimum.py` (4 to
-//! 6 hash seeds, the full and the CI streams), with conservative update the doorkeeper's size
-//! hardly matters (a history of `HISTORY` sketch sizes holds 20 times as many distinct keys as
-//! the sketch is sized for: a doorkeeper of 32 bits a key is 73% full by then, one of 8 bits
-//! saturated), while every counter does: half a word a key lost up to 0.9 points on Zipf 0.8 at
-//! 1,000 entries (below issue 12's bar), whatever the doorkeeper (0 to 32 bits a key), the
-//! history (30 to 60 sizes), the counters a key (2 to 8) or Caffeine's rule of counting only
-//! requests that raise a counter. Eight bits of doorkeeper kept the bars' margins (0.22 points
-//! at worst, 0.26 before), none 0.04.
+//! 6 hash seeds, the full and the CI streams): with conservative update the doorkeeper's size
+//! matters little (a history of `HISTORY` sketch sizes holds some 20 times as many distinct keys
+//! as the sketch is sized for: a doorkeeper of 32 bits a key is 73% full by then, one of 8
+//! saturated). With 8 bits, issue 12's bars keep their margins (0.22 points at worst, 0.26
+//! before; the hit ratios 0.06 points lower on average, 0.4 on Zipf 0.8 at 1,000 entries); with
+//! 16, 0.01 lower on average; with none, the margin is 0.04. Every counter matters: half a word
+//! a key lost up to 0.9 points on Zipf 0.8 at 1,000 entries (below the bar), whatever the
+//! doorkeeper (0 to 32 bits a key), the history (30 to 60 sizes), the counters a key (2 to 8) or
+//! Caffeine's rule of counting only requests that raise a counter.
 //!
 //! Recording a request needs only `&self`: each word is an atomic, read and written with relaxed
 //! loads and stores (no read-modify-write, no lock). Two racing recordings may count as one, and
