@@ -262,7 +262,7 @@ impl<V> Shard<V> {
     ///
     /// The sketch is sized for the shard's entries (at most `capacity`), not for its capacity
     /// from the start: a store with a large `MAX_ENTRIES` holding few entries holds a small
-    /// sketch. It doubles as the entries do, keeping its counts (`Sketch::ensure`): 12 to 24
+    /// sketch. It doubles as the entries do, keeping its counts (`Sketch::ensure`): 9 to 18
     /// bytes per entry, charged to the store's bytes like its entries.
     pub fn tiny_growth(&self, capacity: usize) -> usize {
         self.tiny.sketch.growth(capacity.min(self.len() + 1))
@@ -747,111 +747,102 @@ mod tests {
         c.check_queues();
     }
 
+    /// The key whose count the shift tests watch.
+    const WATCHED: u64 = 0x1234_5678_9abc_def0;
+
+    /// The W-TinyLFU state of a full shard of `len` entries whose sketch counted `WATCHED`
+    /// `requests` times (the first in the doorkeeper), as the shift tests start.
+    fn counted(len: usize, requests: usize) -> TinyLfu {
+        let mut t = TinyLfu::default();
+        t.sketch.ensure(len);
+        t.full = true;
+        for _ in 0..requests {
+            t.sketch.record(WATCHED);
+        }
+        t
+    }
+
+    /// Ends a sample of `requests` requests on a shard of `len` entries: `hits` hits, and
+    /// `recurring` of the misses recurring keys that lost their contest.
+    fn sample(t: &mut TinyLfu, len: usize, requests: u32, hits: u32, recurring: u32) {
+        *t.hits.get_mut() = hits;
+        t.misses = requests - hits;
+        t.recurring = recurring;
+        t.climb(len);
+    }
+
     #[test]
     fn the_sketch_ages_after_three_low_samples_in_a_row_beyond_the_noise() {
-        let mut t = TinyLfu::default();
-        t.sketch.ensure(1_000);
-        t.full = true;
-        let key = 0x1234_5678_9abc_def0;
-        for _ in 0..9 {
-            t.sketch.record(key);
-        }
-        // A sample of 1,000 requests, `hits` of them hits, a tenth of the misses on keys
-        // rejected shortly before.
-        let sample = |t: &mut TinyLfu, hits: u32| {
-            *t.hits.get_mut() = hits;
-            t.misses = 1_000 - hits;
-            t.recurring = t.misses / 10;
-            t.climb(1_000);
-        };
+        // Samples of 1,000 requests, `hits` of them hits, a tenth of the misses on keys rejected
+        // shortly before.
+        let mut t = counted(1_000, 9);
+        let tenth = |t: &mut TinyLfu, hits: u32| sample(t, 1_000, 1_000, hits, (1_000 - hits) / 10);
         // Steady at 70%, then a scan's two low samples: no aging.
         for _ in 0..5 {
-            sample(&mut t, 700);
+            tenth(&mut t, 700);
         }
-        sample(&mut t, 200);
-        sample(&mut t, 300);
-        sample(&mut t, 700);
-        assert_eq!(t.sketch.frequency(key), 9);
+        tenth(&mut t, 200);
+        tenth(&mut t, 300);
+        tenth(&mut t, 700);
+        assert_eq!(t.sketch.frequency(WATCHED), 9);
         // Two low samples, a normal one, two low ones: never three in a row.
         for hits in [500, 500, 700, 500, 500, 700] {
-            sample(&mut t, hits);
+            tenth(&mut t, hits);
         }
-        assert_eq!(t.sketch.frequency(key), 9);
+        assert_eq!(t.sketch.frequency(WATCHED), 9);
         // A drop of less than 15% (14%), however long: no aging.
         for _ in 0..10 {
-            sample(&mut t, 600);
+            tenth(&mut t, 600);
         }
-        assert_eq!(t.sketch.frequency(key), 9);
+        assert_eq!(t.sketch.frequency(WATCHED), 9);
         // The average is now 60%: three samples at 45% age it (8 counted, halved; the
         // doorkeeper emptied).
         for _ in 0..3 {
-            sample(&mut t, 450);
+            tenth(&mut t, 450);
         }
-        assert_eq!(t.sketch.frequency(key), 4);
+        assert_eq!(t.sketch.frequency(WATCHED), 4);
         // The average starts again at 45%: staying there ages nothing more.
         for _ in 0..10 {
-            sample(&mut t, 450);
+            tenth(&mut t, 450);
         }
-        assert_eq!(t.sketch.frequency(key), 4);
+        assert_eq!(t.sketch.frequency(WATCHED), 4);
 
         // On a small shard (samples of 64 requests), a fall by chance is no shift: 50% on
         // average, three samples at 35% (a fall of 3 tenths, less than 3 standard errors).
-        let mut t = TinyLfu::default();
-        t.sketch.ensure(100);
-        t.full = true;
-        for _ in 0..5 {
-            t.sketch.record(key);
-        }
-        let small = |t: &mut TinyLfu, hits: u32| {
-            *t.hits.get_mut() = hits;
-            t.misses = 64 - hits;
-            t.recurring = t.misses / 10;
-            t.climb(100);
-        };
+        let mut t = counted(100, 5);
+        let small = |t: &mut TinyLfu, hits: u32| sample(t, 100, 64, hits, (64 - hits) / 10);
         for _ in 0..5 {
             small(&mut t, 32);
         }
         for _ in 0..3 {
             small(&mut t, 22);
         }
-        assert_eq!(t.sketch.frequency(key), 5);
+        assert_eq!(t.sketch.frequency(WATCHED), 5);
         // A fall to 9% (the average is 36% by now) is one.
         for _ in 0..3 {
             small(&mut t, 6);
         }
-        assert_eq!(t.sketch.frequency(key), 2);
+        assert_eq!(t.sketch.frequency(WATCHED), 2);
     }
 
     #[test]
     fn a_drop_with_no_recurring_key_losing_ages_nothing() {
         // The hit ratio falls from 70% to 20% for ten samples (a long one-time scan): (almost)
         // no recurring key loses its contest, so the counts are kept.
-        let mut t = TinyLfu::default();
-        t.sketch.ensure(1_000);
-        t.full = true;
-        let key = 0x1234_5678_9abc_def0;
-        for _ in 0..9 {
-            t.sketch.record(key);
-        }
-        let sample = |t: &mut TinyLfu, hits: u32, recurring: u32| {
-            *t.hits.get_mut() = hits;
-            t.misses = 1_000 - hits;
-            t.recurring = recurring;
-            t.climb(1_000);
-        };
+        let mut t = counted(1_000, 9);
         for _ in 0..5 {
-            sample(&mut t, 700, 30);
+            sample(&mut t, 1_000, 1_000, 700, 30);
         }
         // Fewer than 0.5% of the misses recurring (3 of 800): a scan.
         for _ in 0..10 {
-            sample(&mut t, 200, 3);
+            sample(&mut t, 1_000, 1_000, 200, 3);
         }
-        assert_eq!(t.sketch.frequency(key), 9);
+        assert_eq!(t.sketch.frequency(WATCHED), 9);
         // The same drop with recurring keys losing (4 of 800) ages the sketch.
         for _ in 0..3 {
-            sample(&mut t, 200, 4);
+            sample(&mut t, 1_000, 1_000, 200, 4);
         }
-        assert_eq!(t.sketch.frequency(key), 4);
+        assert_eq!(t.sketch.frequency(WATCHED), 4);
     }
 
     #[test]

@@ -706,7 +706,7 @@ mod tests {
 
     #[test]
     fn tinylfu_sketches_are_charged_like_entries_and_bounded_by_max_bytes() {
-        // Unbounded: each shard's sketch follows its entries (12 bytes a key, rounded up to a
+        // Unbounded: each shard's sketch follows its entries (9 bytes a key, rounded up to a
         // power of two), and the store's bytes are its entries' and its sketches'.
         let store: Store<Val> = Store::with_policy(2, Policy::TinyLfu);
         let lim = limits(10_000, None);
@@ -715,7 +715,7 @@ mod tests {
         }
         let (entries, sketches) = entries_and_sketches(&store);
         let per_shard: Vec<usize> = store.shards.iter().map(|s| s.read().len()).collect();
-        let expected: usize = per_shard.iter().map(|&n| n.next_power_of_two() * 12).sum();
+        let expected: usize = per_shard.iter().map(|&n| n.next_power_of_two() * 9).sum();
         assert_eq!(sketches as usize, expected);
         assert_eq!(store.bytes(), entries + sketches);
         // Evicting keeps the sketch (and its charge); clear gives it back.
