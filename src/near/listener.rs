@@ -628,6 +628,11 @@ fn watch_session(
 /// The watcher's sentinel (`by`, an index in `s.addrs`) names `master`: once it differs from the
 /// master known before, or from the one the session is on, act on the switch. Repeats (every
 /// sentinel publishes it; a new subscription asks again) change nothing.
+///
+/// Order matters: the switch is counted (`note_switch`, which the data path follows) before
+/// anything can make a session end and the next one flush L1, so that a fill begun after that
+/// flush never reads the old master; a session that stores its master after `session_master`
+/// was read here checks it against the announcement (`switched_away`), counting it too.
 fn observe(
     s: &Sentinels,
     lease: &Lease,
@@ -641,29 +646,31 @@ fn observe(
     *known = Some(master.clone());
     // Sessions ask this sentinel first: the others may not have switched yet.
     s.prefer(by);
+    let session = shared.session_master.lock().clone();
+    let elsewhere = session.as_ref().is_some_and(|m| *m != master);
+    let switch = moved || elsewhere;
+    if switch {
+        let epoch = note_switch();
+        *shared.last_switch.lock() = Some(Switch {
+            epoch,
+            master: master.clone(),
+            sentinel: s.addrs[by].clone(),
+        });
+    }
     let before = shared.announced.lock().replace(master.clone());
     if before.as_ref() != Some(&master) {
         shared.announcements.fetch_add(1, SeqCst);
     }
-    // Read after the announcement: a session that stores its master later checks it then.
-    let session = shared.session_master.lock().clone();
-    let elsewhere = session.as_ref().is_some_and(|m| *m != master);
-    if !(moved || elsewhere) {
-        return;
-    }
-    let epoch = note_switch();
-    counters.switches.fetch_add(1, SeqCst);
-    *shared.last_switch.lock() = Some(Switch {
-        epoch,
-        master: master.clone(),
-        sentinel: s.addrs[by].clone(),
-    });
     if elsewhere {
         // L1 stops serving now; the session's next read fails and the next session asks again.
         lease.revoke();
         if let Some(conn) = shared.socket.lock().as_ref() {
             conn.shutdown();
         }
+    }
+    if switch {
+        // Last: once `stats()` shows it, the lease is revoked and the data path follows.
+        counters.switches.fetch_add(1, SeqCst);
     }
 }
 
@@ -872,9 +879,14 @@ fn session(
         }
         *announcements = shared.announcements.load(SeqCst);
         match shared.announced_other(&(host.clone(), *port)) {
-            Some((h, p)) => Err(format!(
-                "the sentinels switched the master to {h}:{p} (+switch-master), not {host}:{port}"
-            )),
+            Some((h, p)) => {
+                // The data path follows too, before the next session flushes L1 (`observe`).
+                note_switch();
+                Err(format!(
+                    "the sentinels switched the master to {h}:{p} (+switch-master), not \
+                     {host}:{port}"
+                ))
+            }
             None => Ok(()),
         }
     };
