@@ -1273,6 +1273,9 @@ class _NoListener:
             "last_invalidation_age_ms": None,
             "last_invalidation_lag_ms": None,
             "invalidation_lags_measured": 0,
+            "master_switches": 0,
+            "sentinel_watched": None,
+            "sentinel_watch_error": None,
         }
 
     def note_writes(self, keys: Iterable[str]) -> None:
