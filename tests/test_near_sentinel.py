@@ -10,11 +10,13 @@ failover time of the truth, hangs no worker, and brings L1 back once the new mas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import select
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -139,6 +141,21 @@ def test_the_listener_is_given_the_sentinels_and_both_sets_of_credentials(monkey
         "username": "su",
         "password": "spw",
     }
+
+
+def test_ask_first_moves_the_announcing_sentinel_to_the_head_and_ignores_a_stranger():
+    pairs = [("a", 1), ("b", 2), ("c", 3)]
+    near_mod._ask_first(pairs, ("c", 3))
+    assert pairs == [("c", 3), ("b", 2), ("a", 1)]  # swapped, as redis-py's discover_master
+    near_mod._ask_first(pairs, ("c", 3))
+    assert pairs == [("c", 3), ("b", 2), ("a", 1)]
+    near_mod._ask_first(pairs, ("b", 3))  # not one of them: nothing moves
+    assert pairs == [("c", 3), ("b", 2), ("a", 1)]
+    # redis-py's sentinel clients, by their connection's host and port.
+    manager = redis.sentinel.Sentinel([("h1", 26379), ("h2", 26380)])
+    near_mod._ask_first(manager.sentinels, ("h2", 26380))
+    hosts = [s.connection_pool.connection_kwargs["port"] for s in manager.sentinels]
+    assert hosts == [26380, 26379]
 
 
 def test_the_native_listener_checks_its_sentinel_settings():
@@ -355,8 +372,6 @@ def test_the_listener_refuses_a_replica_the_sentinels_name_as_master():
     port = fake.getsockname()[1]
     answer = f"*2\r\n$9\r\n127.0.0.1\r\n${len(str(replica.port))}\r\n{replica.port}\r\n".encode()
 
-    import threading
-
     def serve():
         while True:
             try:
@@ -475,6 +490,24 @@ def test_a_master_that_fails_over_alive_is_left_at_the_switch_not_at_its_convers
             assert select.select([ready_r], [], [], 30)[0], "a reader never got its L1 fresh"
             ready += os.read(ready_r, 1)
 
+        # Threads of this process write all along, on the fast path and the pool's: their
+        # connections are in use when the switch comes.
+        stop = threading.Event()
+        written: list[tuple[float, str]] = []
+
+        def write_all_along(t):
+            j = 0
+            while not stop.is_set():
+                j += 1
+                key = f"t{t}-{j}"
+                started = time.monotonic()
+                with contextlib.suppress(redis.exceptions.ConnectionError):
+                    if cache.add(key, j) if j % 2 else _set_ok(cache, key, j):
+                        written.append((started, key))
+
+        threads = [threading.Thread(target=write_all_along, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
         assert g._ask(g.sentinels[0], "FAILOVER", g.service)
         new = g.wait_failover(old)
         new_master = redis.Redis(port=new, password=PASSWORD)
@@ -486,8 +519,20 @@ def test_a_master_that_fails_over_alive_is_left_at_the_switch_not_at_its_convers
             n += 1
             return _set_ok(cache, f"w{n}", n) and new_master.exists(made(f"w{n}")) == 1
 
-        _wait("a write after the switch on the new master", write_reaches_the_new_master, 30)
+        try:
+            _wait("a write after the switch on the new master", write_reaches_the_new_master, 30)
+            followed = time.monotonic()
+            time.sleep(LEASE)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
         assert old_master.exists(made(f"w{n}")) == 0
+        # Every thread's write begun once this process had followed went to the new master.
+        after = [key for started, key in written if started > followed]
+        assert len(after) > 10, len(after)
+        lost = [key for key in after if new_master.exists(made(key)) == 0]
+        assert lost == [], lost
         assert cache.add("p1", 1) and new_master.exists(made("p1")) == 1  # the pool's path
         assert cache.incr("p0") == 2 and new_master.get(made("p0")) == b"2"
         loop.run_until_complete(cache.aset("a1", 1))  # this loop's client follows too

@@ -893,7 +893,7 @@ class _Conn:
         self.location = location
         #: The ``_switches()`` count this connection's clients follow; the listeners
         #: (``_core.Near``) whose ``master_switch()`` names the sentinel that announced it.
-        self.epoch = _switches()
+        self.epoch = 0 if sentinel is None else _switches()
         self._sources: list[Any] = []
         if sentinel is None:
             self.client = redis.Redis(connection_pool=pool_class.from_url(location, **opts))
