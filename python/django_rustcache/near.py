@@ -931,6 +931,9 @@ class _Conn:
         )
         self._closing: set[Any] = set()  # old async pools being disconnected (tasks)
         self._lock = threading.Lock()
+        # Held by ``_follow`` across its round trip to the sentinels: never taken by
+        # ``aclient`` (an event loop must not wait for another thread's network I/O).
+        self._follow_lock = threading.Lock()
 
     @property
     def sentinel(self) -> SentinelSpec | None:
@@ -965,7 +968,7 @@ class _Conn:
         idle connections to the old one and, through ``owns_connection``, those in use when
         they come back; our own connections (``_Wire``) reconnect at their next use. If no
         sentinel answers, every connection is dropped: each new one asks again."""
-        with self._lock:
+        with self._follow_lock:
             epoch = _switches()
             if epoch == self.epoch:
                 return
