@@ -21,6 +21,13 @@ Faults, injected by the parent while the processes run:
   not yet passed to the replica is lost, and reads may then be stale for about the failover time,
   so this fault's bar is LEASE + the measured failover time (+ the same slack). ``length`` is how
   long the run budgets for the failover.
+- ``switch``: behind Redis Sentinel, ``SENTINEL FAILOVER`` with the master alive, and wait until
+  every sentinel names the promoted replica (the failover time). Writes the old master took
+  between the replica's promotion and the sentinels' announcement (``+switch-master``) are lost,
+  as with ``failover``, hence the same bar. A process that stays on the old master after the
+  announcement (it stays a master until the sentinels convert it, about 10 s later) writes and
+  reads there: once it is converted, those writes are gone too and reads see older values. The
+  run budgets ``length`` (12 s) to outlast the conversion.
 
 By default 4 readers read 4 keys round robin, pausing 0.2 ms between reads, and the writer
 writes one of the keys every 5 ms: each key changes every 20 ms, as in the issue's measurement
@@ -67,7 +74,14 @@ FAULT_SLACK_MS = 100.0  # with a fault: no stale read older than LEASE + this
 L1_RECOVERY_S = 2.0  # with a fault: L1 back in use within this long after recovery
 
 #: Fault lengths from the issue; ``kill`` is how long the server stays down before the restart.
-FAULT_LENGTHS = {"none": 0.0, "pause": 1.5, "kill": 0.5, "freeze": 2.0, "failover": 4.0}
+FAULT_LENGTHS = {
+    "none": 0.0,
+    "pause": 1.5,
+    "kill": 0.5,
+    "freeze": 2.0,
+    "failover": 4.0,
+    "switch": 12.0,
+}
 SAMPLE_EVERY = 0.02  # s between two samples of a reader's L1 hit counter
 
 _mono = time.monotonic
@@ -220,7 +234,8 @@ class Result:
 
     @property
     def failover_ms(self) -> float:
-        """From the fault (the master killed) to recovery (the new master named), in ms."""
+        """From the fault (the master killed, or ``SENTINEL FAILOVER``) to recovery (the new
+        master named), in ms."""
         if self.fault_at is None or self.recovered_at is None:
             return 0.0
         return (self.recovered_at - self.fault_at) * 1000
@@ -245,7 +260,7 @@ class Result:
                 out.append(f"{self.stale_fraction:.2%} stale >= {NO_FAULT_FRACTION:.0%}")
         else:
             bound = (0.5 if self.lease is None else self.lease) * 1000 + FAULT_SLACK_MS
-            if self.fault == "failover":
+            if self.fault in ("failover", "switch"):
                 bound += self.failover_ms
             if self.oldest_stale_ms > bound:
                 out.append(f"oldest stale read {self.oldest_stale_ms:.1f} ms > {bound:g} ms")
@@ -470,7 +485,7 @@ def run(
     recovery. Without a fault the run lasts ``before + after`` s."""
     if fault not in FAULT_LENGTHS:
         raise ValueError(f"fault must be one of {sorted(FAULT_LENGTHS)}, not {fault!r}")
-    if fault in ("pause", "kill", "failover") and server is None:
+    if fault in ("pause", "kill", "failover", "switch") and server is None:
         raise ValueError(f"fault {fault!r} needs the server")
     if fault == "freeze" and proxy is None:
         raise ValueError("fault 'freeze' needs the proxy the listener connects through")
@@ -584,6 +599,10 @@ def _inject(
         os.kill(old.pid, signal.SIGKILL)
         old.proc.wait(10)
         server.wait_failover(old.port, timeout=30)
+    elif fault == "switch":
+        old_port = server.master_port()
+        server._ask(server.sentinels[0], "FAILOVER", server.service)
+        server.wait_failover(old_port, timeout=30)
     result.recovered_at = _mono() - start
     return resets
 
@@ -689,9 +708,26 @@ def rust_maker() -> Callable[[], Any]:
 def scenarios(
     kind: str, faults: list[str], lease: float = 0.5, invalidation: str = "tracking"
 ) -> Iterator[Result]:
-    """NearCache on a fresh ``kind`` server (tests/servers.py), one run per fault."""
+    """NearCache on a fresh ``kind`` server (tests/servers.py), one run per fault; ``kind``
+    ``sentinel``: a fresh Sentinel group (master, replica, three sentinels) per fault."""
     from tests import servers
 
+    if kind == "sentinel":
+        suffix = "" if invalidation == "tracking" else f"/{invalidation}"
+        for fault in faults:
+            group = servers.start_sentinel_group()
+            try:
+                yield run(
+                    near_maker(group.location(), lease, INVALIDATION=invalidation),
+                    label=f"NearCache/sentinel{suffix}",
+                    fault=fault,
+                    server=group,
+                    lease=lease,
+                    l1_hits=near_hits,
+                )
+            finally:
+                group.cleanup()
+        return
     server = servers.start(kind)
     try:
         for fault in faults:
@@ -719,7 +755,7 @@ def main(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--servers", default="redis,valkey")
+    parser.add_argument("--servers", default="redis,valkey", help="redis, valkey, sentinel")
     parser.add_argument("--faults", default="none,pause,kill,freeze")
     parser.add_argument("--lease", type=float, default=0.5)
     parser.add_argument("--invalidation", default="tracking", choices=["tracking", "pubsub"])

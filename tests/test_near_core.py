@@ -167,7 +167,13 @@ def test_a_set_by_another_client_removes_the_key_from_l1(
         "last_invalidation_age_ms",
         "last_invalidation_lag_ms",
         "invalidation_lags_measured",
+        "master_switches",
+        "sentinel_watched",
+        "sentinel_watch_error",
     }
+    # Not behind Sentinel: no watcher, no switch.
+    assert (stats["master_switches"], stats["sentinel_watched"]) == (0, None)
+    assert stats["sentinel_watch_error"] is None
 
 
 def test_the_listener_records_when_it_applied_each_invalidation_on_clock_monotonic(

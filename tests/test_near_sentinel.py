@@ -9,10 +9,14 @@ failover time of the truth, hangs no worker, and brings L1 back once the new mas
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import pickle
+import select
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -139,6 +143,21 @@ def test_the_listener_is_given_the_sentinels_and_both_sets_of_credentials(monkey
     }
 
 
+def test_ask_first_moves_the_announcing_sentinel_to_the_head_and_ignores_a_stranger():
+    pairs = [("a", 1), ("b", 2), ("c", 3)]
+    near_mod._ask_first(pairs, ("c", 3))
+    assert pairs == [("c", 3), ("b", 2), ("a", 1)]  # swapped, as redis-py's discover_master
+    near_mod._ask_first(pairs, ("c", 3))
+    assert pairs == [("c", 3), ("b", 2), ("a", 1)]
+    near_mod._ask_first(pairs, ("b", 3))  # not one of them: nothing moves
+    assert pairs == [("c", 3), ("b", 2), ("a", 1)]
+    # redis-py's sentinel clients, by their connection's host and port.
+    manager = redis.sentinel.Sentinel([("h1", 26379), ("h2", 26380)])
+    near_mod._ask_first(manager.sentinels, ("h2", 26380))
+    hosts = [s.connection_pool.connection_kwargs["port"] for s in manager.sentinels]
+    assert hosts == [26380, 26379]
+
+
 def test_the_native_listener_checks_its_sentinel_settings():
     base = dict(
         port=0, unix_path=None, username=None, password=None, prefix="", lease=0.5,
@@ -201,6 +220,11 @@ def _same_l1_elsewhere(cache):
 def _in_child(fn, timeout=20.0):
     """Runs ``fn()`` in a forked child and returns what it returned (pickled through a pipe);
     the child is killed if it takes longer than ``timeout``."""
+    return _child_result(*_fork(fn), timeout)
+
+
+def _fork(fn):
+    """Starts ``fn()`` in a forked child: (pid, the read end of the pipe its result comes on)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -209,9 +233,15 @@ def _in_child(fn, timeout=20.0):
             out = pickle.dumps(("ok", fn()))
         except BaseException as e:
             out = pickle.dumps(("error", f"{type(e).__name__}: {e}"))
-        os.write(w, out)
+        with os.fdopen(w, "wb") as f:
+            f.write(out)
         os._exit(0)
     os.close(w)
+    return pid, r
+
+
+def _child_result(pid, r, timeout):
+    """What the child ``pid`` started by ``_fork`` returned; killed after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     chunks = []
     with os.fdopen(r, "rb") as f:
@@ -280,8 +310,6 @@ def test_reads_writes_and_invalidations_go_through_the_master_the_sentinels_name
         await cache.aset("ak", 7)
         return await cache.aget("ak")
 
-    import asyncio
-
     assert asyncio.run(async_roundtrip()) == 7
     assert cache.check()["ok"] is True
 
@@ -344,8 +372,6 @@ def test_the_listener_refuses_a_replica_the_sentinels_name_as_master():
     port = fake.getsockname()[1]
     answer = f"*2\r\n$9\r\n127.0.0.1\r\n${len(str(replica.port))}\r\n{replica.port}\r\n".encode()
 
-    import threading
-
     def serve():
         while True:
             try:
@@ -407,6 +433,142 @@ def test_a_failover_with_the_old_master_alive_converges_once_it_is_converted(gro
     assert _in_child(lambda: _same_l1_elsewhere(cache).set("k", 3) or True)
     _wait("the invalidation", lambda: cache._near.stats()["invalidations"] > invalidations)
     assert cache.get("k") == 3
+
+
+def test_a_master_that_fails_over_alive_is_left_at_the_switch_not_at_its_conversion():
+    """``SENTINEL FAILOVER`` with the old master alive and never converted (the sentinels may
+    not run REPLICAOF on it, as behind a partition): each process's listener hears the
+    sentinels' ``+switch-master`` and its data path follows. A write made after the switch is on
+    the new master only (sync fast path, pool path and asyncio, all on connections opened
+    before the switch), and no read in other processes, which read all along, returns a value
+    older than the newest write acknowledged more than LEASE before it. Without the switch
+    events every write stays on the old master, which stays a master: the first wait fails."""
+    g = servers.start_sentinel_group(password=PASSWORD, sentinel_password=SENTINEL_PASSWORD)
+    children = []
+    loop = asyncio.new_event_loop()
+    try:
+        old = g.master.port
+        assert servers.command(
+            old, "ACL", "SETUSER", "default", "-replicaof", "-slaveof", password=PASSWORD
+        )
+        cache = _cache(g.location(), **SENTINEL_AUTH)
+        made = cache.make_key
+        cache.set("k", 0)
+        writes = [(time.monotonic(), 0, 0)]
+        cache.set("done", False)
+        assert cache.get("k") == 0 and cache._near.wait_fresh(10)
+        # Connections to the old master in the pool and in this event loop's client, too.
+        assert cache.add("p0", 0) and cache.incr("p0") == 1
+        loop.run_until_complete(cache.aset("a0", 0))
+        assert cache._conn.direct  # set() and get() take the fast path
+
+        ready_r, ready_w = os.pipe()
+
+        def reader():
+            """Reads ``k`` until ``done``: (send time, value) of every read, and how the
+            process's own listener saw the switch."""
+            c = _same_l1_elsewhere(cache)
+            assert c.get("k") == 0 and c._near.wait_fresh(10)
+            os.write(ready_w, b"r")
+            log, errors, deadline = [], 0, time.monotonic() + 90
+            while time.monotonic() < deadline:
+                sent = time.monotonic()
+                try:
+                    log.append((sent, c.get("k")))
+                    if len(log) % 20 == 0 and c.get("done"):
+                        break
+                except redis.exceptions.ConnectionError:
+                    errors += 1
+                time.sleep(0.001)
+            fresh = c._near.wait_fresh(10)
+            return log, errors, fresh, c.get("k"), c._near.stats()
+
+        for _ in range(2):
+            children.append(_fork(reader))
+        ready = b""
+        while len(ready) < len(children):
+            assert select.select([ready_r], [], [], 30)[0], "a reader never got its L1 fresh"
+            ready += os.read(ready_r, 1)
+
+        # Threads of this process write all along, on the fast path and the pool's: their
+        # connections are in use when the switch comes.
+        stop = threading.Event()
+        written: list[tuple[float, str]] = []
+
+        def write_all_along(t):
+            j = 0
+            while not stop.is_set():
+                j += 1
+                key = f"t{t}-{j}"
+                started = time.monotonic()
+                with contextlib.suppress(redis.exceptions.ConnectionError):
+                    if cache.add(key, j) if j % 2 else _set_ok(cache, key, j):
+                        written.append((started, key))
+
+        threads = [threading.Thread(target=write_all_along, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        assert g._ask(g.sentinels[0], "FAILOVER", g.service)
+        new = g.wait_failover(old)
+        new_master = redis.Redis(port=new, password=PASSWORD)
+        old_master = redis.Redis(port=old, password=PASSWORD)
+        n = 0
+
+        def write_reaches_the_new_master():
+            nonlocal n
+            n += 1
+            return _set_ok(cache, f"w{n}", n) and new_master.exists(made(f"w{n}")) == 1
+
+        try:
+            _wait("a write after the switch on the new master", write_reaches_the_new_master, 30)
+            followed = time.monotonic()
+            time.sleep(LEASE)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert old_master.exists(made(f"w{n}")) == 0
+        # Every thread's write begun once this process had followed went to the new master.
+        after = [key for started, key in written if started > followed]
+        assert len(after) > 10, len(after)
+        lost = [key for key in after if new_master.exists(made(key)) == 0]
+        assert lost == [], lost
+        assert cache.add("p1", 1) and new_master.exists(made("p1")) == 1  # the pool's path
+        assert cache.incr("p0") == 2 and new_master.get(made("p0")) == b"2"
+        loop.run_until_complete(cache.aset("a1", 1))  # this loop's client follows too
+        assert new_master.exists(made("a1")) == 1 and old_master.exists(made("a1")) == 0
+        stats = cache._near.stats()
+        assert stats["master_switches"] == 1, stats
+        assert cache._near.wait_fresh(10)  # L1 back, on the new master
+        assert cache.get("k") == 0
+        hits = cache.stats()["l1_hits"]
+        assert cache.get("k") == 0 and cache.stats()["l1_hits"] == hits + 1
+
+        for i in range(1, 11):
+            cache.set("k", i)
+            writes.append((time.monotonic(), 0, i))
+            time.sleep(LEASE / 5)
+        cache.set("done", True)
+        results = [_child_result(pid, r, 120) for pid, r in children]
+        children.clear()
+        # The old master was never converted: the window stayed open all along.
+        assert servers.command(old, "ROLE", password=PASSWORD)[0] == "master"
+        for log, errors, fresh, last, stats in results:
+            assert fresh and last == 10, (fresh, last, stats)
+            assert stats["master_switches"] >= 1, stats  # its own listener heard it
+            assert len(log) > 100, (len(log), errors)
+            reads = [(sent, sent, 0, value) for sent, value in log]
+            stale = coherence.analyze(reads, writes, [])
+            oldest = max((age for _, age in stale), default=0.0)
+            bound = LEASE + coherence.FAULT_SLACK_MS / 1000
+            assert oldest <= bound, f"a read {oldest * 1000:.0f} ms stale"
+    finally:
+        for pid, r in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(r)
+        loop.close()
+        g.cleanup()
 
 
 @pytest.mark.parametrize("mode", ["tracking", "pubsub"])

@@ -10,6 +10,7 @@ __all__ = [
     "FastMethod",
     "Near",
     "near",
+    "sentinel_switches",
     "compress",
     "decompress",
     "fork_generation",
@@ -20,6 +21,10 @@ __version__: str
 
 def fork_generation() -> int:
     """How many fork()s separate this process from the one that loaded the module."""
+
+def sentinel_switches() -> int:
+    """How many master switches (Sentinel's ``+switch-master``) this process's listeners acted
+    on; the data path drops its connections to the old master when it sees it move."""
 
 def compress(data: bytes, codec: str) -> bytes:
     """``data`` compressed with ``codec`` ("zstd" or "lz4") as a frame naming its codec."""
@@ -193,6 +198,9 @@ class Near:
     def stats(self) -> dict[str, object]: ...
     def note_writes(self, keys: Iterable[str]) -> None: ...
     def applied_ns(self, key: str) -> int | None: ...
+    def master_switch(self) -> tuple[int, tuple[str, int], tuple[str, int]] | None:
+        """Behind Sentinel: the last switch acted on, ``(epoch, new master, announcing
+        sentinel)``, or None."""
     def close(self) -> None: ...
 
 def near(

@@ -862,8 +862,18 @@ def _tls_settings(where: str, options: dict[str, Any]) -> dict[str, Any]:
 # Process-wide state: one client (and pool) per (process, LOCATION + redis options) ------------
 
 
+#: How many master switches this process's listeners acted on (``_core.sentinel_switches``;
+#: an old build has none: then never moves).
+_switches: Callable[[], int] = getattr(_core, "sentinel_switches", lambda: 0)
+
+
 class _Conn:
-    """The long-lived redis-py clients of one LOCATION in this process (sync, and per loop)."""
+    """The long-lived redis-py clients of one LOCATION in this process (sync, and per loop).
+
+    Behind Sentinel, the clients follow the listeners' ``+switch-master`` (``_follow``): when
+    ``_switches()`` moved since this connection last looked (one C call per command), the
+    connections to the old master are dropped before the command is sent, and the next ones ask
+    the sentinel that announced the switch first (the others may not have switched yet)."""
 
     def __init__(
         self, location: str, options: dict[str, Any], sentinel: SentinelSpec | None = None
@@ -881,6 +891,10 @@ class _Conn:
 
             opts["parser_class"] = import_string(opts["parser_class"])
         self.location = location
+        #: The ``_switches()`` count this connection's clients follow; the listeners
+        #: (``_core.Near``) whose ``master_switch()`` names the sentinel that announced it.
+        self.epoch = 0 if sentinel is None else _switches()
+        self._sources: list[Any] = []
         if sentinel is None:
             self.client = redis.Redis(connection_pool=pool_class.from_url(location, **opts))
         else:
@@ -911,8 +925,63 @@ class _Conn:
         self._async_pool_class = getattr(
             redis.asyncio, getattr(pool_class, "__name__", ""), redis.asyncio.ConnectionPool
         )
-        self._aclients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        #: Per event loop: its redis.asyncio client and the switch count it was made at.
+        self._aclients: weakref.WeakKeyDictionary[Any, tuple[Any, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._closing: set[Any] = set()  # old async pools being disconnected (tasks)
         self._lock = threading.Lock()
+        # Held by ``_follow`` across its round trip to the sentinels: never taken by
+        # ``aclient`` (an event loop must not wait for another thread's network I/O).
+        self._follow_lock = threading.Lock()
+
+    @property
+    def sentinel(self) -> SentinelSpec | None:
+        """The Sentinel set-up, or None for a single server."""
+        return self._sentinel
+
+    def watch(self, near: Any) -> None:
+        """Take ``near``'s master switches into account (a listener of this LOCATION)."""
+        if self._sentinel is not None and hasattr(near, "master_switch"):
+            with self._lock:
+                if not any(n is near for n in self._sources):
+                    self._sources.append(near)
+
+    def _announcer(self) -> tuple[str, int] | None:
+        """The sentinel that announced the newest switch any of ``_sources`` acted on."""
+        newest = None
+        for near in self._sources:
+            switch = near.master_switch()
+            if switch is not None and (newest is None or switch[0] > newest[0]):
+                newest = switch
+        return None if newest is None else newest[2]
+
+    def current(self) -> Any:
+        """The sync client, following a master switch first (see ``_follow``)."""
+        if self._sentinel is not None and _switches() != self.epoch:
+            self._follow()
+        return self.client
+
+    def _follow(self) -> None:
+        """After a master switch: the sentinel that announced it is asked first, and the pool
+        learns the new master (``SentinelConnectionPool.get_master_address``), which drops its
+        idle connections to the old one and, through ``owns_connection``, those in use when
+        they come back; our own connections (``_Wire``) reconnect at their next use. If no
+        sentinel answers, every connection is dropped: each new one asks again."""
+        with self._follow_lock:
+            epoch = _switches()
+            if epoch == self.epoch:
+                return
+            first = self._announcer()
+            pool = self._pool
+            if first is not None:
+                _ask_first(pool.sentinel_manager.sentinels, first)
+            exc = _redis().exceptions
+            try:
+                pool.get_master_address()
+            except (exc.ConnectionError, exc.TimeoutError, exc.ResponseError):
+                pool.disconnect()
+            self.epoch = epoch  # last: other threads wait on the lock until the pool follows
 
     def call(self, *commands: tuple[Any, ...]) -> list[Any]:
         """The raw replies of ``commands``, sent in one write on a connection of our own.
@@ -925,10 +994,12 @@ class _Conn:
         (as ``Redis._execute_command``), then raised. A Redis error reply is raised after every
         reply has been read, so the connection stays in step.
         """
+        if self._sentinel is not None and _switches() != self.epoch:
+            self._follow()
         try:
             wire = self._wires.pop()
         except IndexError:
-            wire = _Wire(self._pool.connection_class(**self._pool.connection_kwargs))
+            wire = _Wire(self._pool.connection_class(**self._pool.connection_kwargs), self.epoch)
         try:
             conn = wire.conn
             return conn.retry.call_with_retry(
@@ -939,7 +1010,10 @@ class _Conn:
 
     def _round_trip(self, wire: _Wire, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
         conn = wire.conn
-        if conn._sock is not None and wire.stale():
+        if wire.epoch != self.epoch:  # made before a master switch: ask the sentinels again
+            wire.epoch = self.epoch
+            conn.disconnect()
+        elif conn._sock is not None and wire.stale():
             conn.disconnect()  # send_packed_command connects again
         if conn._sock is None and self._sentinel is not None:
             # send_packed_command's own connect would skip SentinelManagedConnection's, which
@@ -968,28 +1042,60 @@ class _Conn:
         return replies
 
     def aclient(self) -> Any:
-        """The redis.asyncio client bound to the running event loop (one per loop)."""
+        """The redis.asyncio client bound to the running event loop (one per loop).
+
+        Behind Sentinel, one per loop and master switch: after a switch the loop gets a new
+        client, whose connections ask the sentinel that announced it first, and the old
+        client's pool is disconnected in a task (its ``disconnect`` is a coroutine; a command
+        still running on it fails and is retried by redis-py on a new connection)."""
         loop = asyncio.get_running_loop()
-        client = self._aclients.get(loop)
-        if client is None:
+        entry = self._aclients.get(loop)
+        epoch = self.epoch if self._sentinel is None else _switches()
+        if entry is None or entry[1] != epoch:
             with self._lock:
-                client = self._aclients.get(loop)
-                if client is None:
+                entry = self._aclients.get(loop)
+                if entry is None or entry[1] != epoch:
                     if self._sentinel is not None:
                         module = _redis().asyncio.sentinel
-                        client = _master_client(module, self._sentinel, self._async_options)
+                        first = self._announcer()
+                        client = _master_client(module, self._sentinel, self._async_options, first)
                     else:
                         pool = self._async_pool_class.from_url(self.location, **self._async_options)
                         client = _redis().asyncio.Redis(connection_pool=pool)
-                    self._aclients[loop] = client
-        return client
+                    if entry is not None:
+                        task = loop.create_task(entry[0].connection_pool.disconnect())
+                        self._closing.add(task)
+                        task.add_done_callback(self._closing.discard)
+                    entry = self._aclients[loop] = (client, epoch)
+        return entry[0]
 
 
-def _master_client(module: Any, spec: SentinelSpec, options: dict[str, Any]) -> Any:
+def _master_client(
+    module: Any, spec: SentinelSpec, options: dict[str, Any], first: tuple[str, int] | None = None
+) -> Any:
     """A client of the master of ``spec`` (``module``: redis.sentinel or redis.asyncio.sentinel):
-    the URL's settings win over the OPTIONS, as in redis-py's ``from_url``."""
-    manager = module.Sentinel(list(spec.sentinels), sentinel_kwargs=spec.sentinel_kwargs(options))
+    the URL's settings win over the OPTIONS, as in redis-py's ``from_url``. The sentinel
+    ``first`` (one of them) is asked first."""
+    sentinels = list(spec.sentinels)
+    if first is not None:
+        _ask_first(sentinels, first)
+    manager = module.Sentinel(sentinels, sentinel_kwargs=spec.sentinel_kwargs(options))
     return manager.master_for(spec.service, **{**options, **dict(spec.url)})
+
+
+def _ask_first(sentinels: list[Any], first: tuple[str, int]) -> None:
+    """Swaps the sentinel at ``first`` (host, port) to the head of ``sentinels`` (pairs, or
+    redis-py's sentinel clients, whose ``discover_master`` asks them in order and swaps the
+    one that answered to the head the same way); nothing if it is not there."""
+    for i, s in enumerate(sentinels):
+        if isinstance(s, tuple):
+            where = s
+        else:
+            kwargs = s.connection_pool.connection_kwargs
+            where = (kwargs.get("host"), kwargs.get("port"))
+        if where == first:
+            sentinels[0], sentinels[i] = s, sentinels[0]
+            return
 
 
 _NO_POLL = not hasattr(select, "poll")  # Windows
@@ -1018,14 +1124,16 @@ _SETTINGS_DICT: dict[str, Any] = object.__getattribute__(settings, "__dict__")
 
 
 class _Wire:
-    """A redis-py connection of ``_Conn.call``'s, with a poller on its current socket."""
+    """A redis-py connection of ``_Conn.call``'s, with a poller on its current socket, and the
+    master switch count (``_Conn.epoch``) it was last used at."""
 
-    __slots__ = ("conn", "sock", "poller")
+    __slots__ = ("conn", "sock", "poller", "epoch")
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, epoch: int = 0) -> None:
         self.conn = conn
         self.sock: Any = None
         self.poller: Any = None
+        self.epoch = epoch
 
     def stale(self) -> bool:
         """Whether the idle connection's socket is readable: the server closed it, or a reply
@@ -1168,6 +1276,9 @@ class _NoListener:
             "last_invalidation_age_ms": None,
             "last_invalidation_lag_ms": None,
             "invalidation_lags_measured": 0,
+            "master_switches": 0,
+            "sentinel_watched": None,
+            "sentinel_watch_error": None,
         }
 
     def note_writes(self, keys: Iterable[str]) -> None:
@@ -1340,6 +1451,11 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         self._counters = _counters_for(self._l1_location)
         self._errors = _conn_errors()
         self._generation = _STATE.generation
+        if o.sentinel is not None:
+            # Its watcher hears of master switches, which the data path follows: on from the
+            # start (not only from the first read), also in a process that only writes.
+            self._conn.watch(self._near)
+            self._near.ensure_started()
 
     def _k(self, key: Any, version: Any) -> str:
         """The key as the L1 handle ``_h`` wants it: the made key (FillMixin's hook)."""
@@ -1348,7 +1464,7 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
     def _client(self) -> Any:
         if self._generation != _STATE.generation:
             self._bind()
-        return self._conn.client
+        return self._conn.current()
 
     def _aclient(self) -> Any:
         if self._generation != _STATE.generation:
@@ -1553,13 +1669,16 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         return result
 
     def _run(self, op: _Op) -> Any:
-        """Drive ``op`` on the sync client."""
+        """Drive ``op`` on the sync client (behind Sentinel, each call follows a master switch
+        first: after any fill ``op`` began, so a fill begun after the listener flushed L1 on
+        the new master never reads the old one)."""
         client = self._client()
+        follow = self._conn.sentinel is not None
         try:
             call = next(op)
             while True:
                 try:
-                    res = call(client)
+                    res = call(self._conn.current() if follow else client)
                 except BaseException as e:  # handed to the op, which decides
                     call = op.throw(e)
                 else:
@@ -1568,13 +1687,15 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             return stop.value
 
     async def _arun(self, op: _Op) -> Any:
-        """Drive ``op`` on this event loop's redis.asyncio client."""
+        """Drive ``op`` on this event loop's redis.asyncio client (behind Sentinel, the one
+        for the current master switch at each call, as ``_run``)."""
         client = self._aclient()
+        follow = self._conn.sentinel is not None
         try:
             call = next(op)
             while True:
                 try:
-                    res = await call(client)
+                    res = await call(self._conn.aclient() if follow else client)
                 except BaseException as e:
                     call = op.throw(e)
                 else:

@@ -19,6 +19,20 @@
 //! for the master's address (`sentinel.rs`), and after `HELLO` checks with `ROLE` that the server
 //! is a master; so after a failover the next session is on the new master, and L1, flushed at its
 //! start, serves again only after that master's first PONG.
+//!
+//! A master that fails over alive would keep the session (and the lease) until the sentinels
+//! convert it, seconds later: so a second thread, the watcher (`watch`), holds a subscription to
+//! one sentinel's `+switch-master` channel. When that sentinel names a new master for the
+//! service, the watcher makes it the sentinel asked first, counts the switch
+//! (`sentinel::note_switch`: the data path drops its connections to the old master when it sees
+//! the count move), and, if the session is on another server, revokes the lease and shuts the
+//! session's socket down: the next session asks again, reaches the new master, flushes L1 and
+//! serves after its first PONG. A session also ends by itself when it sees a switch to a master
+//! other than its own. When its sentinel drops, the watcher subscribes to the next one and asks
+//! it for the master (a switch missed meanwhile is noticed that way); duplicates (every sentinel
+//! publishes the switch, and a re-subscription asks again) change nothing once the master is
+//! known. The watcher runs inside the listener's thread scope: it ends with the listener, and a
+//! forked child has neither (its new listener starts a new watcher).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -38,7 +52,7 @@ use super::inherited;
 use super::lease::Lease;
 use super::record::{self, Record};
 use super::resp::{self, Value};
-use super::sentinel::Sentinels;
+use super::sentinel::{note_switch, Heard, Sentinels};
 use super::tls::{self, Tls};
 use super::Sink;
 use crate::clock;
@@ -102,6 +116,8 @@ pub struct Counters {
     pub sessions: AtomicU64,
     pub connected: AtomicBool,
     pub last_pong_rtt_ns: AtomicU64,
+    /// Master switches (`+switch-master`) the watcher acted on.
+    pub switches: AtomicU64,
     /// When invalidations were applied (`record.rs`).
     pub record: Record,
 }
@@ -274,18 +290,66 @@ impl Write for Conn {
     }
 }
 
-/// What one running listener thread shares with its owner.
+/// A master switch the watcher acted on: for the data path, which asks the same sentinel first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Switch {
+    /// `sentinel::switches()` once it was counted.
+    pub epoch: u64,
+    /// The new master.
+    pub master: (String, u16),
+    /// The sentinel that announced it.
+    pub sentinel: (String, u16),
+}
+
+/// What one running listener thread (and its watcher) shares with its owner.
 #[derive(Default)]
 pub struct Shared {
     stop: AtomicBool,
     last_error: Mutex<Option<String>>,
     /// A clone of the live connection, so that `stop` can shut it down at once.
     socket: Mutex<Option<Conn>>,
+    /// The master the current session asked for (None between sessions).
+    session_master: Mutex<Option<(String, u16)>>,
+    /// The master the watcher's sentinel names (None until it answered).
+    announced: Mutex<Option<(String, u16)>>,
+    /// Moved on each time `announced` changes: a session compares its master then.
+    announcements: AtomicU64,
+    /// The last switch the watcher acted on.
+    last_switch: Mutex<Option<Switch>>,
+    /// The watcher's subscription (a clone, for `stop`), its sentinel, its last error, and
+    /// its thread (to wake it from a backoff).
+    watch_socket: Mutex<Option<Conn>>,
+    watching: Mutex<Option<(String, u16)>>,
+    watch_error: Mutex<Option<String>>,
+    watcher: Mutex<Option<std::thread::Thread>>,
 }
 
 impl Shared {
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().clone()
+    }
+
+    /// The last master switch the watcher acted on.
+    pub fn last_switch(&self) -> Option<Switch> {
+        self.last_switch.lock().clone()
+    }
+
+    /// The sentinel the watcher is subscribed to, and why its last subscription failed or
+    /// ended.
+    pub fn watch_state(&self) -> (Option<(String, u16)>, Option<String>) {
+        (
+            self.watching.lock().clone(),
+            self.watch_error.lock().clone(),
+        )
+    }
+
+    /// Whether the sentinels announced a master other than `master` (the session's).
+    fn announced_other(&self, master: &(String, u16)) -> Option<(String, u16)> {
+        self.announced
+            .lock()
+            .as_ref()
+            .filter(|a| *a != master)
+            .cloned()
     }
 
     fn set_error(&self, e: String) {
@@ -322,19 +386,27 @@ impl Running {
         })
     }
 
-    /// Asks the thread to stop and wakes it (shutting its connection down), without waiting.
+    /// Asks the thread (and its watcher) to stop and wakes them (shutting their connections
+    /// down), without waiting.
     pub fn signal_stop(&self) {
         self.shared.stop.store(true, SeqCst);
         if let Some(conn) = self.shared.socket.lock().as_ref() {
             conn.shutdown();
         }
+        if let Some(conn) = self.shared.watch_socket.lock().as_ref() {
+            conn.shutdown();
+        }
         if let Some(t) = &self.thread {
             t.thread().unpark();
+        }
+        if let Some(t) = self.shared.watcher.lock().as_ref() {
+            t.unpark();
         }
     }
 
     /// Stops the thread and waits for it (at most about a connect timeout: a connect in
-    /// progress is not interrupted).
+    /// progress is not interrupted; behind Sentinel, the watcher's, in the same scope, may take
+    /// up to twice that: a subscription's connection, then its ask's).
     pub fn stop(mut self) {
         self.signal_stop();
         if let Some(t) = self.thread.take() {
@@ -349,9 +421,11 @@ impl Running {
         if let Some(t) = self.thread.take() {
             std::mem::forget(t);
         }
-        if let Some(mut slot) = self.shared.socket.try_lock() {
-            if let Some(conn) = slot.take() {
-                conn.forget_in_child();
+        for socket in [&self.shared.socket, &self.shared.watch_socket] {
+            if let Some(mut slot) = socket.try_lock() {
+                if let Some(conn) = slot.take() {
+                    conn.forget_in_child();
+                }
             }
         }
         std::mem::forget(self.shared);
@@ -401,17 +475,46 @@ impl Backoff {
 }
 
 fn run(cfg: &Config, sink: &dyn Sink, lease: &Lease, counters: &Counters, shared: &Shared) {
+    std::thread::scope(|scope| {
+        if let Endpoint::Sentinel(s) = &cfg.endpoint {
+            let started = std::thread::Builder::new()
+                .name("rustcache-sentinel".into())
+                .spawn_scoped(scope, || watch(cfg, s, lease, counters, shared));
+            if let Err(e) = started {
+                // The listener still follows the master at each reconnect, as without it.
+                *shared.watch_error.lock() = Some(format!("cannot start the watcher: {e}"));
+            }
+        }
+        listen(cfg, sink, lease, counters, shared);
+    });
+}
+
+fn listen(cfg: &Config, sink: &dyn Sink, lease: &Lease, counters: &Counters, shared: &Shared) {
     let mut backoff = Backoff::new();
     while !shared.stopped() {
         let term = lease.revoke();
+        let announcements = shared.announcements.load(SeqCst);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             session(cfg, sink, lease, term, counters, shared, &mut backoff)
         }));
         lease.revoke();
         counters.connected.store(false, SeqCst);
         drop(shared.socket.lock().take());
+        let master = shared.session_master.lock().take();
         match outcome {
             Ok(Ok(())) => {}
+            // Ended by the watcher (its socket shut down under it): say why.
+            Ok(Err(_))
+                if shared.announcements.load(SeqCst) != announcements
+                    && master
+                        .as_ref()
+                        .is_some_and(|m| shared.announced_other(m).is_some()) =>
+            {
+                let (host, port) = shared.announced.lock().clone().unwrap_or_default();
+                shared.set_error(format!(
+                    "the sentinels switched the master to {host}:{port} (+switch-master)"
+                ));
+            }
             Ok(Err(e)) => shared.set_error(e),
             Err(_) => shared.set_error("the listener panicked".into()),
         }
@@ -428,6 +531,147 @@ fn run(cfg: &Config, sink: &dyn Sink, lease: &Lease, counters: &Counters, shared
         }
     }
     lease.revoke();
+}
+
+/// The watcher (behind Sentinel): a subscription to one sentinel's `+switch-master`, renewed on
+/// the next sentinel when it drops (after the listener's backoff), until the listener stops.
+fn watch(cfg: &Config, s: &Sentinels, lease: &Lease, counters: &Counters, shared: &Shared) {
+    *shared.watcher.lock() = Some(std::thread::current());
+    let mut backoff = Backoff::new();
+    // The master the watcher last learned of, across subscriptions (None: none yet).
+    let mut known: Option<(String, u16)> = None;
+    while !shared.stopped() {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            watch_session(cfg, s, lease, counters, shared, &mut known, &mut backoff)
+        }));
+        drop(shared.watch_socket.lock().take());
+        *shared.watching.lock() = None;
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => *shared.watch_error.lock() = Some(e),
+            Err(_) => *shared.watch_error.lock() = Some("the watcher panicked".into()),
+        }
+        if shared.stopped() {
+            break;
+        }
+        // The next subscription starts from the next sentinel.
+        s.prefer(s.preferred() + 1);
+        let until = clock::now() + backoff.delay().as_nanos() as u64;
+        while !shared.stopped() {
+            let now = clock::now();
+            if now >= until {
+                break;
+            }
+            std::thread::park_timeout(Duration::from_nanos(until - now));
+        }
+    }
+}
+
+fn watch_session(
+    cfg: &Config,
+    s: &Sentinels,
+    lease: &Lease,
+    counters: &Counters,
+    shared: &Shared,
+    known: &mut Option<(String, u16)>,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
+    let (mut sub, master) = s.subscribe(cfg.connect_timeout, || shared.stopped())?;
+    // For `stop`: a clone of the socket (registered, so a forked child closes it too).
+    let clone = sub.try_clone().map_err(|e| e.to_string())?;
+    *shared.watch_socket.lock() = Some(Conn::new(Stream::Tcp(clone)));
+    if shared.stopped() {
+        return Ok(());
+    }
+    *shared.watching.lock() = Some(s.addrs[sub.index].clone());
+    *shared.watch_error.lock() = None;
+    backoff.reset();
+    // What the sentinel names now: a switch missed while no subscription was on shows here.
+    observe(s, lease, counters, shared, known, master, sub.index);
+    let every = cfg.heartbeat().as_nanos() as u64;
+    let stall = cfg.stall_limit().as_nanos() as u64;
+    let mut pings: VecDeque<u64> = VecDeque::new();
+    let mut next_ping = clock::now() + every;
+    loop {
+        if shared.stopped() {
+            return Ok(());
+        }
+        let now = clock::now();
+        if now >= next_ping {
+            sub.ping()?;
+            pings.push_back(now);
+            next_ping = now + every;
+        }
+        if let Some(&oldest) = pings.front() {
+            if now.saturating_sub(oldest) > stall {
+                return Err(format!(
+                    "the sentinel answered no PING for {} ms",
+                    (now - oldest) / 1_000_000
+                ));
+            }
+        }
+        match sub.next(
+            Duration::from_nanos(next_ping.saturating_sub(now)),
+            &s.service,
+        )? {
+            Some(Heard::Switch(host, port)) => {
+                observe(s, lease, counters, shared, known, (host, port), sub.index)
+            }
+            Some(Heard::Pong) => {
+                pings.pop_front();
+            }
+            Some(Heard::Other) | None => {}
+        }
+    }
+}
+
+/// The watcher's sentinel (`by`, an index in `s.addrs`) names `master`: once it differs from the
+/// master known before, or from the one the session is on, act on the switch. Repeats (every
+/// sentinel publishes it; a new subscription asks again) change nothing.
+///
+/// Order matters: the switch is counted (`note_switch`, which the data path follows) before
+/// anything can make a session end and the next one flush L1, so that a fill begun after that
+/// flush never reads the old master; a session that stores its master after `session_master`
+/// was read here checks it against the announcement (`switched_away`), counting it too.
+fn observe(
+    s: &Sentinels,
+    lease: &Lease,
+    counters: &Counters,
+    shared: &Shared,
+    known: &mut Option<(String, u16)>,
+    master: (String, u16),
+    by: usize,
+) {
+    let moved = known.as_ref().is_some_and(|k| *k != master);
+    *known = Some(master.clone());
+    // Sessions ask this sentinel first: the others may not have switched yet.
+    s.prefer(by);
+    let session = shared.session_master.lock().clone();
+    let elsewhere = session.as_ref().is_some_and(|m| *m != master);
+    let switch = moved || elsewhere;
+    if switch {
+        let epoch = note_switch();
+        *shared.last_switch.lock() = Some(Switch {
+            epoch,
+            master: master.clone(),
+            sentinel: s.addrs[by].clone(),
+        });
+    }
+    let before = shared.announced.lock().replace(master.clone());
+    if before.as_ref() != Some(&master) {
+        shared.announcements.fetch_add(1, SeqCst);
+    }
+    if elsewhere {
+        // L1 stops serving now; the session's next read fails and the next session asks again.
+        lease.revoke();
+        if let Some(conn) = shared.socket.lock().as_ref() {
+            conn.shutdown();
+        }
+    }
+    if switch {
+        // Last: once `stats()` shows it, the lease is revoked and the data path follows.
+        counters.switches.fetch_add(1, SeqCst);
+    }
 }
 
 /// Frames read from a connection: a buffer and the RESP3 parser.
@@ -615,12 +859,36 @@ fn session(
     backoff: &mut Backoff,
 ) -> Result<(), String> {
     // Behind Sentinel: the master as the sentinels say now (a failover moves it).
+    let mut announcements = shared.announcements.load(SeqCst);
     let endpoint = match &cfg.endpoint {
         Endpoint::Sentinel(s) => {
             let (host, port) = s.master(cfg.connect_timeout, || shared.stopped())?;
+            *shared.session_master.lock() = Some((host.clone(), port));
             Endpoint::Tcp { host, port }
         }
         other => other.clone(),
+    };
+    // Whether the watcher heard of a master other than this session's (a sentinel asked above
+    // may not have switched yet): then this session must end, before it flushes or serves.
+    let switched_away = |announcements: &mut u64| -> Result<(), String> {
+        let Endpoint::Tcp { host, port } = &endpoint else {
+            return Ok(());
+        };
+        if !matches!(cfg.endpoint, Endpoint::Sentinel(_)) {
+            return Ok(());
+        }
+        *announcements = shared.announcements.load(SeqCst);
+        match shared.announced_other(&(host.clone(), *port)) {
+            Some((h, p)) => {
+                // The data path follows too, before the next session flushes L1 (`observe`).
+                note_switch();
+                Err(format!(
+                    "the sentinels switched the master to {h}:{p} (+switch-master), not \
+                     {host}:{port}"
+                ))
+            }
+            None => Ok(()),
+        }
     };
     let mut conn =
         Conn::connect(cfg, &endpoint).map_err(|e| format!("connect to {endpoint:?}: {e}"))?;
@@ -725,6 +993,7 @@ fn session(
             )?;
         }
     }
+    switched_away(&mut announcements)?;
     // The server now reports every change: forget whatever may have changed before.
     sink.flush();
     counters.flushes.fetch_add(1, SeqCst);
@@ -740,6 +1009,9 @@ fn session(
     loop {
         if shared.stopped() {
             return Ok(());
+        }
+        if shared.announcements.load(SeqCst) != announcements {
+            switched_away(&mut announcements)?;
         }
         let now = clock::now();
         if now >= next_ping {

@@ -34,7 +34,7 @@ use crate::fork;
 use crate::store::{Store, Weigh};
 use crate::sync::atomic::AtomicPtr;
 use lease::Lease;
-use listener::{Config, Counters, Running};
+use listener::{Config, Counters, Running, Switch};
 
 /// What invalidations are applied to. Called on the listener thread, with no lock of its own
 /// held; must not block for long and must not call into Python.
@@ -152,6 +152,12 @@ pub struct NearStats {
     pub last_lag_ns: Option<u64>,
     /// How many such lags were measured.
     pub lag_samples: u64,
+    /// Behind Sentinel: master switches (`+switch-master`) the watcher acted on.
+    pub master_switches: u64,
+    /// Behind Sentinel: the sentinel whose `+switch-master` the watcher is subscribed to.
+    pub watching: Option<(String, u16)>,
+    /// Behind Sentinel: why the watcher's last subscription failed or ended.
+    pub watch_error: Option<String>,
 }
 
 /// The invalidation listener and lease of one L1 store.
@@ -291,9 +297,13 @@ impl Near {
     pub fn stats(&self) -> NearStats {
         let c = &self.counters;
         let gen = fork::generation();
-        let (connected, last_error) = match &*self.running.lock() {
-            Some((r, g)) if *g == gen => (c.connected.load(SeqCst), r.shared.last_error()),
-            _ => (false, None),
+        let (connected, last_error, (watching, watch_error)) = match &*self.running.lock() {
+            Some((r, g)) if *g == gen => (
+                c.connected.load(SeqCst),
+                r.shared.last_error(),
+                r.shared.watch_state(),
+            ),
+            _ => (false, None, (None, None)),
         };
         let rtt = c.last_pong_rtt_ns.load(SeqCst);
         NearStats {
@@ -307,6 +317,18 @@ impl Near {
             last_invalidation_ns: c.record.last_applied(),
             last_lag_ns: c.record.last_lag().map(|(ns, _)| ns),
             lag_samples: c.record.last_lag().map_or(0, |(_, n)| n),
+            master_switches: c.switches.load(SeqCst),
+            watching,
+            watch_error,
+        }
+    }
+
+    /// Behind Sentinel: the last master switch this process's listener acted on (None: none,
+    /// or none since a fork).
+    pub fn last_switch(&self) -> Option<Switch> {
+        match &*self.running.lock() {
+            Some((r, g)) if *g == fork::generation() => r.shared.last_switch(),
+            _ => None,
         }
     }
 }

@@ -338,6 +338,291 @@ fn a_garbled_stream_drops_the_connection_and_the_lease() {
     drop(l);
 }
 
+/// A fake master: every connection gets its commands answered (HELLO, ROLE as a master,
+/// CLIENT TRACKING, PING), until the listener hangs up. Counts the connections made.
+struct FakeMaster {
+    port: u16,
+    sessions: Arc<AtomicUsize>,
+}
+
+impl FakeMaster {
+    fn start() -> FakeMaster {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let count = sessions.clone();
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                count.fetch_add(1, SeqCst);
+                thread::spawn(move || {
+                    let mut p = Peer { s, buf: Vec::new() };
+                    loop {
+                        let Some(cmd) = try_command(&mut p) else {
+                            return;
+                        };
+                        let reply: &[u8] = match cmd[0].as_str() {
+                            "HELLO" => b"%1\r\n+server\r\n+fake\r\n",
+                            "ROLE" => b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n",
+                            "CLIENT" => b"+OK\r\n",
+                            "PING" => b"+PONG\r\n",
+                            other => panic!("a fake master got {other}"),
+                        };
+                        if p.s.write_all(reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        FakeMaster { port, sessions }
+    }
+}
+
+/// The next command, or None once the peer hung up.
+fn try_command(p: &mut Peer) -> Option<Vec<String>> {
+    loop {
+        if let Some((Value::Array(items), n)) = resp::parse(&p.buf).unwrap() {
+            p.buf.drain(..n);
+            return Some(
+                items
+                    .iter()
+                    .map(|i| String::from_utf8_lossy(i.as_bytes().unwrap()).into_owned())
+                    .collect(),
+            );
+        }
+        let mut chunk = [0u8; 4096];
+        match p.s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => p.buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A fake sentinel of service `svc`: names `master` to whoever asks, takes `+switch-master`
+/// subscriptions (answering their PINGs), and publishes to them on demand.
+struct FakeSentinel {
+    port: u16,
+    master: Arc<AtomicUsize>,
+    subscribers: Arc<Mutex<Vec<TcpStream>>>,
+    subscriptions: Arc<AtomicUsize>,
+}
+
+impl FakeSentinel {
+    fn start(master: u16) -> FakeSentinel {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let me = FakeSentinel {
+            port,
+            master: Arc::new(AtomicUsize::new(master as usize)),
+            subscribers: Arc::default(),
+            subscriptions: Arc::default(),
+        };
+        let (m, subs, count) = (
+            me.master.clone(),
+            me.subscribers.clone(),
+            me.subscriptions.clone(),
+        );
+        thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                let (m, subs, count) = (m.clone(), subs.clone(), count.clone());
+                thread::spawn(move || {
+                    let mut p = Peer { s, buf: Vec::new() };
+                    let mut subscribed = false;
+                    while let Some(cmd) = try_command(&mut p) {
+                        let reply = match (cmd[0].as_str(), cmd.get(1).map(String::as_str)) {
+                            ("SENTINEL", Some("GET-MASTER-ADDR-BY-NAME")) => {
+                                assert_eq!(cmd[2], "svc");
+                                let port = m.load(SeqCst).to_string();
+                                format!("*2\r\n$9\r\n127.0.0.1\r\n${}\r\n{port}\r\n", port.len())
+                            }
+                            ("SUBSCRIBE", Some("+switch-master")) => {
+                                subscribed = true;
+                                subs.lock().push(p.s.try_clone().unwrap());
+                                count.fetch_add(1, SeqCst);
+                                "*3\r\n$9\r\nsubscribe\r\n$14\r\n+switch-master\r\n:1\r\n".into()
+                            }
+                            ("PING", _) if subscribed => "*2\r\n$4\r\npong\r\n$0\r\n\r\n".into(),
+                            (other, _) => panic!("a fake sentinel got {other}"),
+                        };
+                        // Under the lock: a publication is never cut in two by a reply.
+                        let _order = subs.lock();
+                        if p.s.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        me
+    }
+
+    fn publish(&self, payload: &str) {
+        let msg = format!(
+            "*3\r\n$7\r\nmessage\r\n$14\r\n+switch-master\r\n${}\r\n{payload}\r\n",
+            payload.len()
+        );
+        for s in self.subscribers.lock().iter_mut() {
+            let _ = s.write_all(msg.as_bytes());
+        }
+    }
+
+    /// Hangs up on every subscriber (as a sentinel that restarts).
+    fn drop_subscribers(&self) {
+        for s in self.subscribers.lock().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn sentinel_config(sentinels: &[u16], lease_ms: u64) -> Config {
+    Config {
+        endpoint: Endpoint::Sentinel(super::sentinel::Sentinels::new(
+            sentinels.iter().map(|p| ("127.0.0.1".into(), *p)).collect(),
+            "svc".into(),
+            None,
+            None,
+        )),
+        username: None,
+        password: None,
+        prefix: "p:".into(),
+        lease: Duration::from_millis(lease_ms),
+        mode: Mode::Bcast,
+        connect_timeout: Duration::from_millis(500),
+        tls: None,
+    }
+}
+
+#[test]
+fn a_switch_master_event_moves_the_listener_to_the_new_master_at_once() {
+    // A long lease and no connection ever dropped by the old master: only the event moves it.
+    let (a, b, c) = (
+        FakeMaster::start(),
+        FakeMaster::start(),
+        FakeMaster::start(),
+    );
+    let sentinel = FakeSentinel::start(a.port);
+    let rec = Arc::new(Rec::default());
+    let near = Near::new(sentinel_config(&[sentinel.port], 60_000), rec.clone());
+    near.ensure_started().unwrap();
+    assert!(near.wait_fresh(Duration::from_secs(10)));
+    wait_until(
+        "the watcher's subscription",
+        Duration::from_secs(10),
+        || near.stats().watching == Some(("127.0.0.1".into(), sentinel.port)),
+    );
+    assert_eq!(a.sessions.load(SeqCst), 1);
+    let before = super::sentinel::switches();
+    let flushes = rec.flushes.load(SeqCst);
+
+    // Another service's switch (to `c`), then ours (to `b`), as a sentinel publishes them.
+    sentinel.master.store(b.port as usize, SeqCst);
+    sentinel.publish(&format!("other 127.0.0.1 {} 127.0.0.1 {}", a.port, c.port));
+    sentinel.publish(&format!("svc 127.0.0.1 {} 127.0.0.1 {}", a.port, b.port));
+    wait_until(
+        "the listener on the new master",
+        Duration::from_secs(10),
+        || b.sessions.load(SeqCst) == 1 && near.fresh(),
+    );
+    assert_eq!(
+        c.sessions.load(SeqCst),
+        0,
+        "another service's switch was followed"
+    );
+    assert!(
+        rec.flushes.load(SeqCst) > flushes,
+        "L1 not flushed on the new master"
+    );
+    let s = near.stats();
+    assert_eq!(s.master_switches, 1, "{s:?}");
+    assert!(super::sentinel::switches() > before);
+    let sw = near.last_switch().unwrap();
+    assert_eq!(sw.master, ("127.0.0.1".into(), b.port));
+    assert_eq!(sw.sentinel, ("127.0.0.1".into(), sentinel.port));
+    assert!(s.last_error.unwrap().contains("+switch-master"));
+
+    // The same switch again (as every other sentinel publishes it), then a switch back: one
+    // more switch, not two.
+    sentinel.publish(&format!("svc 127.0.0.1 {} 127.0.0.1 {}", a.port, b.port));
+    sentinel.master.store(a.port as usize, SeqCst);
+    sentinel.publish(&format!("svc 127.0.0.1 {} 127.0.0.1 {}", b.port, a.port));
+    wait_until(
+        "the listener back on the first master",
+        Duration::from_secs(10),
+        || a.sessions.load(SeqCst) == 2 && near.fresh(),
+    );
+    assert_eq!(near.stats().master_switches, 2);
+    assert_eq!(b.sessions.load(SeqCst), 1);
+
+    // The sentinel hangs up, and switches while nobody listens: the watcher subscribes again,
+    // asks, and follows.
+    sentinel.drop_subscribers();
+    sentinel.master.store(b.port as usize, SeqCst);
+    wait_until(
+        "the listener on the new master",
+        Duration::from_secs(10),
+        || b.sessions.load(SeqCst) == 2 && near.fresh(),
+    );
+    assert!(sentinel.subscriptions.load(SeqCst) >= 2);
+    assert_eq!(near.stats().master_switches, 3);
+    assert_eq!(a.sessions.load(SeqCst), 2);
+    near.close();
+    assert!(near.stats().watching.is_none());
+}
+
+#[test]
+fn the_watcher_moves_on_to_the_next_sentinel_when_its_own_dies() {
+    let (a, b) = (FakeMaster::start(), FakeMaster::start());
+    let s1 = FakeSentinel::start(a.port);
+    // A second sentinel that has not switched yet when the first announces the switch.
+    let s2 = FakeSentinel::start(a.port);
+    let near = Near::new(
+        sentinel_config(&[s1.port, s2.port], 60_000),
+        Arc::new(Rec::default()),
+    );
+    near.ensure_started().unwrap();
+    assert!(near.wait_fresh(Duration::from_secs(10)));
+    wait_until(
+        "the watcher's subscription",
+        Duration::from_secs(10),
+        || near.stats().watching.is_some(),
+    );
+    let watched = near.stats().watching.unwrap().1;
+    let (announcer, lagging) = if watched == s1.port {
+        (&s1, &s2)
+    } else {
+        (&s2, &s1)
+    };
+    announcer.master.store(b.port as usize, SeqCst);
+    announcer.publish(&format!("svc 127.0.0.1 {} 127.0.0.1 {}", a.port, b.port));
+    // The session asks the announcer first (the lagging one still names `a`).
+    wait_until(
+        "the listener on the new master",
+        Duration::from_secs(10),
+        || b.sessions.load(SeqCst) == 1 && near.fresh(),
+    );
+    assert_eq!(a.sessions.load(SeqCst), 1);
+    // The announcer goes away: the watcher subscribes to the other one, which by then has
+    // switched too (no new switch), and the session stays where it is.
+    lagging.master.store(b.port as usize, SeqCst);
+    announcer.drop_subscribers();
+    wait_until(
+        "a subscription to the other sentinel",
+        Duration::from_secs(10),
+        || lagging.subscriptions.load(SeqCst) == 1,
+    );
+    wait_until(
+        "the watcher's subscription",
+        Duration::from_secs(10),
+        || near.stats().watching.is_some(),
+    );
+    assert_eq!(near.stats().master_switches, 1);
+    assert_eq!(b.sessions.load(SeqCst), 1);
+    assert!(near.fresh());
+    near.close();
+}
+
 #[test]
 fn the_graveyard_hands_every_buried_item_to_take_across_threads() {
     let g = Arc::new(Graveyard::<u64>::default());

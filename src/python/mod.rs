@@ -20,6 +20,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<fast::FastMethod>()?;
     m.add_class::<near::Near>()?;
     m.add_function(wrap_pyfunction!(near::near, m)?)?;
+    m.add_function(wrap_pyfunction!(near::sentinel_switches, m)?)?;
     m.add_function(wrap_pyfunction!(compress::compress, m)?)?;
     m.add_function(wrap_pyfunction!(compress::decompress, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

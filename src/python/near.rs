@@ -399,6 +399,12 @@ impl Near {
             s.last_lag_ns.map(|ns| ns as f64 / 1e6),
         )?;
         d.set_item("invalidation_lags_measured", s.lag_samples)?;
+        d.set_item("master_switches", s.master_switches)?;
+        d.set_item(
+            "sentinel_watched",
+            s.watching.map(|(host, port)| format!("{host}:{port}")),
+        )?;
+        d.set_item("sentinel_watch_error", s.watch_error)?;
         Ok(d)
     }
 
@@ -418,6 +424,17 @@ impl Near {
     /// slot in the record was taken by a later key).
     fn applied_ns(&self, key: &str) -> Option<u64> {
         self.inner.applied_ns(key)
+    }
+
+    /// Behind Sentinel: the last master switch (`+switch-master`) this process's listener
+    /// acted on, as `(epoch, (master_host, master_port), (sentinel_host, sentinel_port))`: its
+    /// `sentinel_switches()` count, the new master, and the sentinel that announced it (ask
+    /// that one first: the others may not have switched yet). None: none (since a fork).
+    #[allow(clippy::type_complexity)]
+    fn master_switch(&self) -> Option<(u64, (String, u16), (String, u16))> {
+        self.inner
+            .last_switch()
+            .map(|s| (s.epoch, s.master, s.sentinel))
     }
 
     /// Stops the thread (waiting for it without the GIL) and ends the lease.
@@ -502,6 +519,13 @@ impl NearHit {
         visit.call(&self.stale)?;
         visit.call(&self.fallback)
     }
+}
+
+/// How many master switches (`+switch-master`) this process's listeners acted on: one atomic
+/// load, for the data path to compare with the count it last saw on every command.
+#[pyfunction]
+pub fn sentinel_switches() -> u64 {
+    crate::near::sentinel::switches()
 }
 
 type Nears = Mutex<HashMap<String, Py<Near>, RandomState>>;
