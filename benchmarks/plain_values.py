@@ -161,9 +161,7 @@ def main() -> None:
         f"{platform.machine()}; min of {repeats} repeats of >= {target_ns / 1e6:.0f} ms each"
     )
     print()
-    print(
-        "| value | pickle | set µs | set/dumps | LocMem/set | get µs | get/loads | LocMem/get |"
-    )
+    print("| value | pickle | set µs | set/dumps | LocMem/set | get µs | get/loads | LocMem/get |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, value in values().items():
         if args.only and name not in args.only:

@@ -79,9 +79,7 @@ SHAPES = {
         [{(i, "k"): i, "name": f"row {i}", "vals": [i, i + 1]} for i in range(8000)], total
     ),
     "instances": lambda total: padded([row(i) for i in range(9000)], total),
-    "one tuple of atoms met many times": lambda total: padded(
-        [tuple(range(40))] * 2000, total
-    ),
+    "one tuple of atoms met many times": lambda total: padded([tuple(range(40))] * 2000, total),
     "flat dicts": lambda total: padded([{"a": i, "b": str(i)} for i in range(15_000)], total),
     "deep and wide": deep_wide,
 }
