@@ -234,3 +234,28 @@ def test_threads_storing_large_values_each_get_their_own_back():
         return n
 
     assert run_threads(4, work) == [("ok", 4)] * 4
+
+
+# Weight ------------------------------------------------------------------------------------------
+
+
+def charged(value: Any) -> int:
+    c = RustCache(f"walk-{uuid.uuid4().hex}", {"TIMEOUT": None, "OPTIONS": {"MAX_BYTES": 10**9}})
+    c.set("k", value)
+    return c.stats()["bytes"]
+
+
+def test_small_atoms_met_again_are_charged_again_large_ones_once():
+    """An atom of at most 64 bytes is charged at each place holding it (no lookup); a larger
+    one once per value. Either way the charge never falls below what the store holds."""
+    n = 2000
+    small = "s" * (n // 1000)  # a 2-character str: 64 bytes or less on every version
+    others = [small + str(i) for i in range(n)]
+    repeated = charged([small] * n + others)
+    distinct = charged([small + "x" for _ in range(n)] + others)
+    assert repeated == distinct
+    big = "b" * n
+    once = charged([big] * 50)
+    fifty = charged([big + str(i) for i in range(50)])
+    assert once < fifty // 10
+    assert once >= len(big)
