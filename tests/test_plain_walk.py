@@ -6,6 +6,7 @@ takes, it must come back as a pickle round trip gives it, isolated from the call
 from __future__ import annotations
 
 import pickle
+import sys
 import uuid
 from typing import Any
 
@@ -259,3 +260,29 @@ def test_small_atoms_met_again_are_charged_again_large_ones_once():
     fifty = charged([big + str(i) for i in range(50)])
     assert once < fifty // 10
     assert once >= len(big)
+
+
+def str_charge(s: str) -> int:
+    """CPython's block for ``s`` (pymalloc's 16-byte steps up to 512 bytes, then malloc's
+    chunk), plus for a non-ASCII one the block of the UTF-8 copy that storing it caches."""
+
+    def block(n: int) -> int:
+        return -(-n // 16) * 16 if n <= 512 else max(32, (n + 8 + 15) // 16 * 16)
+
+    fresh = (s + ".")[:-1]  # an equal str without a UTF-8 copy yet
+    utf8 = 0 if s.isascii() else block(len(s.encode("utf-8")) + 1)
+    return block(sys.getsizeof(fresh)) + utf8
+
+
+@pytest.mark.parametrize("n", [0, 2, 7, 8, 9, 23, 24, 25, 40, 47, 100, 463, 464, 465, 3000])
+@pytest.mark.parametrize("char", ["a", "é", "€", "😀"])
+def test_strs_are_charged_their_cpython_size(n: int, char: str):
+    """The walk reads a compact ASCII str's length from the object (``sizes::ascii_len``) and
+    asks the C API for any other: either way a str costs its CPython block(s)."""
+    count = 40
+    strs = [f"{i:03d}" + char * n for i in range(count)]
+    base = [f"{i:03d}" for i in range(count)]
+    # Past the compact form's 512 bytes (the walk's path); not interned (its share would vary).
+    pad = ["pad " * 200]
+    extra = charged([*strs, *pad]) - charged([*base, *pad])
+    assert extra == sum(str_charge(s) - str_charge(b) for s, b in zip(strs, base, strict=True))
