@@ -19,8 +19,6 @@ use std::mem::size_of;
 use std::ptr::addr_of_mut;
 use std::sync::Arc;
 
-use ahash::RandomState;
-use hashbrown::HashSet;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -34,6 +32,13 @@ use crate::mem::malloc_chunk;
 pub const MAX_DEPTH: usize = 32;
 /// Values holding more objects (keys and values, counted before walking) than this are pickled.
 pub const MAX_NODES: usize = 100_000;
+/// Atoms of at most this many bytes (ints, floats, `str` of up to 15 ASCII characters on 3.11,
+/// 23 from 3.12) are charged each time a value holds them, without looking them up (`keep`).
+const SMALL_ATOM: usize = 64;
+/// Once a walk has counted this many objects, the whole value is counted first (`count`), so
+/// that a value past `MAX_NODES` goes to pickle before the walk has copied most of it: walked
+/// to the bound and then pickled, such a value cost `set` pickle's time 2 to 4 times over.
+const COUNT_AT: usize = MAX_NODES / 8;
 
 /// One object inside a plain value, as the store holds it.
 pub enum Node {
@@ -105,10 +110,13 @@ pub fn classify(v: &Bound<'_, PyAny>) -> Plain {
         seen: Seen::default(),
         atoms: Seen::default(),
         nodes: 1,
+        root: p,
+        counted: false,
+        in_repeated: 0,
         weight: 0,
         classes: Vec::new(),
     };
-    match walk.value(v, 0) {
+    match walk.value(v.clone(), 0) {
         None => Plain::No,
         Some(Node::Atom(_)) => Plain::Atom(walk.weight),
         Some(Node::Dict(d)) => Plain::Dict(d, walk.weight),
@@ -189,37 +197,85 @@ pub fn build<'py>(py: Python<'py>, node: &Node) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
-/// Addresses of the lists and dicts met so far: a few inline, then a hash set (made only then:
-/// seeding its hasher costs more than walking a small value).
+/// Addresses of the objects met so far: a few inline, then an open-addressing hash set.
+///
+/// The set is the one pickle's own memo uses for the same job (object addresses as keys): a
+/// power-of-two table probed linearly from a multiplicative hash, at most half full, 0 marking
+/// a free slot (address 0 itself is kept aside). A general hash set with a keyed hasher cost
+/// `set` of a large value a sixth of its time (seeding, hashing and growing it), and a walk
+/// only ever inserts; addresses are not chosen by whoever supplies the value, so nothing
+/// floods a bucket on purpose.
 #[derive(Default)]
 struct Seen {
     few: [usize; 8],
     len: usize,
-    many: Option<HashSet<usize, RandomState>>,
+    /// Empty until the inline slots overflow.
+    table: Vec<usize>,
+    /// Addresses in `table`, and whether address 0 was met (it cannot be kept there).
+    count: usize,
+    zero: bool,
 }
 
 impl Seen {
     /// False if `p` was already met.
     fn insert(&mut self, p: usize) -> bool {
-        if self.len < self.few.len() {
+        if self.table.is_empty() {
             if self.few[..self.len].contains(&p) {
                 return false;
             }
-            self.few[self.len] = p;
-            self.len += 1;
-            return true;
-        }
-        let many = match &mut self.many {
-            Some(many) => many,
-            None => {
-                if self.few.contains(&p) {
-                    return false;
-                }
-                self.many.insert(self.few.iter().copied().collect())
+            if self.len < self.few.len() {
+                self.few[self.len] = p;
+                self.len += 1;
+                return true;
             }
-        };
-        many.insert(p)
+            self.grow(256);
+            for q in self.few {
+                self.put(q);
+            }
+        }
+        if self.count * 2 >= self.table.len() {
+            self.grow(self.table.len() * 2);
+        }
+        self.put(p)
     }
+
+    /// Puts `p` into the table (which has a free slot); false if it was there.
+    fn put(&mut self, p: usize) -> bool {
+        if p == 0 {
+            return !std::mem::replace(&mut self.zero, true);
+        }
+        let mask = self.table.len() - 1;
+        let mut i = spread(p) & mask;
+        loop {
+            match self.table[i] {
+                0 => {
+                    self.table[i] = p;
+                    self.count += 1;
+                    return true;
+                }
+                q if q == p => return false,
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    /// Moves the table's addresses into a new one of `size` slots (a power of two).
+    fn grow(&mut self, size: usize) {
+        let old = std::mem::replace(&mut self.table, vec![0; size]);
+        self.count = 0;
+        for p in old.into_iter().filter(|&p| p != 0) {
+            self.put(p);
+        }
+    }
+}
+
+/// An address's slot index before masking: a 128-bit multiply folded in two, which spreads the
+/// address's middle bits (objects are 16-byte aligned, their high bits mostly alike) into the
+/// low ones.
+#[inline]
+fn spread(p: usize) -> usize {
+    let m = u128::from(p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((m as u64) ^ ((m >> 64) as u64)) as usize
 }
 
 struct Walk {
@@ -228,6 +284,13 @@ struct Walk {
     atoms: Seen,
     /// Objects counted so far (containers count their items before walking them).
     nodes: usize,
+    /// The value walked (alive: the caller of `classify` holds it), and whether it was
+    /// counted (see `COUNT_AT`).
+    root: *mut ffi::PyObject,
+    counted: bool,
+    /// Tuples on the path from the root to the object walked that may be met more than once
+    /// (tuples are not remembered: see `first_meeting`).
+    in_repeated: usize,
     /// Bytes held so far: atoms' object sizes, Python dicts held, Rust nodes.
     weight: usize,
     /// The plain classes met so far (instances of one class share its `Class`).
@@ -237,7 +300,8 @@ struct Walk {
 impl Walk {
     /// What keeping the atom `p` (of `size` bytes; `held`: the references the walk itself holds
     /// on it) adds: its share if CPython keeps it alive anyway (see `sizes::cached`), else all of
-    /// it, once per value (an object held by others may be met again in this value).
+    /// it, once per value if it is larger than `SMALL_ATOM` (an object held by others may be met
+    /// again in this value).
     ///
     /// # Safety
     /// `p` must be a live object and the GIL held.
@@ -245,11 +309,19 @@ impl Walk {
         if size == 0 {
             return 0;
         }
+        // Held only by its container (and the walk): met once in this value. (Were it one that
+        // CPython keeps alive, its share would be all of it as well: it has one holder.)
+        if ffi::Py_REFCNT(p) - held <= 1 {
+            return size;
+        }
         if sizes::cached(p, ffi::Py_TYPE(p)) {
             return sizes::share(p, held, size);
         }
-        // Held only by its container (and the walk): met once in this value.
-        if ffi::Py_REFCNT(p) - held <= 1 || self.atoms.insert(p as usize) {
+        // A small atom is charged again each time it is met rather than looked up: the lookup
+        // (every atom of a value stored twice, or read from the store, modified and stored
+        // again, has another holder) cost a large `set` a sixth of its time, and the excess is
+        // bounded by `SMALL_ATOM` a place holding it (a node of 16 to 32 bytes).
+        if size <= SMALL_ATOM || self.atoms.insert(p as usize) {
             size
         } else {
             0
@@ -259,27 +331,55 @@ impl Walk {
     /// Reserves `len` more objects; false past `MAX_NODES`.
     fn reserve(&mut self, len: usize) -> bool {
         self.nodes += len;
+        if self.nodes > COUNT_AT && !self.counted {
+            self.counted = true;
+            // SAFETY: the root is alive (see `root`) and the GIL is held.
+            if unsafe { count(self.root, 0, 1) } > MAX_NODES {
+                return false;
+            }
+        }
         self.nodes <= MAX_NODES
     }
 
-    /// The stored form of `v` at `depth`, or None if `v` is not plain.
-    fn value(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+    /// Whether the list or dict `p`, which the walk holds one reference to (`v` of `value`), is
+    /// met for the first time in this value: false if it was met before (shared, or a cycle).
+    ///
+    /// An object held by one place alone (nearly every container of a value built for the
+    /// cache) is not remembered at all, which spares the hash set its inserts: each place it is
+    /// met at holds a reference (a container's slot, or the caller's for the root), so it is
+    /// met once if that one place is. Lists, dicts and instances are met once (or refused when
+    /// met again), but a tuple is not remembered: under a tuple that may be met twice (held by
+    /// more than one place itself, or under another such tuple), everything is remembered.
+    ///
+    /// # Safety
+    /// `p` must be a live object and the GIL held.
+    unsafe fn first_meeting(&mut self, p: *mut ffi::PyObject) -> bool {
+        (self.in_repeated == 0 && ffi::Py_REFCNT(p) <= 2) || self.seen.insert(p as usize)
+    }
+
+    /// The stored form of `v` at `depth`, or None if `v` is not plain. `v` is a reference of
+    /// the walk's own (not a holder: see `first_meeting`); an atom's node keeps it.
+    ///
+    /// Inlined into its callers (the containers' walks): an atom's node is then built where the
+    /// caller keeps it, not returned through memory (its 24 bytes were written in words and read
+    /// back in halves, a stall per item that cost `set` of a large value a tenth of its time).
+    #[inline(always)]
+    fn value(&mut self, v: Bound<'_, PyAny>, depth: usize) -> Option<Node> {
         let p = v.as_ptr();
         // SAFETY: `p` is alive while `v` is, and the GIL is held.
-        // `v` is a reference of the walk's own, not a holder.
         if let Some(size) = unsafe { scalar_size(p) } {
             self.weight += unsafe { self.keep(p, 1, size?) };
-            return Some(Node::Atom(v.clone().unbind()));
+            return Some(Node::Atom(v.unbind()));
         }
         let t = unsafe { ffi::Py_TYPE(p) };
         if t == addr_of_mut!(ffi::PyTuple_Type) {
             self.tuple(v, depth)
         } else if t == addr_of_mut!(ffi::PyList_Type) {
-            self.list(v, depth)
+            self.list(&v, depth)
         } else if t == addr_of_mut!(ffi::PyDict_Type) {
-            self.dict(v, depth)
+            self.dict(&v, depth)
         } else if unsafe { instance::candidate(t) } {
-            self.instance(v, depth)
+            self.instance(&v, depth)
         } else {
             None
         }
@@ -332,8 +432,8 @@ impl Walk {
         if !self.reserve(2 * len) {
             return None;
         }
-        let state = self.items(py, dp, len, depth, |k, key| {
-            instance::plain_key(k).then(|| instance::intern_key(key.into_bound(k.py())))
+        let state = self.items(py, dp, len, depth, |key| {
+            instance::plain_key(&key).then(|| instance::intern_key(key))
         })?;
         self.weight += malloc_chunk(size_of::<Instance>())
             + malloc_chunk(len * size_of::<(Py<PyAny>, Node)>());
@@ -343,7 +443,7 @@ impl Walk {
         })))
     }
 
-    fn tuple(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+    fn tuple(&mut self, v: Bound<'_, PyAny>, depth: usize) -> Option<Node> {
         let py = v.py();
         let p = v.as_ptr();
         // SAFETY: `p` is an exact tuple; its items are fixed, so borrowed items stay alive while
@@ -355,12 +455,18 @@ impl Walk {
         let before = self.weight;
         let mut items = Vec::with_capacity(len);
         let mut atoms = true;
+        // Held by another place than its parent's slot (and `v`): it may be met again, and so
+        // may the containers in it (see `first_meeting`). A walk that fails is dropped whole, so
+        // the count needs no undoing on the way out then.
+        let repeated = unsafe { ffi::Py_REFCNT(p) } > 2;
+        self.in_repeated += usize::from(repeated);
         for i in 0..len {
             let item = unsafe { Bound::from_borrowed_ptr(py, ffi::PyTuple_GetItem(p, i as _)) };
-            let node = self.value(&item, depth + 1)?;
+            let node = self.value(item, depth + 1)?;
             atoms &= matches!(node, Node::Atom(_));
             items.push(node);
         }
+        self.in_repeated -= usize::from(repeated);
         // The tuple when it is kept (as an atom), a new one when it is rebuilt.
         if atoms {
             // SAFETY: `p` is alive (held by `v`, which is not a holder).
@@ -381,7 +487,7 @@ impl Walk {
                     ffi::PyObject_GC_UnTrack(p.cast());
                 }
             }
-            return Some(Node::Atom(v.clone().unbind()));
+            return Some(Node::Atom(v.unbind()));
         }
         self.weight += malloc_chunk(len * size_of::<Node>());
         Some(Node::Tuple(items.into_boxed_slice()))
@@ -391,7 +497,8 @@ impl Walk {
         let py = v.py();
         let p = v.as_ptr();
         let len = unsafe { ffi::PyList_Size(p) } as usize;
-        if depth >= MAX_DEPTH || !self.reserve(len) || !self.seen.insert(p as usize) {
+        // SAFETY: `p` is alive (held by `v`) and the GIL is held.
+        if depth >= MAX_DEPTH || !self.reserve(len) || !unsafe { self.first_meeting(p) } {
             return None;
         }
         let mut items = Vec::with_capacity(len);
@@ -406,7 +513,7 @@ impl Walk {
                 }
                 Bound::from_borrowed_ptr(py, raw)
             };
-            items.push(self.value(&item, depth + 1)?);
+            items.push(self.value(item, depth + 1)?);
         }
         if unsafe { ffi::PyList_Size(p) } as usize != len {
             return None;
@@ -424,7 +531,7 @@ impl Walk {
         p: *mut ffi::PyObject,
         len: usize,
         depth: usize,
-        mut key: impl FnMut(&Bound<'_, PyAny>, Py<PyAny>) -> Option<Py<PyAny>>,
+        mut key: impl FnMut(Bound<'_, PyAny>) -> Option<Py<PyAny>>,
     ) -> Option<Vec<(Py<PyAny>, Node)>> {
         let mut items: Vec<(Py<PyAny>, Node)> = Vec::with_capacity(len);
         let mut pos: ffi::Py_ssize_t = 0;
@@ -442,11 +549,11 @@ impl Walk {
                     Bound::from_borrowed_ptr(py, val),
                 )
             };
-            let Node::Atom(atom) = self.value(&k, depth + 1)? else {
+            let Node::Atom(atom) = self.value(k, depth + 1)? else {
                 return None;
             };
-            let kept = key(&k, atom)?;
-            items.push((kept, self.value(&val, depth + 1)?));
+            let kept = key(atom.into_bound(py))?;
+            items.push((kept, self.value(val, depth + 1)?));
         }
         if items.len() != len || unsafe { ffi::PyDict_Size(p) } as usize != len {
             return None;
@@ -458,13 +565,14 @@ impl Walk {
         let py = v.py();
         let p = v.as_ptr();
         let len = unsafe { ffi::PyDict_Size(p) } as usize;
-        if depth >= MAX_DEPTH || !self.reserve(2 * len) || !self.seen.insert(p as usize) {
+        // SAFETY: `p` is alive (held by `v`) and the GIL is held.
+        if depth >= MAX_DEPTH || !self.reserve(2 * len) || !unsafe { self.first_meeting(p) } {
             return None;
         }
         if let Some(flat) = self.flat_dict(py, p, len) {
             return flat;
         }
-        let items = self.items(py, p, len, depth, |_, key| Some(key))?;
+        let items = self.items(py, p, len, depth, |key| Some(key.unbind()))?;
         self.weight += malloc_chunk(len * size_of::<(Py<PyAny>, Node)>());
         Some(Node::Map(items.into_boxed_slice()))
     }
@@ -517,6 +625,59 @@ impl Walk {
             Some(Some(Node::Dict(untracked(d.cast_into_unchecked()))))
         }
     }
+}
+
+/// `so_far` plus the objects in `p` (at `depth`) as `Walk::reserve` counts them: a tuple's or
+/// a list's items, a dict's keys and values; it stops past `MAX_NODES`. Never more than the
+/// walk counts (instances, dict keys and what lies deeper than `MAX_DEPTH` are not counted), so
+/// a value it finds past the bound is one the walk would refuse too: the walk and this count
+/// meet a container met twice as often as each other (the walk then refuses it anyway), and the
+/// walk counts every container it walks.
+///
+/// Runs no Python code and allocates nothing, so nothing can change the value meanwhile: the
+/// items are read as borrowed references.
+///
+/// # Safety
+/// `p` must be a live object and the GIL held.
+unsafe fn count(p: *mut ffi::PyObject, depth: usize, so_far: usize) -> usize {
+    let t = ffi::Py_TYPE(p);
+    let mut n = so_far;
+    if depth >= MAX_DEPTH {
+        return n;
+    }
+    if t == addr_of_mut!(ffi::PyList_Type) || t == addr_of_mut!(ffi::PyTuple_Type) {
+        let list = t == addr_of_mut!(ffi::PyList_Type);
+        let len = if list {
+            ffi::PyList_Size(p)
+        } else {
+            ffi::PyTuple_Size(p)
+        };
+        n += len.max(0) as usize;
+        for i in 0..len {
+            if n > MAX_NODES {
+                break;
+            }
+            let item = if list {
+                ffi::PyList_GetItem(p, i)
+            } else {
+                ffi::PyTuple_GetItem(p, i)
+            };
+            if item.is_null() {
+                ffi::PyErr_Clear();
+                break;
+            }
+            n = count(item, depth + 1, n);
+        }
+    } else if t == addr_of_mut!(ffi::PyDict_Type) {
+        n += 2 * ffi::PyDict_Size(p).max(0) as usize;
+        let mut pos: ffi::Py_ssize_t = 0;
+        let mut k: *mut ffi::PyObject = std::ptr::null_mut();
+        let mut v: *mut ffi::PyObject = std::ptr::null_mut();
+        while n <= MAX_NODES && ffi::PyDict_Next(p, &mut pos, &mut k, &mut v) != 0 {
+            n = count(v, depth + 1, n);
+        }
+    }
+    n
 }
 
 /// A dict of scalars made ours, untracked by the GC. It can never be part of a cycle and nobody
@@ -609,5 +770,25 @@ mod tests {
             assert!(nine.insert(p));
         }
         assert!((1..=9).all(|p| !nine.insert(p)));
+    }
+
+    #[test]
+    fn seen_keeps_every_address_through_many_growths() {
+        // Heap-like addresses (16-byte aligned, alike in their high bits), address 0, and repeats
+        // of the first and last ones after each growth.
+        let mut s = Seen::default();
+        let base = 0x7f3a_1c00_0000usize;
+        assert!(s.insert(0) && !s.insert(0));
+        for i in 0..50_000 {
+            let p = base + 16 * i;
+            assert!(s.insert(p), "{i}");
+            assert!(!s.insert(p) && !s.insert(base) && !s.insert(0));
+        }
+        assert!((0..50_000).all(|i| !s.insert(base + 16 * i)));
+        assert_eq!(s.count, 50_000);
+        assert!(s.count * 2 <= s.table.len());
+        // Neighbours never met are new.
+        assert!(s.insert(base + 8) && s.insert(base - 16) && s.insert(usize::MAX));
+        assert!(!s.insert(usize::MAX));
     }
 }
