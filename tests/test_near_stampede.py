@@ -25,9 +25,14 @@ from typing import Any
 
 import pytest
 import redis
+from django.conf import settings
+from django.core.cache import caches
 from django.core.exceptions import ImproperlyConfigured
+from django.template import Context, Template
+from django.test import override_settings
 
 from django_rustcache import NearCache
+from django_rustcache.decorators import cached
 from tests.test_near import (  # noqa: F401 (fixtures)
     cache,
     listener,
@@ -62,28 +67,100 @@ def _wait_for(what: Callable[[], Any], within: float = 30.0) -> Any:
         time.sleep(0.005)
 
 
+#: What a worker's ``default`` does in this process (set by ``_worker``): the module-level
+#: ``@cached`` functions and the template below call it, as ``get_or_set``'s ``default`` would be.
+_compute: Callable[[], Any] = lambda: pytest.fail("no worker")  # noqa: E731
+
+#: The alias the fill paths below use: a NearCache configured by ``_worker`` in each process.
+ALIAS = "stampede"
+
+
+@cached(60, cache=ALIAS)
+def cached_fn(key: str) -> Any:
+    return _compute()
+
+
+@cached(60, tags="t:{key}", cache=ALIAS)
+def cached_tagged(key: str) -> Any:
+    return _compute()
+
+
+class Report:
+    """A class with cached methods (``self`` is part of the key, by its repr)."""
+
+    def __repr__(self) -> str:
+        return "Report()"
+
+    @cached(60, cache=ALIAS)
+    def build(self, key: str) -> Any:
+        return _compute()
+
+    @cached(60, tags=lambda self, key: [f"t:{key}"], cache=ALIAS)
+    def build_tagged(self, key: str) -> Any:
+        return _compute()
+
+
+FRAGMENT = (
+    "{% load rustcache %}{% cache_tagged 60 fragment key using='stampede' %}{{ compute }}"
+    "{% endcache_tagged %}"
+)
+FRAGMENT_TAGGED = (
+    "{% load rustcache %}{% cache_tagged 60 fragment key tags='a,b' using='stampede' %}"
+    "{{ compute }}{% endcache_tagged %}"
+)
+
+
+def _fill_paths(cache: NearCache, key: str) -> dict[str, Callable[[], Any]]:
+    """Every way the package fills a missed key, by name: each computes through ``_compute``."""
+    default = lambda: _compute()  # noqa: E731
+    context = {"key": key, "compute": default}
+    return {
+        "get_or_set": lambda: cache.get_or_set(key, default, 60),
+        "aget_or_set": lambda: asyncio.run(cache.aget_or_set(key, default, 60)),
+        "get_or_set_tags": lambda: cache.get_or_set(key, default, 60, tags=["t"]),
+        "aget_or_set_tags": lambda: asyncio.run(cache.aget_or_set(key, default, 60, tags=["t"])),
+        "cached": lambda: cached_fn(key),
+        "cached_tags": lambda: cached_tagged(key),
+        "cached_method": lambda: Report().build(key),
+        "cached_method_tags": lambda: Report().build_tagged(key),
+        "template": lambda: Template(FRAGMENT).render(Context(context)),
+        "template_tags": lambda: Template(FRAGMENT_TAGGED).render(Context(context)),
+    }
+
+
 def _worker(
     url: str,
     params: dict[str, Any],
     key: str,
     counter: str,
     mode: str,
-    use_async: bool,
+    how: str,
     threads: int,
     ready: Any,
     go: Any,
     out: Any,
 ) -> None:
-    """One process: get_or_set ``key`` once ``go`` is set (from ``threads`` threads), whose
-    ``default`` INCRs ``counter`` and then, by ``mode``: ``sleep`` 200 ms; ``overlap`` waits
-    until a second computation has started (at most 10 s); ``hang`` never returns."""
-    cache = NearCache(url, params)
+    """One process: fill ``key`` by ``how`` (a ``_fill_paths`` name) once ``go`` is set (from
+    ``threads`` threads), whose computation INCRs ``counter`` and then, by ``mode``: ``sleep``
+    200 ms; ``sleep3`` three times the lock's expiry; ``overlap`` waits until a second
+    computation has started (at most 10 s); ``hang`` never returns."""
+    global _compute
+    # The @cached functions and the template tag find this process's NearCache by alias.
+    override_settings(
+        CACHES={
+            **settings.CACHES,
+            ALIAS: {"BACKEND": "django_rustcache.NearCache", "LOCATION": url, **params},
+        }
+    ).enable()
+    cache = caches[ALIAS]
     r = redis.Redis.from_url(url)
 
-    def default() -> dict[str, int]:
+    def compute() -> dict[str, int]:
         r.incr(counter)
         if mode == "sleep":
             time.sleep(0.2)
+        elif mode == "sleep3":
+            time.sleep(3 * cache._options.stampede_lock)
         elif mode == "overlap":
             deadline = time.monotonic() + 10
             while int(r.get(counter) or 0) < 2 and time.monotonic() < deadline:
@@ -92,11 +169,8 @@ def _worker(
             time.sleep(3600)
         return {"by": os.getpid()}
 
-    def call() -> Any:
-        if use_async:
-            return asyncio.run(cache.aget_or_set(key, default, 60))
-        return cache.get_or_set(key, default, 60)
-
+    _compute = compute
+    call = _fill_paths(cache, key)[how]
     ready.put(os.getpid())
     go.wait(READY_WITHIN)
     results: list[Any] = []
@@ -168,15 +242,15 @@ def _stampede(
     options: dict[str, Any],
     *,
     mode: str = "sleep",
-    use_async: bool = False,
+    how: str = "get_or_set",
     threads: int = 1,
 ) -> tuple[int, dict[int, list[Any]]]:
     """``PROCESSES`` processes miss one key at once: how many computed it, and what each got."""
     key, counter = f"hot-{uuid.uuid4().hex}", f"calls:{uuid.uuid4().hex}"
-    procs.start(PROCESSES, url, _params(cache, **options), key, counter, mode, use_async, threads)
+    procs.start(PROCESSES, url, _params(cache, **options), key, counter, mode, how, threads)
     procs.go.set()
     results = procs.results(PROCESSES)
-    assert not raw.exists(_lock_key(cache, key))  # every lock was released
+    assert raw.keys(f"{cache.key_prefix}:#l:*") == []  # every lock was released
     return int(raw.get(counter) or 0), results
 
 
@@ -210,6 +284,16 @@ def test_without_the_lock_the_same_stampede_computes_it_in_several_processes(
     _one_value(results)  # Redis's SET NX still makes them all return the first stored value
 
 
+@pytest.mark.parametrize("how", list(_fill_paths(None, "")))  # type: ignore[arg-type]
+def test_every_fill_path_computes_once_across_processes(procs, near_server, cache, raw, how):
+    """``get_or_set``, ``aget_or_set``, ``@cached`` functions and methods and
+    ``{% cache_tagged %}``, with and without tags: 8 processes missing one key at once, one
+    computation (the template tag rendered in every process before it filled by get_or_set)."""
+    calls, results = _stampede(procs, near_server.url, cache, raw, {"STAMPEDE_LOCK": 30}, how=how)
+    assert calls == 1
+    _one_value(results)
+
+
 def test_threads_and_processes_together_compute_it_once(procs, near_server, cache, raw):
     calls, results = _stampede(procs, near_server.url, cache, raw, {"STAMPEDE_LOCK": 30}, threads=4)
     assert calls == 1
@@ -219,7 +303,7 @@ def test_threads_and_processes_together_compute_it_once(procs, near_server, cach
 
 def test_aget_or_set_in_eight_processes_computes_it_once(procs, near_server, cache, raw):
     calls, results = _stampede(
-        procs, near_server.url, cache, raw, {"STAMPEDE_LOCK": True}, use_async=True
+        procs, near_server.url, cache, raw, {"STAMPEDE_LOCK": True}, how="aget_or_set"
     )
     assert calls == 1
     _one_value(results)
@@ -231,12 +315,12 @@ def test_a_holder_killed_mid_computation_costs_one_lock_expiry_and_nobody_hangs(
     expiry = 3.0
     key, counter = f"hot-{uuid.uuid4().hex}", f"calls:{uuid.uuid4().hex}"
     params = _params(cache, STAMPEDE_LOCK=expiry)
-    (holder,) = procs.start(1, near_server.url, params, key, counter, "hang", False, 1)
+    (holder,) = procs.start(1, near_server.url, params, key, counter, "hang", "get_or_set", 1)
     procs.go.set()
     _wait_for(lambda: raw.get(counter) == b"1")  # the holder is computing, lock taken
     assert raw.exists(_lock_key(cache, key))
     procs.go.clear()
-    procs.start(PROCESSES - 1, near_server.url, params, key, counter, "sleep", False, 1)
+    procs.start(PROCESSES - 1, near_server.url, params, key, counter, "sleep", "get_or_set", 1)
     procs.go.set()
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(10)
@@ -265,7 +349,7 @@ def test_a_lock_taken_before_fork_is_not_held_by_the_child(procs, near_server, m
         assert inside.wait(30)
         # The child forks now, with this process holding the lock and its flight.
         procs.start(1, near_server.url, _params(cache, STAMPEDE_LOCK=30), key, counter, "sleep",
-                    False, 1)  # fmt: skip
+                    "get_or_set", 1)  # fmt: skip
         procs.go.set()
         assert raw.exists(_lock_key(cache, key))
         time.sleep(0.3)  # most likely the child is waiting for the lock now (either way it must
