@@ -32,6 +32,7 @@ from django.template import Context, Template
 from django.test import override_settings
 
 from django_rustcache import NearCache
+from django_rustcache import near as near_mod
 from django_rustcache.decorators import cached
 from tests.test_near import (  # noqa: F401 (fixtures)
     cache,
@@ -309,6 +310,27 @@ def test_aget_or_set_in_eight_processes_computes_it_once(procs, near_server, cac
     _one_value(results)
 
 
+@pytest.mark.parametrize("how", ["get_or_set", "aget_or_set"])
+def test_a_holder_computing_for_three_lock_expiries_is_not_joined(
+    procs, near_server, cache, raw, how
+):
+    """The holder's ``default()`` takes three times ``STAMPEDE_LOCK``: its renewer extends the
+    lock meanwhile, so the 7 processes that missed the key after it took the lock wait for its
+    value instead of computing it a second time once the first expiry has passed."""
+    key, counter = f"hot-{uuid.uuid4().hex}", f"calls:{uuid.uuid4().hex}"
+    params = _params(cache, STAMPEDE_LOCK=1.5)
+    procs.start(1, near_server.url, params, key, counter, "sleep3", how, 1)
+    procs.go.set()
+    _wait_for(lambda: raw.get(counter) == b"1")  # the holder is computing, lock taken
+    procs.go.clear()
+    procs.start(PROCESSES - 1, near_server.url, params, key, counter, "sleep3", how, 1)
+    procs.go.set()
+    results = procs.results(PROCESSES)
+    assert int(raw.get(counter)) == 1
+    assert _one_value(results)["by"] in results
+    assert not raw.exists(_lock_key(cache, key))
+
+
 def test_a_holder_killed_mid_computation_costs_one_lock_expiry_and_nobody_hangs(
     procs, near_server, cache, raw
 ):
@@ -395,17 +417,147 @@ def test_the_lock_lives_under_the_prefix_while_computing_and_is_gone_after(make,
     assert cache.get("k") == "v"
 
 
-def test_a_holder_whose_lock_expired_does_not_free_its_successors(make, raw):
-    cache = make(OPTIONS={"STAMPEDE_LOCK": 0.2})
+def _count_renewals(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each ``_Renewal.renew`` returned, in order (the renewer thread's tries)."""
+    seen: list[bool] = []
+    real = near_mod._Renewal.renew
+
+    def renew(self: Any) -> bool:
+        go_on = real(self)
+        seen.append(go_on)
+        return go_on
+
+    monkeypatch.setattr(near_mod._Renewal, "renew", renew)
+    return seen
+
+
+def test_a_holder_whose_lock_was_lost_neither_extends_nor_frees_its_successors(
+    make, raw, monkeypatch
+):
+    """The lock expired under a stalled holder and another process took it: the holder's
+    renewer tries again (compare-and-extend by token: not its lock, so untouched, and it
+    stops), and its release leaves it alone too."""
+    renewals = _count_renewals(monkeypatch)
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 0.3})
     lock = _lock_key(cache, "k")
 
     def slow() -> str:
-        _wait_for(lambda: not raw.exists(lock))  # expired while computing
-        raw.set(lock, b"successor", px=30_000)  # another process took it
+        raw.delete(lock)  # as if it had expired while this holder stalled
+        raw.set(lock, b"successor", px=30_000)  # and another process took it
+        _wait_for(lambda: False in renewals)  # the renewer tried, found it lost, stopped
         return "v"
 
     assert cache.get_or_set("k", slow) == "v"
     assert raw.get(lock) == b"successor"
+    assert raw.pttl(lock) > 20_000  # not shortened to this holder's 0.3 s
+    assert renewals[-1] is False and renewals.count(False) == 1
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_the_holder_extends_its_lock_while_it_computes(make, raw, monkeypatch, use_async):
+    """A ``default()`` running for three lock expiries still holds its lock (the same token)
+    at the end: the renewer extended it, also while an async holder blocks the loop."""
+    renewals = _count_renewals(monkeypatch)
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 1.0})
+    lock = _lock_key(cache, "k")
+    seen = {}
+
+    def slow() -> str:
+        seen["token"] = raw.get(lock)
+        time.sleep(3.0)  # three expiries, blocking this thread (and the loop, when async)
+        seen["then"] = raw.get(lock)
+        return "v"
+
+    if use_async:
+        got = _in_thread(lambda: asyncio.run(cache.aget_or_set("k", slow)))
+    else:
+        got = _in_thread(lambda: cache.get_or_set("k", slow))
+    assert got == "v"
+    assert seen["token"] and seen["then"] == seen["token"]
+    # Extended (a last try may find it already released: it then stops, changing nothing).
+    assert True in renewals
+    assert not raw.exists(lock)
+
+
+def test_the_holder_stops_extending_its_lock_after_the_cap(make, raw, monkeypatch):
+    """A ``default()`` that never ends loses its lock after ``_LOCK_LIFE`` expiries (here 2 of
+    0.3 s): the renewal is bounded, so a holder stuck forever does not block the key forever."""
+    monkeypatch.setattr(near_mod, "_LOCK_LIFE", 2)
+    renewals = _count_renewals(monkeypatch)
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 0.3})
+    lock = _lock_key(cache, "k")
+
+    def stuck() -> str:
+        _wait_for(lambda: raw.exists(lock) and renewals)  # extended at least once
+        _wait_for(lambda: not raw.exists(lock))  # and then left to expire
+        return "v"
+
+    assert _in_thread(lambda: cache.get_or_set("k", stuck)) == "v"
+    _wait_for(lambda: False in renewals)  # the renewer gave it up itself (at the cap)
+    assert renewals.count(False) == 1 and renewals[-1] is False
+
+
+def test_the_renewer_thread_runs_only_while_a_lock_is_held(make, raw):
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 0.3})
+    seen = []
+
+    def default() -> str:
+        seen.append(near_mod._RENEWER.thread)
+        return "v"
+
+    cache.get_or_set("k", default)
+    assert seen[0] is not None and seen[0].name == "django-rustcache-lock-renewer"
+    seen[0].join(30)
+    assert not seen[0].is_alive()
+    assert near_mod._RENEWER.thread is None and near_mod._RENEWER.held == []
+
+
+def _forked_holder(url: str, params: dict[str, Any], key: str, out: Any) -> None:
+    """A fork() child computing ``key`` for three lock expiries: whether it kept its lock."""
+    cache = NearCache(url, params)
+    r = redis.Redis.from_url(url)
+    lock = _lock_key(cache, key)
+
+    def slow() -> bool:
+        token = r.get(lock)
+        time.sleep(3 * cache._options.stampede_lock)
+        return token is not None and r.get(lock) == token
+
+    out.put(cache.get_or_set(key, slow, 60))
+
+
+def test_a_child_forked_while_the_parent_extends_a_lock_extends_its_own(make, raw, near_server):
+    """The parent's renewer thread is running (it holds a lock) when the child forks: the
+    child must not take it for alive (it does not exist there), but start its own."""
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 1.0})
+    inside, release = threading.Event(), threading.Event()
+
+    def parent_default() -> str:
+        inside.set()
+        release.wait(60)
+        return "parent's"
+
+    parent = threading.Thread(target=lambda: cache.get_or_set("p", parent_default, 60))
+    parent.start()
+    ctx = _ctx()
+    out = ctx.Queue()
+    child = None
+    try:
+        assert inside.wait(30)
+        assert near_mod._RENEWER.thread is not None  # extending the parent's lock now
+        child = ctx.Process(
+            target=_forked_holder,
+            args=(near_server.url, _params(cache, STAMPEDE_LOCK=1.0), "c", out),
+        )
+        child.start()
+        assert out.get(timeout=DONE_WITHIN) is True  # the child kept its lock for 3 s
+    finally:
+        release.set()
+        parent.join(30)
+        if child is not None:
+            child.join(10)
+            if child.is_alive():
+                os.kill(child.pid, signal.SIGKILL)
 
 
 def test_a_waiter_computes_itself_once_the_lock_is_free_without_a_value(make, raw):
