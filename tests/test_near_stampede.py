@@ -619,6 +619,48 @@ def test_a_waiter_gets_the_holders_value_when_it_arrives(make, raw):
     assert got == {"from": "holder"}
 
 
+@pytest.mark.parametrize("use_async", [False, True])
+def test_a_value_stored_between_the_miss_and_the_lock_is_returned_not_computed(
+    make, raw, monkeypatch, use_async
+):
+    """Another process computed, stored and released the lock after this caller missed but
+    before its SET NX: the lock is free, and taking it must not mean computing the value again
+    (the race a forked stampede hit now and then: 2 computations of 8). The value is read once
+    more under the lock, and the lock released at once."""
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+    other = make(KEY_PREFIX=cache.key_prefix)  # the other process, as far as Redis knows
+    lock = _lock_key(cache, "k")
+    sync_set, async_set = redis.Redis.set, redis.asyncio.Redis.set
+
+    def holder_was_quicker(name: Any) -> None:
+        if ":#l:" in str(name) and not raw.exists(f"{cache.key_prefix}:1:k"):
+            other.set("k", "holder's")  # stored, and its lock (never seen here) released
+
+    def set_sync(self: Any, name: Any, *args: Any, **kwargs: Any) -> Any:
+        holder_was_quicker(name)
+        return sync_set(self, name, *args, **kwargs)
+
+    async def set_async(self: Any, name: Any, *args: Any, **kwargs: Any) -> Any:
+        holder_was_quicker(name)
+        return await async_set(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "set", set_sync)
+    monkeypatch.setattr(redis.asyncio.Redis, "set", set_async)
+    calls = []
+
+    def default() -> str:
+        calls.append(1)
+        return "computed again"
+
+    if use_async:
+        got = _in_thread(lambda: asyncio.run(cache.aget_or_set("k", default)))
+    else:
+        got = _in_thread(lambda: cache.get_or_set("k", default))
+    assert got == "holder's"
+    assert calls == []
+    assert not raw.exists(lock)
+
+
 def test_timeout_zero_stores_nothing_so_it_takes_no_lock_and_never_waits(make, raw):
     cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
     raw.set(_lock_key(cache, "k"), b"someone", px=60_000)
@@ -776,6 +818,36 @@ def test_cancelled_while_taking_the_lock_frees_it(make, raw, monkeypatch):
 
     _in_thread(lambda: asyncio.run(main()))
     assert not raw.exists(lock)
+
+
+def test_cancelling_aget_or_set_at_any_point_leaves_no_lock_behind(make, raw):
+    """Cancel an ``aget_or_set`` (lock on) after 0, 1, 2, ... turns of the loop, so at every
+    point of its round trips. Delivered, the cancellation frees the lock (also when it came
+    while the SET NX's reply was on its way); on Python 3.10 and 3.11 it may instead be lost
+    (redis-py sends under ``asyncio.wait_for``, which then returns the send's result instead of
+    raising: CPython gh-86296) and the call completes, releasing the lock as usual. Either way
+    no lock stays behind for its 30 s."""
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+
+    async def main() -> tuple[set[str], list[int]]:
+        outcomes, left = set(), []
+        for turns in range(60):
+            key = f"k{turns}"
+            task = asyncio.create_task(cache.aget_or_set(key, lambda: "v"))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                outcomes.add(await task)
+            except asyncio.CancelledError:
+                outcomes.add("cancelled")
+            if raw.exists(_lock_key(cache, key)):
+                left.append(turns)
+        return outcomes, left
+
+    outcomes, left = _in_thread(lambda: asyncio.run(main()), within=60)
+    assert left == []  # the turns after which a lock was left behind
+    assert "cancelled" in outcomes
 
 
 # Settings ---------------------------------------------------------------------------------

@@ -2348,7 +2348,8 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         ``_holding``, then ``_op_unlock``), the value, or ``_UNLOCKED`` (compute without it).
 
         The lock is ``SET NX PX`` of ``token`` (random), expiring after ``STAMPEDE_LOCK`` seconds,
-        so a holder that dies frees it by expiry (a live one extends it: ``_Renewer``). A waiter
+        so a holder that dies frees it by expiry (a live one extends it: ``_Renewer``). Once
+        taken, the value is read again (it may have been stored since this caller's miss). A waiter
         polls it (5 ms, doubling up to 100 ms), sleeping in ``pause`` (``_pause`` or
         ``_apause``), woken early by its listener applying the release's invalidation; once it
         is gone, the value is read, and if there is none (the holder failed or died), the waiter
@@ -2365,7 +2366,19 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             except self._errors as e:
                 return self._failed("get_or_set's STAMPEDE_LOCK", e, _UNLOCKED)
             if taken:
-                return _Held(lock, token, os.getpid())
+                held = _Held(lock, token, os.getpid())
+                # A holder may have stored the value and released its lock between this
+                # caller's miss and its SET NX: then the value is there, and computing it again
+                # is what the lock is for avoiding. Read it once more, under the lock.
+                try:
+                    value = yield from self._op_get(made, _MISS, self._fresh())
+                except BaseException:
+                    yield from self._op_unlock(held)
+                    raise
+                if value is _MISS:
+                    return held
+                yield from self._op_unlock(held)
+                return value
             now = time.monotonic()
             if deadline is None:
                 deadline = now + (_LOCK_LIFE + 1) * seconds
