@@ -397,6 +397,13 @@ def _in_thread(fn: Callable[[], Any], within: float = 30.0) -> Any:
     return box[0]
 
 
+def _get_or_set(cache: NearCache, default: Callable[[], Any], use_async: bool) -> Any:
+    """``get_or_set("k", default)``, or ``aget_or_set`` on a loop of its own, in ``_in_thread``."""
+    if use_async:
+        return _in_thread(lambda: asyncio.run(cache.aget_or_set("k", default)))
+    return _in_thread(lambda: cache.get_or_set("k", default))
+
+
 def test_the_lock_lives_under_the_prefix_while_computing_and_is_gone_after(make, raw):
     cache = make(OPTIONS={"STAMPEDE_LOCK": 7})
     lock = _lock_key(cache, "k")
@@ -468,11 +475,7 @@ def test_the_holder_extends_its_lock_while_it_computes(make, raw, monkeypatch, u
         seen["then"] = raw.get(lock)
         return "v"
 
-    if use_async:
-        got = _in_thread(lambda: asyncio.run(cache.aget_or_set("k", slow)))
-    else:
-        got = _in_thread(lambda: cache.get_or_set("k", slow))
-    assert got == "v"
+    assert _get_or_set(cache, slow, use_async) == "v"
     assert seen["token"] and seen["then"] == seen["token"]
     # Extended (a last try may find it already released: it then stops, changing nothing).
     assert True in renewals
@@ -652,11 +655,7 @@ def test_a_value_stored_between_the_miss_and_the_lock_is_returned_not_computed(
         calls.append(1)
         return "computed again"
 
-    if use_async:
-        got = _in_thread(lambda: asyncio.run(cache.aget_or_set("k", default)))
-    else:
-        got = _in_thread(lambda: cache.get_or_set("k", default))
-    assert got == "holder's"
+    assert _get_or_set(cache, default, use_async) == "holder's"
     assert calls == []
     assert not raw.exists(lock)
 
