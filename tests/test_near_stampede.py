@@ -527,6 +527,35 @@ def test_the_renewer_thread_runs_only_while_a_lock_is_held(make, raw):
     assert near_mod._RENEWER.thread is None and near_mod._RENEWER.held == []
 
 
+def test_a_renewer_thread_that_could_not_start_is_not_taken_for_running(make, raw, monkeypatch):
+    """Starting the renewer's thread fails (no threads left): that call raises, holding
+    nothing, and the next one starts a thread instead of counting on the one that never ran."""
+    cache = make(OPTIONS={"STAMPEDE_LOCK": 30})
+    _wait_for(lambda: near_mod._RENEWER.thread is None)  # an earlier test's has exited
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "django-rustcache-lock-renewer":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        cache.get_or_set("k", lambda: "v")
+    assert not raw.exists(_lock_key(cache, "k"))
+    assert near_mod._HELD_LOCKS.get() == frozenset()
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    running = []
+
+    def default() -> str:
+        thread = near_mod._RENEWER.thread
+        running.append(thread is not None and thread.is_alive())
+        return "v"
+
+    assert cache.get_or_set("k", default) == "v"
+    assert running == [True]
+
+
 def _forked_holder(url: str, params: dict[str, Any], key: str, out: Any) -> None:
     """A fork() child computing ``key`` for three lock expiries: whether it kept its lock."""
     cache = NearCache(url, params)

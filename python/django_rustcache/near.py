@@ -362,12 +362,13 @@ class _Renewer:
         """Start keeping ``held`` alive; ``cancel()`` the result once computed."""
         renewal = _Renewal(self, cache, held, cache._options.stampede_lock)
         with self.cond:
-            self.held.append(renewal)
             if self.thread is None:
-                self.thread = threading.Thread(
+                thread = threading.Thread(
                     target=self._loop, name="django-rustcache-lock-renewer", daemon=True
                 )
-                self.thread.start()
+                thread.start()  # if this raises, nothing is registered (and no thread assumed)
+                self.thread = thread  # before _loop can look: it waits for this condition
+            self.held.append(renewal)
             self.cond.notify()
         return renewal
 
@@ -2314,8 +2315,8 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         if held is None:
             yield
             return
-        mark = _HELD_LOCKS.set(_HELD_LOCKS.get() | {held.lock})
         renewal = _RENEWER.hold(self, held)
+        mark = _HELD_LOCKS.set(_HELD_LOCKS.get() | {held.lock})
         try:
             yield
         finally:
