@@ -154,6 +154,25 @@ def test_objects_without_a_stable_repr_are_refused_in_default_keys():
         NoRepr().value()
 
 
+def test_async_functions_and_methods_are_refused_when_decorated():
+    """Their result would be a coroutine: never run, unpicklable (it failed at the first call,
+    after taking NearCache's STAMPEDE_LOCK, with "cannot pickle 'coroutine' object")."""
+
+    async def fetch(pk: int) -> int:
+        return pk
+
+    with pytest.raises(TypeError, match="async function 'test_async_.*fetch'"):
+        cached(60)(fetch)
+    with pytest.raises(TypeError, match="async function"):
+        cached(fetch)
+    with pytest.raises(TypeError, match="async function"):
+
+        class Basket:
+            @cached(60, tags="basket")
+            async def total(self) -> int:
+                return 1
+
+
 def test_fill_overlapping_an_invalidation_from_another_thread_is_not_stored():
     computing, invalidated = threading.Event(), threading.Event()
 

@@ -112,6 +112,12 @@ class CachedFunction:
         key: Spec | None,
         cache: str,
     ) -> None:
+        if inspect.iscoroutinefunction(inspect.unwrap(fn)):
+            # Its "result" would be a coroutine object: never run, and not picklable.
+            raise TypeError(
+                f"@cached cannot cache the async function {fn.__qualname__!r}: cache what it "
+                "awaits in a sync function, or use cache.aget_or_set in it"
+            )
         functools.update_wrapper(self, fn)
         self.fn, self.timeout, self.tags, self.key, self.cache_alias = fn, timeout, tags, key, cache
         self._signature = inspect.signature(fn)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -254,6 +255,13 @@ redis.call('DEL', KEYS[1])
 if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
 return 1
 """
+# STAMPEDE_LOCK's extension while its holder computes: only if it is still this holder's (its
+# token), like the release. No PUBLISH: the waiters have nothing to read yet.
+_LUA_EXTEND = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
 TAGGED_MAGIC = b"\x00rct1"
 _MGET_CHUNK = 1000  # Lua's unpack() has a stack limit; get_many reads in chunks this size
 
@@ -270,7 +278,7 @@ class _Script:
 _GET, _MGET, _INCR, _TOUCH = (_Script(s) for s in (_LUA_GET, _LUA_MGET, _LUA_INCR, _LUA_TOUCH))
 _SET, _TAG_VERSIONS, _BUMP = (_Script(s) for s in (_LUA_SET, _LUA_TAG_VERSIONS, _LUA_BUMP))
 _HAS, _TTL = _Script(_LUA_HAS), _Script(_LUA_TTL)
-_UNLOCK = _Script(_LUA_UNLOCK)
+_UNLOCK, _EXTEND = _Script(_LUA_UNLOCK), _Script(_LUA_EXTEND)
 
 
 @dataclass(frozen=True)
@@ -281,17 +289,6 @@ class _Held:
     lock: str
     token: str
     pid: int
-
-
-@dataclass(frozen=True)
-class _Pause:
-    """What ``NearCache._op_stampede`` yields to sleep: at most ``seconds``, less if the listener
-    applies an invalidation of ``lock`` (the holder's release) meanwhile: ``applied_ns(lock)``
-    no longer ``since``."""
-
-    seconds: float
-    lock: str
-    since: int | None
 
 
 #: What ``_op_stampede`` returns when the caller is to compute without the lock.
@@ -306,6 +303,114 @@ _HELD_LOCKS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
 _LOCK_POLL_FIRST = 0.005
 _LOCK_POLL_MAX = 0.1
 _LOCK_TICK = 0.005
+#: A holder's lock is extended (to a full ``STAMPEDE_LOCK`` again) every third of that while it
+#: computes, up to this many ``STAMPEDE_LOCK``s after it was taken; a waiter waits at most one
+#: more (a successor's computation) before it computes without the lock.
+_LOCK_LIFE = 4
+
+
+class _Renewal:
+    """A held STAMPEDE_LOCK that ``_RENEWER`` keeps alive until ``cancel()`` (its computation
+    ended) or ``_LOCK_LIFE`` expiries have passed."""
+
+    def __init__(self, renewer: _Renewer, cache: NearCache, held: _Held, seconds: float) -> None:
+        self.renewer, self.cache, self.held = renewer, cache, held
+        self.seconds = seconds
+        now = time.monotonic()
+        self.due = now + seconds / 3
+        self.end = now + _LOCK_LIFE * seconds
+
+    def cancel(self) -> None:
+        """Stop extending. In a fork() child the lock is the parent's, and so is the renewer."""
+        if self.held.pid == os.getpid():
+            self.renewer.cancel(self)
+
+    def renew(self) -> bool:
+        """Extend the lock by one expiry (not past ``end``), by token: whether to go on (not
+        once the lock is lost or ``end`` is reached). A Redis error is logged; the next try
+        comes a third of an expiry later, while the lock may still be alive."""
+        cache, held = self.cache, self.held
+        ms = min(round(self.seconds * 1000), int((self.end - time.monotonic()) * 1000))
+        if ms <= 0:
+            return False
+        try:
+            if not cache._run(cache._script(_EXTEND, [held.lock], held.token, ms)):
+                return False  # expired (the holder stalled) or taken by another since
+        except Exception as e:  # noqa: BLE001 (this thread must go on serving the others)
+            cache._counters.add(errors=1)
+            logger.warning(
+                "NearCache %r: extending get_or_set's STAMPEDE_LOCK failed: %r",
+                cache._options.location,
+                e,
+            )
+        self.due = time.monotonic() + self.seconds / 3
+        return ms >= round(self.seconds * 1000)
+
+
+class _Renewer:
+    """Extends the STAMPEDE_LOCKs this process's holders compute under, from one thread for
+    all of them (a holder's own thread is busy in ``default()``, and so may be an async
+    holder's loop). The thread runs only while a lock is held; a fork() child gets a new
+    ``_Renewer`` (``_renewer_after_fork``), so it never counts on a thread it did not start."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.held: list[_Renewal] = []
+        self.thread: threading.Thread | None = None
+
+    def hold(self, cache: NearCache, held: _Held) -> _Renewal:
+        """Start keeping ``held`` alive; ``cancel()`` the result once computed."""
+        renewal = _Renewal(self, cache, held, cache._options.stampede_lock)
+        with self.cond:
+            if self.thread is None:
+                thread = threading.Thread(
+                    target=self._loop, name="django-rustcache-lock-renewer", daemon=True
+                )
+                thread.start()  # if this raises, nothing is registered (and no thread assumed)
+                self.thread = thread  # before _loop can look: it waits for this condition
+            self.held.append(renewal)
+            self.cond.notify()
+        return renewal
+
+    def cancel(self, renewal: _Renewal) -> None:
+        with self.cond:
+            if renewal in self.held:
+                self.held.remove(renewal)
+                self.cond.notify()
+
+    def _loop(self) -> None:
+        """Renew whichever lock is due next; exit once none is held."""
+        while True:
+            with self.cond:
+                while True:
+                    if not self.held:
+                        self.thread = None
+                        return
+                    renewal = min(self.held, key=_due)
+                    left = renewal.due - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
+            go_on = renewal.renew()  # one round trip, without the condition's lock
+            if not go_on:
+                self.cancel(renewal)
+
+
+def _due(renewal: _Renewal) -> float:
+    return renewal.due
+
+
+_RENEWER = _Renewer()
+
+
+def _renewer_after_fork() -> None:
+    # The parent's renewer thread does not run here, and its locks are not this process's.
+    global _RENEWER
+    _RENEWER = _Renewer()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renewer_after_fork)
 
 
 def _seed() -> str:
@@ -2310,19 +2415,34 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         thread of this process that leads the key's in-process flight (or that gave up waiting
         for it), so the others never talk to Redis about the lock."""
         lock = None if replace else self._lock_for(key, default, timeout, version)
-        if lock is None:
-            return super()._fill(key, default, timeout, version, tags, replace, fill)
-        got = self._run_pausing(self._op_stampede(*lock, secrets.token_hex(16)))
-        if type(got) is not _Held:
-            if got is not _UNLOCKED:
+        held = None
+        if lock is not None:
+            got = self._run(self._op_stampede(*lock, secrets.token_hex(16), self._pause))
+            if type(got) is _Held:
+                held = got
+            elif got is not _UNLOCKED:
                 return got  # the holder's value
-            return super()._fill(key, default, timeout, version, tags, replace, fill)
-        held = _HELD_LOCKS.set(_HELD_LOCKS.get() | {got.lock})
         try:
-            return super()._fill(key, default, timeout, version, tags, replace, fill)
+            with self._holding(held):
+                return super()._fill(key, default, timeout, version, tags, replace, fill)
         finally:
-            _HELD_LOCKS.reset(held)
-            self._run(self._op_unlock(got))
+            if held is not None:
+                self._run(self._op_unlock(held))
+
+    @contextlib.contextmanager
+    def _holding(self, held: _Held | None) -> Iterator[None]:
+        """While this call computes under ``held`` (if any): a ``default()`` asking for its own
+        key does not wait for the lock (``_HELD_LOCKS``), and ``_RENEWER`` extends it."""
+        if held is None:
+            yield
+            return
+        renewal = _RENEWER.hold(self, held)
+        mark = _HELD_LOCKS.set(_HELD_LOCKS.get() | {held.lock})
+        try:
+            yield
+        finally:
+            renewal.cancel()
+            _HELD_LOCKS.reset(mark)
 
     def _lock_for(
         self, key: Any, default: Any, timeout: Any, version: Any
@@ -2343,17 +2463,21 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         ``"#l"``, so ``keys()`` never lists it."""
         return f"{self.key_prefix}:#l:{made}"
 
-    def _op_stampede(self, made: str, lock: str, token: str) -> _Op:
-        """Take ``made``'s lock, or wait for its holder's value: ``_Held`` (compute, then
-        ``_op_unlock``), the value, or ``_UNLOCKED`` (compute without the lock).
+    def _op_stampede(
+        self, made: str, lock: str, token: str, pause: Callable[[float, str, int | None], Any]
+    ) -> _Op:
+        """Take ``made``'s lock, or wait for its holder's value: ``_Held`` (compute under
+        ``_holding``, then ``_op_unlock``), the value, or ``_UNLOCKED`` (compute without it).
 
         The lock is ``SET NX PX`` of ``token`` (random), expiring after ``STAMPEDE_LOCK`` seconds,
-        so a holder that dies frees it by expiry. A waiter polls it (5 ms, doubling up to
-        100 ms), woken early by its listener applying the release's invalidation; once it is
-        gone, the value is read, and if there is none (the holder failed or died), the waiter
-        tries to take the lock itself. The wait is bounded: after twice ``STAMPEDE_LOCK`` in all
-        (a dead holder's expiry, then its successor's computation), or a Redis error ignored by
-        ``IGNORE_EXCEPTIONS``, the caller computes without the lock."""
+        so a holder that dies frees it by expiry (a live one extends it: ``_Renewer``). Once
+        taken, the value is read again (it may have been stored since this caller's miss). A waiter
+        polls it (5 ms, doubling up to 100 ms), sleeping in ``pause`` (``_pause`` or
+        ``_apause``), woken early by its listener applying the release's invalidation; once it
+        is gone, the value is read, and if there is none (the holder failed or died), the waiter
+        tries to take the lock itself. The wait is bounded: after ``_LOCK_LIFE + 1`` times
+        ``STAMPEDE_LOCK`` in all (a holder's longest life, then its successor's computation), or
+        a Redis error ignored by ``IGNORE_EXCEPTIONS``, the caller computes without the lock."""
         seconds = self._options.stampede_lock
         ms = max(1, round(seconds * 1000))
         deadline = None
@@ -2364,10 +2488,22 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
             except self._errors as e:
                 return self._failed("get_or_set's STAMPEDE_LOCK", e, _UNLOCKED)
             if taken:
-                return _Held(lock, token, os.getpid())
+                held = _Held(lock, token, os.getpid())
+                # A holder may have stored the value and released its lock between this
+                # caller's miss and its SET NX: then the value is there, and computing it again
+                # is what the lock is for avoiding. Read it once more, under the lock.
+                try:
+                    value = yield from self._op_get(made, _MISS, self._fresh())
+                except BaseException:
+                    yield from self._op_unlock(held)
+                    raise
+                if value is _MISS:
+                    return held
+                yield from self._op_unlock(held)
+                return value
             now = time.monotonic()
             if deadline is None:
-                deadline = now + 2 * seconds
+                deadline = now + (_LOCK_LIFE + 1) * seconds
             step = _LOCK_POLL_FIRST
             while True:
                 if now >= deadline:
@@ -2380,10 +2516,10 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
                     return self._failed("get_or_set's STAMPEDE_LOCK", e, _UNLOCKED)
                 if pttl == -2:
                     break  # released (after its holder stored the value) or expired
-                pause = min(step, deadline - now)
+                wait = min(step, deadline - now)
                 if pttl > 0:
-                    pause = min(pause, pttl / 1000)
-                yield _Pause(pause, lock, since)
+                    wait = min(wait, pttl / 1000)
+                yield lambda c, wait=wait, since=since: pause(wait, lock, since)
                 step = min(step * 2, _LOCK_POLL_MAX)
                 now = time.monotonic()
             value = yield from self._op_get(made, _MISS, self._fresh())
@@ -2409,55 +2545,25 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
                 e,
             )
 
-    def _run_pausing(self, op: _Op) -> Any:
-        """``_run`` for an op that also yields ``_Pause``: sleeps in ``time.sleep`` (the GIL
-        released), looking every 5 ms for the awaited invalidation."""
-        client = self._client()
+    def _ticks(self, seconds: float, lock: str, since: int | None) -> Iterator[float]:
+        """The sleeps of a lock waiter's pause: ``seconds`` in 5 ms ticks, ending early once
+        the listener has applied an invalidation of ``lock`` (its release) since ``since``."""
         applied = getattr(self._near, "applied_ns", None)
-        try:
-            step = next(op)
-            while True:
-                if type(step) is _Pause:
-                    end = time.monotonic() + step.seconds
-                    while (left := end - time.monotonic()) > 0:
-                        time.sleep(min(left, _LOCK_TICK))
-                        if applied is not None and applied(step.lock) != step.since:
-                            break
-                    step = op.send(None)
-                    continue
-                try:
-                    res = step(client)
-                except BaseException as e:
-                    step = op.throw(e)
-                else:
-                    step = op.send(res)
-        except StopIteration as stop:
-            return stop.value
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            yield min(left, _LOCK_TICK)
+            if applied is not None and applied(lock) != since:
+                return
 
-    async def _arun_pausing(self, op: _Op) -> Any:
-        """``_run_pausing`` on redis.asyncio, sleeping in ``asyncio.sleep`` (never blocking the
-        loop)."""
-        client = self._aclient()
-        applied = getattr(self._near, "applied_ns", None)
-        try:
-            step = next(op)
-            while True:
-                if type(step) is _Pause:
-                    end = time.monotonic() + step.seconds
-                    while (left := end - time.monotonic()) > 0:
-                        await asyncio.sleep(min(left, _LOCK_TICK))
-                        if applied is not None and applied(step.lock) != step.since:
-                            break
-                    step = op.send(None)
-                    continue
-                try:
-                    res = await step(client)
-                except BaseException as e:
-                    step = op.throw(e)
-                else:
-                    step = op.send(res)
-        except StopIteration as stop:
-            return stop.value
+    def _pause(self, seconds: float, lock: str, since: int | None) -> None:
+        """``_op_stampede``'s pause on the sync path: ``time.sleep`` (the GIL released)."""
+        for tick in self._ticks(seconds, lock, since):
+            time.sleep(tick)
+
+    async def _apause(self, seconds: float, lock: str, since: int | None) -> None:
+        """``_op_stampede``'s pause on the event loop: ``asyncio.sleep`` (never blocking it)."""
+        for tick in self._ticks(seconds, lock, since):
+            await asyncio.sleep(tick)
 
     def delete_many(self, keys: Iterable[Any], version: Any = None) -> None:
         """One DEL for every key."""
@@ -2674,28 +2780,26 @@ class NearCache(FillMixin, AsyncFillMixin, BaseCache):
         # `fill` holds the key's single-flight in this process; Redis's SET NX decides who stores.
         # With STAMPEDE_LOCK, the lock across processes too (as in `_fill`).
         lock = self._lock_for(key, default, timeout, version)
-        got = None
+        held = None
         if lock is not None:
             token = secrets.token_hex(16)
             try:
-                got = await self._arun_pausing(self._op_stampede(*lock, token))
+                got = await self._arun(self._op_stampede(*lock, token, self._apause))
             except asyncio.CancelledError:
                 # Cancelled while its SET NX was on the wire, the lock may be ours in Redis:
                 # free it (only if it is: compare-and-delete), not leave it to expire.
                 await self._arun(self._op_unlock(_Held(lock[1], token, os.getpid())))
                 raise
-            if type(got) is not _Held:
-                if got is not _UNLOCKED:
-                    return got  # the holder's value
-                got = None
-        if got is None:
-            return await self._afill_here(key, default, timeout, version, tags)
-        held = _HELD_LOCKS.set(_HELD_LOCKS.get() | {got.lock})
+            if type(got) is _Held:
+                held = got
+            elif got is not _UNLOCKED:
+                return got  # the holder's value
         try:
-            return await self._afill_here(key, default, timeout, version, tags)
+            with self._holding(held):
+                return await self._afill_here(key, default, timeout, version, tags)
         finally:
-            _HELD_LOCKS.reset(held)
-            await self._arun(self._op_unlock(got))
+            if held is not None:
+                await self._arun(self._op_unlock(held))
 
     async def _afill_here(
         self, key: Any, default: Any, timeout: Any, version: Any, tags: Any

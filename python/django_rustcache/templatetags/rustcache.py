@@ -2,11 +2,13 @@
 
 Django's ``{% cache %}`` plus tags: the fragment is stored with the tags (a comma-separated string
 or a list, from a literal or a variable), and is not stored if one of them was invalidated while
-it rendered.
+it rendered. A miss renders through the cache's ``get_or_set``, so concurrent misses of one
+fragment render it once (across processes too, with NearCache's ``STAMPEDE_LOCK``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from django.core.cache import InvalidCacheBackendError, caches
@@ -88,13 +90,15 @@ class TaggedCacheNode(Node):
         key = make_template_fragment_key(self.fragment_name, vary_on)
         value = cache.get(key)
         if value is None:
+            # A miss renders through get_or_set, as @cached fills: one render per process at a
+            # time (single-flight), one across processes with NearCache's STAMPEDE_LOCK, and the
+            # tags snapshotted before rendering (a fragment rendered while one of them was
+            # invalidated is returned but not stored).
             tags = _split_tags(self._resolve(self.tags, context)) if self.tags else []
-            snapshot = cache.snapshot_tags(tags) if tags else None
-            value = self.nodelist.render(context)
-            if snapshot is None:
-                cache.set(key, value, timeout)
-            else:
-                cache.set(key, value, timeout, tags=snapshot)
+            render = functools.partial(self.nodelist.render, context)
+            if tags:
+                return cache.get_or_set(key, render, timeout, tags=tags)
+            return cache.get_or_set(key, render, timeout)
         return value
 
 
