@@ -58,9 +58,9 @@ impl<V: Weigh> Store<V> {
 
     /// Gives a live entry a new expiry (a past one removes it); false if missing.
     ///
-    /// Gaining or losing a deadline changes the entry's charge by its share of the expiry index.
-    /// A gain is charged only if it fits under `limits.max_bytes` (touch evicts nothing); if it
-    /// does not, the entry keeps its old charge, short by that share.
+    /// A deadline beyond the header's 49 days takes a tail in a new block, which may change the
+    /// entry's charge. A gain is charged only if it fits under `limits.max_bytes` (touch evicts
+    /// nothing); if it does not, the entry keeps its old charge, short by that much.
     pub fn touch(&self, key: &str, expires: u64, limits: &Limits, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
         let mut shard = self.write(idx);
