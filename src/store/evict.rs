@@ -641,6 +641,25 @@ mod tests {
     }
 
     #[test]
+    fn an_eviction_takes_an_expired_entry_ahead_of_the_sweep_before_a_live_one() {
+        for policy in [Policy::S3Fifo, Policy::TinyLfu] {
+            let store: Store<Val> = Store::with_policy(1, policy);
+            let lim = limits(10, None);
+            // Slots 0-7 live: the insert's own sweep (8 slots) finds nothing there and stops.
+            for i in 0..8 {
+                set(&store, &format!("live{i}"), 1, &lim, 1);
+            }
+            for i in 0..2 {
+                store.set(&format!("old{i}"), Val(1), 100 * SEC, Vec::new(), &lim, 1);
+            }
+            set(&store, "new", 1, &lim, 200 * SEC);
+            let s = store.stats.snapshot();
+            assert_eq!((s.evictions, s.expirations), (0, 2), "{policy:?}");
+            assert!((0..8).all(|i| store.contains(&format!("live{i}"), 200 * SEC)));
+        }
+    }
+
+    #[test]
     fn s3_add_and_expired_sets_give_back_their_place() {
         let store = s3(4);
         let lim = limits(3, None);
