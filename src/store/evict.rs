@@ -1226,4 +1226,71 @@ mod shuttle_tests {
         check(ITERATIONS, || tagged(Policy::S3Fifo, 1));
         check(ITERATIONS, || tagged(Policy::S3Fifo, 2));
     }
+
+    /// Expired entries reclaimed by concurrent writes (each sweeping its shard and the next),
+    /// `purge_expired` and reads of them: a store of two shards with six entries expired at
+    /// 10 s and two live ones; one thread writes two new keys, one reads the live and an expired
+    /// key, one purges. No expired value is served, a live one always is; every expired entry
+    /// leaves once (counted once, dropped once); the books and the count stay exact.
+    fn expiry(policy: Policy) {
+        let tally = Tally::default();
+        let store: Store<Num> = Store::with_policy(2, policy);
+        let lim = limits(100, None);
+        let now = 10 * SEC;
+        for i in 0..6 {
+            let v = tally.num(100 + i, 8);
+            store.set(&format!("e{i}"), v, 5 * SEC, Vec::new(), &lim, 1);
+        }
+        for i in 0..2 {
+            store.set(
+                &format!("live{i}"),
+                tally.num(i, 8),
+                NEVER,
+                Vec::new(),
+                &lim,
+                1,
+            );
+        }
+        scope(|s| {
+            s.spawn(|| {
+                for i in 0..2 {
+                    let put = store.set(
+                        &format!("a{i}"),
+                        tally.num(9, 8),
+                        NEVER,
+                        Vec::new(),
+                        &lim,
+                        now,
+                    );
+                    assert_eq!(put, Put::Stored);
+                }
+            });
+            s.spawn(|| {
+                assert_eq!(store.get("live0", now, |v| v.n), Some(0));
+                assert_eq!(store.get("e0", now, |v| v.n), None);
+                assert_eq!(store.get("live1", now, |v| v.n), Some(1));
+            });
+            s.spawn(|| {
+                store.purge_expired(now, 2);
+            });
+        });
+        assert_eq!((held(&store), store.bytes()), (store.len(), books(&store)));
+        // Enough sweeps to pass both shards whole: every expired entry is gone, once.
+        for _ in 0..8 {
+            store.purge_expired(now, 2);
+        }
+        assert_eq!((store.len(), held(&store)), (4, 4));
+        assert_eq!(store.stats.snapshot().expirations, 6);
+        assert_eq!(store.bytes(), books(&store));
+        assert_eq!(tally.alive(), 4, "an expired value dropped twice, or never");
+        store.clear();
+        assert_eq!((store.len(), tally.alive()), (0, 0));
+    }
+
+    #[test]
+    fn expired_entries_leave_once_under_concurrent_sweeps_reads_and_purges() {
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            check(ITERATIONS / 3, move || expiry(policy));
+        }
+    }
 }
