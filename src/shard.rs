@@ -529,7 +529,8 @@ impl<V> Shard<V> {
     #[inline]
     fn forget_deadline(&mut self, expires: u64) {
         if expires != NEVER {
-            self.timed -= 1;
+            debug_assert!(self.timed > 0, "a deadline forgotten twice");
+            self.timed = self.timed.saturating_sub(1);
             if self.timed == 0 {
                 self.earliest = NEVER;
                 self.pass_min = NEVER;
