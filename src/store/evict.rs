@@ -12,13 +12,16 @@ const EVICT_PER_INSERT: usize = 2;
 /// W-TinyLFU's sketches take at most 1/`SKETCH_SHARE` of `MAX_BYTES` (each shard's its share).
 const SKETCH_SHARE: u64 = 4;
 
-/// Slots of a shard one round of the expiry sweep checks (one entry header read each).
-const SWEEP_SLOTS: u32 = 8;
+/// Slots of a shard one round of the expiry sweep checks (one entry header read each, a cache
+/// miss in a large store: a write sweeps its own shard and the next, so 8 misses a write while
+/// the sweep has work).
+const SWEEP_SLOTS: u32 = 4;
 
 /// Rounds one sweep of a shard may take: another round follows while at least
-/// `SWEEP_AGAIN` of the last round's slots held expired entries (expired entries are dense
-/// there), so a sweep checks at most `SWEEP_SLOTS * SWEEP_ROUNDS` slots.
-const SWEEP_ROUNDS: u32 = 4;
+/// `SWEEP_AGAIN` of the last round's slots held expired entries (a quarter, as Redis's active
+/// expiry goes on while more than a quarter of its sample had expired), so a sweep checks at
+/// most `SWEEP_SLOTS * SWEEP_ROUNDS` slots and reclaims as many where they are dense.
+const SWEEP_ROUNDS: u32 = 8;
 const SWEEP_AGAIN: u32 = SWEEP_SLOTS / 4;
 
 /// Slots ahead of the sweep cursor an eviction checks for an expired entry before it evicts a
@@ -645,7 +648,7 @@ mod tests {
         for policy in [Policy::S3Fifo, Policy::TinyLfu] {
             let store: Store<Val> = Store::with_policy(1, policy);
             let lim = limits(10, None);
-            // Slots 0-7 live: the insert's own sweep (8 slots) finds nothing there and stops.
+            // Slots 0-7 live: the insert's own sweep (4 slots) finds nothing there and stops.
             for i in 0..8 {
                 set(&store, &format!("live{i}"), 1, &lim, 1);
             }
