@@ -41,7 +41,6 @@ impl<V: Weigh> Store<V> {
     pub fn delete(&self, key: &str, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
         let mut shard = self.write(idx);
-        self.reclaim(&mut shard, now);
         self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => {
@@ -53,6 +52,7 @@ impl<V: Weigh> Store<V> {
             Lookup::Absent => false,
         };
         drop(shard);
+        self.sweep_next(now);
         out
     }
 
@@ -240,7 +240,6 @@ impl<V: Weigh> Store<V> {
             return Put::Exists;
         }
         let mut shard = self.write(idx);
-        self.reclaim(&mut shard, now);
         if !self.fill_take(idx, key, fill, now) {
             // A fill whose placeholder a removal, write or flush of the key took away.
             drop(shard);
