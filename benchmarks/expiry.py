@@ -4,7 +4,7 @@ Three stores of each backend hold ``--entries`` live keys (timeout 3600) each. I
 expires (RustCache's sweep is idle: no deadline has passed). In "expired" as many other keys
 (timeout 1, interleaved) have expired before timing starts and were never read. In "churn" as many
 other keys expire one after the other throughout the run (timeouts of 2 to 61 s): RustCache's
-sweep works on every write (16 header reads and more where expired entries are dense). Prints
+sweep works on every write (4 header reads, more where expired entries are dense). Prints
 nanoseconds per ``get`` (hits), ``set`` (overwriting live keys) and ``set`` of new keys, and the
 ratio LocMemCache / RustCache (higher is better for RustCache). The minimum over ``--repeats``.
 
