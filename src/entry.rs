@@ -255,12 +255,6 @@ pub fn rounded_deadline(ns: u64) -> u64 {
     }
 }
 
-/// The whole second (since the clock's epoch) of a deadline, as the expiry index orders it.
-#[inline]
-pub fn second_of(ns: u64) -> u32 {
-    u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
-}
-
 /// The size of the block `Entry::new` allocates for `key` and `value`, with stamps or not and
 /// deadline `expires`, once a compute time of `delta_ns` (0: none) is recorded.
 pub fn planned_size<V: Pack>(
@@ -1008,8 +1002,6 @@ mod tests {
         assert_eq!(e.block_size(), near_block + 8);
         let e = e.reshaped(NEVER, 0, None);
         assert_eq!((e.expires(), e.block_size()), (NEVER, near_block));
-        assert_eq!(second_of(2_999_999_999), 2);
-        assert_eq!(second_of(NEVER - 1), u32::MAX);
     }
 
     #[test]

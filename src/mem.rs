@@ -25,11 +25,6 @@ pub const fn malloc_chunk(n: usize) -> usize {
 /// write per 64 of its slots (hashbrown's own resize held both for one insert); it is not charged.
 pub const TABLE_CELL: usize = 8;
 
-/// An entry's share of the expiry index: one `(second, slot)` element (8 bytes) in a shard's
-/// binary heap. Stale elements (of entries gone or given another deadline, at most as many as
-/// live ones and usually few) are not charged.
-pub const EXPIRY_SHARE: usize = 8;
-
 /// A record of S3-FIFO's ghost (`ghost::Ghost`): a `(hash, seq)` element of its FIFO (16 bytes,
 /// a `VecDeque` that doubles: ~1.5 slots a record) and a cell of its `HashMap<u64, u64>` (16
 /// bytes and a control byte, ~1.6 buckets a record as for `TABLE_CELL`). The ghost holds at most

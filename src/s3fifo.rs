@@ -296,16 +296,17 @@ mod tests {
     }
 
     #[test]
-    fn expired_entries_leave_through_the_expiry_index_from_either_queue() {
+    fn expired_entries_leave_through_the_sweep_from_either_queue() {
         let mut s: Shard<u32> = Shard::default();
         const SEC: u64 = 1_000_000_000;
         let small = s.insert_in(entry("s", 10 * SEC), s.hash("s"), Queue::Small);
         s.insert_in(entry("m", 20 * SEC), s.hash("m"), Queue::Main);
         s.insert_in(entry("live", NEVER), s.hash("live"), Queue::Small);
         s.entry(small).hit();
-        assert_eq!(s.pop_expired(15 * SEC).unwrap().key(), "s");
-        assert_eq!(s.pop_expired(25 * SEC).unwrap().key(), "m");
-        assert!(s.pop_expired(1000 * SEC).is_none());
+        let mut budget = 3;
+        assert_eq!(s.pop_swept(15 * SEC, &mut budget).unwrap().key(), "s");
+        assert_eq!(s.pop_swept(25 * SEC, &mut budget).unwrap().key(), "m");
+        assert!(s.pop_swept(1000 * SEC, &mut budget).is_none());
         assert_eq!(s.queue_len(Queue::Small), 1);
         assert_eq!(s.queue_len(Queue::Main), 0);
         assert_eq!(s.evict_s3().unwrap().key(), "live");

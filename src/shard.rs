@@ -1,8 +1,15 @@
 //! One shard of the store: a hash table of slot numbers into a slab of entries (8-byte pointers
 //! to their blocks, see `entry.rs`), threaded on intrusive queues (the "lru" policy uses one,
-//! kept in recency order; S3-FIFO uses two, see `s3fifo.rs`), with a heap of expiry seconds
-//! (earliest first). An entry keeps its key and, for a small immutable value, the value's bytes in
-//! its block; it keeps no hash.
+//! kept in recency order; S3-FIFO uses two, see `s3fifo.rs`). An entry keeps its key and, for a
+//! small immutable value, the value's bytes in its block; it keeps no hash.
+//!
+//! Expiry costs no memory per entry: there is no index of deadlines. A sweep cursor walks the slab
+//! (contiguous: each slot checked costs one read of its entry's header, where the deadline is) a
+//! bounded number of slots at a time (`pop_swept`, driven by the store's writes), removing the
+//! expired entries it passes, and wraps around. The shard keeps a lower bound of its entries'
+//! deadlines (`earliest`), lowered by every deadline put in and raised to the least deadline the
+//! sweep saw when it completes a pass, so that sweeping costs nothing while no entry can have
+//! expired. Reads never depend on it: each checks its entry's exact deadline.
 //!
 //! The table grows incrementally (as Redis's dict does): when it is full, a table of twice the
 //! capacity takes over and the full one is kept as `old`; each later insert or removal copies the
@@ -14,14 +21,10 @@
 //! Nothing here locks or allocates Python objects: the store wraps each shard in a lock and drops
 //! what a shard hands back only after unlocking.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-
 use ahash::RandomState;
 use hashbrown::HashTable;
 
 use crate::clock::NEVER;
-use crate::entry::second_of;
 pub use crate::entry::{Entry, Queue};
 use crate::ghost::Ghost;
 use crate::stored_key::StoredKey;
@@ -91,14 +94,15 @@ pub struct Shard<V> {
     pub(crate) ghost: Ghost,
     /// The frequency sketch and window climber (W-TinyLFU only; empty otherwise).
     pub(crate) tiny: TinyLfu,
-    /// `(second, slot)` of the entries that have a deadline, earliest second on top: 8 bytes an
-    /// entry. Coarse: within a second the order is by slot, so `pop_expired` checks each entry's
-    /// exact deadline. Lazy: an element whose entry left or got another deadline stays (stale)
-    /// until it reaches the top, where it is dropped, or until stale elements outnumber live ones
-    /// and the heap is rebuilt.
-    expiries: BinaryHeap<Reverse<(u32, u32)>>,
-    /// Stale elements in `expiries`, and elements of live entries.
-    stale: usize,
+    /// The next slot the expiry sweep checks (see `pop_swept`).
+    sweep: u32,
+    /// No entry of the shard expires before `earliest` (`NEVER` when none has a deadline): every
+    /// deadline put in lowers it; the sweep raises it to `pass_min` each time it wraps around.
+    earliest: u64,
+    /// A lower bound of the deadlines of the entries at slots below `sweep` (those the sweep
+    /// passed in this pass, and those put in since: every deadline put in lowers it too).
+    pass_min: u64,
+    /// Entries that have a deadline.
     timed: usize,
     len: usize,
 }
@@ -127,8 +131,9 @@ impl<V> Shard<V> {
             queues: [EMPTY; 2],
             ghost: Ghost::default(),
             tiny: TinyLfu::default(),
-            expiries: BinaryHeap::new(),
-            stale: 0,
+            sweep: 0,
+            earliest: NEVER,
+            pass_min: NEVER,
             timed: 0,
             len: 0,
         }
@@ -328,7 +333,7 @@ impl<V> Shard<V> {
                 Some(e) => e.key().hash_with(hasher),
                 None => 0,
             });
-        self.index_expiry(slot, expires);
+        self.note_deadline(expires);
         self.len += 1;
         slot
     }
@@ -341,18 +346,9 @@ impl<V> Shard<V> {
 
     /// `remove` for a caller that has the key's hash already.
     pub fn remove_hashed(&mut self, slot: u32, hash: u64) -> Entry<V> {
-        self.take(slot, hash, false)
-    }
-
-    /// Removes the entry at `slot`; `popped`: its expiry element is already off the heap.
-    fn take(&mut self, slot: u32, hash: u64, popped: bool) -> Entry<V> {
         let expires = self.entry(slot).expires();
         self.unlink(slot);
-        if popped {
-            self.timed = self.timed.saturating_sub(1);
-        } else {
-            self.unindex_expiry(expires);
-        }
+        self.forget_deadline(expires);
         // An entry only in the old table leaves its cell there (stale, see `old`).
         if !self.only_in_old(slot) {
             match self.table.find_entry(hash, |&s| s == slot) {
@@ -370,7 +366,7 @@ impl<V> Shard<V> {
     }
 
     /// Replaces the entry at `slot` by `f(entry)`, which keeps its key and its place in the
-    /// queues (its links: see `Entry::reshaped`); the expiry index follows a new deadline.
+    /// queues (its links: see `Entry::reshaped`); a new deadline lowers the shard's bound.
     pub fn replace_with(&mut self, slot: u32, f: impl FnOnce(Entry<V>) -> Entry<V>) {
         let old = self.slots[slot as usize]
             .take()
@@ -380,8 +376,8 @@ impl<V> Shard<V> {
         let after = new.expires();
         self.slots[slot as usize] = Some(new);
         if before != after {
-            self.unindex_expiry(before);
-            self.index_expiry(slot, after);
+            self.forget_deadline(before);
+            self.note_deadline(after);
         }
     }
 
@@ -423,21 +419,6 @@ impl<V> Shard<V> {
         self.queues[queue as usize].len
     }
 
-    /// When the shard next has an entry to reclaim (`NEVER` if none has a deadline): the exact
-    /// deadline of the entry on top of the expiry index, or the start of its second when that
-    /// element is stale. (Another entry of the same second may expire first; reads check every
-    /// entry's own deadline, so this only decides when to reclaim.)
-    #[inline]
-    pub fn next_expiry(&self) -> u64 {
-        match self.expiries.peek() {
-            None => NEVER,
-            Some(&Reverse((second, slot))) if self.indexed(slot, second) => {
-                self.entry(slot).expires()
-            }
-            Some(&Reverse((second, _))) => u64::from(second) * 1_000_000_000,
-        }
-    }
-
     /// Gives the entry at `slot` a new deadline (in a new block if the deadline needs the
     /// tail's far field, or leaves it).
     pub fn set_expiry(&mut self, slot: u32, expires: u64) {
@@ -451,37 +432,65 @@ impl<V> Shard<V> {
         self.front(Queue::Main).map(|s| self.remove(s))
     }
 
-    /// Removes one entry whose deadline has passed, if any (earliest second first). Stops at an
-    /// entry of the current second not yet expired (reads check every entry's exact deadline,
-    /// so an expired entry behind it is never served). O(1) when none has expired.
+    /// Whether an entry of the shard may have expired by `now` (false: none has, for sure).
     #[inline]
-    pub fn pop_expired(&mut self, now: u64) -> Option<Entry<V>> {
-        let now_second = second_of(now);
-        loop {
-            let &Reverse((second, slot)) = self.expiries.peek()?;
-            if second > now_second {
-                return None;
-            }
-            if self.indexed(slot, second) {
-                if !self.entry(slot).is_expired(now) {
-                    return None;
-                }
-                self.expiries.pop();
-                let hash = self.hash(self.entry(slot).key());
-                return Some(self.take(slot, hash, true));
-            }
-            self.expiries.pop();
-            self.stale = self.stale.saturating_sub(1);
-        }
+    pub fn may_have_expired(&self, now: u64) -> bool {
+        self.earliest <= now
     }
 
-    /// Whether `(second, slot)` in the heap is the element of the entry now at `slot`. (A
-    /// stale element that matches a later entry at the same slot with a deadline in the very
-    /// same second stands for that entry correctly.)
-    #[inline]
-    fn indexed(&self, slot: u32, second: u32) -> bool {
-        matches!(self.slots.get(slot as usize), Some(Some(e))
-            if e.expires() != NEVER && second_of(e.expires()) == second)
+    /// Moves the sweep cursor on, one slot per unit of `budget`, until it passes an entry
+    /// expired by `now`, which it removes and returns; `None` once `budget` is spent or no entry
+    /// can have expired (then it costs nothing). Each slot checked reads its entry's deadline
+    /// (one header read); an expired entry is removed whatever queue it is in. On wrapping around
+    /// the slab, the least deadline seen in the pass becomes the shard's bound (`earliest`).
+    pub fn pop_swept(&mut self, now: u64, budget: &mut u32) -> Option<Entry<V>> {
+        while *budget > 0 {
+            if self.earliest > now {
+                return None;
+            }
+            if self.sweep as usize >= self.slots.len() {
+                // A whole pass: every entry left was passed (or put in since) and lowered
+                // `pass_min` to at most its deadline.
+                self.earliest = self.pass_min;
+                self.pass_min = NEVER;
+                self.sweep = 0;
+                if self.slots.is_empty() || self.earliest > now {
+                    return None;
+                }
+            }
+            let slot = self.sweep;
+            self.sweep += 1;
+            *budget -= 1;
+            if let Some(e) = &self.slots[slot as usize] {
+                let expires = e.expires();
+                if expires <= now {
+                    return Some(self.remove(slot));
+                }
+                self.pass_min = self.pass_min.min(expires);
+            }
+        }
+        None
+    }
+
+    /// Removes every entry expired by `now` (a scan of the whole slab: for Django's cull, which
+    /// is O(n) anyway) and tightens the shard's bound to the least deadline left.
+    pub fn expire_all(&mut self, now: u64, out: &mut Vec<Entry<V>>) {
+        if !self.may_have_expired(now) {
+            return;
+        }
+        let mut least = NEVER;
+        for slot in 0..self.slots.len() as u32 {
+            if let Some(e) = &self.slots[slot as usize] {
+                let expires = e.expires();
+                if expires <= now {
+                    out.push(self.remove(slot));
+                } else {
+                    least = least.min(expires);
+                }
+            }
+        }
+        self.earliest = least;
+        self.pass_min = least;
     }
 
     /// Every entry, in slot order.
@@ -530,46 +539,28 @@ impl<V> Shard<V> {
         self.queues[q].len += 1;
     }
 
-    fn index_expiry(&mut self, slot: u32, expires: u64) {
+    /// Counts an entry with deadline `expires` coming in (or an entry given it).
+    #[inline]
+    fn note_deadline(&mut self, expires: u64) {
         if expires != NEVER {
-            self.expiries.push(Reverse((second_of(expires), slot)));
             self.timed += 1;
+            self.earliest = self.earliest.min(expires);
+            self.pass_min = self.pass_min.min(expires);
         }
     }
 
-    /// Marks the element of an entry leaving `slot` (or changing its deadline) as stale; rebuilds
-    /// the heap once stale elements outnumber live ones (amortized O(1) a removal).
-    fn unindex_expiry(&mut self, expires: u64) {
+    /// Counts an entry with deadline `expires` leaving (or giving it up); with no deadline left
+    /// in the shard, the bound is `NEVER` again.
+    #[inline]
+    fn forget_deadline(&mut self, expires: u64) {
         if expires != NEVER {
-            self.stale += 1;
+            debug_assert!(self.timed > 0, "a deadline forgotten twice");
             self.timed = self.timed.saturating_sub(1);
-            if self.stale > 64 && self.stale > self.timed {
-                self.compact_expiries();
+            if self.timed == 0 {
+                self.earliest = NEVER;
+                self.pass_min = NEVER;
             }
         }
-    }
-
-    /// Rebuilds the heap with one element per timed entry. A stale element can look like the
-    /// element of a later entry at the same slot with a deadline in the same second (a key
-    /// overwritten again and again, its slot reused): such duplicates go too.
-    fn compact_expiries(&mut self) {
-        let mut v = std::mem::take(&mut self.expiries).into_vec();
-        let mut seen = vec![0u64; self.slots.len().div_ceil(64)];
-        v.retain(|&Reverse((second, slot))| {
-            if !self.indexed(slot, second) {
-                return false;
-            }
-            // Every element kept for a slot is the same `(second, slot)`: keep the first.
-            let (word, bit) = (slot as usize / 64, 1u64 << (slot % 64));
-            let first = seen[word] & bit == 0;
-            seen[word] |= bit;
-            first
-        });
-        if v.capacity() > 2 * v.len() {
-            v.shrink_to_fit();
-        }
-        self.expiries = BinaryHeap::from(v);
-        self.stale = self.expiries.len() - self.timed.min(self.expiries.len());
     }
 }
 
@@ -710,44 +701,160 @@ mod tests {
         assert!(s.is_empty());
     }
 
+    /// Sweeps `s` at `now` with budgets of `step` slots until a call finds nothing: the keys
+    /// removed, in the order the sweep found them.
+    fn sweep_all(s: &mut Shard<u32>, now: u64, step: u32) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..=s.slots.len() + 1 {
+            let mut budget = step;
+            while let Some(e) = s.pop_swept(now, &mut budget) {
+                out.push(e.key().to_string());
+            }
+        }
+        out
+    }
+
     #[test]
-    fn expiry_index_pops_in_order_and_tracks_changes() {
+    fn the_sweep_removes_expired_entries_and_tracks_changed_deadlines() {
         let mut s: Shard<u32> = Shard::default();
         let a = put(&mut s, "a", 50 * SEC);
         put(&mut s, "b", 20 * SEC);
         put(&mut s, "c", NEVER);
-        assert!(s.pop_expired(10 * SEC).is_none());
-        assert_eq!(s.next_expiry(), 20 * SEC);
-        assert_eq!(s.pop_expired(30 * SEC).unwrap().key(), "b");
-        assert!(s.pop_expired(30 * SEC).is_none());
+        assert!(!s.may_have_expired(19 * SEC));
+        assert!(sweep_all(&mut s, 10 * SEC, 4).is_empty());
+        assert_eq!(sweep_all(&mut s, 30 * SEC, 4), ["b"]);
         s.set_expiry(a, NEVER);
-        assert!(s.pop_expired(1000 * SEC).is_none());
+        assert!(sweep_all(&mut s, 1000 * SEC, 4).is_empty());
         s.set_expiry(a, 5 * SEC);
-        assert_eq!(s.pop_expired(6 * SEC).unwrap().key(), "a");
+        assert!(
+            s.may_have_expired(5 * SEC),
+            "a new deadline lowers the bound"
+        );
+        assert_eq!(sweep_all(&mut s, 6 * SEC, 4), ["a"]);
         assert_eq!(s.len(), 1);
-        assert_eq!(s.next_expiry(), NEVER);
+        assert!(!s.may_have_expired(NEVER - 1), "no deadline left");
     }
 
     #[test]
-    fn within_a_second_each_deadline_is_exact() {
+    fn each_deadline_is_exact_to_the_millisecond() {
         let mut s: Shard<u32> = Shard::default();
-        // Slot order puts the later deadline on top of the coarse heap.
         put(&mut s, "late", 7 * SEC + 900 * MS);
         put(&mut s, "early", 7 * SEC + 100 * MS);
-        let now = 7 * SEC + 500 * MS;
-        // The top of the heap has not expired: reclaiming stops there, and removes nothing
-        // before its time.
-        assert!(s.pop_expired(now).is_none());
-        assert_eq!(s.len(), 2);
-        assert!(s.iter().any(|e| e.key() == "early" && e.is_expired(now)));
-        let gone: Vec<String> = std::iter::from_fn(|| s.pop_expired(8 * SEC))
-            .map(|e| e.key().to_string())
-            .collect();
-        assert_eq!(gone.len(), 2);
+        assert_eq!(sweep_all(&mut s, 7 * SEC + 500 * MS, 1), ["early"]);
+        assert_eq!(
+            sweep_all(&mut s, 7 * SEC + 900 * MS - 1, 1),
+            Vec::<String>::new()
+        );
+        assert_eq!(sweep_all(&mut s, 7 * SEC + 900 * MS, 1), ["late"]);
         // A deadline is rounded down to the millisecond: gone once the asked one has passed.
         put(&mut s, "ns", 3 * SEC + MS - 1);
-        assert!(s.pop_expired(3 * SEC - 1).is_none());
-        assert_eq!(s.pop_expired(3 * SEC + MS - 1).unwrap().key(), "ns");
+        assert!(sweep_all(&mut s, 3 * SEC - 1, 1).is_empty());
+        assert_eq!(sweep_all(&mut s, 3 * SEC + MS - 1, 1), ["ns"]);
+    }
+
+    #[test]
+    fn a_sweep_checks_no_more_slots_than_its_budget() {
+        let mut s: Shard<u32> = Shard::default();
+        for i in 0..1_000u64 {
+            put(&mut s, &format!("k{i}"), (1 + i % 2) * SEC);
+        }
+        // Every second entry has expired: 10 slots hold 5 of them.
+        let mut budget = 10;
+        let mut n = 0;
+        while s.pop_swept(SEC, &mut budget).is_some() {
+            n += 1;
+        }
+        assert_eq!((n, budget, s.len()), (5, 0, 995));
+        // Everything has expired: a budget of 10 takes 10 entries, and 100 calls take the rest.
+        for _ in 0..100 {
+            let before = s.len();
+            let mut budget = 10;
+            while s.pop_swept(2 * SEC, &mut budget).is_some() {}
+            assert!(before - s.len() <= 10);
+        }
+        assert!(s.is_empty(), "{} left", s.len());
+    }
+
+    #[test]
+    fn the_bound_is_free_while_nothing_can_have_expired() {
+        let mut s: Shard<u32> = Shard::default();
+        for i in 0..100u64 {
+            put(&mut s, &format!("k{i}"), (100 + i) * SEC);
+        }
+        // Nothing expires before 100 s: a sweep spends nothing and moves no cursor.
+        let mut budget = 10;
+        assert!(s.pop_swept(99 * SEC, &mut budget).is_none());
+        assert_eq!((budget, s.sweep), (10, 0));
+        // At 150 s the sweep works; once a pass completes, the bound is the least deadline left.
+        let gone = sweep_all(&mut s, 150 * SEC, 7);
+        assert_eq!(gone.len(), 51);
+        assert_eq!(s.earliest, 151 * SEC);
+        assert!(!s.may_have_expired(150 * SEC + 999 * MS));
+    }
+
+    #[test]
+    fn the_bound_stays_below_every_deadline_under_random_operations() {
+        let mut rng = Rng(0x5DEE_CE66_D1CE_4E5B);
+        let mut s: Shard<u32> = Shard::default();
+        let mut model: HashMap<String, (u32, u64)> = HashMap::new();
+        let mut now = SEC;
+        for _ in 0..20_000 {
+            let key = format!("k{}", rng.below(500));
+            let deadline = match rng.below(4) {
+                0 => NEVER,
+                _ => now + rng.below(50) * 100 * MS,
+            };
+            match rng.below(8) {
+                0..=3 => {
+                    if let Some((slot, _)) = model.remove(&key) {
+                        s.remove(slot);
+                    }
+                    let slot = put(&mut s, &key, deadline);
+                    model.insert(key, (slot, deadline));
+                }
+                4 => {
+                    if let Some((slot, _)) = model.remove(&key) {
+                        s.remove(slot);
+                    }
+                }
+                5 => {
+                    if let Some(&(slot, _)) = model.get(&key) {
+                        s.set_expiry(slot, deadline);
+                        model.insert(key, (slot, deadline));
+                    }
+                }
+                _ => {
+                    now += rng.below(3) * 100 * MS;
+                    let mut budget = 1 + rng.below(20) as u32;
+                    while let Some(e) = s.pop_swept(now, &mut budget) {
+                        let (_, d) = model.remove(&e.key().to_string()).expect("a stored key");
+                        assert!(d <= now, "{} removed before its deadline", e.key());
+                    }
+                }
+            }
+            let least = model.values().map(|&(_, d)| d).min().unwrap_or(NEVER);
+            assert!(s.earliest <= least, "the bound passed a deadline");
+            assert_eq!(s.len(), model.len());
+        }
+        // Once the sweep has passed the whole slab, nothing expired is left.
+        now += 10 * SEC;
+        let gone = sweep_all(&mut s, now, 64);
+        let expired = model.values().filter(|&&(_, d)| d <= now).count();
+        assert_eq!(gone.len(), expired);
+        assert!(s.iter().all(|e| !e.is_expired(now)));
+    }
+
+    #[test]
+    fn expire_all_takes_every_expired_entry_and_tightens_the_bound() {
+        let mut s: Shard<u32> = Shard::default();
+        for i in 0..300u64 {
+            put(&mut s, &format!("k{i}"), (1 + i % 3) * SEC);
+        }
+        let mut out = Vec::new();
+        s.expire_all(2 * SEC, &mut out);
+        assert_eq!((out.len(), s.len()), (200, 100));
+        assert_eq!(s.earliest, 3 * SEC);
+        assert!(s.iter().all(|e| e.expires() == 3 * SEC));
     }
 
     #[test]
@@ -760,82 +867,12 @@ mod tests {
         s.set_expiry(slots[1], far);
         assert_eq!(s.entry(slots[1]).expires(), far);
         assert_eq!(s.find(s.hash("k1"), "k1"), Some(slots[1]));
-        assert_eq!(s.next_expiry(), far);
+        assert!(!s.may_have_expired(far - 1) && s.may_have_expired(far));
         s.touch(slots[0]);
         let order: Vec<String> = std::iter::from_fn(|| s.pop_oldest())
             .map(|e| e.key().to_string())
             .collect();
         assert_eq!(order, ["k1", "k2", "k0"]);
-    }
-
-    #[test]
-    fn lazy_expiry_heap_stays_bounded_and_exact_under_churn() {
-        let mut s: Shard<u32> = Shard::default();
-        let slots: Vec<u32> = (0..100)
-            .map(|i| put(&mut s, &format!("k{i}"), (1_000 + i) * SEC))
-            .collect();
-        // Every deadline changes many times: each change leaves a stale element behind.
-        for round in 0..50u64 {
-            for (i, &slot) in slots.iter().enumerate() {
-                s.set_expiry(slot, (2_000 + round * 100 + (99 - i as u64)) * SEC);
-            }
-            assert!(
-                s.expiries.len() <= 2 * 100 + 65,
-                "{} elements",
-                s.expiries.len()
-            );
-        }
-        // Replace half of the entries (remove, then insert at the freed slots).
-        for i in (0..100).step_by(2) {
-            s.remove(slots[i]);
-            put(&mut s, &format!("n{i}"), (10_000 + i as u64) * SEC);
-        }
-        assert_eq!(s.next_expiry(), (2_000 + 49 * 100) * SEC);
-        // Expired entries come out earliest first, each once, and nothing else does.
-        let now = 7_000 * SEC;
-        let mut out = Vec::new();
-        while let Some(e) = s.pop_expired(now) {
-            out.push(e.expires());
-        }
-        assert_eq!(out.len(), 50);
-        assert!(out.windows(2).all(|w| w[0] <= w[1]));
-        assert!(out.iter().all(|&e| e <= now));
-        assert_eq!(s.len(), 50);
-        assert!(s.pop_expired(NEVER - 1).is_some());
-    }
-
-    #[test]
-    fn overwriting_a_key_within_a_second_keeps_the_heap_small() {
-        let mut s: Shard<u32> = Shard::default();
-        put(&mut s, "other", 9 * SEC);
-        for i in 0..10_000u64 {
-            // The same key, the same slot, a deadline in the same second each time.
-            if let Some(slot) = s.find(s.hash("k"), "k") {
-                s.remove(slot);
-            }
-            put(&mut s, "k", 5 * SEC + i * 10_000);
-            assert!(
-                s.expiries.len() <= 2 * 2 + 65,
-                "{} elements",
-                s.expiries.len()
-            );
-        }
-        // Stale elements of other seconds for the same slot do not hide the live one.
-        for i in 0..100u64 {
-            let slot = s.find(s.hash("k"), "k").unwrap();
-            s.set_expiry(slot, (20 + i) * SEC);
-        }
-        let slot = s.find(s.hash("k"), "k").unwrap();
-        s.set_expiry(slot, 5 * SEC + 500 * MS);
-        assert!(
-            s.expiries.len() <= 2 * 2 + 65,
-            "{} elements",
-            s.expiries.len()
-        );
-        assert_eq!(s.pop_expired(6 * SEC).unwrap().key(), "k");
-        assert!(s.pop_expired(6 * SEC).is_none());
-        assert_eq!(s.pop_expired(9 * SEC).unwrap().key(), "other");
-        assert!(s.expiries.is_empty() || s.pop_expired(NEVER - 1).is_none());
     }
 
     /// A small deterministic generator (xorshift64*), so that the randomized tests are seeded
@@ -1044,7 +1081,8 @@ mod tests {
         }
         assert_eq!(s.drain().len(), 10);
         assert!(s.is_empty());
-        assert!(s.pop_expired(NEVER - 1).is_none());
+        assert!(!s.may_have_expired(NEVER - 1));
+        assert!(sweep_all(&mut s, NEVER - 1, 4).is_empty());
         put(&mut s, "again", NEVER);
         assert_eq!(s.len(), 1);
     }

@@ -170,6 +170,29 @@ def test_s3fifo_prefers_expired_entries_as_victims(s3: Callable[..., RustCache])
     assert stats["evictions"] == 0 and stats["expirations"] == 150
 
 
+@pytest.mark.parametrize("policy", ["tinylfu", "lru", "s3fifo"])
+def test_writes_to_other_keys_reclaim_a_large_store_of_expired_entries(policy: str) -> None:
+    """Expired entries nobody reads again are reclaimed by the sweep that writes drive: after
+    `n` entries expire, `n // 8` writes to 100 other keys leave only those (16 shards)."""
+    cache = make(policy=policy, MAX_ENTRIES=2_000_000)
+    n = 40_000
+    for i in range(n):
+        cache.set(f"gone{i}", b"x" * 100, timeout=1)
+    full = cache.stats()
+    time.sleep(1.1)  # the last one set expires 1 s after it was set
+    for i in range(n // 8):
+        cache.set(f"other{i % 100}", b"y" * 100)
+    stats = cache.stats()
+    assert stats["entries"] == 100
+    assert stats["expirations"] == n and stats["evictions"] == 0
+    one = make(policy="lru")
+    one.set("gone0", b"x" * 100, timeout=1)
+    # Their bytes went too (all but the 100 new entries' worth; W-TinyLFU's sketch stays).
+    assert full["bytes"] - stats["bytes"] >= (n - 100) * one.stats()["bytes"]
+    assert all(cache.get(f"other{i}") == b"y" * 100 for i in range(100))
+    assert cache.get("gone0") is None
+
+
 # Scan resistance ---------------------------------------------------------------------------
 
 

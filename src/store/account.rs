@@ -6,13 +6,12 @@ use crate::sync::atomic::Ordering::Relaxed;
 use super::*;
 
 /// Bytes charged per entry besides its value: the slab slot, the hash-table cell, the entry's
-/// block (`block` bytes: header, tail, key and payload), the expiry index's share if it has a
-/// deadline, and its tag stamps. See `mem.rs`. (Its places in the tags' member lists are counted
-/// with the tags, `TagTable::bytes`, as those lists really are.)
-pub fn entry_overhead(block: usize, tags: usize, timed: bool) -> u64 {
-    let expiry = if timed { EXPIRY_SHARE } else { 0 };
+/// block (`block` bytes: header, tail, key and payload; a deadline lives there, and expiry has
+/// no index: see `shard.rs`), and its tag stamps. See `mem.rs`. (Its places in the tags' member
+/// lists are counted with the tags, `TagTable::bytes`, as those lists really are.)
+pub fn entry_overhead(block: usize, tags: usize) -> u64 {
     let stamps = Stamps::heap_size(tags);
-    (SLOT_SIZE + TABLE_CELL + malloc_chunk(block) + expiry + stamps) as u64
+    (SLOT_SIZE + TABLE_CELL + malloc_chunk(block) + stamps) as u64
 }
 
 impl<V: Weigh> Store<V> {
@@ -21,23 +20,23 @@ impl<V: Weigh> Store<V> {
     /// At most `MAX_WEIGHT + 1` (an entry that cannot be stored, see `MAX_WEIGHT`).
     pub fn weigh(key: &str, value: &V, tags: usize, expires: u64) -> u64 {
         let block = planned_size::<V>(key, value, tags > 0, expires, 0);
-        Self::weigh_parts(value.weight(), block, tags, expires != NEVER)
+        Self::weigh_parts(value.weight(), block, tags)
     }
 
-    pub(super) fn weigh_parts(value: usize, block: usize, tags: usize, timed: bool) -> u64 {
-        let w = (value as u64).saturating_add(entry_overhead(block, tags, timed));
+    pub(super) fn weigh_parts(value: usize, block: usize, tags: usize) -> u64 {
+        let w = (value as u64).saturating_add(entry_overhead(block, tags));
         w.min(MAX_WEIGHT + 1)
     }
 
     /// Bytes charged for `e`: derived from the entry itself (its block, its value's weight, its
-    /// tags, whether it has a deadline) unless it carries a fixed charge (see `touch`).
+    /// tags) unless it carries a fixed charge (see `touch`).
     #[inline]
     pub fn charge(e: &Entry<V>) -> u64 {
         match e.fixed_weight() {
             Some(w) => w,
             None => {
-                let (block, tags, timed) = e.footprint();
-                Self::weigh_parts(e.value().weight(), block, tags, timed)
+                let (block, tags, _) = e.footprint();
+                Self::weigh_parts(e.value().weight(), block, tags)
             }
         }
     }
@@ -107,7 +106,8 @@ mod tests {
         // 48-byte malloc chunk; the 9th byte takes the next.
         assert_eq!(w("k", 0, NEVER), w(&"k".repeat(8), 0, NEVER));
         assert_eq!(w(&"k".repeat(9), 0, NEVER), w("k", 0, NEVER) + 16);
-        assert_eq!(w("k", 0, 5 * SEC), w("k", 0, NEVER) + EXPIRY_SHARE as u64);
+        // A deadline within the header's 49 days costs nothing more (expiry has no index).
+        assert_eq!(w("k", 0, 5 * SEC), w("k", 0, NEVER));
         assert!(w("k", 1, NEVER) > w("k", 0, NEVER) + std::mem::size_of::<TagStamp>() as u64);
         // A deadline beyond the header's 49 days takes 8 bytes of tail: the next chunk here.
         let far = 60 * 86_400 * SEC;
@@ -127,11 +127,11 @@ mod tests {
         assert_eq!(store.bytes(), w("k", 0, 50 * SEC));
         assert!(store.touch("k", NEVER, &lim, 1));
         assert_eq!(store.bytes(), w("k", 0, NEVER));
-        // Under a bound the deadline's share does not fit in, touch keeps the old charge.
+        // Under a bound the far deadline's tail does not fit in, touch keeps the old charge.
         let tight = limits(100, Some(store.bytes()));
-        assert!(store.touch("k", 60 * SEC, &tight, 1));
+        assert!(store.touch("k", far, &tight, 1));
         assert_eq!(store.bytes(), w("k", 0, NEVER));
-        assert_eq!(store.expiry("k", 1), Some(60 * SEC));
+        assert_eq!(store.expiry("k", 1), Some(far));
         // ... and gives it up once the derived one fits again.
         assert!(store.touch("k", NEVER, &tight, 1));
         assert_eq!(store.bytes(), w("k", 0, NEVER));

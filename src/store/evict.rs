@@ -12,32 +12,56 @@ const EVICT_PER_INSERT: usize = 2;
 /// W-TinyLFU's sketches take at most 1/`SKETCH_SHARE` of `MAX_BYTES` (each shard's its share).
 const SKETCH_SHARE: u64 = 4;
 
-/// Expired entries an operation reclaims in its own shard.
-const RECLAIM_PER_OP: usize = 2;
+/// Slots of a shard one round of the expiry sweep checks (one entry header read each, a cache
+/// miss in a large store: a write sweeps one shard, so 4 misses a write while the sweep has
+/// work).
+const SWEEP_SLOTS: u32 = 4;
+
+/// Rounds one sweep of a shard may take: another round follows while at least
+/// `SWEEP_AGAIN` of the last round's slots held expired entries (a quarter, as Redis's active
+/// expiry goes on while more than a quarter of its sample had expired), so a sweep checks at
+/// most `SWEEP_SLOTS * SWEEP_ROUNDS` slots and reclaims as many where they are dense.
+const SWEEP_ROUNDS: u32 = 8;
+const SWEEP_AGAIN: u32 = SWEEP_SLOTS / 4;
+
+/// Slots ahead of the sweep cursor an eviction checks for an expired entry before it evicts a
+/// live one.
+const EVICT_LOOK: u32 = 16;
 
 /// Times a `MAX_BYTES` reservation looks again for a victim when its scan of the shards found
 /// none but entries came in behind it (see `reserve`).
 const LOOKS_AGAIN: usize = 100;
 
 impl<V: Weigh> Store<V> {
-    /// Reclaims a few expired entries of this shard: expiry never needs a scan of the store.
+    /// Moves this shard's expiry sweep on (`Shard::pop_swept`), reclaiming the expired entries
+    /// it passes: `SWEEP_SLOTS` slots, and more rounds of as many while a round finds expired
+    /// entries dense (at least `SWEEP_AGAIN`), up to `SWEEP_ROUNDS` (the adaptive effort of
+    /// Redis's active expiry). Nothing at all while no entry of the shard can have expired.
     #[inline]
     pub(super) fn reclaim(&self, shard: &mut LockedShard<'_, V>, now: u64) {
-        for _ in 0..RECLAIM_PER_OP {
-            match shard.pop_expired(now) {
-                Some(e) => {
-                    self.len.fetch_sub(1, Relaxed);
-                    self.bytes.fetch_sub(Self::charge(&e), Relaxed);
-                    Stats::bump(&self.stats.expirations, 1);
-                    shard.bury(e);
-                }
-                None => break,
+        if !shard.may_have_expired(now) {
+            return;
+        }
+        for _ in 0..SWEEP_ROUNDS {
+            let mut budget = SWEEP_SLOTS;
+            let mut found = 0;
+            while let Some(e) = shard.pop_swept(now, &mut budget) {
+                self.len.fetch_sub(1, Relaxed);
+                self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                shard.bury(e);
+                found += 1;
+            }
+            Stats::bump(&self.stats.expirations, found as u64);
+            if found < SWEEP_AGAIN || budget > 0 {
+                break;
             }
         }
     }
 
-    /// Reclaims a few expired entries of the next shard in turn, if it is free: with the
-    /// reclaiming each operation does in its own shard, expired entries cannot pile up anywhere.
+    /// Sweeps the next shard in turn, if it is free (each insert and delete calls it once, after
+    /// unlocking its own shard): every shard's sweep moves on while the store is written to,
+    /// whatever keys are written, so expired entries cannot pile up anywhere (a shard of `n`
+    /// slots is swept whole within `n / SWEEP_SLOTS` sweeps of it).
     pub(super) fn sweep_next(&self, now: u64) {
         let idx = self.sweep.fetch_add(1, Relaxed) & (self.shards.len() - 1);
         if let Some(shard) = self.shards[idx].try_write() {
@@ -52,14 +76,15 @@ impl<V: Weigh> Store<V> {
     /// (rounded up) from its own least recently used end.
     pub(super) fn cull(&self, limits: &Limits, now: u64) {
         let mut all = self.lock_all();
+        let before = all.dead.len();
         for g in all.guard.iter_mut() {
-            while let Some(e) = g.pop_expired(now) {
-                self.len.fetch_sub(1, Relaxed);
-                self.bytes.fetch_sub(Self::charge(&e), Relaxed);
-                Stats::bump(&self.stats.expirations, 1);
-                all.dead.push(e);
-            }
+            g.expire_all(now, &mut all.dead);
         }
+        for e in &all.dead[before..] {
+            self.len.fetch_sub(1, Relaxed);
+            self.bytes.fetch_sub(Self::charge(e), Relaxed);
+        }
+        Stats::bump(&self.stats.expirations, (all.dead.len() - before) as u64);
         let len = self.len();
         if (len as i64) < limits.max_entries || len == 0 {
             return;
@@ -128,13 +153,16 @@ impl<V: Weigh> Store<V> {
         true
     }
 
-    /// Takes one entry off `shard` and the books, an expired one if any, else the policy's
-    /// victim (the least recently used under "lru"). The caller buries it (`Locked::bury`).
+    /// Takes one entry off `shard` and the books: an expired one if the sweep finds one within
+    /// `EVICT_LOOK` slots of its cursor, else the policy's victim (the least recently used under
+    /// "lru"; counted as an expiration if it has expired). The caller buries it
+    /// (`Locked::bury`).
     pub(super) fn evict_locked(&self, shard: &mut Shard<V>, now: u64) -> Option<Entry<V>> {
         // Ghost records before and after (S3-FIFO's ghost may remember the victim's hash and
         // forget older ones): they are charged like entries, so that MAX_BYTES bounds them too.
         let before = shard.ghost.records();
-        let e = if let Some(e) = shard.pop_expired(now) {
+        let mut budget = EVICT_LOOK;
+        let e = if let Some(e) = shard.pop_swept(now, &mut budget) {
             Stats::bump(&self.stats.expirations, 1);
             e
         } else {
@@ -143,7 +171,11 @@ impl<V: Weigh> Store<V> {
                 Policy::TinyLfu => shard.evict_tiny()?,
                 Policy::S3Fifo => shard.evict_s3()?,
             };
-            Stats::bump(&self.stats.evictions, 1);
+            if e.is_expired(now) {
+                Stats::bump(&self.stats.expirations, 1);
+            } else {
+                Stats::bump(&self.stats.evictions, 1);
+            }
             e
         };
         self.len.fetch_sub(1, Relaxed);
@@ -220,7 +252,6 @@ impl<V: Weigh> Store<V> {
         let mut replaced = None;
         let mut shard = loop {
             let mut shard = self.write(idx);
-            self.reclaim(&mut shard, now);
             if !self.fill_holds(idx, key, fill, now) {
                 drop(shard);
                 self.give_back(placed, charged, weight);
@@ -354,20 +385,18 @@ impl<V: Weigh> Store<V> {
         shard.tiny_grow(capacity);
     }
 
-    /// Removes expired entries across the store, a bounded number per shard; returns how many.
-    pub fn purge_expired(&self, now: u64, per_shard: usize) -> usize {
+    /// Moves every shard's expiry sweep on by up to `per_shard` slots, removing the expired
+    /// entries it passes (bounded work: a shard is swept whole by `len / per_shard` calls);
+    /// returns how many.
+    pub fn purge_expired(&self, now: u64, per_shard: u32) -> usize {
         let mut n = 0;
         for s in self.shards.iter() {
             let mut shard = Locked::new(s.write());
-            for _ in 0..per_shard {
-                match shard.pop_expired(now) {
-                    Some(e) => {
-                        self.len.fetch_sub(1, Relaxed);
-                        self.bytes.fetch_sub(Self::charge(&e), Relaxed);
-                        shard.bury(e);
-                    }
-                    None => break,
-                }
+            let mut budget = per_shard;
+            while let Some(e) = shard.pop_swept(now, &mut budget) {
+                self.len.fetch_sub(1, Relaxed);
+                self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                shard.bury(e);
             }
             n += shard.buried();
         }
@@ -530,6 +559,106 @@ mod tests {
         set(&store, "one-more", 1, &lim, 200 * SEC);
         assert_eq!(store.stats.snapshot().evictions, 1);
         assert_eq!(store.len(), 10);
+    }
+
+    /// Bytes the entries, ghosts and sketches of `store` really take, counted shard by shard.
+    fn charged(store: &Store<Val>) -> u64 {
+        let shards: u64 = store
+            .shards
+            .iter()
+            .map(|s| {
+                let s = s.read();
+                let entries: u64 = s.iter().map(Store::charge).sum();
+                entries + (s.ghost.records() * GHOST_RECORD + s.tiny.sketch.bytes()) as u64
+            })
+            .sum();
+        shards + store.tags.bytes()
+    }
+
+    #[test]
+    fn writes_to_other_keys_drain_a_store_full_of_expired_entries_in_bounded_steps() {
+        const N: usize = 64_000;
+        let most = (SWEEP_SLOTS * SWEEP_ROUNDS) as usize + 1; // and the written key's own
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            let store: Store<Val> = Store::with_policy(16, policy);
+            let lim = limits(1_000_000, None);
+            for i in 0..N {
+                store.set(&format!("k{i}"), Val(10), 10 * SEC, Vec::new(), &lim, 1);
+            }
+            assert_eq!(store.len(), N);
+            // Reads reclaim nothing but the entry they look at.
+            assert_eq!(store.get("k0", 20 * SEC, |v| v.0), None);
+            assert_eq!(store.get("k1", 20 * SEC, |v| v.0), None);
+            assert_eq!(store.len(), N - 2);
+            // N / 16 writes to 100 other keys reclaim every expired entry, none more than
+            // `most` at a time (no write sweeps a whole shard).
+            for i in 0..N / 16 {
+                let before = store.len();
+                set(&store, &format!("other{}", i % 100), 10, &lim, 20 * SEC);
+                assert!(before.saturating_sub(store.len()) <= most, "{policy:?} {i}");
+            }
+            assert_eq!((store.len(), held(&store)), (100, 100), "{policy:?}");
+            assert_eq!(store.stats.snapshot().expirations, N as u64, "{policy:?}");
+            assert_eq!(store.bytes(), charged(&store), "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn purge_expired_does_bounded_work_and_drains_in_len_over_budget_calls() {
+        let store: Store<Val> = Store::with_policy(4, Policy::TinyLfu);
+        let lim = limits(1_000_000, None);
+        for i in 0..4_000u64 {
+            let expires = if i % 2 == 0 { 10 * SEC } else { NEVER };
+            store.set(&format!("k{i}"), Val(10), expires, Vec::new(), &lim, 1);
+        }
+        // Four shards, up to 100 slots each: at most 400 slots, 200 of them expired at most.
+        assert_eq!(store.purge_expired(5 * SEC, 100), 0);
+        let first = store.purge_expired(20 * SEC, 100);
+        assert!(first <= 400, "{first}");
+        let mut calls = 1;
+        while store.len() > 2_000 {
+            store.purge_expired(20 * SEC, 100);
+            calls += 1;
+            assert!(calls <= 2 * 4_000 / 400, "{calls} calls");
+        }
+        assert_eq!(store.stats.snapshot().expirations, 2_000);
+        assert_eq!(store.bytes(), charged(&store));
+    }
+
+    #[test]
+    fn lru_cull_drops_every_expired_entry_before_any_live_one() {
+        let store: Store<Val> = Store::new(1);
+        let lim = limits(300, None);
+        for i in 0..300u64 {
+            // Expired entries spread over the whole slab, far from any sweep cursor.
+            let expires = if i % 3 == 0 { 10 * SEC } else { NEVER };
+            store.set(&format!("k{i}"), Val(1), expires, Vec::new(), &lim, 1);
+        }
+        set(&store, "new", 1, &lim, 20 * SEC);
+        let s = store.stats.snapshot();
+        assert_eq!((s.expirations, s.evictions), (100, 0));
+        assert_eq!(store.len(), 201);
+        assert!((0..300).all(|i| store.contains(&format!("k{i}"), 20 * SEC) == (i % 3 != 0)));
+        assert_eq!(store.bytes(), charged(&store));
+    }
+
+    #[test]
+    fn an_eviction_takes_an_expired_entry_ahead_of_the_sweep_before_a_live_one() {
+        for policy in [Policy::S3Fifo, Policy::TinyLfu] {
+            let store: Store<Val> = Store::with_policy(1, policy);
+            let lim = limits(10, None);
+            // Slots 0-7 live, 8-9 expired: the eviction looks 16 slots ahead of the sweep.
+            for i in 0..8 {
+                set(&store, &format!("live{i}"), 1, &lim, 1);
+            }
+            for i in 0..2 {
+                store.set(&format!("old{i}"), Val(1), 100 * SEC, Vec::new(), &lim, 1);
+            }
+            set(&store, "new", 1, &lim, 200 * SEC);
+            let s = store.stats.snapshot();
+            assert_eq!((s.evictions, s.expirations), (0, 2), "{policy:?}");
+            assert!((0..8).all(|i| store.contains(&format!("live{i}"), 200 * SEC)));
+        }
     }
 
     #[test]
@@ -1098,5 +1227,72 @@ mod shuttle_tests {
     fn s3_inserts_under_shared_tags_end_within_max_bytes() {
         check(ITERATIONS, || tagged(Policy::S3Fifo, 1));
         check(ITERATIONS, || tagged(Policy::S3Fifo, 2));
+    }
+
+    /// Expired entries reclaimed by concurrent writes (each sweeping its shard and the next),
+    /// `purge_expired` and reads of them: a store of two shards with six entries expired at
+    /// 10 s and two live ones; one thread writes two new keys, one reads the live and an expired
+    /// key, one purges. No expired value is served, a live one always is; every expired entry
+    /// leaves once (counted once, dropped once); the books and the count stay exact.
+    fn expiry(policy: Policy) {
+        let tally = Tally::default();
+        let store: Store<Num> = Store::with_policy(2, policy);
+        let lim = limits(100, None);
+        let now = 10 * SEC;
+        for i in 0..6 {
+            let v = tally.num(100 + i, 8);
+            store.set(&format!("e{i}"), v, 5 * SEC, Vec::new(), &lim, 1);
+        }
+        for i in 0..2 {
+            store.set(
+                &format!("live{i}"),
+                tally.num(i, 8),
+                NEVER,
+                Vec::new(),
+                &lim,
+                1,
+            );
+        }
+        scope(|s| {
+            s.spawn(|| {
+                for i in 0..2 {
+                    let put = store.set(
+                        &format!("a{i}"),
+                        tally.num(9, 8),
+                        NEVER,
+                        Vec::new(),
+                        &lim,
+                        now,
+                    );
+                    assert_eq!(put, Put::Stored);
+                }
+            });
+            s.spawn(|| {
+                assert_eq!(store.get("live0", now, |v| v.n), Some(0));
+                assert_eq!(store.get("e0", now, |v| v.n), None);
+                assert_eq!(store.get("live1", now, |v| v.n), Some(1));
+            });
+            s.spawn(|| {
+                store.purge_expired(now, 2);
+            });
+        });
+        assert_eq!((held(&store), store.bytes()), (store.len(), books(&store)));
+        // Enough sweeps to pass both shards whole: every expired entry is gone, once.
+        for _ in 0..8 {
+            store.purge_expired(now, 2);
+        }
+        assert_eq!((store.len(), held(&store)), (4, 4));
+        assert_eq!(store.stats.snapshot().expirations, 6);
+        assert_eq!(store.bytes(), books(&store));
+        assert_eq!(tally.alive(), 4, "an expired value dropped twice, or never");
+        store.clear();
+        assert_eq!((store.len(), tally.alive()), (0, 0));
+    }
+
+    #[test]
+    fn expired_entries_leave_once_under_concurrent_sweeps_reads_and_purges() {
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            check(ITERATIONS / 3, move || expiry(policy));
+        }
     }
 }

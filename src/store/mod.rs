@@ -25,11 +25,10 @@ use ahash::RandomState;
 use crate::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use crate::sync::{random_state, RwLock, RwLockWriteGuard};
 
-use crate::clock::NEVER;
 use crate::entry::{planned_size, rounded_deadline, Pack};
 use crate::flight::Flights;
 use crate::ghost::Ghost;
-use crate::mem::{malloc_chunk, EXPIRY_SHARE, GHOST_RECORD, TABLE_CELL};
+use crate::mem::{malloc_chunk, GHOST_RECORD, TABLE_CELL};
 use crate::policy::Policy;
 use crate::s3fifo::MAX_FREQ;
 use crate::shard::{Entry, Shard, MAX_WEIGHT, SLOT_SIZE};

@@ -28,8 +28,9 @@ impl<V: Weigh> Store<V> {
         }
     }
 
-    /// `get` under the write lock: reclaims expired entries of the shard, removes a dead entry
-    /// under `key`, and counts a hit for the policy (`used`). "lru" always reads this way.
+    /// `get` under the write lock: removes a dead entry under `key` and counts a hit for the
+    /// policy (`used`). "lru" always reads this way. It leaves other expired entries to the
+    /// sweep that writes drive (`reclaim`): a read checks no other entry's deadline.
     pub(super) fn get_locked<R>(
         &self,
         hash: u64,
@@ -39,7 +40,6 @@ impl<V: Weigh> Store<V> {
         read: impl FnOnce(&Entry<V>) -> R,
     ) -> Option<R> {
         let mut shard = self.write(idx);
-        self.reclaim(&mut shard, now);
         let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => {
                 self.used(&mut shard, slot, hash);
@@ -56,8 +56,9 @@ impl<V: Weigh> Store<V> {
     }
 
     /// `get` under S3-FIFO and W-TinyLFU. A live hit and a miss need only the read lock (a hit
-    /// bumps the entry's counter, and W-TinyLFU's sketch); an entry to remove, or expired entries
-    /// to reclaim in this shard, take the write lock.
+    /// bumps the entry's counter, and W-TinyLFU's sketch); only a dead entry under `key` (expired,
+    /// or a tag invalidated) takes the write lock, to remove it. Other expired entries of the
+    /// shard play no part: the sweep reclaims them.
     pub(super) fn get_s3<R>(
         &self,
         key: &str,
@@ -67,21 +68,19 @@ impl<V: Weigh> Store<V> {
         let (hash, idx) = self.locate(key);
         {
             let shard = self.shards[idx].read();
-            if shard.next_expiry() > now {
-                let Some(slot) = shard.find(hash, key) else {
-                    Stats::bump(&self.stats.misses, 1);
-                    return None;
-                };
-                let e = shard.entry(slot);
-                if !e.is_expired(now) && all_current(e.tags()) {
-                    if self.policy == Policy::TinyLfu {
-                        shard.tiny_hit(slot, hash);
-                    } else {
-                        e.hit();
-                    }
-                    Stats::bump(&self.stats.hits, 1);
-                    return Some(read(e));
+            let Some(slot) = shard.find(hash, key) else {
+                Stats::bump(&self.stats.misses, 1);
+                return None;
+            };
+            let e = shard.entry(slot);
+            if !e.is_expired(now) && all_current(e.tags()) {
+                if self.policy == Policy::TinyLfu {
+                    shard.tiny_hit(slot, hash);
+                } else {
+                    e.hit();
                 }
+                Stats::bump(&self.stats.hits, 1);
+                return Some(read(e));
             }
         }
         self.get_locked(hash, idx, key, now, read)
@@ -158,15 +157,35 @@ mod tests {
     fn get_completes_beside_a_reader(store: Arc<Store<Val>>) -> bool {
         let lim = limits(100, None);
         set(&store, "k", 1, &lim, 1);
+        hit_beside_a_reader(store, 1)
+    }
+
+    /// Whether `get` of "k" at `now` hits while another thread holds its shard's read lock.
+    fn hit_beside_a_reader(store: Arc<Store<Val>>, now: u64) -> bool {
         let idx = store.locate("k").1;
         let guard = store.shards[idx].read();
         let (tx, rx) = mpsc::channel();
         let s = store.clone();
-        let t = thread::spawn(move || tx.send(s.get("k", 1, |v| v.0)).unwrap());
-        let done = rx.recv_timeout(Duration::from_millis(300)).is_ok();
+        let t = thread::spawn(move || tx.send(s.get("k", now, |v| v.0)).unwrap());
+        let got = rx.recv_timeout(Duration::from_millis(300));
         drop(guard);
         t.join().unwrap();
-        done
+        got == Ok(Some(1))
+    }
+
+    #[test]
+    fn a_hit_needs_no_write_lock_when_another_entry_of_its_shard_has_expired() {
+        for policy in [Policy::S3Fifo, Policy::TinyLfu] {
+            let store = Arc::new(Store::with_policy(1, policy));
+            let lim = limits(100, None);
+            store.set("old", Val(2), 5 * SEC, Vec::new(), &lim, 1);
+            store.set("k", Val(1), NEVER, Vec::new(), &lim, 1);
+            assert!(hit_beside_a_reader(store.clone(), 10 * SEC), "{policy:?}");
+            // The expired entry is left to the sweep (writes), and never served.
+            assert_eq!(store.len(), 2);
+            assert_eq!(store.get("old", 10 * SEC, |v| v.0), None);
+            assert_eq!(store.len(), 1);
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What the store's tests share: a value of a given weight and small constructors.
 
 use super::*;
+pub(super) use crate::clock::NEVER;
 
 /// A value weighing `.0` bytes.
 pub(super) struct Val(pub(super) usize);

@@ -41,7 +41,6 @@ impl<V: Weigh> Store<V> {
     pub fn delete(&self, key: &str, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
         let mut shard = self.write(idx);
-        self.reclaim(&mut shard, now);
         self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now) {
             Lookup::Live(slot) => {
@@ -53,14 +52,15 @@ impl<V: Weigh> Store<V> {
             Lookup::Absent => false,
         };
         drop(shard);
+        self.sweep_next(now);
         out
     }
 
     /// Gives a live entry a new expiry (a past one removes it); false if missing.
     ///
-    /// Gaining or losing a deadline changes the entry's charge by its share of the expiry index.
-    /// A gain is charged only if it fits under `limits.max_bytes` (touch evicts nothing); if it
-    /// does not, the entry keeps its old charge, short by that share.
+    /// A deadline beyond the header's 49 days takes a tail in a new block, which may change the
+    /// entry's charge. A gain is charged only if it fits under `limits.max_bytes` (touch evicts
+    /// nothing); if it does not, the entry keeps its old charge, short by that much.
     pub fn touch(&self, key: &str, expires: u64, limits: &Limits, now: u64) -> bool {
         let (hash, idx) = self.locate(key);
         let mut shard = self.write(idx);
@@ -240,7 +240,6 @@ impl<V: Weigh> Store<V> {
             return Put::Exists;
         }
         let mut shard = self.write(idx);
-        self.reclaim(&mut shard, now);
         if !self.fill_take(idx, key, fill, now) {
             // A fill whose placeholder a removal, write or flush of the key took away.
             drop(shard);
