@@ -64,11 +64,13 @@ def resident(backend: str, kind: str, entries: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind, bar", [("small dict", 1.0), ("bytes", 0.55)])
+@pytest.mark.parametrize("kind, bar", [("small dict", 1.0), ("bytes", 0.47)])
 def test_an_entry_takes_less_memory_than_in_locmemcache(kind: str, bar: float) -> None:
     """The memory table of benchmarks/RESULTS.md, scaled down to 200,000 entries: resident memory
     against LocMemCache's (a small dict: at most LocMemCache's, measured 0.42x since it is kept
-    as compact bytes, 1.17x before; 100-byte bytes: measured 0.51x, issue 12's bar is 0.45x) and
+    as compact bytes, 1.17x before; 100-byte bytes: measured 0.435x at this size on 3.11 (0.51x
+    before the 17-byte header, the elided ':1:' and the expiry sweep), issue 12's bar is 0.45x at
+    1M entries; 0.47 leaves room for other Pythons' LocMemCache) and
     stats()['bytes'] within 10% of the growth. Memory, not time: the ratio holds on a busy box."""
     n = 200_000
     rust = resident("django_rustcache.RustCache", kind, n)
