@@ -135,20 +135,6 @@ mod tests {
         }
     }
 
-    /// The store's books: its entries' charges, S3-FIFO's ghost records, W-TinyLFU's sketches
-    /// and the tag table.
-    fn books(store: &Store<Val>) -> u64 {
-        let entries: u64 = store
-            .shards
-            .iter()
-            .map(|s| {
-                let s = s.read();
-                s.iter().map(Store::charge).sum::<u64>() + s.tiny.sketch.bytes() as u64
-            })
-            .sum();
-        entries + ghost(store) + store.tags.bytes()
-    }
-
     /// The store is within `max` bytes and its books add up.
     #[track_caller]
     fn within(store: &Store<Val>, max: u64, policy: Policy) {

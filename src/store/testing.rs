@@ -48,11 +48,28 @@ pub(super) fn ghost<V: Weigh>(store: &Store<V>) -> u64 {
     (records * GHOST_RECORD) as u64
 }
 
+/// Bytes the store's books must show: its entries' charges, S3-FIFO's ghost records,
+/// W-TinyLFU's sketches and the tag table. Each shard is read under one hold of its lock:
+/// in a store of one shard, this is what the store held at one moment.
+pub(super) fn books<V: Weigh>(store: &Store<V>) -> u64 {
+    let shards: u64 = store
+        .shards
+        .iter()
+        .map(|s| {
+            let s = s.read();
+            let entries: u64 = s.iter().map(Store::charge).sum();
+            entries + (s.ghost.records() * GHOST_RECORD + s.tiny.sketch.bytes()) as u64
+        })
+        .sum();
+    shards + store.tags.bytes()
+}
+
 /// What the shuttle models share: a runner, and a value that counts its drops.
 #[cfg(feature = "shuttle")]
 pub(super) mod model {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
+    pub(in crate::store) use super::books;
     use super::*;
     use crate::sync::Arc;
 
@@ -116,21 +133,5 @@ pub(super) mod model {
         fn from_tag(_: u8) -> &'static Self {
             unreachable!("Num is never tagged")
         }
-    }
-
-    /// Bytes the store's books must show: its entries' charges, S3-FIFO's ghost records,
-    /// W-TinyLFU's sketches and the tag table. Each shard is read under one hold of its lock: in a store of one shard, this
-    /// is what the store held at one moment.
-    pub(in crate::store) fn books<V: Weigh>(store: &Store<V>) -> u64 {
-        let shards: u64 = store
-            .shards
-            .iter()
-            .map(|s| {
-                let s = s.read();
-                let entries: u64 = s.iter().map(Store::charge).sum();
-                entries + (s.ghost.records() * GHOST_RECORD + s.tiny.sketch.bytes()) as u64
-            })
-            .sum();
-        shards + store.tags.bytes()
     }
 }
