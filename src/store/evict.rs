@@ -413,7 +413,6 @@ mod tests {
 
     use super::*;
     use crate::clock::NEVER;
-
     use crate::store::testing::*;
 
     #[test]
