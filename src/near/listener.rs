@@ -567,6 +567,54 @@ fn watch(cfg: &Config, s: &Sentinels, lease: &Lease, counters: &Counters, shared
     }
 }
 
+/// A connection's heartbeat: a PING every `cfg.heartbeat()`, and the send times of those not yet
+/// answered (answers come in order), so that a connection whose oldest unanswered PING is older
+/// than `cfg.stall_limit()` is taken for dead. Used by the listener and the Sentinel watcher.
+struct Heartbeat {
+    every: u64,
+    stall: u64,
+    next: u64,
+    unanswered: VecDeque<u64>,
+}
+
+impl Heartbeat {
+    /// A heartbeat whose first PING is due at `first` (clock nanoseconds).
+    fn new(cfg: &Config, first: u64) -> Self {
+        Heartbeat {
+            every: cfg.heartbeat().as_nanos() as u64,
+            stall: cfg.stall_limit().as_nanos() as u64,
+            next: first,
+            unanswered: VecDeque::new(),
+        }
+    }
+
+    /// Whether a PING is due at `now`; if so it counts as sent now (the caller sends it).
+    fn due(&mut self, now: u64) -> bool {
+        if now < self.next {
+            return false;
+        }
+        self.unanswered.push_back(now);
+        self.next = now + self.every;
+        true
+    }
+
+    /// Milliseconds the oldest unanswered PING has waited, if that is past the stall limit.
+    fn stalled(&self, now: u64) -> Option<u64> {
+        let &oldest = self.unanswered.front()?;
+        (now.saturating_sub(oldest) > self.stall).then(|| (now - oldest) / 1_000_000)
+    }
+
+    /// A PONG came: the send time of the PING it answers (None if none was waiting).
+    fn answered(&mut self) -> Option<u64> {
+        self.unanswered.pop_front()
+    }
+
+    /// How long to wait for input before the next PING is due.
+    fn until_next(&self, now: u64) -> Duration {
+        Duration::from_nanos(self.next.saturating_sub(now))
+    }
+}
+
 fn watch_session(
     cfg: &Config,
     s: &Sentinels,
@@ -588,37 +636,24 @@ fn watch_session(
     backoff.reset();
     // What the sentinel names now: a switch missed while no subscription was on shows here.
     observe(s, lease, counters, shared, known, master, sub.index);
-    let every = cfg.heartbeat().as_nanos() as u64;
-    let stall = cfg.stall_limit().as_nanos() as u64;
-    let mut pings: VecDeque<u64> = VecDeque::new();
-    let mut next_ping = clock::now() + every;
+    let mut beat = Heartbeat::new(cfg, clock::now() + cfg.heartbeat().as_nanos() as u64);
     loop {
         if shared.stopped() {
             return Ok(());
         }
         let now = clock::now();
-        if now >= next_ping {
+        if beat.due(now) {
             sub.ping()?;
-            pings.push_back(now);
-            next_ping = now + every;
         }
-        if let Some(&oldest) = pings.front() {
-            if now.saturating_sub(oldest) > stall {
-                return Err(format!(
-                    "the sentinel answered no PING for {} ms",
-                    (now - oldest) / 1_000_000
-                ));
-            }
+        if let Some(ms) = beat.stalled(now) {
+            return Err(format!("the sentinel answered no PING for {ms} ms"));
         }
-        match sub.next(
-            Duration::from_nanos(next_ping.saturating_sub(now)),
-            &s.service,
-        )? {
+        match sub.next(beat.until_next(now), &s.service)? {
             Some(Heard::Switch(host, port)) => {
                 observe(s, lease, counters, shared, known, (host, port), sub.index)
             }
             Some(Heard::Pong) => {
-                pings.pop_front();
+                beat.answered();
             }
             Some(Heard::Other) | None => {}
         }
@@ -1002,10 +1037,7 @@ fn session(
     }
     counters.connected.store(true, SeqCst);
 
-    let heartbeat = cfg.heartbeat().as_nanos() as u64;
-    let stall = cfg.stall_limit().as_nanos() as u64;
-    let mut pings: VecDeque<u64> = VecDeque::new();
-    let mut next_ping = clock::now();
+    let mut beat = Heartbeat::new(cfg, clock::now());
     loop {
         if shared.stopped() {
             return Ok(());
@@ -1014,20 +1046,15 @@ fn session(
             switched_away(&mut announcements)?;
         }
         let now = clock::now();
-        if now >= next_ping {
+        if beat.due(now) {
             send(&mut conn, &[b"PING"])?;
-            pings.push_back(now);
-            next_ping = now + heartbeat;
         }
-        if let Some(&oldest) = pings.front() {
-            if now.saturating_sub(oldest) > stall {
-                return Err(format!(
-                    "no PONG for {} ms: the connection is taken for dead",
-                    (now - oldest) / 1_000_000
-                ));
-            }
+        if let Some(ms) = beat.stalled(now) {
+            return Err(format!(
+                "no PONG for {ms} ms: the connection is taken for dead"
+            ));
         }
-        conn.set_read_timeout(Duration::from_nanos(next_ping.saturating_sub(now)))
+        conn.set_read_timeout(beat.until_next(now))
             .map_err(|e| e.to_string())?;
         // Every buffered frame, in order, before the next heartbeat check.
         let mut next = rd.frame(&mut conn)?;
@@ -1035,7 +1062,7 @@ fn session(
             match v {
                 Value::Push(items) => apply_push(&items, sink, counters),
                 Value::Simple(s) if s.eq_ignore_ascii_case(b"PONG") => {
-                    let Some(sent) = pings.pop_front() else {
+                    let Some(sent) = beat.answered() else {
                         return Err("a PONG nobody asked for".into());
                     };
                     lease.extend(term, sent, cfg.lease);
@@ -1049,6 +1076,48 @@ fn session(
             }
             next = rd.parse()?;
         }
+    }
+}
+
+#[cfg(test)]
+mod heartbeat_tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_heartbeat_pings_on_time_and_takes_the_oldest_unanswered_ping_past_the_limit_for_dead() {
+        // Lease 100 ms: a PING every 20 ms, dead after 500 ms (the connect timeout) unanswered.
+        let cfg = Config {
+            endpoint: Endpoint::Tcp {
+                host: "127.0.0.1".into(),
+                port: 1,
+            },
+            username: None,
+            password: None,
+            prefix: String::new(),
+            lease: Duration::from_millis(100),
+            mode: Mode::Bcast,
+            connect_timeout: Duration::from_millis(500),
+            tls: None,
+        };
+        let mut beat = Heartbeat::new(&cfg, 10 * MS);
+        assert!(!beat.due(9 * MS));
+        assert_eq!(beat.until_next(9 * MS), Duration::from_millis(1));
+        assert!(beat.due(10 * MS));
+        assert!(
+            !beat.due(29 * MS),
+            "the next PING is due 20 ms after the last"
+        );
+        assert!(beat.due(31 * MS));
+        assert_eq!(beat.until_next(31 * MS), Duration::from_millis(20));
+        // Answers come in order: the first PONG answers the PING sent at 10 ms.
+        assert_eq!(beat.answered(), Some(10 * MS));
+        assert_eq!(beat.stalled(531 * MS), None, "500 ms is not past the limit");
+        assert_eq!(beat.stalled(532 * MS), Some(501));
+        assert_eq!(beat.answered(), Some(31 * MS));
+        assert_eq!(beat.stalled(10_000 * MS), None, "nothing unanswered");
+        assert_eq!(beat.answered(), None, "a PONG nobody asked for");
     }
 }
 
