@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import servers  # noqa: E402  (tests/servers.py: our own redis-server, stopped by PID)
 from _sections import replace_section  # noqa: E402
+from _values import WORDS, json_dict  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION_BEGIN, SECTION_END = "<!-- compress_bench:begin -->", "<!-- compress_bench:end -->"
@@ -42,11 +43,6 @@ README = REPO / "README.md"
 README_BEGIN, README_END = "<!-- compress_readme:begin -->", "<!-- compress_readme:end -->"
 TIMEOUT = 3600
 POOL = 100  # keys per column and payload
-WORDS = (
-    "apple banana cherry delivery shipping discount organic fresh premium basket order customer "
-    "review rating stock warehouse price quantity category brand seasonal local imported frozen "
-    "bakery dairy kitchen garden snack drink"
-).split()
 
 
 def html_page(size: int = 20_000, seed: int = 1) -> str:
@@ -73,28 +69,6 @@ def html_page(size: int = 20_000, seed: int = 1) -> str:
         length += len(part)
     parts.append("</main></body></html>")
     return "".join(parts)
-
-
-def json_dict(size: int = 100_000, seed: int = 2) -> dict[str, Any]:
-    """An API page of records whose pickle is about ``size`` bytes."""
-    rnd = random.Random(seed)
-    items: list[dict[str, Any]] = []
-    out: dict[str, Any] = {"count": 0, "next": "/api/products/?page=2", "results": items}
-    while len(pickle.dumps(out, pickle.HIGHEST_PROTOCOL)) < size:
-        items.append(
-            {
-                "id": rnd.randint(1, 10**6),
-                "sku": f"SKU-{rnd.getrandbits(32):08X}",
-                "name": " ".join(rnd.choice(WORDS) for _ in range(3)).title(),
-                "price": round(rnd.uniform(0.5, 500), 2),
-                "in_stock": rnd.random() < 0.8,
-                "tags": rnd.sample(WORDS, 3),
-                "description": " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(10, 30))),
-                "dimensions": {"w": rnd.randint(1, 100), "h": rnd.randint(1, 100), "unit": "cm"},
-            }
-        )
-        out["count"] = len(items)
-    return out
 
 
 def caches_for(url: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:

@@ -29,43 +29,17 @@ import argparse
 import gc
 import pickle
 import platform
-import random
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import django
 from django.conf import settings
 
-WORDS = (
-    "apple banana cherry delivery shipping discount organic fresh premium basket order customer "
-    "review rating stock warehouse price quantity category brand seasonal local imported frozen "
-    "bakery dairy kitchen garden snack drink"
-).split()
-
-
-def json_dict(size: int, seed: int = 2) -> dict[str, Any]:
-    """An API page of product records whose pickle is about ``size`` bytes (the shape
-    benchmarks/compress.py uses)."""
-    rnd = random.Random(seed)
-    items: list[dict[str, Any]] = []
-    out: dict[str, Any] = {"count": 0, "next": "/api/products/?page=2", "results": items}
-    while len(pickle.dumps(out, pickle.HIGHEST_PROTOCOL)) < size:
-        items.append(
-            {
-                "id": rnd.randint(1, 10**6),
-                "sku": f"SKU-{rnd.getrandbits(32):08X}",
-                "name": " ".join(rnd.choice(WORDS) for _ in range(3)).title(),
-                "price": round(rnd.uniform(0.5, 500), 2),
-                "in_stock": rnd.random() < 0.8,
-                "tags": rnd.sample(WORDS, 3),
-                "description": " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(10, 30))),
-                "dimensions": {"w": rnd.randint(1, 100), "h": rnd.randint(1, 100), "unit": "cm"},
-            }
-        )
-        out["count"] = len(items)
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _values import WORDS, json_dict  # noqa: E402  (benchmarks/_values.py)
 
 
 def small_dicts(n: int) -> list[dict[str, Any]]:
