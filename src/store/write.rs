@@ -119,7 +119,8 @@ impl<V: Weigh> Store<V> {
                 if r.is_some() {
                     let gen = self.next_gen();
                     self.used(&mut shard, slot, hash);
-                    shard.set_gen(slot, gen);
+                    shard.note_write();
+                    shard.entry_mut(slot).set_gen(gen);
                     moved = Some((slot, gen, shard.entry(slot).tags().to_vec()));
                 }
                 Ok(r)
@@ -264,8 +265,9 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_gen();
         let has_tags = !entry.tags().is_empty();
+        let mut entry = entry;
+        entry.set_gen(gen);
         let slot = shard.insert(entry, hash);
-        shard.set_gen(slot, gen);
         self.len.fetch_add(1, Relaxed);
         self.finish_put(shard, idx, slot, gen, has_tags, limits, now);
         Put::Stored
@@ -299,9 +301,16 @@ impl<V: Weigh> Store<V> {
         }
     }
 
-    /// Replaces the value of the entry under `key` if it still carries generation `gen`, keeping
-    /// its expiry and tags.
-    pub fn replace_if(&self, key: &str, gen: u32, value: V, limits: &Limits, now: u64) -> Replace {
+    /// Replaces the value of the entry under `key` if it is still the one `token` was taken of
+    /// (by `snapshot`, see `Token`), keeping its expiry and tags.
+    pub fn replace_if(
+        &self,
+        key: &str,
+        token: Token,
+        value: V,
+        limits: &Limits,
+        now: u64,
+    ) -> Replace {
         let (hash, idx) = self.locate(key);
         let (stamps, expires, delta) = {
             let shard = self.shards[idx].read();
@@ -332,7 +341,7 @@ impl<V: Weigh> Store<V> {
         let mut shard = self.write(idx);
         self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now) {
-            Lookup::Live(slot) if shard.gen(slot) == gen => {
+            Lookup::Live(slot) if token.matches(&shard, slot) => {
                 let Some(mut entry) = new.take() else {
                     unreachable!("the new entry is placed once")
                 };
@@ -343,10 +352,10 @@ impl<V: Weigh> Store<V> {
                 }
                 entry.take_place_of(old);
                 let gen = self.next_gen();
+                entry.set_gen(gen);
                 moved = Some((slot, gen, entry.tags().to_vec()));
                 let exact = Self::charge(&entry);
                 let old = shard.swap(slot, entry);
-                shard.set_gen(slot, gen);
                 self.bytes.fetch_sub(Self::charge(&old), Relaxed);
                 if exact >= weight {
                     self.bytes.fetch_add(exact - weight, Relaxed);
