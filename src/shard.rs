@@ -628,7 +628,10 @@ mod tests {
         assert_eq!(c, a);
         s.entry_mut(c).set_gen(7);
         for gen in [0, 7, 8] {
-            assert!(s.entry_if(c, gen).is_none(), "an untagged entry has no generation");
+            assert!(
+                s.entry_if(c, gen).is_none(),
+                "an untagged entry has no generation"
+            );
         }
     }
 
