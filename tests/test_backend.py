@@ -130,6 +130,34 @@ def test_incr_of_a_float_is_exact_while_other_keys_are_deleted_and_set_again():
     assert c.get(f"w{incrementers}:{(rounds - 1) % 8}") == rounds - 1 + 0.25
 
 
+class SlowSum:
+    """A pickled number whose addition sleeps (letting other threads run), so that an `incr` of
+    it is interleaved with others between its read and its write."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __add__(self, other: int) -> SlowSum:
+        time.sleep(0.0002)
+        return SlowSum(self.n + other)
+
+
+def test_incr_of_a_value_replaced_meanwhile_at_a_reused_address_loses_no_update():
+    """Each incr's read and write are interleaved with other incrs of the key, which replace its
+    entry (a new block; the old one freed, and its address handed out again): only the entry
+    read may be overwritten, never one that took its address since."""
+    c = make()
+    c.set("s", SlowSum(0))
+    threads, rounds = 4, 300
+
+    def work(_: int) -> None:
+        for _ in range(rounds):
+            c.incr("s", 1)
+
+    _hammer(threads, work)
+    assert c.get("s").n == threads * rounds
+
+
 def test_add_has_exactly_one_winner():
     c = make()
     for round_ in range(20):
