@@ -7,11 +7,10 @@
 //! The 17-byte header holds what every entry needs: queue links, deadline (milliseconds), flags,
 //! the S3-FIFO counter, the payload's length and a byte for the key: its length (up to
 //! `SHORT_KEY`) and whether its `:1:` prefix was left out (`stored_key.rs`: the block keeps
-//! `user:123456:profile` for `:1:user:123456:profile`). The generation that detects a concurrent
-//! replacement is not here but beside the slab (`Shard::gen`). The tail holds only what this
-//! entry needs, in this order: the value `V` (unless the value is nothing but a tag, see
-//! `Pack::tag`), the tag stamps, a far deadline, the compute time, a fixed charge and a long
-//! key's length. Which of them are present is in the flags, so the block's size and layout follow
+//! `user:123456:profile` for `:1:user:123456:profile`). The tail holds only what this entry
+//! needs, in this order: the value `V` (unless the value is nothing but a tag, see `Pack::tag`),
+//! the tag stamps, a far deadline, the generation (with the stamps: only a tagged entry has one,
+//! see `Entry::gen`), the compute time, a fixed charge and a long key's length. Which of them are present is in the flags, so the block's size and layout follow
 //! from the header alone. A tail that holds a `V`, stamps or a far deadline starts at byte 24
 //! (8-aligned); one of 4-byte fields only, at byte 20.
 //!
@@ -115,6 +114,7 @@ struct Shape {
     v: usize,
     tags: usize,
     far: usize,
+    gen: usize,
     delta: usize,
     weight: usize,
     long_key: usize,
@@ -129,6 +129,7 @@ struct Tail {
     v: u8,
     tags: u8,
     far: u8,
+    gen: u8,
     delta: u8,
     weight: u8,
     long_key: u8,
@@ -160,6 +161,10 @@ const fn tail(flags: u8, v_size: usize) -> Tail {
     if flags & FAR != 0 {
         off += 8;
     }
+    let gen = off;
+    if flags & TAGS != 0 {
+        off += 4;
+    }
     let delta = off;
     if flags & DELTA != 0 {
         off += 4;
@@ -176,6 +181,7 @@ const fn tail(flags: u8, v_size: usize) -> Tail {
         v: v as u8,
         tags: tags as u8,
         far: far as u8,
+        gen: gen as u8,
         delta: delta as u8,
         weight: weight as u8,
         long_key: long_key as u8,
@@ -218,6 +224,7 @@ impl Shape {
             v: usize::from(t.v),
             tags: usize::from(t.tags),
             far: usize::from(t.far),
+            gen: usize::from(t.gen),
             delta: usize::from(t.delta),
             weight: usize::from(t.weight),
             long_key: usize::from(t.long_key),
@@ -284,6 +291,8 @@ pub fn planned_size<V: Pack>(
 /// The optional parts of an entry besides its value and stamps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Extras {
+    /// The generation (kept only with stamps: see `Entry::gen`).
+    gen: u32,
     /// Microseconds of the last computation (0: none recorded).
     delta_us: u32,
     /// A charge that cannot be derived from the entry (see `Entry::fixed_weight`).
@@ -394,6 +403,7 @@ impl<V> Entry<V> {
             let base = ptr.as_ptr();
             if flags & TAGS != 0 {
                 ptr::write(base.add(shape.tags).cast::<Stamps>(), stamps);
+                ptr::write(base.add(shape.gen).cast::<u32>(), x.gen);
             }
             if flags & FAR != 0 {
                 ptr::write(base.add(shape.far).cast::<u64>(), expires);
@@ -566,6 +576,37 @@ impl<V> Entry<V> {
         unsafe { &*self.at::<Stamps>(self.shape().tags) }
     }
 
+    /// The generation of a tagged entry (`None` for an untagged one, which has none): set by
+    /// the store to its write counter whenever it stores the entry or changes its value, so that
+    /// a tag's member list, which refers to the entry by slot and generation, never takes a
+    /// later entry at the same slot for it (nor `Store::replace_if` a replaced value for the one
+    /// it read). 0 until `set_gen`; kept by `reshaped`.
+    #[inline]
+    pub fn gen(&self) -> Option<u32> {
+        if self.flags() & TAGS == 0 {
+            return None;
+        }
+        // SAFETY: TAGS: the tail holds the generation.
+        Some(unsafe { *self.at::<u32>(self.shape().gen) })
+    }
+
+    /// Sets the generation of a tagged entry (see `gen`); an untagged entry has none: nothing
+    /// to set.
+    #[inline]
+    pub(crate) fn set_gen(&mut self, gen: u32) {
+        if self.flags() & TAGS != 0 {
+            // SAFETY: TAGS: the tail holds the generation, written through `&mut self`.
+            unsafe { *self.at::<u32>(self.shape().gen) = gen }
+        }
+    }
+
+    /// The block's address: with the shard's write counter, what tells an untagged entry from a
+    /// later one (`Store::snapshot`). Not unique over time: a freed block's address is reused.
+    #[inline]
+    pub fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
     #[inline]
     fn delta_us(&self) -> u32 {
         if self.flags() & DELTA == 0 {
@@ -630,7 +671,7 @@ impl<V> Entry<V> {
     }
 
     /// Copies links, queue and counter from `from`, whose place in the shard this entry (not yet
-    /// in any shard) is to take. (The slot's generation is the shard's: `Shard::set_gen`.)
+    /// in any shard) is to take. (Not its generation: the store gives it its own, `set_gen`.)
     pub(crate) fn take_place_of(&mut self, from: &Entry<V>) {
         self.copy_links(from);
     }
@@ -649,7 +690,7 @@ impl<V> Entry<V> {
 
     /// The entry with deadline `expires`, compute time `delta_ns` (0: none) and fixed charge
     /// `weight`: changed in place when the block keeps its shape, else moved to a new block
-    /// (same key, payload, value, stamps, links and counter).
+    /// (same key, payload, value, stamps, generation, links and counter).
     pub fn reshaped(self, expires: u64, delta_ns: u64, weight: Option<u32>) -> Self {
         let delta_us = u32::try_from(delta_ns.div_ceil(1000)).unwrap_or(u32::MAX);
         let near = deadline_ms(expires);
@@ -683,6 +724,7 @@ impl<V> Entry<V> {
         } else {
             Stamps::default()
         };
+        let gen = self.gen().unwrap_or(0);
         let old = ManuallyDrop::new(self);
         let new = Self::build(
             old.key(),
@@ -690,7 +732,11 @@ impl<V> Entry<V> {
             tag,
             expires,
             stamps,
-            Extras { delta_us, weight },
+            Extras {
+                gen,
+                delta_us,
+                weight,
+            },
         );
         new.copy_links(&old);
         // SAFETY: moves the `V` (tag 0) into the new block's room for it, then frees the old
@@ -812,6 +858,10 @@ mod tests {
         // A tail of 4-byte fields only starts after the header struct.
         let s = Shape::of::<u32>(1 << TAG_SHIFT | DELTA, 13, 0);
         assert_eq!((s.delta, s.key, s.size, s.align), (20, 24, 37, 4));
+        // A tagged entry's generation follows its stamps (the wide tail: 8-aligned).
+        let s = Shape::of::<u32>(1 << TAG_SHIFT | TAGS | DELTA, 19, 100);
+        assert_eq!((s.tags, s.gen), (TAIL, TAIL + size_of::<Stamps>()));
+        assert_eq!((s.delta, s.key, s.align), (s.gen + 4, s.gen + 8, 8));
         // Never smaller than the header struct.
         assert_eq!(Shape::of::<u32>(1 << TAG_SHIFT, 0, 0).size, NARROW_TAIL);
     }
@@ -942,6 +992,12 @@ mod tests {
             e.set_prev(bits + 7);
             e.set_queue(Queue::Small);
             e.freq().store(2, Relaxed);
+            // Only a tagged entry keeps a generation (0 until set); setting one on an untagged
+            // entry writes nothing.
+            assert_eq!(e.gen(), tagged.then_some(0));
+            let gen = 0xdead_0000 | bits;
+            e.set_gen(gen);
+            assert_eq!(e.gen(), tagged.then_some(gen));
             // The reshapes below move or keep the block; everything must survive both.
             for round in 0..3 {
                 assert_eq!(e.key(), key, "bits {bits} round {round}");
@@ -951,6 +1007,7 @@ mod tests {
                 assert!(!e.is_expired(expires - 1));
                 assert!(e.is_expired(expires));
                 assert_eq!(e.tags().len(), if tagged { 2 } else { 0 });
+                assert_eq!(e.gen(), tagged.then_some(gen), "bits {bits} round {round}");
                 assert_eq!(e.delta(), if delta { 3_000 } else { 0 });
                 assert_eq!(
                     (e.links(), e.queue(), e.freq().load(Relaxed)),

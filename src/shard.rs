@@ -55,9 +55,9 @@ const EMPTY: Ends = Ends {
 /// finishes in time (see `grow_if_full`); 64 keeps a step to a few microseconds.
 pub const MIGRATE_STEP: u32 = 64;
 
-/// Bytes one entry takes in a shard's slab (its `Vec` of slots and the `Vec` of their
-/// generations beside it): a pointer and a `u32`.
-pub const SLOT_SIZE: usize = std::mem::size_of::<Option<Entry<()>>>() + std::mem::size_of::<u32>();
+/// Bytes one entry takes in a shard's slab: a pointer (a tagged entry's generation is in its
+/// block, `Entry::gen`; an untagged one has none, see `writes`).
+pub const SLOT_SIZE: usize = std::mem::size_of::<Option<Entry<()>>>();
 
 pub struct Shard<V> {
     /// The store's hasher: entries do not keep their hash; it is computed again from the key
@@ -82,11 +82,12 @@ pub struct Shard<V> {
     #[cfg(test)]
     moved: usize,
     slots: Vec<Option<Entry<V>>>,
-    /// The generation of the entry at each slot (as long as `slots`): the store's write counter
-    /// when its value was stored, which detects a concurrent replacement (`Store::replace_if`,
-    /// the tags' member lists). Kept here rather than in the entry's block, whose size decides
-    /// its malloc chunk (see `entry.rs`).
-    gens: Vec<u32>,
+    /// Writes so far: bumped by every insert, removal and swap, and by the store for each
+    /// in-place change of a value (`note_write`), under the shard's write lock. Unchanged
+    /// between two reads under the lock, it proves that no entry of the shard was stored,
+    /// removed or changed in between (`Store::snapshot` of an untagged entry, which has no
+    /// generation). Kept through `drain`, never reset.
+    writes: u64,
     /// Free slot numbers, the most recently freed last.
     free: Vec<u32>,
     queues: [Ends; 2],
@@ -126,7 +127,7 @@ impl<V> Shard<V> {
             #[cfg(test)]
             moved: 0,
             slots: Vec::new(),
-            gens: Vec::new(),
+            writes: 0,
             free: Vec::new(),
             queues: [EMPTY; 2],
             ghost: Ghost::default(),
@@ -168,26 +169,25 @@ impl<V> Shard<V> {
         }
     }
 
-    /// The entry at `slot` if it is in use and still carries generation `gen`.
+    /// The entry at `slot` if it is in use, tagged, and carries generation `gen` (see
+    /// `Entry::gen`: only tagged entries are referred to by slot and generation).
     pub fn entry_if(&self, slot: u32, gen: u32) -> Option<&Entry<V>> {
         match self.slots.get(slot as usize) {
-            Some(Some(e)) if self.gens[slot as usize] == gen => Some(e),
+            Some(Some(e)) if e.gen() == Some(gen) => Some(e),
             _ => None,
         }
     }
 
-    /// The generation of the entry at `slot` (0 until `set_gen`; kept by `swap` and
-    /// `replace_with`).
+    /// The shard's write counter (see `writes`).
     #[inline]
-    pub fn gen(&self, slot: u32) -> u32 {
-        debug_assert!(self.slots[slot as usize].is_some(), "slot {slot} is free");
-        self.gens[slot as usize]
+    pub fn writes(&self) -> u64 {
+        self.writes
     }
 
+    /// Counts a change of an entry's value made in place (through `entry_mut`).
     #[inline]
-    pub fn set_gen(&mut self, slot: u32, gen: u32) {
-        debug_assert!(self.slots[slot as usize].is_some(), "slot {slot} is free");
-        self.gens[slot as usize] = gen;
+    pub fn note_write(&mut self) {
+        self.writes += 1;
     }
 
     /// The slot of `key` (whose hash is `hash`), in the table or, while it grows, the old one.
@@ -313,16 +313,15 @@ impl<V> Shard<V> {
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot as usize] = Some(entry);
-                self.gens[slot as usize] = 0;
                 slot
             }
             None => {
                 assert!(self.slots.len() < NIL as usize, "shard is full");
                 self.slots.push(Some(entry));
-                self.gens.push(0);
                 (self.slots.len() - 1) as u32
             }
         };
+        self.writes += 1;
         self.link_back(slot, queue);
         if slot < self.migrate_end {
             self.in_new[slot as usize / 64] |= 1 << (slot % 64);
@@ -360,13 +359,15 @@ impl<V> Shard<V> {
         }
         let old = self.slots[slot as usize].take();
         self.free.push(slot);
+        self.writes += 1;
         self.len -= 1;
         self.migrate(MIGRATE_STEP);
         old.expect("a removed slot was in use")
     }
 
     /// Replaces the entry at `slot` by `f(entry)`, which keeps its key and its place in the
-    /// queues (its links: see `Entry::reshaped`); a new deadline lowers the shard's bound.
+    /// queues (its links: see `Entry::reshaped`); a new deadline lowers the shard's bound. `f`
+    /// keeps the value, so this is no write (`writes`), though the block may move.
     pub fn replace_with(&mut self, slot: u32, f: impl FnOnce(Entry<V>) -> Entry<V>) {
         let old = self.slots[slot as usize]
             .take()
@@ -386,6 +387,7 @@ impl<V> Shard<V> {
     pub fn swap(&mut self, slot: u32, new: Entry<V>) -> Entry<V> {
         debug_assert_eq!(new.key(), self.entry(slot).key());
         debug_assert_eq!(new.expires(), self.entry(slot).expires());
+        self.writes += 1;
         self.slots[slot as usize]
             .replace(new)
             .expect("a swapped slot is in use")
@@ -501,7 +503,9 @@ impl<V> Shard<V> {
     /// Takes every entry out, leaving the shard empty.
     pub fn drain(&mut self) -> Vec<Entry<V>> {
         let slots = std::mem::take(&mut self.slots);
+        let writes = self.writes + 1;
         *self = Shard::with_hasher(self.hasher.clone());
+        self.writes = writes;
         slots.into_iter().flatten().collect()
     }
 
@@ -584,36 +588,89 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_is_a_pointer_and_a_generation() {
-        assert_eq!(SLOT_SIZE, 12);
+    fn a_slot_is_a_pointer() {
+        assert_eq!(SLOT_SIZE, 8);
         assert_eq!(std::mem::size_of::<Option<Entry<u32>>>(), 8);
     }
 
+    // (A tag table takes a random hasher, which under `shuttle` works only inside a model.)
+    #[cfg(not(feature = "shuttle"))]
+    fn tagged(table: &crate::tags::TagTable, key: &str) -> Entry<u32> {
+        Entry::new(key, 1, NEVER, table.stamps(["t"]))
+    }
+
+    #[cfg(not(feature = "shuttle"))]
     #[test]
-    fn a_generation_belongs_to_its_slot_until_the_slot_is_reused() {
+    fn a_generation_belongs_to_its_entry_and_no_later_one_at_the_same_slot() {
+        let table = crate::tags::TagTable::default();
         let mut s: Shard<u32> = Shard::default();
-        let a = put(&mut s, "a", NEVER);
-        assert_eq!(s.gen(a), 0);
-        s.set_gen(a, 7);
+        let hash = s.hash("a");
+        let a = s.insert(tagged(&table, "a"), hash);
+        assert_eq!(s.entry(a).gen(), Some(0));
+        s.entry_mut(a).set_gen(7);
         assert!(s.entry_if(a, 7).is_some_and(|e| e.key() == "a"));
         assert!(s.entry_if(a, 6).is_none());
         assert!(s.entry_if(a + 1, 0).is_none(), "no such slot");
-        // A new deadline (a new block) and a swapped-in entry keep the slot's generation.
+        // A new deadline (a new block) keeps the entry's generation.
         s.set_expiry(a, 60 * 86_400 * SEC);
-        assert_eq!(s.gen(a), 7);
-        let mut new = entry("a", 60 * 86_400 * SEC);
-        new.take_place_of(s.entry(a));
-        drop(s.swap(a, new));
         assert!(s.entry_if(a, 7).is_some());
-        // Once the entry leaves, its generation no longer finds anything, nor in the next
-        // entry at the same slot.
+        // Once the entry leaves, its generation finds nothing, nor in the next entries at the
+        // same slot: a tagged one (generation 0 until set, then another) or an untagged one
+        // (none at all).
         drop(s.remove(a));
         assert!(s.entry_if(a, 7).is_none());
-        let b = put(&mut s, "b", NEVER);
-        assert_eq!((b, s.gen(b)), (a, 0));
+        let hash = s.hash("b");
+        let b = s.insert(tagged(&table, "b"), hash);
+        assert_eq!(b, a);
         assert!(s.entry_if(b, 7).is_none());
-        s.set_gen(b, 8);
+        s.entry_mut(b).set_gen(8);
+        assert!(s.entry_if(b, 7).is_none());
         assert!(s.entry_if(b, 8).is_some_and(|e| e.key() == "b"));
+        drop(s.remove(b));
+        let c = put(&mut s, "c", NEVER);
+        assert_eq!(c, a);
+        s.entry_mut(c).set_gen(7);
+        for gen in [0, 7, 8] {
+            assert!(
+                s.entry_if(c, gen).is_none(),
+                "an untagged entry has no generation"
+            );
+        }
+    }
+
+    #[test]
+    fn the_write_counter_moves_on_every_write_and_survives_a_drain() {
+        let mut s: Shard<u32> = Shard::default();
+        let mut last = s.writes();
+        let mut moved = |s: &Shard<u32>| {
+            let now = s.writes();
+            let out = now > last;
+            last = now;
+            out
+        };
+        let a = put(&mut s, "a", NEVER);
+        assert!(moved(&s), "insert");
+        s.entry_mut(a).set_queue(Queue::Main);
+        s.set_expiry(a, 5 * SEC);
+        s.touch(a);
+        assert!(!moved(&s), "a new deadline or a touch keeps the value");
+        s.note_write();
+        assert!(moved(&s), "in-place change");
+        let mut new = entry("a", 5 * SEC);
+        new.take_place_of(s.entry(a));
+        drop(s.swap(a, new));
+        assert!(moved(&s), "swap");
+        drop(s.remove(a));
+        assert!(moved(&s), "remove");
+        put(&mut s, "b", 1);
+        moved(&s);
+        let mut budget = 10;
+        assert!(s.pop_swept(2, &mut budget).is_some());
+        assert!(moved(&s), "expiry");
+        put(&mut s, "c", NEVER);
+        moved(&s);
+        assert_eq!(s.drain().len(), 1);
+        assert!(moved(&s), "a drain neither keeps nor resets the count");
     }
 
     #[test]

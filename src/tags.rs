@@ -22,8 +22,9 @@ use crate::sync::{random_state, Arc, Mutex, Weak};
 
 use crate::mem::malloc_chunk;
 
-/// Where an entry lives: shard, slot and the generation its slot got when it was stored
-/// (`Shard::gen`).
+/// Where a tagged entry lives: shard, slot and the generation it got when it was stored or its
+/// value last changed (`Entry::gen`), which no later entry at the slot carries (short of the
+/// store's 32-bit counter wrapping around between the two).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EntryRef {
     pub shard: u32,

@@ -106,6 +106,58 @@ def test_incr_loses_no_update_under_threads():
     assert c.get("f") == 16000.5
 
 
+def test_incr_of_a_float_is_exact_while_other_keys_are_deleted_and_set_again():
+    """A float's incr reads, adds and stores back only if the entry is still the one read:
+    writers churning same-sized entries (whose freed blocks the allocator hands out again,
+    possibly at the float's old address) must never let an increment be lost."""
+    c = make()
+    c.set("f", 0.5)
+    incrementers, writers, rounds = 4, 4, 1500
+
+    def work(i: int) -> None:
+        if i < incrementers:
+            for _ in range(rounds):
+                c.incr("f", 1)
+        else:
+            for j in range(rounds):
+                key = f"w{i}:{j % 8}"
+                c.set(key, float(j))
+                c.delete(key)
+                c.set(key, float(j) + 0.25)
+
+    _hammer(incrementers + writers, work)
+    assert c.get("f") == incrementers * rounds + 0.5
+    assert c.get(f"w{incrementers}:{(rounds - 1) % 8}") == rounds - 1 + 0.25
+
+
+class SlowSum:
+    """A pickled number whose addition sleeps (letting other threads run), so that an `incr` of
+    it is interleaved with others between its read and its write."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __add__(self, other: int) -> SlowSum:
+        time.sleep(0.0002)
+        return SlowSum(self.n + other)
+
+
+def test_incr_of_a_value_replaced_meanwhile_at_a_reused_address_loses_no_update():
+    """Each incr's read and write are interleaved with other incrs of the key, which replace its
+    entry (a new block; the old one freed, and its address handed out again): only the entry
+    read may be overwritten, never one that took its address since."""
+    c = make()
+    c.set("s", SlowSum(0))
+    threads, rounds = 4, 300
+
+    def work(_: int) -> None:
+        for _ in range(rounds):
+            c.incr("s", 1)
+
+    _hammer(threads, work)
+    assert c.get("s").n == threads * rounds
+
+
 def test_add_has_exactly_one_winner():
     c = make()
     for round_ in range(20):

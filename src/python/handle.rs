@@ -716,7 +716,7 @@ impl Handle {
             }
         }
         loop {
-            let Some((current, gen)) = self
+            let Some((current, token)) = self
                 .store
                 .snapshot(&k, now, |e| e.value().clone_ref(py, e.payload()))
             else {
@@ -724,7 +724,7 @@ impl Handle {
             };
             let new = decode(py, current?)?.bind(py).add(delta)?;
             let stored = encode(&new)?;
-            match self.store.replace_if(&k, gen, stored, &self.limits, now) {
+            match self.store.replace_if(&k, token, stored, &self.limits, now) {
                 Replace::Done => return Ok(new.unbind()),
                 Replace::Conflict => continue,
                 Replace::Missing => return Err(self.not_found(key, version, &k)),

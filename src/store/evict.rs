@@ -237,7 +237,7 @@ impl<V: Weigh> Store<V> {
     pub(super) fn put_s3(
         &self,
         key: &str,
-        entry: Entry<V>,
+        mut entry: Entry<V>,
         limits: &Limits,
         now: u64,
         only_new: bool,
@@ -354,8 +354,8 @@ impl<V: Weigh> Store<V> {
             None => (shard.admit(hash), 0),
         };
         entry.freq().store(freq, Relaxed);
+        entry.set_gen(gen);
         let slot = shard.insert_in(entry, hash, queue);
-        shard.set_gen(slot, gen);
         self.finish_put(shard, idx, slot, gen, has_tags, limits, now);
         Put::Stored
     }

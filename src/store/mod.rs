@@ -120,6 +120,43 @@ pub enum Replace {
     TooLarge,
 }
 
+/// What `snapshot` saw of an entry, for `replace_if` to tell whether the entry is still the one
+/// read.
+///
+/// A tagged entry has a generation (`Entry::gen`, from the store's write counter, renewed
+/// whenever its value changes). An untagged entry has none (it would cost 4 bytes an entry):
+/// `Untagged` is its block's address and its shard's write counter (`Shard::writes`). The address
+/// alone is not enough: once the entry is deleted its block is freed, and the allocator may hand
+/// the same address to the next entry stored under the key (a delete and a `set` of the same
+/// size between the snapshot and `replace_if`). An unchanged counter proves no entry of the shard
+/// was stored, removed or changed since the snapshot, so the entry is the same (a block moved by
+/// a new deadline, which keeps the value, has another address: a conflict too, conservatively).
+/// Any other write to the shard is a conflict as well; the caller reads again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Token {
+    Tagged(u32),
+    Untagged { block: usize, writes: u64 },
+}
+
+impl Token {
+    /// The token of the entry at `slot`.
+    fn of<V>(shard: &Shard<V>, slot: u32) -> Token {
+        let e = shard.entry(slot);
+        match e.gen() {
+            Some(gen) => Token::Tagged(gen),
+            None => Token::Untagged {
+                block: e.addr(),
+                writes: shard.writes(),
+            },
+        }
+    }
+
+    /// Whether the entry at `slot` is still the one this token was taken of.
+    fn matches<V>(self, shard: &Shard<V>, slot: u32) -> bool {
+        self == Token::of(shard, slot)
+    }
+}
+
 pub struct Store<V> {
     shards: Box<[RwLock<Shard<V>>]>,
     policy: Policy,

@@ -86,17 +86,18 @@ impl<V: Weigh> Store<V> {
         self.get_locked(hash, idx, key, now, read)
     }
 
-    /// Like `get_entry` but also returns the entry's generation, for a later `replace_if`.
+    /// Like `get_entry` but also returns a token of the entry (see `Token`), for a later
+    /// `replace_if`.
     pub fn snapshot<R>(
         &self,
         key: &str,
         now: u64,
         read: impl FnOnce(&Entry<V>) -> R,
-    ) -> Option<(R, u32)> {
+    ) -> Option<(R, Token)> {
         let (hash, idx) = self.locate(key);
         let mut shard = self.write(idx);
         let out = match self.lookup(&mut shard, hash, key, now) {
-            Lookup::Live(slot) => Some((read(shard.entry(slot)), shard.gen(slot))),
+            Lookup::Live(slot) => Some((read(shard.entry(slot)), Token::of(&shard, slot))),
             Lookup::Absent => None,
         };
         drop(shard);

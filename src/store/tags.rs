@@ -135,6 +135,54 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_stale_tag_ref_never_matches_a_later_entry_at_the_same_slot() {
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            for successor_tagged in [false, true] {
+                let store: Store<Val> = Store::with_policy(1, policy);
+                let lim = limits(100, None);
+                let slot_of = |k| store.shards[0].read().find(store.locate(k).0, k);
+                let tagged = |k: &str, tag: &str| {
+                    let stamps = store.tags.stamps([tag]);
+                    store.set(k, Val(10), NEVER, stamps, &lim, 1)
+                };
+                let why = format!("{policy:?} successor tagged {successor_tagged}");
+                // `keep` keeps t alive (a tag nobody carries is forgotten with its list).
+                tagged("keep", "t");
+                tagged("k", "t");
+                let slot = slot_of("k");
+                // Deleted (its ref stays in t's list) and stored again at the same slot,
+                // under another tag or none.
+                assert!(store.delete("k", 1));
+                if successor_tagged {
+                    tagged("k", "u");
+                } else {
+                    set(&store, "k", 10, &lim, 1);
+                }
+                assert_eq!(slot_of("k"), slot, "{why}");
+                assert_eq!(store.invalidate_tags(["t"], 1), 1, "{why}");
+                assert!(
+                    store.contains("k", 1),
+                    "{why}: a stale ref removed a later entry"
+                );
+                // The same for an entry of another key at the slot, after an update too.
+                tagged("keep", "t");
+                assert!(store.delete("k", 1));
+                tagged("k", "t");
+                let slot = slot_of("k");
+                assert!(store.delete("k", 1));
+                tagged("other", "u");
+                assert_eq!(slot_of("other"), slot, "{why}");
+                assert_eq!(store.update("other", &lim, 1, |_| Some(())), Ok(Some(())));
+                assert_eq!(store.invalidate_tags(["t"], 1), 1, "{why}");
+                assert!(store.contains("other", 1), "{why}");
+                // A live ref still reclaims its entry, after an update too.
+                assert_eq!(store.invalidate_tags(["u"], 1), 1, "{why}");
+                assert!(!store.contains("other", 1));
+            }
+        }
+    }
+
     /// The store is within `max` bytes and its books add up.
     #[track_caller]
     fn within(store: &Store<Val>, max: u64, policy: Policy) {

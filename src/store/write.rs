@@ -119,7 +119,8 @@ impl<V: Weigh> Store<V> {
                 if r.is_some() {
                     let gen = self.next_gen();
                     self.used(&mut shard, slot, hash);
-                    shard.set_gen(slot, gen);
+                    shard.note_write();
+                    shard.entry_mut(slot).set_gen(gen);
                     moved = Some((slot, gen, shard.entry(slot).tags().to_vec()));
                 }
                 Ok(r)
@@ -264,8 +265,9 @@ impl<V: Weigh> Store<V> {
         }
         let gen = self.next_gen();
         let has_tags = !entry.tags().is_empty();
+        let mut entry = entry;
+        entry.set_gen(gen);
         let slot = shard.insert(entry, hash);
-        shard.set_gen(slot, gen);
         self.len.fetch_add(1, Relaxed);
         self.finish_put(shard, idx, slot, gen, has_tags, limits, now);
         Put::Stored
@@ -299,9 +301,16 @@ impl<V: Weigh> Store<V> {
         }
     }
 
-    /// Replaces the value of the entry under `key` if it still carries generation `gen`, keeping
-    /// its expiry and tags.
-    pub fn replace_if(&self, key: &str, gen: u32, value: V, limits: &Limits, now: u64) -> Replace {
+    /// Replaces the value of the entry under `key` if it is still the one `token` was taken of
+    /// (by `snapshot`, see `Token`), keeping its expiry and tags.
+    pub fn replace_if(
+        &self,
+        key: &str,
+        token: Token,
+        value: V,
+        limits: &Limits,
+        now: u64,
+    ) -> Replace {
         let (hash, idx) = self.locate(key);
         let (stamps, expires, delta) = {
             let shard = self.shards[idx].read();
@@ -332,7 +341,7 @@ impl<V: Weigh> Store<V> {
         let mut shard = self.write(idx);
         self.fill_take(idx, key, None, now);
         let out = match self.lookup(&mut shard, hash, key, now) {
-            Lookup::Live(slot) if shard.gen(slot) == gen => {
+            Lookup::Live(slot) if token.matches(&shard, slot) => {
                 let Some(mut entry) = new.take() else {
                     unreachable!("the new entry is placed once")
                 };
@@ -343,10 +352,10 @@ impl<V: Weigh> Store<V> {
                 }
                 entry.take_place_of(old);
                 let gen = self.next_gen();
+                entry.set_gen(gen);
                 moved = Some((slot, gen, entry.tags().to_vec()));
                 let exact = Self::charge(&entry);
                 let old = shard.swap(slot, entry);
-                shard.set_gen(slot, gen);
                 self.bytes.fetch_sub(Self::charge(&old), Relaxed);
                 if exact >= weight {
                     self.bytes.fetch_add(exact - weight, Relaxed);
@@ -470,53 +479,148 @@ mod tests {
     #[test]
     fn replace_if_refuses_after_any_replacement_even_at_the_same_slot() {
         for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
-            let store: Store<Val> = Store::with_policy(1, policy);
-            let lim = limits(100, None);
-            let gen_of = |k| store.snapshot(k, 1, |e| e.value().0).unwrap().1;
-            set(&store, ":1:k", 10, &lim, 1);
-            set(&store, "k", 10, &lim, 1);
-            // Deleted and stored again: the freed slot is reused, under a new generation.
-            let gen = gen_of(":1:k");
-            assert!(store.delete(":1:k", 1));
-            set(&store, ":1:k", 20, &lim, 1);
-            assert_eq!(
-                store.replace_if(":1:k", gen, Val(1), &lim, 1),
-                Replace::Conflict,
-                "{policy:?}"
-            );
-            // Overwritten in its place, changed in place, replaced.
-            let gen = gen_of(":1:k");
-            set(&store, ":1:k", 30, &lim, 1);
-            assert_eq!(
-                store.replace_if(":1:k", gen, Val(1), &lim, 1),
-                Replace::Conflict
-            );
-            let gen = gen_of(":1:k");
-            assert_eq!(store.update(":1:k", &lim, 1, |_| Some(())), Ok(Some(())));
-            assert_eq!(
-                store.replace_if(":1:k", gen, Val(1), &lim, 1),
-                Replace::Conflict
-            );
-            let gen = gen_of(":1:k");
-            assert_eq!(
-                store.replace_if(":1:k", gen, Val(40), &lim, 1),
-                Replace::Done
-            );
-            assert_eq!(
-                store.replace_if(":1:k", gen, Val(1), &lim, 1),
-                Replace::Conflict
-            );
-            // The key that differs only by the elided prefix was left alone all along.
-            let gen = gen_of("k");
-            assert_eq!(store.replace_if("k", gen, Val(50), &lim, 1), Replace::Done);
-            let get = |k| store.get_entry(k, 1, |e| e.value().0);
-            assert_eq!((get(":1:k"), get("k")), (Some(40), Some(50)));
-            if policy == Policy::Lru {
-                // (The other policies charge their ghost or sketch too.)
-                let sum: u64 = store.shards[0].read().iter().map(Store::charge).sum();
-                assert_eq!(store.bytes(), sum);
+            for tagged in [false, true] {
+                let store: Store<Val> = Store::with_policy(1, policy);
+                let lim = limits(100, None);
+                let put = |k: &str, w: usize| {
+                    let stamps = if tagged {
+                        store.tags.stamps(["t"])
+                    } else {
+                        Vec::new()
+                    };
+                    store.set(k, Val(w), NEVER, stamps, &lim, 1)
+                };
+                let token_of = |k| store.snapshot(k, 1, |e| e.value().0).unwrap().1;
+                let slot_of = |k| store.shards[0].read().find(store.locate(k).0, k);
+                put(":1:k", 10);
+                put("k", 10);
+                let why = format!("{policy:?} tagged {tagged}");
+                assert!(matches!(token_of(":1:k"), Token::Tagged(_)) == tagged);
+                // Deleted and stored again (the same size): the freed slot is reused.
+                let token = token_of(":1:k");
+                let slot = slot_of(":1:k");
+                assert!(store.delete(":1:k", 1));
+                put(":1:k", 10);
+                assert_eq!(slot_of(":1:k"), slot, "{why}");
+                assert_eq!(
+                    store.replace_if(":1:k", token, Val(1), &lim, 1),
+                    Replace::Conflict,
+                    "{why}"
+                );
+                // Overwritten in its place, changed in place, replaced.
+                let token = token_of(":1:k");
+                put(":1:k", 30);
+                assert_eq!(
+                    store.replace_if(":1:k", token, Val(1), &lim, 1),
+                    Replace::Conflict,
+                    "{why}"
+                );
+                let token = token_of(":1:k");
+                assert_eq!(store.update(":1:k", &lim, 1, |_| Some(())), Ok(Some(())));
+                assert_eq!(
+                    store.replace_if(":1:k", token, Val(1), &lim, 1),
+                    Replace::Conflict,
+                    "{why}"
+                );
+                let token = token_of(":1:k");
+                assert_eq!(
+                    store.replace_if(":1:k", token, Val(40), &lim, 1),
+                    Replace::Done,
+                    "{why}"
+                );
+                assert_eq!(
+                    store.replace_if(":1:k", token, Val(1), &lim, 1),
+                    Replace::Conflict,
+                    "{why}"
+                );
+                // The key that differs only by the elided prefix was left alone all along.
+                let token = token_of("k");
+                assert_eq!(
+                    store.replace_if("k", token, Val(50), &lim, 1),
+                    Replace::Done
+                );
+                let get = |k| store.get_entry(k, 1, |e| e.value().0);
+                assert_eq!((get(":1:k"), get("k")), (Some(40), Some(50)), "{why}");
+                if policy == Policy::Lru {
+                    // (The other policies charge their ghost or sketch too.)
+                    let sum: u64 = store.shards[0].read().iter().map(Store::charge).sum();
+                    assert_eq!(store.bytes(), sum + store.tags.bytes(), "{why}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn replace_if_refuses_an_untagged_entry_whose_block_address_was_reused() {
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            let store: Store<Val> = Store::with_policy(1, policy);
+            let lim = limits(100, None);
+            set(&store, "k", 10, &lim, 1);
+            let (_, token) = store.snapshot("k", 1, |e| e.value().0).unwrap();
+            let Token::Untagged { block, .. } = token else {
+                panic!("an untagged entry has no generation")
+            };
+            // Delete and store the key again (the same size) until the allocator hands the
+            // entry's old address to the new block: the same slot, the same address, another
+            // value.
+            let mut reused = false;
+            for w in 11..10_000 {
+                assert!(store.delete("k", 1));
+                set(&store, "k", w, &lim, 1);
+                if store.get_entry("k", 1, |e| e.addr()) == Some(block) {
+                    reused = true;
+                    break;
+                }
+            }
+            assert!(reused, "{policy:?}: the allocator never reused the address");
+            let (now_token, w) = store
+                .snapshot("k", 1, |e| e.value().0)
+                .map(|(w, t)| (t, w))
+                .unwrap();
+            assert!(matches!(now_token, Token::Untagged { block: b, .. } if b == block));
+            assert_eq!(
+                store.replace_if("k", token, Val(1), &lim, 1),
+                Replace::Conflict,
+                "{policy:?}: took the entry at a reused address for the one read"
+            );
+            assert_eq!(store.get_entry("k", 1, |e| e.value().0), Some(w));
+        }
+    }
+
+    #[test]
+    fn replace_if_of_an_untagged_entry_survives_reads_and_touches_not_other_writes() {
+        let store: Store<Val> = Store::new(1);
+        let lim = limits(100, None);
+        set(&store, "k", 10, &lim, 1);
+        let (_, token) = store.snapshot("k", 1, |e| e.value().0).unwrap();
+        // Reads and a new deadline (which keeps the block and the value) leave it the same.
+        assert_eq!(store.get("k", 1, |v| v.0), Some(10));
+        assert!(store.touch("k", 80 * SEC, &lim, 1));
+        assert_eq!(
+            store.replace_if("k", token, Val(20), &lim, 1),
+            Replace::Done
+        );
+        // Any write to the shard may have reused the block: a conflict, read again.
+        let (_, token) = store.snapshot("k", 1, |e| e.value().0).unwrap();
+        set(&store, "other", 10, &lim, 1);
+        assert_eq!(
+            store.replace_if("k", token, Val(30), &lim, 1),
+            Replace::Conflict
+        );
+        let (_, token) = store.snapshot("k", 1, |e| e.value().0).unwrap();
+        assert_eq!(
+            store.replace_if("k", token, Val(30), &lim, 1),
+            Replace::Done
+        );
+        assert_eq!(store.get("k", 1, |v| v.0), Some(30));
+        // A flush and a new entry under the key in between: a conflict.
+        let (_, token) = store.snapshot("k", 1, |e| e.value().0).unwrap();
+        store.clear();
+        set(&store, "k", 30, &lim, 1);
+        assert_eq!(
+            store.replace_if("k", token, Val(40), &lim, 1),
+            Replace::Conflict
+        );
     }
 
     #[test]
