@@ -185,13 +185,13 @@ def memory_section(
         if kind not in locmem:
             locmem[kind] = run_child("resident", LOCMEM, kind, str(entries))["rss"] / entries
         r, m, s = rust["rss"] / entries, locmem[kind], rust["stats_bytes"] / entries
-        cells = f"{r:.0f} B | {m:.0f} B | {r / m:.2f}x | {s:.0f} B | {s / r:.2f}"
+        cells = f"{r:.0f} B | {m:.0f} B | {r / m:.3f}x | {s:.0f} B | {s / r:.2f}"
         lines.append(f"| {label} | {cells} |")
         bar = MEMORY_BARS[kind]
         word = "PASS" if r <= bar * m else "FAIL"
         targets.append(
             f"{word}  memory, {entries:,} x 100-byte {label}: RustCache {r:.0f} B/entry = "
-            f"{r / m:.2f}x LocMemCache ({m:.0f} B); target <= {bar}x"
+            f"{r / m:.3f}x LocMemCache ({m:.0f} B); target <= {bar}x"
         )
         word = "PASS" if abs(s / r - 1) <= 0.10 else "FAIL"
         targets.append(
