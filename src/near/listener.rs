@@ -359,6 +359,19 @@ impl Shared {
     fn stopped(&self) -> bool {
         self.stop.load(SeqCst)
     }
+
+    /// Parks this thread for `delay` (a reconnect backoff), waking early when stopped (`stop`
+    /// unparks the listener and the watcher).
+    fn sleep(&self, delay: Duration) {
+        let until = clock::now() + delay.as_nanos() as u64;
+        while !self.stopped() {
+            let now = clock::now();
+            if now >= until {
+                break;
+            }
+            std::thread::park_timeout(Duration::from_nanos(until - now));
+        }
+    }
 }
 
 /// A listener thread and what it shares.
@@ -521,14 +534,7 @@ fn listen(cfg: &Config, sink: &dyn Sink, lease: &Lease, counters: &Counters, sha
         if shared.stopped() {
             break;
         }
-        let until = clock::now() + backoff.delay().as_nanos() as u64;
-        while !shared.stopped() {
-            let now = clock::now();
-            if now >= until {
-                break;
-            }
-            std::thread::park_timeout(Duration::from_nanos(until - now));
-        }
+        shared.sleep(backoff.delay());
     }
     lease.revoke();
 }
@@ -556,14 +562,7 @@ fn watch(cfg: &Config, s: &Sentinels, lease: &Lease, counters: &Counters, shared
         }
         // The next subscription starts from the next sentinel.
         s.prefer(s.preferred() + 1);
-        let until = clock::now() + backoff.delay().as_nanos() as u64;
-        while !shared.stopped() {
-            let now = clock::now();
-            if now >= until {
-                break;
-            }
-            std::thread::park_timeout(Duration::from_nanos(until - now));
-        }
+        shared.sleep(backoff.delay());
     }
 }
 
