@@ -44,9 +44,15 @@ impl<V: Weigh> Store<V> {
     /// Removes `slot` and takes it off the books.
     pub(super) fn detach(&self, shard: &mut Shard<V>, slot: u32) -> Entry<V> {
         let e = shard.remove(slot);
-        self.len.fetch_sub(1, Relaxed);
-        self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+        self.unbook(&e);
         e
+    }
+
+    /// Takes `e`, already out of its shard, off the books: its place and its charge.
+    #[inline]
+    pub(super) fn unbook(&self, e: &Entry<V>) {
+        self.len.fetch_sub(1, Relaxed);
+        self.bytes.fetch_sub(Self::charge(e), Relaxed);
     }
 
     /// Moves the books from an entry's charge `old` to `new`: always when it shrinks, when it

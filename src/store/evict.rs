@@ -46,8 +46,7 @@ impl<V: Weigh> Store<V> {
             let mut budget = SWEEP_SLOTS;
             let mut found = 0;
             while let Some(e) = shard.pop_swept(now, &mut budget) {
-                self.len.fetch_sub(1, Relaxed);
-                self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                self.unbook(&e);
                 shard.bury(e);
                 found += 1;
             }
@@ -81,8 +80,7 @@ impl<V: Weigh> Store<V> {
             g.expire_all(now, &mut all.dead);
         }
         for e in &all.dead[before..] {
-            self.len.fetch_sub(1, Relaxed);
-            self.bytes.fetch_sub(Self::charge(e), Relaxed);
+            self.unbook(e);
         }
         Stats::bump(&self.stats.expirations, (all.dead.len() - before) as u64);
         let len = self.len();
@@ -99,8 +97,7 @@ impl<V: Weigh> Store<V> {
             let share = (g.len() * count).div_ceil(len);
             for _ in 0..share {
                 let Some(e) = g.pop_oldest() else { break };
-                self.len.fetch_sub(1, Relaxed);
-                self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                self.unbook(&e);
                 all.dead.push(e);
                 culled += 1;
             }
@@ -394,8 +391,7 @@ impl<V: Weigh> Store<V> {
             let mut shard = Locked::new(s.write());
             let mut budget = per_shard;
             while let Some(e) = shard.pop_swept(now, &mut budget) {
-                self.len.fetch_sub(1, Relaxed);
-                self.bytes.fetch_sub(Self::charge(&e), Relaxed);
+                self.unbook(&e);
                 shard.bury(e);
             }
             n += shard.buried();
