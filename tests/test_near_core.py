@@ -421,7 +421,7 @@ def test_a_forked_child_does_not_keep_the_parents_listener_connection_open(
     import redis
 
     script = f"""
-import os, time, uuid
+import os, sys, time, uuid
 from django_rustcache import _core
 loc = "near-" + uuid.uuid4().hex
 h = _core.Handle(loc, object(), lambda key: None)
@@ -435,6 +435,7 @@ if pid == 0:
     time.sleep(20)  # alive, touching nothing, after its parent is gone
     os._exit(0)
 print(pid, flush=True)
+sys.stdin.readline()  # the test looks at the server's clients while the parent is alive
 os._exit(0)  # the parent dies without closing its listener
 """
     r = redis.Redis(port=redis_server.port)
@@ -445,13 +446,19 @@ os._exit(0)  # the parent dies without closing its listener
         return {c["id"] for c in r.client_list() if "t" in c["flags"]}
 
     before = trackers()
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     child = 0
     try:
-        assert parent.stdout is not None
+        assert parent.stdin is not None and parent.stdout is not None
         child = int(parent.stdout.readline())
+        # The parent waits for a line before it exits: listed any later, its listener could be
+        # gone already (it was, once, in CI) and this would test nothing.
         theirs = trackers() - before  # the parent's listener (fresh before it forked)
         assert theirs, "the parent's listener was not tracking"
+        parent.stdin.write("exit\n")
+        parent.stdin.close()
         parent.wait(10)
         wait_until(
             lambda: not trackers() & theirs, "the dead parent's listener connection to close"
