@@ -967,9 +967,8 @@ def _tls_settings(where: str, options: dict[str, Any]) -> dict[str, Any]:
 # Process-wide state: one client (and pool) per (process, LOCATION + redis options) ------------
 
 
-#: How many master switches this process's listeners acted on (``_core.sentinel_switches``;
-#: an old build has none: then never moves).
-_switches: Callable[[], int] = getattr(_core, "sentinel_switches", lambda: 0)
+#: How many master switches this process's listeners acted on (one C call, read per command).
+_switches: Callable[[], int] = _core.sentinel_switches
 
 
 class _Conn:
