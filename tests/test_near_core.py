@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import warnings
@@ -48,12 +47,6 @@ class Server:
             return buf.split(b"\r\n", 1)[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[Server]:
     binary = shutil.which("redis-server")
@@ -61,45 +54,15 @@ def redis_server() -> Iterator[Server]:
         if os.environ.get("RUSTCACHE_NO_REDIS") == "1":
             pytest.skip("redis-server is not on PATH and RUSTCACHE_NO_REDIS=1")
         pytest.fail("redis-server is not on PATH: install it, or set RUSTCACHE_NO_REDIS=1")
-    port = _free_port()
-    tmp = tempfile.mkdtemp(prefix="rustcache-redis-")
-    unix_path = os.path.join(tmp, "redis.sock")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--unixsocket",
-            unix_path,
-            "--unixsocketperm",
-            "700",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = Server(proc, port, unix_path)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if server.cmd("PING") == b"+PONG":
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.02)
+    from tests import servers
+
+    # tests/servers.py: a free port that is surely this server's (another process may take the
+    # port between choosing it and the server's bind), a unix socket, stopped by PID.
+    ours = servers.start("redis", unix=True)
     try:
-        yield server
+        yield Server(ours.proc, ours.port, str(ours.unix_path))  # type: ignore[arg-type]
     finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+        ours.cleanup()
 
 
 def wait_until(ok: Callable[[], bool], what: str, limit: float = 5.0) -> None:
