@@ -387,6 +387,9 @@ def _reader(
         if l1_hits is not None and sent >= next_sample:
             samples.append((sent, l1_hits(cache)))
             next_sample = sent + SAMPLE_EVERY
+            # The read is sent after the sample: judged as sent before it, a read could miss a
+            # write acknowledged meanwhile, and a stale read would pass for a fresh one.
+            sent = _mono()
         k = i % nkeys
         i += 1
         try:

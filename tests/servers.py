@@ -19,6 +19,7 @@ file, which a sentinel rewrites), tuned to fail over within a few seconds.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -89,6 +90,31 @@ def ping(port: int, timeout: float = 0.5, tls: Pki | None = None) -> bool:
             return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a socket listening on TCP ``port`` (Linux: its descriptors
+    against /proc/net/tcp*; True where /proc is missing, as nothing better can be told)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self/fd")  # no /proc: cannot tell; else pid is gone
+    inodes = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
+            next(f)  # the header
+            for line in f:
+                cols = line.split()
+                # local address "ADDR:PORT" (hex), state 0A = LISTEN, the socket's inode
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "0A":
+                    if cols[9] in inodes:
+                        return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -237,7 +263,10 @@ class Server:
             )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if ping(port, tls=self.tls):
+                # The one answering must be ours: between _free_port() and our bind, another
+                # process (another test session's server) may have taken the port; ours then
+                # exits, and that one would be mistaken for it.
+                if ping(port, tls=self.tls) and listens(self.proc.pid, port):
                     self.port = port
                     _RUNNING.add(self)
                     return self

@@ -8,9 +8,12 @@ invalidation link frozen while the data path keeps working.
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
+import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -117,6 +120,52 @@ def test_a_reader_that_never_returns_is_reported_hung_and_killed():
     assert sorted(result.hung) == ["reader0", "reader1"]
     assert "hung: reader0, reader1" in result.violations()
     assert time.monotonic() - started < 30  # killed, not waited for
+
+
+#: The value last stored under each key, shared by the forked processes of the test below.
+_SHARED: Any = None
+
+
+class _StaleAfterSample:
+    """A coherent cache (one value per key, shared by every process), except that the read
+    after each sample of its L1 counter answers what the sample saw, 15 ms earlier."""
+
+    def __init__(self) -> None:
+        self.snapshot: list[int] | None = None
+
+    def set(self, key, value, timeout=None):
+        _SHARED[int(key.rsplit(":", 1)[1])] = value
+
+    def get(self, key, default=None):
+        k = int(key.rsplit(":", 1)[1])
+        if self.snapshot is not None:
+            value, self.snapshot = self.snapshot[k], None
+        else:
+            value = _SHARED[k]
+        return default if value < 0 else value
+
+
+def _sample_slowly(cache: _StaleAfterSample) -> int:
+    cache.snapshot = list(_SHARED)
+    time.sleep(0.015)  # of the 20 ms between two samples
+    return 0
+
+
+def test_a_read_is_judged_by_when_it_was_sent_not_by_when_the_sample_before_it_began(
+    monkeypatch,
+):
+    # The reader samples its L1 counter now and then, just before a read. Were that read taken
+    # as sent when the sample began, writes acknowledged during the sample would not count
+    # against it, and a value as old as the sample would pass for fresh.
+    shared = multiprocessing.get_context("fork").Array("q", [-1] * 4, lock=False)
+    monkeypatch.setattr(sys.modules[__name__], "_SHARED", shared)
+    result = coherence.run(
+        _StaleAfterSample, readers=1, keys=4, before=0.2, after=1.0, l1_hits=_sample_slowly
+    )
+    assert result.reads > 100 and result.writes_acked > 50, result.row()
+    # Each key changes every 20 ms: most reads after a 15 ms sample are stale, by up to 15 ms.
+    assert result.stale >= 5 and result.oldest_stale_ms > 5, result.row()
+    assert result.stale < result.reads / 4, result.row()  # the other reads are fresh
 
 
 # RustCache: the harness must see staleness ----------------------------------------------------

@@ -121,12 +121,15 @@ def test_get_set_and_invalidation_between_two_l1s_over_tls(tls_server, pki, mode
     b = NearCache(f"rediss://localhost:{tls_server.port}/0", params)
     assert a._l1_location != b._l1_location
     assert fresh(a) and fresh(b), (a.stats()["listener"], b.stats()["listener"])
+    key = b.make_key("k")
     a.set("k", "one")
+    # b's listener hears of a's write too. Applied while b's read below fills L1, it would
+    # (rightly) void that fill, and L1 would not serve the next read: wait for it first.
+    wait_until(lambda: b._near.applied_ns(key) is not None, "b's listener to hear of a's write")
     assert b.get("k") == "one"  # from Redis, filling b's L1
     hits = b.stats()["l1_hits"]
     assert b.get("k") == "one"
     assert b.stats()["l1_hits"] == hits + 1  # served by L1: the lease is fresh over TLS
-    key = b.make_key("k")
     before = b._near.applied_ns(key)
     a.set("k", "two")
     wait_until(lambda: b._near.applied_ns(key) != before, "b's listener to hear of a's write")

@@ -182,7 +182,9 @@ def _in_child(fn):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def _eventually(predicate, seconds=2.0):
+def _eventually(predicate, seconds=10.0):
+    """Whether ``predicate()`` became true within ``seconds`` (a bound on a wait, generous for a
+    loaded machine: it costs nothing when the invalidation comes at once)."""
     end = time.monotonic() + seconds
     while not predicate() and time.monotonic() < end:
         time.sleep(0.01)

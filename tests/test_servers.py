@@ -53,3 +53,27 @@ def test_a_server_dies_with_the_process_that_started_it_even_on_sigkill():
         if child.poll() is None:
             child.kill()
             child.wait(10)
+
+
+def test_a_server_whose_port_was_taken_meanwhile_is_not_mistaken_for_the_one_there(monkeypatch):
+    # Between _free_port() and the new server's bind, another process may take the port (another
+    # session's server, on a shared machine): the new server then exits, while the other one
+    # answers PING on that port. It must not be taken for ours (tests would FLUSHALL it, stop a
+    # process that is gone, ...): start() tries another port.
+    from tests import servers
+
+    first = servers.start("redis")
+    try:
+        taken = iter([first.port])  # the first port handed out is first's, as if just taken
+        real = servers._free_port
+        monkeypatch.setattr(servers, "_free_port", lambda: next(taken, None) or real())
+        second = servers.start("redis")
+        try:
+            assert second.port != first.port
+            assert second.proc is not None and second.proc.poll() is None
+            assert servers.listens(second.pid, second.port)
+            assert not servers.listens(second.pid, first.port)
+        finally:
+            second.cleanup()
+    finally:
+        first.cleanup()
