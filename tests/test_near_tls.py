@@ -112,8 +112,8 @@ def tls_client(server: servers.Server, pki: servers.Pki) -> redis.Redis:
 @pytest.mark.parametrize("mode", ["tracking", "pubsub"])
 def test_get_set_and_invalidation_between_two_l1s_over_tls(tls_server, pki, mode):
     # Two L1 stores (two LOCATIONs naming one server: its IP address, then its DNS name, both
-    # in its certificate), as two processes would have. A lease of seconds: the L1 hit below must
-    # not depend on the heartbeat of a loaded machine coming within 0.25 s (in CI it once did not).
+    # in its certificate), as two processes would have. A lease of seconds, so that the L1 hit below
+    # does not depend on a loaded machine's heartbeat coming within a quarter of a second either.
     prefix = f"tls{next(_prefixes)}"
     options = {"LEASE": 2.0, "INVALIDATION": mode, "ssl_ca_certs": str(pki.ca)}
     params = {"KEY_PREFIX": prefix, "OPTIONS": options}
