@@ -168,15 +168,26 @@ class RedisServer:
                 time.sleep(0.02)
             _stop(self.proc, group=False)
         text = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        raise CannotRun(f"redis-server ({self.binary}) did not answer PING:\n{text}")
+        raise CannotRun(f"redis-server ({self.binary}) did not answer:\n{text}")
 
     def _ping(self) -> bool:
+        """Whether our server answers on the port: the one there names our process as its own
+        (another process's server could hold the port we picked; then ours exits, and we retry)."""
+        assert self.proc is not None
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(b"INFO server\r\n")
+                reply = b""
+                while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        return False
+                    reply += chunk
+                    if len(reply) > 1 << 16:
+                        return False
         except OSError:
             return False
+        return f"process_id:{self.proc.pid}\r\n".encode() in reply
 
     @property
     def url(self) -> str:
