@@ -187,7 +187,16 @@ impl Sketch {
     /// would with every counter raised, the other keys sharing a counter with it gain nothing.
     #[inline]
     fn increment(&self, h: u64) {
-        let counters = self.counters(h);
+        self.raise(self.counters(h));
+    }
+
+    /// The update of `increment`, from a key's `counters` as read (`counters`). Each word is
+    /// loaded again to be written, and another recording may have raised the counter to
+    /// `MAX_COUNT` since it was read (a hit takes only the shard's read lock): it is raised only
+    /// if it is still below, as adding to a full nibble would carry into the next counter (or
+    /// overflow the word: a panic in a debug build).
+    #[inline]
+    fn raise(&self, counters: [(usize, u32, u64); 4]) {
         let least = counters.iter().map(|c| c.2).min().unwrap_or(MAX_COUNT);
         if least >= MAX_COUNT {
             return;
@@ -195,7 +204,9 @@ impl Sketch {
         for (w, nibble, value) in counters {
             if value == least {
                 let word = self.words[w].load(Relaxed);
-                self.words[w].store(word + (1 << (nibble * 4)), Relaxed);
+                if (word >> (nibble * 4)) & MAX_COUNT < MAX_COUNT {
+                    self.words[w].store(word + (1 << (nibble * 4)), Relaxed);
+                }
             }
         }
     }
@@ -352,6 +363,39 @@ mod tests {
         s.record_hit(key(b));
         assert_eq!(values(&s, key(0)), [5; 4]);
         assert_eq!(s.frequency(key(b)), 4);
+    }
+
+    #[test]
+    fn a_counter_another_recording_filled_meanwhile_does_not_carry_into_its_neighbour() {
+        // Recordings race (a hit takes only a read lock): one reads a key's counters, another
+        // raises them to the maximum, then the first writes. Every nibble position of a word,
+        // the top one (an add there overflows the word) among them.
+        let s = Sketch::with_capacity(1_024);
+        let mut seen = [false; 16];
+        for i in 0..10_000u64 {
+            let h = spread(key(i));
+            let read = s.counters(h);
+            assert!(read.iter().all(|c| c.2 == 0));
+            let mut filled = [0; 4];
+            for (n, &(w, nibble, _)) in read.iter().enumerate() {
+                // The key's counter full, its neighbours (below and above) with counts of their own.
+                filled[n] =
+                    (MAX_COUNT << (nibble * 4)) | (0x5555_5555_5555_5555 & !(0xf << (nibble * 4)));
+                s.words[w].store(filled[n], Relaxed);
+                seen[nibble as usize] = true;
+            }
+            s.raise(read);
+            for (n, &(w, _, _)) in read.iter().enumerate() {
+                assert_eq!(s.words[w].load(Relaxed), filled[n], "key {i}, counter {n}");
+            }
+            for &(w, _, _) in &read {
+                s.words[w].store(0, Relaxed);
+            }
+            if seen.iter().all(|&x| x) {
+                return;
+            }
+        }
+        panic!("not every nibble position was tried: {seen:?}");
     }
 
     #[test]

@@ -419,3 +419,23 @@ def test_lru_over_sixteen_shards_evicts_one_least_recently_used_entry_per_insert
     assert cache.stats()["evictions"] == 1_000
     assert all(cache.has_key(f"k{i}") for i in range(35_000))
     assert all(cache.get(f"new{i}") == i for i in range(1_000))
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo", "tinylfu"])
+def test_incr_of_a_float_in_a_store_full_to_max_bytes_keeps_its_key(policy: str) -> None:
+    """An incr that Python computes (a float) replaces the value it read, which gives its bytes
+    back: it needs no room and evicts nothing. It used to reserve the whole new value, and a
+    full store's victim was the key itself: 'Key not found' for a key that was there."""
+    cache = make(policy, MAX_BYTES=4_000, MAX_ENTRIES=1_000)
+    cache.set("k", 1.5)
+    i = 0
+    while cache.get("k") is not None and cache.stats()["bytes"] < 3_900 and i < 1_000:
+        cache.set(f"x{i}", b"y" * 20)
+        i += 1
+    # Every other key used since: "k" is the least recently used.
+    for j in range(i):
+        cache.get(f"x{j}")
+    evictions = cache.stats()["evictions"]
+    assert cache.incr("k", 1) == 2.5
+    assert cache.get("k") == 2.5
+    assert cache.stats()["evictions"] == evictions

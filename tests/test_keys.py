@@ -236,6 +236,61 @@ def test_a_made_key_under_djangos_defaults_is_charged_3_bytes_less() -> None:
     assert grown[1] - grown[0] == 16
 
 
+#: Caller keys built from pieces that look like the elided prefix (as made keys and raw keys).
+NEAR_PIECES = [":1:", ":1", ":", "1", "a", "\u00e9", ":10:", "\udc80"]
+near_keys = st.lists(st.sampled_from(NEAR_PIECES), max_size=3).map("".join)
+near_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["set", "get", "delete", "incr", "touch", "has_key", "get_many"]),
+        st.sampled_from(["default", "raw"]),
+        near_keys,
+        st.one_of(st.integers(-3, 3), st.floats(-3, 3, allow_nan=False)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=near_ops)
+def test_keys_around_the_elided_prefix_behave_as_in_locmemcache(ops: list[Any]) -> None:
+    """A default instance (made keys ":1:...") and a raw one (made key = caller's key) on one
+    LOCATION, driven like LocMemCache's pair: equal results, and ``keys()`` lists what
+    LocMemCache holds (incr of a float takes the snapshot and replace path)."""
+    from django.core.cache.backends.locmem import LocMemCache
+
+    tail = uuid.uuid4().hex
+    params: dict[str, Any] = {"OPTIONS": {"MAX_ENTRIES": 10_000}}
+    ours = {
+        "default": RustCache(f"near-{tail}", params),
+        "raw": RustCache(f"near-{tail}", {**params, "KEY_FUNCTION": identity_key}),
+    }
+    ref = {
+        "default": LocMemCache(f"near-{tail}", params),
+        "raw": LocMemCache(f"near-{tail}", {**params, "KEY_FUNCTION": identity_key}),
+    }
+
+    def run(cache: Any, op: str, key: str, value: Any) -> Any:
+        if op == "set":
+            return cache.set(key, value)
+        if op == "incr":
+            try:
+                return cache.incr(key, 2)
+            except ValueError:
+                return "missing"
+        if op == "touch":
+            return cache.touch(key, None)
+        if op == "get_many":
+            return cache.get_many([key, f":1:{key}", key[3:]])
+        return getattr(cache, op)(key)
+
+    for op, who, key, value in ops:
+        assert run(ours[who], op, key, value) == run(ref[who], op, key, value), (op, who, key)
+    held = list(ref["default"]._cache)
+    assert sorted(ours["default"].keys()) == sorted(k[3:] for k in held if k.startswith(":1:"))
+    assert sorted(ours["default"].keys("a*")) == sorted(k[3:] for k in held if k.startswith(":1:a"))
+    assert ours["default"].delete_pattern(":*") == sum(k.startswith(":1::") for k in held)
+
+
 # Django's memcached-safety warning judges the caller's made key --------------------------------
 
 

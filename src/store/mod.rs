@@ -516,3 +516,279 @@ mod tests {
         store.clear();
     }
 }
+
+/// The store driven at random against a model of what it must hold: keys that differ only
+/// around the elided `:1:` prefix (and around the key byte's length limit), deadlines that pass,
+/// are changed by `touch` (near, far, past) and are reclaimed by reads, sweeps, purges, Django's
+/// cull and evictions; in-place updates and `replace_if` with tokens of every age.
+#[cfg(all(test, not(feature = "shuttle")))]
+mod model_tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::clock::NEVER;
+    use crate::store::testing::*;
+
+    /// A small deterministic generator (xorshift*).
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+    }
+
+    /// Keys made of pieces that look like the elided prefix, and a few long ones whose stored
+    /// part straddles the header's short-key limit (127 bytes) and a byte's range (255).
+    fn key(rng: &mut Rng) -> String {
+        const PIECES: [&str; 7] = [":1:", ":1", ":", "1", "a", "é", ":10:"];
+        if rng.below(10) == 0 {
+            let len = [126, 127, 128, 129, 130, 254, 255, 256, 257, 258][rng.below(10) as usize];
+            let head = [":1:", "", ":1"][rng.below(3) as usize];
+            return format!("{head}{}", "k".repeat(len - head.len()));
+        }
+        (0..rng.below(4))
+            .map(|_| PIECES[rng.below(PIECES.len() as u64) as usize])
+            .collect()
+    }
+
+    /// What the model holds of an entry: its value's id (`Val`'s weight), deadline, and the
+    /// number of times its value changed (a token taken before a change must not replace it).
+    #[derive(Clone, Copy)]
+    struct Held {
+        id: usize,
+        expires: u64,
+        version: u64,
+    }
+
+    /// Every entry the store's shards hold (expired ones too): key, value id and deadline.
+    fn contents(store: &Store<Val>) -> HashMap<String, (usize, u64)> {
+        let mut out = HashMap::new();
+        for s in store.shards.iter() {
+            for e in s.read().iter() {
+                let old = out.insert(e.key().to_string(), (e.value().0, e.expires()));
+                assert!(old.is_none(), "{} held twice", e.key());
+            }
+        }
+        out
+    }
+
+    fn run(policy: Policy, shards: usize, max_entries: i64, seed: u64) {
+        let store: Store<Val> = Store::with_policy(shards, policy);
+        let lim = limits(max_entries, None);
+        let evicting = max_entries < 1_000;
+        let mut rng = Rng(seed);
+        let mut model: HashMap<String, Held> = HashMap::new();
+        let mut tokens: Vec<(String, Token, u64)> = Vec::new();
+        let mut now = SEC;
+        let mut next_id = 1_000;
+        let mut version = 0;
+        for step in 0..4_000 {
+            let k = key(&mut rng);
+            let before = contents(&store);
+            let stats = store.stats.snapshot();
+            let deadline = match rng.below(6) {
+                0 => NEVER,
+                1 => now + 60 * 86_400 * SEC, // beyond the header's range: a far deadline
+                2 => now.saturating_sub(100_000_000 * rng.below(3)),
+                _ => now + 100_000_000 * (1 + rng.below(30)),
+            };
+            let op = rng.below(20);
+            let mut tag_op = false;
+            match op {
+                0..=5 => {
+                    next_id += 1;
+                    version += 1;
+                    let tags = match rng.below(4) {
+                        0 => store.tags.stamps([["t0", "t1"][rng.below(2) as usize]]),
+                        _ => Vec::new(),
+                    };
+                    let put = store.set(&k, Val(next_id), deadline, tags, &lim, now);
+                    assert_eq!(put, Put::Stored, "step {step}");
+                    if deadline > now {
+                        model.insert(
+                            k.clone(),
+                            Held {
+                                id: next_id,
+                                expires: deadline,
+                                version,
+                            },
+                        );
+                    } else {
+                        model.remove(&k);
+                    }
+                }
+                6 => {
+                    let live = model.get(&k).is_some_and(|h| h.expires > now);
+                    let deleted = store.delete(&k, now);
+                    assert!(
+                        deleted == live || (evicting && live && !deleted),
+                        "step {step}"
+                    );
+                    model.remove(&k);
+                }
+                7..=8 => {
+                    let live = model.get(&k).is_some_and(|h| h.expires > now);
+                    let touched = store.touch(&k, deadline, &lim, now);
+                    assert!(
+                        touched == live || (evicting && live && !touched),
+                        "step {step}"
+                    );
+                    match model.get_mut(&k) {
+                        Some(h) if live && touched && deadline > now => h.expires = deadline,
+                        _ => {
+                            model.remove(&k);
+                        }
+                    }
+                }
+                9..=10 => now += 100_000_000 * rng.below(8),
+                11 => {
+                    // Bounded sweeps, or a whole pass: then nothing expired may be left.
+                    let budget = [1, 4, u32::MAX][rng.below(3) as usize];
+                    store.purge_expired(now, budget);
+                    if budget == u32::MAX {
+                        let stale: Vec<_> = contents(&store)
+                            .into_iter()
+                            .filter(|(_, (_, e))| *e <= now)
+                            .collect();
+                        assert!(stale.is_empty(), "step {step}: a pass left {stale:?}");
+                    }
+                }
+                12 => {
+                    let prefix = key(&mut rng);
+                    let mut got = store.keys_with_prefix(&prefix, now);
+                    got.sort();
+                    let mut want: Vec<String> = model
+                        .iter()
+                        .filter(|(k, h)| h.expires > now && k.starts_with(&prefix))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    want.sort();
+                    if evicting {
+                        assert!(
+                            got.iter().all(|k| want.contains(k)),
+                            "step {step} {prefix:?}"
+                        );
+                    } else {
+                        assert_eq!(got, want, "step {step}: prefix {prefix:?}");
+                    }
+                }
+                13 => {
+                    if let Some((_, token)) = store.snapshot(&k, now, |e| e.value().0) {
+                        tokens.push((k.clone(), token, model[&k].version));
+                    }
+                }
+                14..=15 if !tokens.is_empty() => {
+                    let (k, token, seen) =
+                        tokens.swap_remove(rng.below(tokens.len() as u64) as usize);
+                    next_id += 1;
+                    version += 1;
+                    match store.replace_if(&k, token, Val(next_id), &lim, now) {
+                        Replace::Done => {
+                            let h = model.get_mut(&k).expect("replaced a held key");
+                            assert_eq!(h.version, seen, "step {step}: {k:?} changed since");
+                            assert!(h.expires > now);
+                            (h.id, h.version) = (next_id, version);
+                        }
+                        Replace::Missing => {
+                            assert!(evicting || !model.get(&k).is_some_and(|h| h.expires > now));
+                            model.remove(&k);
+                        }
+                        Replace::Conflict => {}
+                        Replace::TooLarge => panic!("no bound on bytes"),
+                    }
+                }
+                16 => {
+                    version += 1;
+                    let r = store.update(&k, &lim, now, |_| Some(()));
+                    match model.get_mut(&k) {
+                        Some(h) if h.expires > now && r.is_ok() => h.version = version,
+                        _ => {
+                            assert!(r.is_err() || evicting, "step {step}");
+                            model.remove(&k);
+                        }
+                    }
+                }
+                17 => {
+                    tag_op = true;
+                    store.invalidate_tags([["t0", "t1"][rng.below(2) as usize]], now);
+                    let left = contents(&store);
+                    model.retain(|k, h| left.get(k).is_some_and(|&(id, _)| id == h.id));
+                }
+                _ => {
+                    let got = store.get(&k, now, |v| v.0);
+                    match model.get(&k) {
+                        Some(h) if h.expires > now => {
+                            assert!(
+                                got == Some(h.id) || (evicting && got.is_none()),
+                                "step {step}"
+                            );
+                            if got.is_none() {
+                                model.remove(&k);
+                            }
+                        }
+                        _ => assert_eq!(got, None, "step {step}: {k:?}"),
+                    }
+                }
+            }
+            // The books add up, and every entry that left after its deadline was counted once
+            // as an expiration (whatever took it: a read, a sweep, a cull, an eviction, a tag).
+            assert_eq!(store.bytes(), books(&store), "step {step}");
+            assert_eq!(held(&store), store.len(), "step {step}");
+            let after = contents(&store);
+            let expired_out = before
+                .iter()
+                .filter(|(k, &(id, e))| e <= now && !after.get(*k).is_some_and(|&(i, _)| i == id))
+                .count() as u64;
+            let s = store.stats.snapshot();
+            assert_eq!(
+                s.expirations - stats.expirations,
+                expired_out,
+                "step {step} (tags: {tag_op})"
+            );
+            if !evicting {
+                assert_eq!(s.evictions, 0);
+            }
+            // Whatever the model holds live, the store holds (unless evicted).
+            for (k, h) in &model {
+                if h.expires > now && !evicting {
+                    assert_eq!(after.get(k).map(|x| x.0), Some(h.id), "step {step}: {k:?}");
+                }
+            }
+            model.retain(|k, h| after.get(k).is_some_and(|&(id, _)| id == h.id));
+        }
+        // Past every deadline but the far ones, a whole pass of the sweep leaves none expired.
+        now += 10 * 86_400 * SEC;
+        store.purge_expired(now, u32::MAX);
+        assert!(contents(&store).values().all(|&(_, e)| e > now));
+        assert_eq!(store.bytes(), books(&store));
+    }
+
+    #[test]
+    fn lru_of_one_shard_agrees_with_the_model() {
+        run(Policy::Lru, 1, 100_000, 0x9E37_79B9_7F4A_7C15);
+    }
+
+    #[test]
+    fn lru_over_shards_agrees_with_the_model() {
+        run(Policy::Lru, 16, 100_000, 0xD1B5_4A32_D192_ED03);
+    }
+
+    #[test]
+    fn s3fifo_and_tinylfu_agree_with_the_model() {
+        run(Policy::S3Fifo, 16, 100_000, 0xA076_1D64_78BD_642F);
+        run(Policy::TinyLfu, 4, 100_000, 0xE703_7ED1_A0B4_28DB);
+    }
+
+    #[test]
+    fn evicting_stores_serve_only_what_the_model_holds() {
+        // Django's cull (one shard), "lru" eviction over shards, S3-FIFO and W-TinyLFU.
+        run(Policy::Lru, 1, 40, 0x8EBC_6AF0_9C88_C6E3);
+        run(Policy::Lru, 16, 40, 0x5896_5EC4_C4F0_A5E9);
+        run(Policy::S3Fifo, 4, 40, 0x1D8E_4E27_C47D_124F);
+        run(Policy::TinyLfu, 4, 40, 0xC2B2_AE3D_27D4_EB4F);
+    }
+}

@@ -35,13 +35,17 @@ impl<V: Weigh> Store<V> {
             refs.append(&mut self.tags.take_members(&cell));
         }
         refs.sort_unstable_by_key(|r| (r.shard, r.slot));
-        let mut removed = 0;
+        let (mut removed, mut expired) = (0, 0);
         for group in refs.chunk_by(|a, b| a.shard == b.shard) {
             let mut shard = self.write(group[0].shard as usize);
             for r in group {
                 if shard.entry_if(r.slot, r.gen).is_some() {
                     let e = self.detach(&mut shard, r.slot);
-                    if !e.is_expired(now) {
+                    // An entry past its deadline counts as an expiration, as a read, a sweep or
+                    // an eviction that took it would count it.
+                    if e.is_expired(now) {
+                        expired += 1;
+                    } else {
                         removed += 1;
                     }
                     shard.bury(e);
@@ -49,6 +53,7 @@ impl<V: Weigh> Store<V> {
             }
         }
         Stats::bump(&self.stats.invalidations, removed as u64);
+        Stats::bump(&self.stats.expirations, expired);
         removed
     }
 

@@ -312,12 +312,12 @@ impl<V: Weigh> Store<V> {
         now: u64,
     ) -> Replace {
         let (hash, idx) = self.locate(key);
-        let (stamps, expires, delta) = {
+        let (stamps, expires, delta, old_charge) = {
             let shard = self.shards[idx].read();
             match shard.find(hash, key) {
                 Some(slot) => {
                     let e = shard.entry(slot);
-                    (e.tags().to_vec(), e.expires(), e.delta())
+                    (e.tags().to_vec(), e.expires(), e.delta(), Self::charge(e))
                 }
                 None => return Replace::Missing,
             }
@@ -333,10 +333,15 @@ impl<V: Weigh> Store<V> {
             return Replace::TooLarge;
         }
         self.make_room(new.tags());
-        if !self.reserve(weight, limits, now, idx) {
+        // Only the growth over the entry it replaces, whose bytes the swap gives back: a
+        // reservation of the whole value in a full store evicted the policy's victim, which
+        // may be this very entry (an incr then found its key missing).
+        let growth = weight.saturating_sub(old_charge);
+        if !self.reserve(growth, limits, now, idx) {
             return Replace::TooLarge;
         }
         let mut moved = None;
+        let mut over = false;
         let mut new = Some(new);
         let mut shard = self.write(idx);
         self.fill_take(idx, key, None, now);
@@ -356,28 +361,35 @@ impl<V: Weigh> Store<V> {
                 moved = Some((slot, gen, entry.tags().to_vec()));
                 let exact = Self::charge(&entry);
                 let old = shard.swap(slot, entry);
-                self.bytes.fetch_sub(Self::charge(&old), Relaxed);
-                if exact >= weight {
-                    self.bytes.fetch_add(exact - weight, Relaxed);
+                // The books move from the old charge to the exact new one; `growth` is on them.
+                let (on, off) = (exact, Self::charge(&old) + growth);
+                if on >= off {
+                    self.bytes.fetch_add(on - off, Relaxed);
+                    // More than was reserved only if the entry changed its charge since it was
+                    // read (a touch): evicted for after unlocking, as for a tag's growth.
+                    over = on > off;
                 } else {
-                    self.bytes.fetch_sub(weight - exact, Relaxed);
+                    self.bytes.fetch_sub(off - on, Relaxed);
                 }
                 shard.bury(old);
                 self.used(&mut shard, slot, hash);
                 Replace::Done
             }
             Lookup::Live(_) => {
-                self.bytes.fetch_sub(weight, Relaxed);
+                self.bytes.fetch_sub(growth, Relaxed);
                 Replace::Conflict
             }
             Lookup::Absent => {
-                self.bytes.fetch_sub(weight, Relaxed);
+                self.bytes.fetch_sub(growth, Relaxed);
                 Replace::Missing
             }
         };
         drop(shard);
         drop(new);
         self.moved_on(idx, moved, limits, now);
+        if over {
+            self.fit(limits, now, idx);
+        }
         out
     }
 
@@ -474,6 +486,58 @@ mod tests {
         );
         assert_eq!(store.invalidate_tags(["t"], 1), 1);
         assert_eq!(store.bytes(), 0);
+    }
+
+    #[test]
+    fn replace_if_in_a_store_full_to_max_bytes_does_not_evict_the_entry_it_replaces() {
+        // An incr of a float (snapshot, then replace_if) of the least recently used key of a
+        // store full to MAX_BYTES: the value it replaces gives its bytes back, so a value of the
+        // same size needs no room. Reserving the whole new value evicted the policy's victim,
+        // the key itself, and the incr found it missing.
+        for policy in [Policy::Lru, Policy::S3Fifo, Policy::TinyLfu] {
+            let store: Store<Val> = Store::with_policy(1, policy);
+            let per = Store::<Val>::weigh("k00", &Val(100), 0, NEVER) as usize;
+            let lim = limits(1_000, Some((10 * per + per / 2) as u64));
+            for i in 0..10 {
+                assert_eq!(set(&store, &format!("k{i:02}"), 100, &lim, 1), Put::Stored);
+            }
+            // (W-TinyLFU's sketch takes a share of the bytes: one entry fewer fits.)
+            let full = store.len();
+            assert!(full >= 9, "{policy:?}: {full}");
+            let before = store.stats.snapshot().evictions;
+            let held: Vec<String> = (0..10)
+                .map(|i| format!("k{i:02}"))
+                .filter(|k| store.contains(k, 1))
+                .collect();
+            for key in held {
+                let (_, token) = store.snapshot(&key, 1, |e| e.value().0).unwrap();
+                assert_eq!(
+                    store.replace_if(&key, token, Val(100), &lim, 1),
+                    Replace::Done,
+                    "{policy:?} {key}"
+                );
+            }
+            assert_eq!(store.stats.snapshot().evictions, before, "{policy:?}");
+            assert_eq!((store.len(), store.bytes()), (full, books(&store)));
+            // A larger value still makes its room, within the bound, books exact (the eviction is
+            // a write to the shard: a first try is a conflict, as for incr, which reads again;
+            // the victim may be the key itself, as for any insert that needs room).
+            let mut tries = 0;
+            let got = loop {
+                let (_, token) = store.snapshot("k09", 1, |e| e.value().0).unwrap();
+                tries += 1;
+                match store.replace_if("k09", token, Val(100 + per), &lim, 1) {
+                    Replace::Conflict if tries < 3 => {}
+                    Replace::Done => break Some(100 + per),
+                    Replace::Missing => break None,
+                    other => panic!("{policy:?}: {other:?} after {tries} tries"),
+                }
+            };
+            assert!(store.stats.snapshot().evictions > before, "{policy:?}");
+            assert!(store.bytes() <= lim.max_bytes.unwrap());
+            assert_eq!(store.bytes(), books(&store), "{policy:?}");
+            assert_eq!(store.get("k09", 1, |v| v.0), got, "{policy:?}");
+        }
     }
 
     #[test]
