@@ -18,7 +18,8 @@ are computed on the same stream, in pure Python:
 Streams are seeded, so a run is repeatable; the store's hashing has a per-process seed, but on a
 store of one shard (``MAX_ENTRIES`` up to 65,536) no choice of ``"lru"`` or ``"s3fifo"`` depends on
 it. ``"tinylfu"``'s does (its frequency sketch hashes keys with that seed): its figures move by a
-few tenths of a point between runs (up to 3 points on the small recency-heavy CI row). The CI
+few tenths of a point between runs (at most 0.25 on 8 seeds, the full and the CI streams; up to
+1.2 while a small sketch had one counter word a key). The CI
 rows (``--ci``, the guard) therefore fix that seed (``RUSTCACHE_HASH_SEED``, read by the store as
 ``PYTHONHASHSEED`` is by Python) and take the mean over four seeds, so the guard compares like
 with like on every run and no single seed's luck decides it.
@@ -392,8 +393,8 @@ def row_key(name: str, capacity: int) -> str:
 #: The store's hash seeds for the CI rows: each row is the mean over stores hashing with these, so
 #: the figures are reproducible, and a change that merely re-rolls the hashing (a new key layout,
 #: a new hash input) moves the mean by a fraction of what it moves one seed's figure (one seed's
-#: ``"tinylfu"`` row can move by 1.2 points on the small Zipf 0.8 row from hashing alone; the mean
-#: of four by about half that).
+#: ``"tinylfu"`` row moved by up to 1.2 points on the small Zipf 0.8 row from hashing alone while
+#: a small sketch had one counter word a key, by at most 0.25 since it has four).
 CI_HASH_SEEDS = ("20261207", "7919", "15838", "23757")
 
 
@@ -507,7 +508,7 @@ def write_results(text: str, path: Path = RESULTS) -> None:
 LEGEND = """\
 `"lru"`, `"s3fifo"`, `"tinylfu"`: the store (`MAX_ENTRIES` = capacity; one shard up to 65,536;
 `"lru"` culls as Django does; `"tinylfu"`'s figures move by a few tenths of a point between
-processes (up to 1.2 on 8 hash seeds), its sketch hashing keys with the store's
+processes (at most 0.25 on 8 hash seeds), its sketch hashing keys with the store's
 per-process seed). exact LRU: one least recently
 used key evicted per insert. perfect LFU: exact past counts of every key, the least counted evicted
 (the least recent of equals), a newcomer counted less than every cached key not admitted. Belady:

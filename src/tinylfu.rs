@@ -263,7 +263,8 @@ impl<V> Shard<V> {
     /// The sketch is sized for the shard's entries (at most `capacity`), not for its capacity
     /// from the start: a store with a large `MAX_ENTRIES` holding few entries holds a small
     /// sketch. It doubles as the entries do, keeping its counts (`Sketch::ensure`): 9 to 18
-    /// bytes per entry, charged to the store's bytes like its entries.
+    /// bytes per entry from 8,192 entries on, up to 66 below (4 counter words a key, at most
+    /// 128 KB of them: `Sketch::words_for`), charged to the store's bytes like its entries.
     pub fn tiny_growth(&self, capacity: usize) -> usize {
         self.tiny.sketch.growth(capacity.min(self.len() + 1))
     }

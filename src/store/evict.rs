@@ -817,8 +817,9 @@ mod tests {
 
     #[test]
     fn tinylfu_sketches_are_charged_like_entries_and_bounded_by_max_bytes() {
-        // Unbounded: each shard's sketch follows its entries (9 bytes a key, rounded up to a
-        // power of two), and the store's bytes are its entries' and its sketches'.
+        // Unbounded: each shard's sketch follows its entries (`Sketch::bytes_for`: 33 bytes a
+        // key up to 4,096 keys, 9 from 16,384, keys rounded up to a power of two), and the
+        // store's bytes are its entries' and its sketches'.
         let store: Store<Val> = Store::with_policy(2, Policy::TinyLfu);
         let lim = limits(10_000, None);
         for i in 0..1_000 {
@@ -826,7 +827,10 @@ mod tests {
         }
         let (entries, sketches) = entries_and_sketches(&store);
         let per_shard: Vec<usize> = store.shards.iter().map(|s| s.read().len()).collect();
-        let expected: usize = per_shard.iter().map(|&n| n.next_power_of_two() * 9).sum();
+        let expected: usize = per_shard
+            .iter()
+            .map(|&n| crate::sketch::Sketch::bytes_for(n))
+            .sum();
         assert_eq!(sketches as usize, expected);
         assert_eq!(store.bytes(), entries + sketches);
         // Evicting keeps the sketch (and its charge); clear gives it back.
