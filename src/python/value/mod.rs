@@ -36,7 +36,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString};
 
-use self::plain::{Node, Plain};
+use self::plain::{Flat, Plain};
 use crate::entry::Pack;
 use crate::store::Weigh;
 
@@ -50,7 +50,7 @@ pub enum PyValue {
     /// The store's own copy of a dict of scalars, untracked by the GC; `get` returns `PyDict_Copy`.
     Dict(Py<PyDict>, u32),
     /// Any other plain value, rebuilt on each `get`.
-    Tree(Arc<Node>, u32),
+    Tree(Arc<Flat>, u32),
     /// A small value on its way into the store: the object whose bytes become the payload.
     Pending(Py<PyAny>, Kind),
     /// A small value whose bytes the entry's block holds (its payload). Entries keep it as a
