@@ -95,7 +95,7 @@ def test_values_replaced_and_deleted_from_many_threads_release_every_reference()
     c = make()
     a = fresh("a")
     t = (fresh("t"), 2)
-    before = counts(a, t)
+    before = counts(a, t, t[0])
 
     def work() -> int:
         for i in range(200):
@@ -111,4 +111,4 @@ def test_values_replaced_and_deleted_from_many_threads_release_every_reference()
     assert run_threads(4, work) == [("ok", 0)] * 4
     c.clear()
     gc.collect()
-    assert counts(a, t) == before
+    assert counts(a, t, t[0]) == before

@@ -454,6 +454,7 @@ impl Walk {
     ///
     /// # Safety
     /// `p` must be a live object and the GIL held.
+    #[inline]
     unsafe fn keep(&mut self, p: *mut ffi::PyObject, held: isize, size: usize) -> usize {
         if size == 0 {
             return 0;
