@@ -94,8 +94,9 @@ def test_a_walk_that_gives_up_half_way_keeps_no_reference() -> None:
 def test_values_replaced_and_deleted_from_many_threads_release_every_reference() -> None:
     c = make()
     a = fresh("a")
-    t = (fresh("t"), 2)
-    before = counts(a, t, t[0])
+    inner = fresh("inner")
+    t = (inner, 2)
+    before = counts(a, t, inner)
 
     def work() -> int:
         for i in range(200):
@@ -111,4 +112,4 @@ def test_values_replaced_and_deleted_from_many_threads_release_every_reference()
     assert run_threads(4, work) == [("ok", 0)] * 4
     c.clear()
     gc.collect()
-    assert counts(a, t, t[0]) == before
+    assert counts(a, t, inner) == before

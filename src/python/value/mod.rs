@@ -19,10 +19,10 @@
 //! header and the value's 16 bytes an entry; larger values stay objects, so a big `get` stays a
 //! reference.
 //!
-//! The structural form is a recursive type, so its parts are this module's children: `plain.rs`
-//! (the nodes and their copy), `instance.rs` (plain class instances, which hold nodes and are
-//! held by them) and `sizes.rs` (what a Python object costs in memory); `compact.rs` is the byte
-//! form of small ones.
+//! The structural form is recursive, so its parts are this module's children: `plain.rs` (the
+//! walk, its buffer of words and their copy), `instance.rs` (plain class instances, whose words
+//! the buffer holds and whose state follows them) and `sizes.rs` (what a Python object costs in
+//! memory); `compact.rs` is the byte form of small ones.
 
 mod compact;
 pub(super) mod instance;
@@ -263,7 +263,7 @@ pub fn encode_with(
             })
         }
         Plain::Dict(d, weight) => Ok(PyValue::Dict(d, weight32(weight))),
-        Plain::Tree(node, weight) => Ok(PyValue::Tree(Arc::new(node), weight32(weight))),
+        Plain::Tree(flat, weight) => Ok(PyValue::Tree(Arc::new(flat), weight32(weight))),
         Plain::No => {
             let bytes = match pickled {
                 Some(b) => b.clone(),

@@ -71,25 +71,44 @@ const LIST: usize = 3;
 const TUPLE: usize = 4;
 const MAP: usize = 5;
 
-/// Releases what the words own (see `Flat`), each reference as pyo3 drops a `Py`: at once on a
-/// thread attached to Python (where the store drops its values), else queued for the next one
-/// that attaches; never waiting for the GIL.
+/// Releases what the words own (see `Flat`). On a thread attached to Python (where the store
+/// drops its values: values removed off it wait in `Graveyard` for one) the references go at
+/// once, with one check of the thread's state for the whole buffer (a check per reference, as
+/// dropping a `Py` makes, was a twentieth of `set` of a large value, which drops the copy it
+/// replaces). A thread that is not attached attaches, as pyo3's `attach` does; where it cannot
+/// (the interpreter is going away), each reference goes as a `Py` does (queued by pyo3).
 fn release(words: &[usize]) {
-    for &w in words {
-        // SAFETY: each owned word is released once (its buffer is going away).
-        unsafe { release_word(w) };
+    if words.is_empty() {
+        return;
+    }
+    let done = Python::try_attach(|_py| {
+        for &w in words {
+            // SAFETY: attached; each owned word is released once (its buffer is going away).
+            unsafe { release_word(w, true) };
+        }
+    });
+    if done.is_none() {
+        for &w in words {
+            // SAFETY: as above, through pyo3's checks.
+            unsafe { release_word(w, false) };
+        }
     }
 }
 
 /// # Safety
-/// `w` must be an owned word, released once.
-unsafe fn release_word(w: usize) {
+/// `w` must be an owned word, released once; `attached`: the thread is attached to Python.
+#[inline(always)]
+unsafe fn release_word(w: usize, attached: bool) {
     match w & TAG {
         ATOM | DICT => {
-            // Building the `Py` touches no Python state (the token only names a lifetime); its
-            // drop checks that the thread is attached.
             let p = (w & !TAG) as *mut ffi::PyObject;
-            drop(Bound::from_owned_ptr(Python::assume_attached(), p).unbind());
+            if attached {
+                ffi::Py_DecRef(p);
+            } else {
+                // Building the `Py` touches no Python state (the token only names a lifetime);
+                // its drop checks that the thread is attached, and queues the decref if not.
+                drop(Bound::from_owned_ptr(Python::assume_attached(), p).unbind());
+            }
         }
         INSTANCE => drop(Box::from_raw((w & !TAG) as *mut Instance)),
         _ => {}
@@ -112,11 +131,11 @@ impl Drop for Words {
 }
 
 impl Words {
-    /// Drops the words from `start` on.
+    /// Drops the words from `start` on (the walk runs attached).
     fn truncate(&mut self, start: usize) {
         for w in self.0.drain(start..) {
-            // SAFETY: the drained words are owned and released once.
-            unsafe { release_word(w) };
+            // SAFETY: the drained words are owned and released once, attached.
+            unsafe { release_word(w, true) };
         }
     }
 }
@@ -470,7 +489,7 @@ impl Walk {
         // A small atom is charged again each time it is met rather than looked up: the lookup
         // (every atom of a value stored twice, or read from the store, modified and stored
         // again, has another holder) cost a large `set` a sixth of its time, and the excess is
-        // bounded by `SMALL_ATOM` a place holding it (a node of 16 to 32 bytes).
+        // bounded by `SMALL_ATOM` a place holding it (a word of 8 bytes, 16 with a key).
         if size <= SMALL_ATOM || self.atoms.insert(p as usize) {
             size
         } else {
