@@ -686,6 +686,9 @@ impl Walk {
         if depth >= MAX_DEPTH || !self.reserve(len) || !unsafe { self.first_meeting(p) } {
             return None;
         }
+        // Room for the items' words (a container's items hold one word each at least): a long
+        // list of dicts of scalars grew the buffer a dozen times.
+        self.out.0.reserve(len + 1);
         self.out.0.push(len << 3 | LIST);
         for i in 0..len {
             // SAFETY: the borrowed item becomes an owned reference at once; an index the list
@@ -767,6 +770,7 @@ impl Walk {
         if let Some(flat) = self.flat_dict(py, p, len) {
             return flat;
         }
+        self.out.0.reserve(2 * len + 1);
         self.out.0.push(len << 3 | MAP);
         self.items(py, p, len, depth, false)
     }
