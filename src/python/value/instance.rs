@@ -48,7 +48,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple, PyType};
 
-use super::plain::{self, Node};
+use super::plain::Reader;
 
 /// A qualifying class as `set` found it; the stored instances of one class share it while the
 /// class stays the same (see `known`).
@@ -72,10 +72,10 @@ struct Ancestor {
     dict: Py<PyDict>,
 }
 
-/// A stored instance: its class and a copy of its `__dict__` (keys interned, values plain).
+/// A stored instance: its class. A copy of its `__dict__` (keys interned, values plain) follows
+/// it in the stored value's words (see `plain::Flat`).
 pub struct Instance {
     pub class: Arc<Class>,
-    pub state: Box<[(Py<PyAny>, Node)]>,
 }
 
 /// What the rules compare with, read once.
@@ -625,14 +625,20 @@ pub fn intern_key(key: Bound<'_, PyAny>) -> Py<PyAny> {
     }
 }
 
-/// A fresh instance from a stored one: what `pickle.loads` of its pickle gives.
-pub fn build<'py>(py: Python<'py>, inst: &Instance) -> PyResult<Bound<'py, PyAny>> {
+/// A fresh instance from a stored one: what `pickle.loads` of its pickle gives. `state` reads
+/// its state (the words that follow the instance's).
+pub fn build<'py>(
+    py: Python<'py>,
+    inst: &Instance,
+    state: &mut Reader<'_>,
+) -> PyResult<Bound<'py, PyAny>> {
     let class = &inst.class;
+    let len = state.map_len()?;
     let Some(refs) = refs(py) else {
-        return slow(py, inst);
+        return slow(py, inst, len, state);
     };
-    if !class.current(py, refs, !inst.state.is_empty()) {
-        return slow(py, inst);
+    if !class.current(py, refs, len != 0) {
+        return slow(py, inst, len, state);
     }
     // SAFETY: the class's tp_new is object_new (just checked), called as `NEWOBJ` calls it;
     // the new instance's dict is fetched (made) by PyObject_GenericGetDict, as `BUILD` gets it
@@ -647,15 +653,16 @@ pub fn build<'py>(py: Python<'py>, inst: &Instance) -> PyResult<Bound<'py, PyAny
                 std::ptr::null_mut(),
             ),
         )?;
-        if inst.state.is_empty() {
+        if len == 0 {
             return Ok(obj);
         }
         let d = Bound::from_owned_ptr_or_err(
             py,
             ffi::PyObject_GenericGetDict(obj.as_ptr(), std::ptr::null_mut()),
         )?;
-        for (k, n) in inst.state.iter() {
-            let v = plain::build(py, n)?;
+        for _ in 0..len {
+            let k = state.atom(py)?;
+            let v = state.value(py)?;
             if ffi::PyObject_SetItem(d.as_ptr(), k.as_ptr(), v.as_ptr()) != 0 {
                 return Err(PyErr::fetch(py));
             }
@@ -667,7 +674,12 @@ pub fn build<'py>(py: Python<'py>, inst: &Instance) -> PyResult<Bound<'py, PyAny
 /// `pickle.loads` semantics when the class is no longer what was stored: the instance is what
 /// unpickling `module.qualname` with `NEWOBJ` gives (pickle's own lookup, checks and errors);
 /// then its `__setstate__`, if it has one, gets the state, else its `__dict__` the items.
-fn slow<'py>(py: Python<'py>, inst: &Instance) -> PyResult<Bound<'py, PyAny>> {
+fn slow<'py>(
+    py: Python<'py>,
+    inst: &Instance,
+    len: usize,
+    items: &mut Reader<'_>,
+) -> PyResult<Bound<'py, PyAny>> {
     let class = &inst.class;
     let data = newobj_pickle(
         class.module.bind(py).to_str()?,
@@ -678,13 +690,16 @@ fn slow<'py>(py: Python<'py>, inst: &Instance) -> PyResult<Bound<'py, PyAny>> {
         None => py.import("pickle")?.getattr("loads")?,
     };
     let obj = loads.call1((PyBytes::new(py, &data),))?;
-    if inst.state.is_empty() {
+    if len == 0 {
         return Ok(obj);
     }
     // The state as the unpickler makes it: keys are new strings, not the interned ones we keep.
     let state = PyDict::new(py);
-    for (k, n) in inst.state.iter() {
-        state.set_item(unpickled_key(k.bind(py))?, plain::build(py, n)?)?;
+    let mut keys = Vec::with_capacity(len);
+    for _ in 0..len {
+        let k = items.atom(py)?;
+        state.set_item(unpickled_key(&k)?, items.value(py)?)?;
+        keys.push(k);
     }
     match obj.getattr(intern!(py, "__setstate__")) {
         Ok(setstate) => {
@@ -693,8 +708,8 @@ fn slow<'py>(py: Python<'py>, inst: &Instance) -> PyResult<Bound<'py, PyAny>> {
         Err(e) if e.is_instance_of::<PyAttributeError>(py) => {
             // BUILD's default: items into `__dict__`, exact str keys interned (ours are).
             let d = obj.getattr(intern!(py, "__dict__"))?;
-            for ((k, _), v) in inst.state.iter().zip(state.values()) {
-                d.set_item(k.bind(py), v)?;
+            for (k, v) in keys.iter().zip(state.values()) {
+                d.set_item(k, v)?;
             }
         }
         Err(e) => return Err(e),

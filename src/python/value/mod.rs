@@ -19,10 +19,10 @@
 //! header and the value's 16 bytes an entry; larger values stay objects, so a big `get` stays a
 //! reference.
 //!
-//! The structural form is a recursive type, so its parts are this module's children: `plain.rs`
-//! (the nodes and their copy), `instance.rs` (plain class instances, which hold nodes and are
-//! held by them) and `sizes.rs` (what a Python object costs in memory); `compact.rs` is the byte
-//! form of small ones.
+//! The structural form is recursive, so its parts are this module's children: `plain.rs` (the
+//! walk, its buffer of words and their copy), `instance.rs` (plain class instances, whose words
+//! the buffer holds and whose state follows them) and `sizes.rs` (what a Python object costs in
+//! memory); `compact.rs` is the byte form of small ones.
 
 mod compact;
 pub(super) mod instance;
@@ -36,7 +36,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyString};
 
-use self::plain::{Node, Plain};
+use self::plain::{Flat, Plain};
 use crate::entry::Pack;
 use crate::store::Weigh;
 
@@ -50,7 +50,7 @@ pub enum PyValue {
     /// The store's own copy of a dict of scalars, untracked by the GC; `get` returns `PyDict_Copy`.
     Dict(Py<PyDict>, u32),
     /// Any other plain value, rebuilt on each `get`.
-    Tree(Arc<Node>, u32),
+    Tree(Arc<Flat>, u32),
     /// A small value on its way into the store: the object whose bytes become the payload.
     Pending(Py<PyAny>, Kind),
     /// A small value whose bytes the entry's block holds (its payload). Entries keep it as a
@@ -263,7 +263,7 @@ pub fn encode_with(
             })
         }
         Plain::Dict(d, weight) => Ok(PyValue::Dict(d, weight32(weight))),
-        Plain::Tree(node, weight) => Ok(PyValue::Tree(Arc::new(node), weight32(weight))),
+        Plain::Tree(flat, weight) => Ok(PyValue::Tree(Arc::new(flat), weight32(weight))),
         Plain::No => {
             let bytes = match pickled {
                 Some(b) => b.clone(),

@@ -7,8 +7,9 @@
 //! Atoms are not GC objects; a tuple of atoms (which CPython's GC would untrack at its first
 //! collection anyway) is untracked at once and returned as is; a dict of scalars is copied by the
 //! store (`PyDict_Copy`), untracked, and handed out through `PyDict_Copy`; anything else (lists,
-//! other dicts, tuples holding containers, instances) is a Rust tree of `Node`s rebuilt on each
-//! `get`; an instance's node holds its class (a reference, not a new object) and its state.
+//! other dicts, tuples holding containers, instances) is one buffer of words (`Flat`) rebuilt on
+//! each `get`; an instance's word holds its class (a reference, not a new object), its state
+//! follows it.
 //!
 //! Pickle semantics the walk refuses to approximate send the value to the pickle path instead:
 //! a list, dict or instance (or an instance's `__dict__`) met twice (a shared sub-object or a
@@ -40,19 +41,103 @@ const SMALL_ATOM: usize = 64;
 /// to the bound and then pickled, such a value cost `set` pickle's time 2 to 4 times over.
 const COUNT_AT: usize = MAX_NODES / 8;
 
-/// One object inside a plain value, as the store holds it.
-pub enum Node {
-    /// An immutable object (atom, or tuple of atoms, untracked), shared by every copy.
-    Atom(Py<PyAny>),
-    /// The store's own copy of a dict of scalars, untracked: copied with `PyDict_Copy`.
-    Dict(Py<PyDict>),
-    /// A dict holding containers: its atom keys, in order, with their values.
-    Map(Box<[(Py<PyAny>, Node)]>),
-    List(Box<[Node]>),
-    /// A tuple holding containers (rebuilt, since its containers must be fresh).
-    Tuple(Box<[Node]>),
-    /// An instance of a plain class (see `instance.rs`).
-    Instance(Box<Instance>),
+/// The stored form of a plain value that is not an atom or a dict of scalars: one buffer of
+/// words, written in the walk's order (a container's header, then its items), which `get` reads
+/// back in the same order (`Reader`). A word's low 3 bits (`TAG`) say what it is:
+///
+/// - `ATOM`: an owned reference to an immutable object (atom, or tuple of atoms, untracked),
+///   shared by every copy;
+/// - `DICT`: an owned reference to the store's own copy of a dict of scalars, untracked, copied
+///   with `PyDict_Copy`;
+/// - `INSTANCE`: an owned `Box<Instance>` (a plain class instance, see `instance.rs`), followed
+///   by its state as a `MAP`;
+/// - `LIST`, `TUPLE`: the item count (above the tag), followed by the items (a `TUPLE` holds a
+///   container, or it would be an atom);
+/// - `MAP`: a dict holding containers: the item count, followed by each atom key and its value.
+///
+/// Objects and boxes are at least 8-byte aligned (the walk refuses a value holding one that is
+/// not), which leaves the tag bits free. One buffer instead of a node per container: `set` of a
+/// large value spent a fifth of its time allocating nodes and freeing the ones it replaced
+/// (a box per container, pyo3's thread-state check per reference dropped).
+pub struct Flat {
+    words: Box<[usize]>,
+}
+
+const TAG: usize = 7;
+const ATOM: usize = 0;
+const DICT: usize = 1;
+const INSTANCE: usize = 2;
+const LIST: usize = 3;
+const TUPLE: usize = 4;
+const MAP: usize = 5;
+
+/// Releases what the words own (see `Flat`). On a thread attached to Python (where the store
+/// drops its values: values removed off it wait in `Graveyard` for one) the references go at
+/// once, with one check of the thread's state for the whole buffer (a check per reference, as
+/// dropping a `Py` makes, was a twentieth of `set` of a large value, which drops the copy it
+/// replaces). A thread that is not attached attaches, as pyo3's `attach` does; where it cannot
+/// (the interpreter is going away), each reference goes as a `Py` does (queued by pyo3).
+fn release(words: &[usize]) {
+    if words.is_empty() {
+        return;
+    }
+    let done = Python::try_attach(|_py| {
+        for &w in words {
+            // SAFETY: attached; each owned word is released once (its buffer is going away).
+            unsafe { release_word(w, true) };
+        }
+    });
+    if done.is_none() {
+        for &w in words {
+            // SAFETY: as above, through pyo3's checks.
+            unsafe { release_word(w, false) };
+        }
+    }
+}
+
+/// # Safety
+/// `w` must be an owned word, released once; `attached`: the thread is attached to Python.
+#[inline(always)]
+unsafe fn release_word(w: usize, attached: bool) {
+    match w & TAG {
+        ATOM | DICT => {
+            let p = (w & !TAG) as *mut ffi::PyObject;
+            if attached {
+                ffi::Py_DecRef(p);
+            } else {
+                // Building the `Py` touches no Python state (the token only names a lifetime);
+                // its drop checks that the thread is attached, and queues the decref if not.
+                drop(Bound::from_owned_ptr(Python::assume_attached(), p).unbind());
+            }
+        }
+        INSTANCE => drop(Box::from_raw((w & !TAG) as *mut Instance)),
+        _ => {}
+    }
+}
+
+impl Drop for Flat {
+    fn drop(&mut self) {
+        release(&self.words);
+    }
+}
+
+/// The words a walk has written so far: released if the walk gives up.
+struct Words(Vec<usize>);
+
+impl Drop for Words {
+    fn drop(&mut self) {
+        release(&self.0);
+    }
+}
+
+impl Words {
+    /// Drops the words from `start` on (the walk runs attached).
+    fn truncate(&mut self, start: usize) {
+        for w in self.0.drain(start..) {
+            // SAFETY: the drained words are owned and released once, attached.
+            unsafe { release_word(w, true) };
+        }
+    }
 }
 
 /// What `classify` made of a value.
@@ -61,10 +146,10 @@ pub enum Plain {
     Int(i64),
     /// An immutable object to keep and return as is, with its weight.
     Atom(usize),
-    /// A dict of scalars (see `Node::Dict`), with the weight of the whole value.
+    /// A dict of scalars (see `DICT`), with the weight of the whole value.
     Dict(Py<PyDict>, usize),
     /// Any other plain value, with the weight of the whole value.
-    Tree(Node, usize),
+    Tree(Flat, usize),
     /// Not a plain value: pickle it.
     No,
 }
@@ -115,13 +200,31 @@ pub fn classify(v: &Bound<'_, PyAny>) -> Plain {
         in_repeated: 0,
         weight: 0,
         classes: Vec::new(),
+        out: Words(Vec::with_capacity(16)),
     };
-    match walk.value(v.clone(), 0) {
-        None => Plain::No,
-        Some(Node::Atom(_)) => Plain::Atom(walk.weight),
-        Some(Node::Dict(d)) => Plain::Dict(d, walk.weight),
-        // The root node lives in an `Arc` (two counters and the node).
-        Some(node) => Plain::Tree(node, walk.weight + malloc_chunk(16 + size_of::<Node>())),
+    if walk.value(v.clone(), 0).is_none() {
+        return Plain::No;
+    }
+    match walk.out.0[..] {
+        [w] if w & TAG == ATOM => Plain::Atom(walk.weight),
+        [w] if w & TAG == DICT => {
+            walk.out.0.clear(); // its reference moves to the `Py` below
+                                // SAFETY: the word is an owned reference to the store's dict of scalars.
+            let d = unsafe {
+                Bound::from_owned_ptr(v.py(), (w & !TAG) as *mut ffi::PyObject)
+                    .cast_into_unchecked::<PyDict>()
+                    .unbind()
+            };
+            Plain::Dict(d, walk.weight)
+        }
+        _ => {
+            let words = std::mem::take(&mut walk.out.0).into_boxed_slice();
+            // The buffer, and the `Arc` holding the `Flat` (two counters and the box).
+            let weight = walk.weight
+                + malloc_chunk(words.len() * size_of::<usize>())
+                + malloc_chunk(16 + size_of::<Flat>());
+            Plain::Tree(Flat { words }, weight)
+        }
     }
 }
 
@@ -154,44 +257,106 @@ fn lazy_dict_tracking(py: Python<'_>) -> bool {
     })
 }
 
-/// A fresh Python value from a stored tree: new containers, shared atoms.
-pub fn build<'py>(py: Python<'py>, node: &Node) -> PyResult<Bound<'py, PyAny>> {
-    match node {
-        Node::Atom(o) => Ok(o.bind(py).clone()),
-        Node::Dict(d) => copy_dict(d.bind(py)),
-        Node::Map(items) => {
-            let d = PyDict::new(py);
-            for (k, n) in items.iter() {
-                d.set_item(k.bind(py), build(py, n)?)?;
-            }
-            Ok(d.into_any())
+/// A fresh Python value from a stored one: new containers, shared atoms.
+pub fn build<'py>(py: Python<'py>, flat: &Flat) -> PyResult<Bound<'py, PyAny>> {
+    Reader {
+        words: &flat.words,
+        pos: 0,
+    }
+    .value(py)
+}
+
+/// Reads a `Flat` back in the order it was written. Its owner keeps the `Flat` alive while it
+/// reads (`decode` holds the `Arc`), whatever Python code runs meanwhile (a collection that an
+/// allocation starts, an instance's `__setstate__`).
+pub struct Reader<'a> {
+    words: &'a [usize],
+    pos: usize,
+}
+
+/// A buffer that does not read as the walk wrote it (a bug: never expected).
+fn corrupt() -> PyErr {
+    pyo3::exceptions::PyRuntimeError::new_err("a stored plain value is corrupt")
+}
+
+impl Reader<'_> {
+    #[inline(always)]
+    fn next(&mut self) -> PyResult<usize> {
+        let w = *self.words.get(self.pos).ok_or_else(corrupt)?;
+        self.pos += 1;
+        Ok(w)
+    }
+
+    /// The item count of the `MAP` that comes next (an instance's state).
+    pub fn map_len(&mut self) -> PyResult<usize> {
+        let w = self.next()?;
+        if w & TAG != MAP {
+            return Err(corrupt());
         }
-        Node::List(items) => {
-            // SAFETY: PyList_New returns a new reference (or NULL with an exception set), owned
-            // by `list`; PyList_SetItem steals the item reference into a slot of that new list.
-            unsafe {
-                let list = Bound::from_owned_ptr_or_err(py, ffi::PyList_New(items.len() as _))?;
-                for (i, n) in items.iter().enumerate() {
-                    let item = build(py, n)?;
-                    if ffi::PyList_SetItem(list.as_ptr(), i as _, item.into_ptr()) != 0 {
-                        return Err(PyErr::fetch(py));
-                    }
-                }
-                Ok(list)
-            }
+        Ok(w >> 3)
+    }
+
+    /// The atom that comes next (a key), as a new reference.
+    pub fn atom<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        // SAFETY: the atom is a reference the buffer owns, alive while the buffer is.
+        Ok(unsafe { Bound::from_borrowed_ptr(py, self.atom_ptr()?) })
+    }
+
+    /// The atom that comes next, borrowed from the buffer (alive while it is).
+    fn atom_ptr(&mut self) -> PyResult<*mut ffi::PyObject> {
+        let w = self.next()?;
+        if w & TAG != ATOM {
+            return Err(corrupt());
         }
-        Node::Instance(inst) => instance::build(py, inst),
-        Node::Tuple(items) => {
-            // SAFETY: as for lists; the tuple is not visible to anyone before it is filled.
-            unsafe {
-                let tuple = Bound::from_owned_ptr_or_err(py, ffi::PyTuple_New(items.len() as _))?;
-                for (i, n) in items.iter().enumerate() {
-                    let item = build(py, n)?;
-                    if ffi::PyTuple_SetItem(tuple.as_ptr(), i as _, item.into_ptr()) != 0 {
-                        return Err(PyErr::fetch(py));
+        Ok(w as *mut ffi::PyObject)
+    }
+
+    /// The value that comes next, rebuilt.
+    pub fn value<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let w = self.next()?;
+        let (p, len) = ((w & !TAG) as *mut ffi::PyObject, w >> 3);
+        // SAFETY: `ATOM` and `DICT` words are references the buffer owns (alive while it is),
+        // `INSTANCE` words boxes it owns; PyList_New and PyTuple_New return new references (or
+        // NULL with an exception set), and their SetItem steals the item's reference into a
+        // slot of that new container, which nobody else sees before it is filled.
+        unsafe {
+            match w & TAG {
+                ATOM => Ok(Bound::from_borrowed_ptr(py, p)),
+                DICT => copy_dict(Bound::from_borrowed_ptr(py, p).cast_unchecked()),
+                INSTANCE => instance::build(py, &*(p as *const Instance), self),
+                LIST => {
+                    let list = Bound::from_owned_ptr_or_err(py, ffi::PyList_New(len as _))?;
+                    for i in 0..len {
+                        let item = self.value(py)?;
+                        if ffi::PyList_SetItem(list.as_ptr(), i as _, item.into_ptr()) != 0 {
+                            return Err(PyErr::fetch(py));
+                        }
                     }
+                    Ok(list)
                 }
-                Ok(tuple)
+                TUPLE => {
+                    let tuple = Bound::from_owned_ptr_or_err(py, ffi::PyTuple_New(len as _))?;
+                    for i in 0..len {
+                        let item = self.value(py)?;
+                        if ffi::PyTuple_SetItem(tuple.as_ptr(), i as _, item.into_ptr()) != 0 {
+                            return Err(PyErr::fetch(py));
+                        }
+                    }
+                    Ok(tuple)
+                }
+                MAP => {
+                    let d = PyDict::new(py);
+                    for _ in 0..len {
+                        let k = self.atom_ptr()?;
+                        let v = self.value(py)?;
+                        // Atom keys: hashing and comparing them runs no Python code.
+                        if ffi::PyDict_SetItem(d.as_ptr(), k, v.as_ptr()) != 0 {
+                            return Err(PyErr::fetch(py));
+                        }
+                    }
+                    Ok(d.into_any())
+                }
+                _ => Err(corrupt()),
             }
         }
     }
@@ -291,10 +456,13 @@ struct Walk {
     /// Tuples on the path from the root to the object walked that may be met more than once
     /// (tuples are not remembered: see `first_meeting`).
     in_repeated: usize,
-    /// Bytes held so far: atoms' object sizes, Python dicts held, Rust nodes.
+    /// Bytes held so far: atoms' object sizes, Python dicts held, instances' boxes (the words
+    /// are charged at the end).
     weight: usize,
     /// The plain classes met so far (instances of one class share its `Class`).
     classes: Vec<Arc<Class>>,
+    /// The stored form written so far (see `Flat`).
+    out: Words,
 }
 
 impl Walk {
@@ -305,6 +473,7 @@ impl Walk {
     ///
     /// # Safety
     /// `p` must be a live object and the GIL held.
+    #[inline]
     unsafe fn keep(&mut self, p: *mut ffi::PyObject, held: isize, size: usize) -> usize {
         if size == 0 {
             return 0;
@@ -320,7 +489,7 @@ impl Walk {
         // A small atom is charged again each time it is met rather than looked up: the lookup
         // (every atom of a value stored twice, or read from the store, modified and stored
         // again, has another holder) cost a large `set` a sixth of its time, and the excess is
-        // bounded by `SMALL_ATOM` a place holding it (a node of 16 to 32 bytes).
+        // bounded by `SMALL_ATOM` a place holding it (a word of 8 bytes, 16 with a key).
         if size <= SMALL_ATOM || self.atoms.insert(p as usize) {
             size
         } else {
@@ -357,19 +526,16 @@ impl Walk {
         (self.in_repeated == 0 && ffi::Py_REFCNT(p) <= 2) || self.seen.insert(p as usize)
     }
 
-    /// The stored form of `v` at `depth`, or None if `v` is not plain. `v` is a reference of
-    /// the walk's own (not a holder: see `first_meeting`); an atom's node keeps it.
-    ///
-    /// Inlined into its callers (the containers' walks): an atom's node is then built where the
-    /// caller keeps it, not returned through memory (its 24 bytes were written in words and read
-    /// back in halves, a stall per item that cost `set` of a large value a tenth of its time).
+    /// Writes the stored form of `v` (at `depth`) to `out`, or gives None if `v` is not plain.
+    /// `v` is a reference of the walk's own (not a holder: see `first_meeting`); an atom's word
+    /// keeps it.
     #[inline(always)]
-    fn value(&mut self, v: Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+    fn value(&mut self, v: Bound<'_, PyAny>, depth: usize) -> Option<()> {
         let p = v.as_ptr();
         // SAFETY: `p` is alive while `v` is, and the GIL is held.
         if let Some(size) = unsafe { scalar_size(p) } {
             self.weight += unsafe { self.keep(p, 1, size?) };
-            return Some(Node::Atom(v.unbind()));
+            return self.atom(v);
         }
         let t = unsafe { ffi::Py_TYPE(p) };
         if t == addr_of_mut!(ffi::PyTuple_Type) {
@@ -383,6 +549,31 @@ impl Walk {
         } else {
             None
         }
+    }
+
+    /// Writes an owned reference (`tag` `ATOM` or `DICT`); None for an object whose address
+    /// leaves no room for the tag (none that CPython allocates).
+    #[inline(always)]
+    fn own(&mut self, o: *mut ffi::PyObject, tag: usize) -> Option<()> {
+        let w = o as usize;
+        if w & TAG != 0 {
+            // SAFETY: `o` is an owned reference handed to the walk, dropped here instead.
+            unsafe { ffi::Py_DecRef(o) };
+            return None;
+        }
+        self.out.0.push(w | tag);
+        Some(())
+    }
+
+    #[inline(always)]
+    fn atom(&mut self, v: Bound<'_, PyAny>) -> Option<()> {
+        self.own(v.into_ptr(), ATOM)
+    }
+
+    /// Whether the words from `at` on are one atom.
+    #[inline(always)]
+    fn one_atom(&self, at: usize) -> bool {
+        self.out.0.len() == at + 1 && self.out.0[at] & TAG == ATOM
     }
 
     /// The shared `Class` of a qualifying class (made, and weighed, at its first instance).
@@ -405,7 +596,7 @@ impl Walk {
     /// An instance of a plain class: its class and a copy of its `__dict__`, whose keys are
     /// atoms (none a dunder name, interned if `str`) and whose values are plain. The instance and
     /// its dict both count as met (pickle keeps either's identity).
-    fn instance(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+    fn instance(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<()> {
         let py = v.py();
         let p = v.as_ptr();
         if depth >= MAX_DEPTH || !self.seen.insert(p as usize) {
@@ -432,18 +623,16 @@ impl Walk {
         if !self.reserve(2 * len) {
             return None;
         }
-        let state = self.items(py, dp, len, depth, |key| {
-            instance::plain_key(&key).then(|| instance::intern_key(key))
-        })?;
-        self.weight += malloc_chunk(size_of::<Instance>())
-            + malloc_chunk(len * size_of::<(Py<PyAny>, Node)>());
-        Some(Node::Instance(Box::new(Instance {
-            class,
-            state: state.into_boxed_slice(),
-        })))
+        // A box is aligned to its 8-byte fields: the tag bits are free.
+        let boxed = Box::into_raw(Box::new(Instance { class })) as usize;
+        self.out.0.push(boxed | INSTANCE);
+        self.out.0.push(len << 3 | MAP);
+        self.items(py, dp, len, depth, true)?;
+        self.weight += malloc_chunk(size_of::<Instance>());
+        Some(())
     }
 
-    fn tuple(&mut self, v: Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+    fn tuple(&mut self, v: Bound<'_, PyAny>, depth: usize) -> Option<()> {
         let py = v.py();
         let p = v.as_ptr();
         // SAFETY: `p` is an exact tuple; its items are fixed, so borrowed items stay alive while
@@ -453,7 +642,8 @@ impl Walk {
             return None;
         }
         let before = self.weight;
-        let mut items = Vec::with_capacity(len);
+        let start = self.out.0.len();
+        self.out.0.push(len << 3 | TUPLE);
         let mut atoms = true;
         // Held by another place than its parent's slot (and `v`): it may be met again, and so
         // may the containers in it (see `first_meeting`). A walk that fails is dropped whole, so
@@ -462,38 +652,33 @@ impl Walk {
         self.in_repeated += usize::from(repeated);
         for i in 0..len {
             let item = unsafe { Bound::from_borrowed_ptr(py, ffi::PyTuple_GetItem(p, i as _)) };
-            let node = self.value(item, depth + 1)?;
-            atoms &= matches!(node, Node::Atom(_));
-            items.push(node);
+            let at = self.out.0.len();
+            self.value(item, depth + 1)?;
+            atoms &= self.one_atom(at);
         }
         self.in_repeated -= usize::from(repeated);
-        // The tuple when it is kept (as an atom), a new one when it is rebuilt.
-        if atoms {
-            // SAFETY: `p` is alive (held by `v`, which is not a holder).
-            match unsafe { self.keep(p, 1, sizes::tuple_size(len)) } {
-                // Charged already in this value, or kept alive by CPython: so are its items.
-                0 => self.weight = before,
-                w => self.weight += w,
-            }
-        } else {
-            self.weight += sizes::tuple_size(len);
+        if !atoms {
+            return Some(());
         }
-        if atoms {
-            // Immutable all the way down: keep the tuple itself, untracked as CPython's GC would
-            // leave it after its first collection (it cannot be part of a cycle).
-            // SAFETY: untracking a tracked tuple of atoms is what the GC itself does.
-            unsafe {
-                if ffi::PyObject_GC_IsTracked(p) == 1 {
-                    ffi::PyObject_GC_UnTrack(p.cast());
-                }
-            }
-            return Some(Node::Atom(v.unbind()));
+        // Immutable all the way down: keep the tuple itself (its items' words go), untracked as
+        // CPython's GC would leave it after its first collection (it cannot be part of a cycle).
+        self.out.truncate(start);
+        // SAFETY: `p` is alive (held by `v`, which is not a holder).
+        match unsafe { self.keep(p, 1, sizes::tuple_size(len)) } {
+            // Charged already in this value, or kept alive by CPython: so are its items.
+            0 => self.weight = before,
+            w => self.weight += w,
         }
-        self.weight += malloc_chunk(len * size_of::<Node>());
-        Some(Node::Tuple(items.into_boxed_slice()))
+        // SAFETY: untracking a tracked tuple of atoms is what the GC itself does.
+        unsafe {
+            if ffi::PyObject_GC_IsTracked(p) == 1 {
+                ffi::PyObject_GC_UnTrack(p.cast());
+            }
+        }
+        self.atom(v)
     }
 
-    fn list(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+    fn list(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<()> {
         let py = v.py();
         let p = v.as_ptr();
         let len = unsafe { ffi::PyList_Size(p) } as usize;
@@ -501,7 +686,10 @@ impl Walk {
         if depth >= MAX_DEPTH || !self.reserve(len) || !unsafe { self.first_meeting(p) } {
             return None;
         }
-        let mut items = Vec::with_capacity(len);
+        // Room for the items' words (a container's items hold one word each at least): a long
+        // list of dicts of scalars grew the buffer a dozen times.
+        self.out.0.reserve(len + 1);
+        self.out.0.push(len << 3 | LIST);
         for i in 0..len {
             // SAFETY: the borrowed item becomes an owned reference at once; an index the list
             // no longer has gives NULL, and the value then goes to pickle.
@@ -513,27 +701,27 @@ impl Walk {
                 }
                 Bound::from_borrowed_ptr(py, raw)
             };
-            items.push(self.value(item, depth + 1)?);
+            self.value(item, depth + 1)?;
         }
         if unsafe { ffi::PyList_Size(p) } as usize != len {
             return None;
         }
-        self.weight += malloc_chunk(len * size_of::<Node>());
-        Some(Node::List(items.into_boxed_slice()))
+        Some(())
     }
 
-    /// The items of the exact dict `p` (`len` long), walked: each key must be an atom (a tuple
-    /// holding a list is unhashable), which `key` vets and keeps; each value must be plain. `None`
-    /// if an item is not, or if the dict changed size meanwhile.
+    /// Writes the items of the exact dict `p` (`len` long, its header written): each key must
+    /// be an atom (a tuple holding a list is unhashable); for an instance's state (`state`), one
+    /// that `instance::plain_key` accepts, kept interned; each value must be plain. `None` if an
+    /// item is not, or if the dict changed size meanwhile.
     fn items(
         &mut self,
         py: Python<'_>,
         p: *mut ffi::PyObject,
         len: usize,
         depth: usize,
-        mut key: impl FnMut(Bound<'_, PyAny>) -> Option<Py<PyAny>>,
-    ) -> Option<Vec<(Py<PyAny>, Node)>> {
-        let mut items: Vec<(Py<PyAny>, Node)> = Vec::with_capacity(len);
+        state: bool,
+    ) -> Option<()> {
+        let mut n = 0;
         let mut pos: ffi::Py_ssize_t = 0;
         loop {
             let mut k: *mut ffi::PyObject = std::ptr::null_mut();
@@ -549,19 +737,29 @@ impl Walk {
                     Bound::from_borrowed_ptr(py, val),
                 )
             };
-            let Node::Atom(atom) = self.value(k, depth + 1)? else {
+            let at = self.out.0.len();
+            self.value(k, depth + 1)?;
+            if !self.one_atom(at) {
                 return None;
-            };
-            let kept = key(atom.into_bound(py))?;
-            items.push((kept, self.value(val, depth + 1)?));
+            }
+            if state {
+                // SAFETY: the word is the owned reference `value` just wrote: taken back.
+                let key = unsafe { Bound::from_owned_ptr(py, self.out.0.pop()? as _) };
+                if !instance::plain_key(&key) {
+                    return None;
+                }
+                self.atom(instance::intern_key(key).into_bound(py))?;
+            }
+            self.value(val, depth + 1)?;
+            n += 1;
         }
-        if items.len() != len || unsafe { ffi::PyDict_Size(p) } as usize != len {
+        if n != len || unsafe { ffi::PyDict_Size(p) } as usize != len {
             return None;
         }
-        Some(items)
+        Some(())
     }
 
-    fn dict(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<Node> {
+    fn dict(&mut self, v: &Bound<'_, PyAny>, depth: usize) -> Option<()> {
         let py = v.py();
         let p = v.as_ptr();
         let len = unsafe { ffi::PyDict_Size(p) } as usize;
@@ -572,9 +770,9 @@ impl Walk {
         if let Some(flat) = self.flat_dict(py, p, len) {
             return flat;
         }
-        let items = self.items(py, p, len, depth, |key| Some(key.unbind()))?;
-        self.weight += malloc_chunk(len * size_of::<(Py<PyAny>, Node)>());
-        Some(Node::Map(items.into_boxed_slice()))
+        self.out.0.reserve(2 * len + 1);
+        self.out.0.push(len << 3 | MAP);
+        self.items(py, p, len, depth, false)
     }
 
     /// The commonest value, a dict whose keys and values are all scalars: checked in one pass,
@@ -586,7 +784,7 @@ impl Walk {
         py: Python<'_>,
         p: *mut ffi::PyObject,
         len: usize,
-    ) -> Option<Option<Node>> {
+    ) -> Option<Option<()>> {
         let mut weight = 0;
         let mut str_keys = true;
         let mut pos: ffi::Py_ssize_t = 0;
@@ -622,7 +820,7 @@ impl Walk {
             // The copy's table is the source's when that is dense (at least 2/3 used), else a
             // compact one; charged as a compact one built by insertion (see `dict_size`).
             self.weight += weight + sizes::dict_size(py, len, str_keys);
-            Some(Some(Node::Dict(untracked(d.cast_into_unchecked()))))
+            Some(self.own(untracked(d.cast_into_unchecked()).into_ptr(), DICT))
         }
     }
 }

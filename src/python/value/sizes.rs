@@ -259,7 +259,14 @@ const IMMORTAL_REFCNT: isize = 1 << 31;
 #[inline]
 pub unsafe fn share(p: *mut ffi::PyObject, held: isize, size: usize) -> usize {
     let holders = (ffi::Py_REFCNT(p) - held).max(1) as usize;
-    size / holders
+    // The same quotient, without a division where it is 0: an interned key or a small int has
+    // thousands of holders, and a value holds many (a 64-bit division each was a fifth of
+    // `Walk::keep`'s time in `set` of a large value).
+    if holders > size {
+        0
+    } else {
+        size / holders
+    }
 }
 
 #[cfg(test)]
