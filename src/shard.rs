@@ -571,6 +571,7 @@ impl<V> Shard<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::Rng;
     use std::collections::HashMap;
 
     /// A millisecond and a second, in clock nanoseconds (the deadlines entries keep).
@@ -930,19 +931,6 @@ mod tests {
             .map(|e| e.key().to_string())
             .collect();
         assert_eq!(order, ["k1", "k2", "k0"]);
-    }
-
-    /// A small deterministic generator (xorshift64*), so that the randomized tests are seeded
-    /// without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
-        }
     }
 
     /// Every key of `model` is found at its slot, and has its cell in the new table exactly

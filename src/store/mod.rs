@@ -46,7 +46,7 @@ mod tags;
 #[cfg(test)]
 // Under `shuttle` only the models are built, and they use a part of it.
 #[cfg_attr(feature = "shuttle", allow(dead_code))]
-mod testing;
+pub(crate) mod testing;
 mod write;
 
 pub use account::entry_overhead;
@@ -528,18 +528,6 @@ mod model_tests {
     use super::*;
     use crate::clock::NEVER;
     use crate::store::testing::*;
-
-    /// A small deterministic generator (xorshift*).
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-        }
-    }
 
     /// Keys made of pieces that look like the elided prefix, and a few long ones whose stored
     /// part straddles the header's short-key limit (127 bytes) and a byte's range (255).

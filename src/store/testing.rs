@@ -3,6 +3,19 @@
 use super::*;
 pub(super) use crate::clock::NEVER;
 
+/// A small deterministic generator (xorshift64*), so that the randomized tests (the store's
+/// model, the shard's) are seeded without a dependency.
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
 /// A value weighing `.0` bytes.
 pub(super) struct Val(pub(super) usize);
 
